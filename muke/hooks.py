@@ -1,0 +1,120 @@
+"""Forward hooks: add memory shifts δ to a decoder layer's output, capture module inputs/outputs.
+
+A decoder layer returns a tensor in transformers ≥ 5 and a tuple `(hidden, ...)` before; every hook
+here accepts both and returns the same kind it received.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+def hidden_of(output) -> torch.Tensor:
+    """The hidden-state tensor of a decoder layer's output, tensor or tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output, hidden: torch.Tensor):
+    """`output` with its hidden state replaced, keeping its kind (tensor or tuple)."""
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+def shift(hidden: torch.Tensor, positions: Sequence[int], deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """hidden[:, p] + δ for each (p, δ); δ is (d,) for every batch row or (batch, d) per row."""
+    out = hidden.clone()
+    for p, d in zip(positions, deltas):
+        out[:, p] = out[:, p] + d.to(hidden.dtype)
+    return out
+
+
+@contextmanager
+def shifts(layer: nn.Module, positions: Sequence[int], deltas: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Add δ_k at token position p_k of `layer`'s output for every forward pass inside the block."""
+    def hook(_module, _inputs, output):
+        return with_hidden(output, shift(hidden_of(output), positions, deltas))
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def capture(module: nn.Module, what: str = "output",
+            sink: Callable[[torch.Tensor], None] | None = None) -> Iterator[list[torch.Tensor]]:
+    """Record the module's first input ("input") or its (hidden) output ("output") on each call.
+
+    With `sink`, each captured tensor is passed to it instead of being kept (for streaming statistics).
+    """
+    if what not in ("input", "output"):
+        raise ValueError(f"capture what={what!r}: expected 'input' or 'output'")
+    seen: list[torch.Tensor] = []
+    keep = sink or seen.append
+
+    def hook(_module, inputs, output):
+        keep((inputs[0] if what == "input" else hidden_of(output)).detach())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def stop_after(module: nn.Module, outputs: list | None = None) -> Iterator[None]:
+    """End the forward pass inside the block right after `module` runs, appending its raw output
+    (tensor or tuple) to `outputs`; the layers above it never run."""
+    def hook(_module, _inputs, output):
+        if outputs is not None:
+            outputs.append(output)
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def replay_lower_layers(layers: nn.ModuleList, top: int, hidden: torch.Tensor,
+                        as_tuple: bool = False) -> Iterator[None]:
+    """Skip decoder layers 0..top: layer `top` returns the recorded `hidden` (its output, which no
+    memory shift changes), the layers below it pass their input through untouched.
+
+    The upper layers then see exactly the states of a full forward pass, at a fraction of the cost;
+    masks and position embeddings are still built by the model itself, so this works for any
+    architecture the adapter knows. `as_tuple`: the real layers return tuples (older transformers).
+    """
+    originals = []
+
+    def wrap(h):
+        return (h,) if as_tuple else h
+
+    def passthrough(hidden_states, *args, **kwargs):
+        return wrap(hidden_states)
+
+    def replay(hidden_states, *args, **kwargs):
+        return wrap(hidden.expand(hidden_states.shape[0], -1, -1))
+
+    try:
+        for k in range(top + 1):
+            layer = layers[k]
+            originals.append(layer)
+            layer.forward = replay if k == top else passthrough
+        yield
+    finally:
+        for layer in originals:
+            del layer.forward

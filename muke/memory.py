@@ -1,0 +1,211 @@
+"""δ optimisation (ALGORITHM §4): target working memories z_i = h_i + δ_i for one edit request.
+
+The memory shift δ_i is added to the output of decoder layer l_WM at hook position p_i. Windows are
+optimised in order; earlier, already optimised shifts stay applied and frozen.
+
+Fast path (default): layers 0..l_WM never depend on δ, so they run once per request and every step
+replays their output (hooks.replay_lower_layers), running only the layers above; the affinity
+gradients of all target figures come from one batched backward (one batch row per figure).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import hooks
+from .model import EditableModel
+from .objectives import OBJECTIVES, affinity, affinity_lambdas, figure_coefficients, token_coefficients
+from .windows import EditSequence, encode
+
+
+class NumericalError(RuntimeError):
+    """A non-finite loss or shift: the request is recorded as failed, the run goes on."""
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Hyperparameters of the δ loop; defaults are the authors' (ALGORITHM §4)."""
+
+    layer: int                      # l_WM: δ is added to this decoder layer's output
+    objective: str = "matryoshka"
+    window: int | None = 20         # W tokens per window; ignored by one_for_all
+    lambda_order: str = "reference"
+    affinity_steps: int = 3         # T_aff
+    v_lr: float = 0.5
+    v_num_grad_steps: int = 25
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    early_stop: float = 1e-2        # 5e-3 for UnKE-based edits
+    system_prompt: str | None = None
+    chat_template: bool = True
+    fast: bool = True
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+
+
+@dataclass
+class MemoryResult:
+    """Target memories of one request. Tensors are fp32 on CPU; n = number of windows.
+
+    positions: (n,) hook positions; h, delta, z: (n, d_model); lambdas[i]: λ_{i,j} for j = i..n-1.
+    """
+
+    positions: list[int]
+    h: torch.Tensor
+    delta: torch.Tensor
+    z: torch.Tensor
+    lambdas: list[list[float]]
+    affinities: list[list[float]]
+    trace: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class ShiftedLM:
+    """Log-probs of the target tokens of one sequence with memory shifts at layer l_WM's output."""
+
+    def __init__(self, em: EditableModel, seq: EditSequence, layer: int, fast: bool = True):
+        self.em, self.seq, self.layer, self.fast = em, seq, layer, fast
+        self.input_ids = seq.input_ids.to(em.device)
+        self.targets = torch.tensor(seq.target_ids, device=em.device)
+        self.n_target = len(seq.target_ids)
+        seen = []
+        with torch.no_grad(), hooks.stop_after(em.layer(layer), seen):
+            em.model(input_ids=self.input_ids, use_cache=False)
+        self.hidden = hooks.hidden_of(seen[0])    # (1, T, d): unshifted output of layer l_WM
+        self._as_tuple = isinstance(seen[0], tuple)
+
+    def h(self, positions: list[int]) -> torch.Tensor:
+        """Unshifted hidden states at the given positions: (n, d), fp32."""
+        return self.hidden[0, positions].float()
+
+    def logprobs(self, positions: list[int], deltas: list[torch.Tensor], batch: int = 1) -> torch.Tensor:
+        """log p(target_t) under the shifted model: (batch, len(target)), fp32."""
+        model = self.em.model
+        ids = self.input_ids.expand(batch, -1)
+        with hooks.shifts(self.em.layer(self.layer), positions, deltas):
+            if self.fast:
+                with hooks.replay_lower_layers(self.em.layers, self.layer, self.hidden, self._as_tuple):
+                    out = model(input_ids=ids, use_cache=False, logits_to_keep=self.n_target)
+            else:
+                out = model(input_ids=ids, use_cache=False, logits_to_keep=self.n_target)
+        logp = out.logits.float().log_softmax(-1)
+        return logp.gather(-1, self.targets.expand(batch, -1)[..., None])[..., 0]
+
+
+def _check_finite(value: torch.Tensor, what: str, window: int, step: int) -> None:
+    if not torch.isfinite(value).all():
+        raise NumericalError(f"non-finite {what} in window {window} at step {step}")
+
+
+def optimise_shifts(lm: ShiftedLM, coeff: torch.Tensor, free: list[int], fixed: dict[int, torch.Tensor],
+                    cfg: MemoryConfig, trace: list[dict], label: int) -> dict[int, torch.Tensor]:
+    """The δ loop of ALGORITHM §4 over the shifts at the `free` positions, `fixed` ones applied.
+
+    loss = -Σ c_t lp_t + wd · Σ ‖δ_k‖ / ‖h_k‖²; stop below `early_stop`; at most steps-1 Adam
+    updates; after each update a shift longer than clamp·‖h_k‖ is scaled back to that norm.
+    """
+    device = lm.em.device
+    coeff = coeff.to(device)
+    h_norm = {p: lm.h([p]).norm() for p in free}
+    deltas = {p: torch.zeros(lm.em.hidden_size, device=device, requires_grad=True) for p in free}
+    opt = torch.optim.Adam(list(deltas.values()), lr=cfg.v_lr)
+    positions = list(fixed) + free
+    for step in range(cfg.v_num_grad_steps):
+        logp = lm.logprobs(positions, list(fixed.values()) + [deltas[p] for p in free])[0]
+        nll = -(coeff * logp).sum()
+        decay = sum(cfg.v_weight_decay * deltas[p].norm() / h_norm[p] ** 2 for p in free)
+        loss = nll + decay
+        _check_finite(loss, "loss", label, step)
+        trace.append({"window": label, "step": step, "loss": loss.item(), "nll": nll.item(),
+                      "weight_decay": float(decay), "delta_norm": max(deltas[p].norm().item() for p in free),
+                      "h_norm": max(h_norm[p].item() for p in free)})
+        if loss.item() < cfg.early_stop or step == cfg.v_num_grad_steps - 1:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for p in free:
+                limit = cfg.clamp_norm_factor * h_norm[p]
+                norm = deltas[p].norm()
+                if norm > limit:
+                    deltas[p].mul_(limit / norm)
+    return {p: d.detach() for p, d in deltas.items()}
+
+
+def figure_gradients(lm: ShiftedLM, position: int, delta: torch.Tensor, figures: torch.Tensor,
+                     batched: bool) -> torch.Tensor:
+    """∇δ of each figure's mean NLL at δ (no other shift applied): (n_fig, d).
+
+    Batched: one forward/backward with one batch row (and one copy of δ) per figure.
+    """
+    if batched:
+        rows = delta.detach().expand(len(figures), -1).clone().requires_grad_(True)
+        losses = -(figures * lm.logprobs([position], [rows], batch=len(figures))).sum(-1)
+        return torch.autograd.grad(losses.sum(), rows)[0]
+    grads = []
+    for coeff in figures:
+        d = delta.detach().clone().requires_grad_(True)
+        loss = -(coeff * lm.logprobs([position], [d])[0]).sum()
+        grads.append(torch.autograd.grad(loss, d)[0])
+    return torch.stack(grads)
+
+
+def window_affinity(lm: ShiftedLM, i: int, cfg: MemoryConfig) -> torch.Tensor:
+    """aff_{i,j} for j = i..N-1 (Eq. 12): T_aff Adam steps on window i's own loss, recording at
+    each step the gradients of every nested figure Y_i..Y_j. Earlier shifts are not applied and no
+    clamp is done, as in the authors' code."""
+    seq = lm.seq
+    position = seq.hook_positions[i]
+    figures = figure_coefficients(seq, i).to(lm.em.device)
+    delta = torch.zeros(lm.em.hidden_size, device=lm.em.device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+    g_first, g_figs = [], []
+    for _ in range(cfg.affinity_steps):
+        grads = figure_gradients(lm, position, delta, figures, batched=cfg.fast)
+        _check_finite(grads, "affinity gradient", i, len(g_first))
+        g_first.append(grads[0])
+        g_figs.append(grads)
+        delta.grad = grads[0].clone()
+        opt.step()
+    return affinity(torch.stack(g_first), torch.stack(g_figs))
+
+
+def optimise(em: EditableModel, seq: EditSequence, cfg: MemoryConfig) -> MemoryResult:
+    """All target memories of one encoded request."""
+    start = time.perf_counter()
+    lm = ShiftedLM(em, seq, cfg.layer, fast=cfg.fast)
+    positions = seq.hook_positions
+    trace: list[dict] = []
+    lambdas, affinities = [], []
+    if cfg.objective == "parallel_nll":
+        coeff = token_coefficients("parallel_nll", seq, 0)
+        shifts = optimise_shifts(lm, coeff, positions, {}, cfg, trace, label=-1)
+    else:
+        shifts = {}
+        for i, p in enumerate(positions):
+            lam = None
+            if cfg.objective == "matryoshka":
+                aff = window_affinity(lm, i, cfg) if i < seq.n_windows - 1 else torch.ones(1)
+                lam = affinity_lambdas(aff.cpu(), cfg.lambda_order)
+                affinities.append(aff.tolist())
+                lambdas.append(lam.tolist())
+            coeff = token_coefficients(cfg.objective, seq, i, lam)
+            shifts.update(optimise_shifts(lm, coeff, [p], shifts, cfg, trace, label=i))
+    h = lm.h(positions).cpu()
+    delta = torch.stack([shifts[p] for p in positions]).cpu()
+    return MemoryResult(positions, h, delta, h + delta, lambdas, affinities, trace,
+                        time.perf_counter() - start)
+
+
+def optimise_request(em: EditableModel, question: str, answer: str, cfg: MemoryConfig) -> tuple[EditSequence, MemoryResult]:
+    """Encode a request for this model and objective, then optimise its memories."""
+    window = None if cfg.objective == "one_for_all" else cfg.window
+    seq = encode(em.tokenizer, question, answer, em.end_of_turn, window, cfg.system_prompt, cfg.chat_template)
+    return seq, optimise(em, seq, cfg)
+

@@ -1,0 +1,144 @@
+"""Loading causal LMs and naming the modules μKE touches.
+
+The architecture adapter answers "which module is decoder layer l, its MLP down-projection, the final
+norm, the lm_head" for llama/qwen2/mistral-style and gpt2-style models, so no other module indexes
+layers by magic attribute paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Dotted module paths of one architecture family.
+
+    `down_proj_transposed` is True where the down-projection stores its weight as (d_ff, d_model)
+    (gpt2's Conv1D) instead of nn.Linear's (d_model, d_ff).
+    """
+
+    layers: str
+    down_proj: str
+    final_norm: str
+    lm_head: str = "lm_head"
+    down_proj_transposed: bool = False
+
+
+LLAMA_LIKE = Adapter(layers="model.layers", down_proj="mlp.down_proj", final_norm="model.norm")
+GPT2_LIKE = Adapter(layers="transformer.h", down_proj="mlp.c_proj", final_norm="transformer.ln_f",
+                    down_proj_transposed=True)
+
+ADAPTERS = {
+    "llama": LLAMA_LIKE,
+    "qwen2": LLAMA_LIKE,
+    "qwen3": LLAMA_LIKE,
+    "mistral": LLAMA_LIKE,
+    "gemma": LLAMA_LIKE,
+    "gemma2": LLAMA_LIKE,
+    "phi3": Adapter(layers="model.layers", down_proj="mlp.down_proj", final_norm="model.norm"),
+    "gpt2": GPT2_LIKE,
+}
+
+
+class ModelError(ValueError):
+    """A model that muke cannot edit (unknown architecture, layer out of range)."""
+
+
+def _get(root: nn.Module, dotted: str) -> nn.Module:
+    return root.get_submodule(dotted)
+
+
+class EditableModel:
+    """A causal LM plus its adapter: the handles every stage asks for."""
+
+    def __init__(self, model: nn.Module, tokenizer, adapter: Adapter | None = None):
+        model_type = model.config.model_type
+        if adapter is None:
+            if model_type not in ADAPTERS:
+                raise ModelError(f"architecture {model_type!r} is not supported; known: {sorted(ADAPTERS)}")
+            adapter = ADAPTERS[model_type]
+        self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
+        self.model_type = model_type
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return _get(self.model, self.adapter.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        return getattr(cfg, "hidden_size", None) or cfg.n_embd
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def layer(self, index: int) -> nn.Module:
+        self.check_layer(index)
+        return self.layers[index]
+
+    def check_layer(self, index: int) -> None:
+        if not 0 <= index < self.n_layers:
+            raise ModelError(f"layer {index} is out of range: the model has layers 0..{self.n_layers - 1}")
+
+    def down_proj(self, index: int) -> nn.Module:
+        return _get(self.layer(index), self.adapter.down_proj)
+
+    def down_proj_weight(self, index: int) -> torch.Tensor:
+        """The down-projection weight as (d_model, d_ff) — a view, whatever the storage layout."""
+        w = self.down_proj(index).weight
+        return w.T if self.adapter.down_proj_transposed else w
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return _get(self.model, self.adapter.final_norm)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return _get(self.model, self.adapter.lm_head)
+
+    @property
+    def end_of_turn(self) -> str:
+        """The token that closes an assistant turn; part of every edit target (ALGORITHM §1)."""
+        tok = self.tokenizer.eos_token
+        if not tok:
+            raise ModelError("the tokenizer defines no eos_token: cannot mark the end of the edited answer")
+        return tok
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load(path: str | Path, dtype: str = "float32", device: str | None = None,
+         trust_remote_code: bool = False) -> EditableModel:
+    """Load a model and tokenizer from a local folder or hub id with `from_pretrained`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype],
+                                                 trust_remote_code=trust_remote_code)
+    model.to(resolve_device(device)).eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return EditableModel(model, tokenizer)

@@ -1,0 +1,84 @@
+"""Edit request → token ids, windows and hook positions (ALGORITHM §2).
+
+Model input = prompt ++ target minus its last token (teacher forcing). Target token t is predicted
+at position len(prompt) - 1 + t. The memory shift δ_i of window i sits on the token just before
+the window: position len(prompt) - 1 + start_i (the last prompt token for i = 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class EditSequence:
+    """One request tokenized for editing.
+
+    prompt_ids: chat-templated question; target_ids: answer + end-of-turn, no BOS;
+    windows: (start, end) target-token ranges, consecutive, non-overlapping, covering the target.
+    """
+
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+    windows: tuple[tuple[int, int], ...]
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.windows)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(1, len(prompt) + len(target) - 1): the teacher-forced model input."""
+        return torch.tensor([self.prompt_ids + self.target_ids[:-1]])
+
+    @property
+    def target_positions(self) -> torch.Tensor:
+        """Position at which each target token is predicted: (len(target),)."""
+        return torch.arange(len(self.target_ids)) + len(self.prompt_ids) - 1
+
+    @property
+    def hook_positions(self) -> list[int]:
+        """Position of δ_i for each window i: the token just before the window."""
+        return [len(self.prompt_ids) - 1 + start for start, _ in self.windows]
+
+    def window_mask(self, i: int, j: int | None = None) -> torch.Tensor:
+        """Bool mask over target tokens of windows i..j inclusive (j defaults to i): (len(target),)."""
+        j = i if j is None else j
+        mask = torch.zeros(len(self.target_ids), dtype=torch.bool)
+        mask[self.windows[i][0]:self.windows[j][1]] = True
+        return mask
+
+
+def split_windows(n_tokens: int, window: int | None) -> tuple[tuple[int, int], ...]:
+    """Consecutive windows of `window` tokens (last one may be shorter); None → one window."""
+    if n_tokens < 1:
+        raise ValueError("the target has no tokens")
+    if window is None:
+        return ((0, n_tokens),)
+    if window < 1:
+        raise ValueError(f"window must be ≥ 1, got {window}")
+    return tuple((s, min(s + window, n_tokens)) for s in range(0, n_tokens, window))
+
+
+def render_prompt(tokenizer, question: str, system_prompt: str | None = None,
+                  chat_template: bool = True) -> str:
+    """The chat-templated question, ending where the assistant's answer starts."""
+    if not chat_template:
+        return question
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
+    messages.append({"role": "user", "content": question})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode(tokenizer, question: str, answer: str, end_of_turn: str, window: int | None,
+           system_prompt: str | None = None, chat_template: bool = True) -> EditSequence:
+    """Tokenize a request: prompt via the chat template, target = answer + end-of-turn token."""
+    prompt = render_prompt(tokenizer, question, system_prompt, chat_template)
+    prompt_ids = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if not prompt_ids:
+        raise ValueError(f"question {question!r} templates to no tokens")
+    target_ids = tuple(tokenizer(answer + end_of_turn, add_special_tokens=False)["input_ids"])
+    return EditSequence(prompt, prompt_ids, target_ids, split_windows(len(target_ids), window))
