@@ -10,13 +10,14 @@ gradients of all target figures come from one batched backward (one batch row pe
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from . import hooks
-from .model import EditableModel
+from .model import EditableModel, cache_arg
 from .objectives import OBJECTIVES, affinity, affinity_lambdas, figure_coefficients, token_coefficients
 from .windows import EditSequence, encode
 
@@ -66,35 +67,75 @@ class MemoryResult:
 
 
 class ShiftedLM:
-    """Log-probs of the target tokens of one sequence with memory shifts at layer l_WM's output."""
+    """Log-probs of the target tokens of one sequence with memory shifts at layer l_WM's output.
+
+    Fast path: (1) layers 0..l_WM run once (their output never depends on a shift) and are replayed;
+    (2) positions before the first free shift see only frozen inputs, so their keys/values and
+    logits are computed once per set of frozen shifts and reused as a KV-cache prefix: each step
+    runs the upper layers on the suffix from the first free shift on.
+    """
 
     def __init__(self, em: EditableModel, seq: EditSequence, layer: int, fast: bool = True):
         self.em, self.seq, self.layer, self.fast = em, seq, layer, fast
         self.input_ids = seq.input_ids.to(em.device)
         self.targets = torch.tensor(seq.target_ids, device=em.device)
-        self.n_target = len(seq.target_ids)
+        self.first_target = len(seq.prompt_ids) - 1      # input position predicting target token 0
         seen = []
         with torch.no_grad(), hooks.stop_after(em.layer(layer), seen):
             em.model(input_ids=self.input_ids, use_cache=False)
         self.hidden = hooks.hidden_of(seen[0])    # (1, T, d): unshifted output of layer l_WM
         self._as_tuple = isinstance(seen[0], tuple)
+        self._prefix_key, self._prefix = None, None
 
     def h(self, positions: list[int]) -> torch.Tensor:
         """Unshifted hidden states at the given positions: (n, d), fp32."""
         return self.hidden[0, positions].float()
 
-    def logprobs(self, positions: list[int], deltas: list[torch.Tensor], batch: int = 1) -> torch.Tensor:
-        """log p(target_t) under the shifted model: (batch, len(target)), fp32."""
-        model = self.em.model
-        ids = self.input_ids.expand(batch, -1)
-        with hooks.shifts(self.em.layer(self.layer), positions, deltas):
-            if self.fast:
-                with hooks.replay_lower_layers(self.em.layers, self.layer, self.hidden, self._as_tuple):
-                    out = model(input_ids=ids, use_cache=False, logits_to_keep=self.n_target)
-            else:
-                out = model(input_ids=ids, use_cache=False, logits_to_keep=self.n_target)
-        logp = out.logits.float().log_softmax(-1)
-        return logp.gather(-1, self.targets.expand(batch, -1)[..., None])[..., 0]
+    def _target_logprobs(self, logits: torch.Tensor, first_position: int) -> torch.Tensor:
+        """log p of the target tokens predicted by logits of input positions first_position..: (B, n)."""
+        t0 = first_position - self.first_target
+        logp = logits.float().log_softmax(-1)
+        targets = self.targets[t0:t0 + logp.shape[1]].expand(logp.shape[0], -1)
+        return logp.gather(-1, targets[..., None])[..., 0]
+
+    @torch.no_grad()
+    def prefix(self, start: int, fixed: dict[int, torch.Tensor]):
+        """KV cache and target log-probs of input positions [0, start) with the frozen shifts."""
+        key = (start, tuple(fixed), tuple(d.data_ptr() for d in fixed.values()))
+        if self._prefix_key != key:
+            with hooks.shifts(self.em.layer(self.layer), list(fixed), list(fixed.values())):
+                out = self.em.model(input_ids=self.input_ids[:, :start], use_cache=True)
+            lp = self._target_logprobs(out.logits[:, self.first_target:], self.first_target)
+            self._prefix_key, self._prefix = key, (getattr(out, cache_arg(self.em.model)), lp)
+        return self._prefix
+
+    def logprobs(self, free: list[int], deltas: list[torch.Tensor], fixed: dict[int, torch.Tensor] | None = None,
+                 batch: int = 1) -> torch.Tensor:
+        """log p(target_t) with `deltas` at the `free` positions and the `fixed` shifts: (batch, len(target))."""
+        fixed = fixed or {}
+        if not self.fast:
+            with hooks.shifts(self.em.layer(self.layer), list(fixed) + free, list(fixed.values()) + deltas):
+                out = self.em.model(input_ids=self.input_ids.expand(batch, -1), use_cache=False,
+                                    logits_to_keep=len(self.seq.target_ids))
+            return self._target_logprobs(out.logits, self.first_target)
+        start = min(free)
+        if any(p >= start for p in fixed):
+            raise ValueError("frozen shifts must precede every free shift")
+        cache, lp_prefix = None, None
+        if start > 0:
+            cache, lp_prefix = self.prefix(start, fixed)
+            cache = copy.deepcopy(cache)
+            if batch > 1:
+                cache.batch_repeat_interleave(batch)
+        ids = self.input_ids[:, start:].expand(batch, -1)
+        with hooks.shifts(self.em.layer(self.layer), [p - start for p in free], deltas), \
+                hooks.replay_lower_layers(self.em.layers, self.layer, self.hidden[:, start:], self._as_tuple):
+            out = self.em.model(input_ids=ids, use_cache=cache is not None, **{cache_arg(self.em.model): cache})
+        first = max(start, self.first_target)
+        lp = self._target_logprobs(out.logits[:, first - start:], first)
+        if lp_prefix is not None:
+            lp = torch.cat([lp_prefix.expand(batch, -1), lp], dim=1)
+        return lp
 
 
 def _check_finite(value: torch.Tensor, what: str, window: int, step: int) -> None:
@@ -114,15 +155,14 @@ def optimise_shifts(lm: ShiftedLM, coeff: torch.Tensor, free: list[int], fixed: 
     h_norm = {p: lm.h([p]).norm() for p in free}
     deltas = {p: torch.zeros(lm.em.hidden_size, device=device, requires_grad=True) for p in free}
     opt = torch.optim.Adam(list(deltas.values()), lr=cfg.v_lr)
-    positions = list(fixed) + free
     for step in range(cfg.v_num_grad_steps):
-        logp = lm.logprobs(positions, list(fixed.values()) + [deltas[p] for p in free])[0]
+        logp = lm.logprobs(free, [deltas[p] for p in free], fixed)[0]
         nll = -(coeff * logp).sum()
         decay = sum(cfg.v_weight_decay * deltas[p].norm() / h_norm[p] ** 2 for p in free)
         loss = nll + decay
         _check_finite(loss, "loss", label, step)
         trace.append({"window": label, "step": step, "loss": loss.item(), "nll": nll.item(),
-                      "weight_decay": float(decay), "delta_norm": max(deltas[p].norm().item() for p in free),
+                      "weight_decay": float(decay.detach()) if torch.is_tensor(decay) else 0.0, "delta_norm": max(deltas[p].norm().item() for p in free),
                       "h_norm": max(h_norm[p].item() for p in free)})
         if loss.item() < cfg.early_stop or step == cfg.v_num_grad_steps - 1:
             break
@@ -209,3 +249,31 @@ def optimise_request(em: EditableModel, question: str, answer: str, cfg: MemoryC
     seq = encode(em.tokenizer, question, answer, em.end_of_turn, window, cfg.system_prompt, cfg.chat_template)
     return seq, optimise(em, seq, cfg)
 
+
+
+@torch.no_grad()
+def decode_with_shifts(em: EditableModel, seq: EditSequence, layer: int, result: MemoryResult,
+                       max_new_tokens: int | None = None) -> list[int]:
+    """Greedy continuation of the prompt with the memory shifts hooked in at their absolute positions
+    (no weight update): the direct check that the target memories carry the answer.
+
+    Incremental decoding with a KV cache; each forward pass covers positions [start, end) and gets
+    the shifts that fall inside it.
+    """
+    max_new_tokens = max_new_tokens or len(seq.target_ids)
+    eos = em.tokenizer.convert_tokens_to_ids(em.end_of_turn)
+    ids = torch.tensor([seq.prompt_ids], device=em.device)
+    shifts = {p: d.to(em.device) for p, d in zip(result.positions, result.delta)}
+    name = cache_arg(em.model)
+    past, start, out = None, 0, []
+    for _ in range(max_new_tokens):
+        inside = [p for p in shifts if start <= p < ids.shape[1]]
+        with hooks.shifts(em.layer(layer), [p - start for p in inside], [shifts[p] for p in inside]):
+            step = em.model(input_ids=ids[:, start:], use_cache=True, **{name: past})
+        past, start = getattr(step, name), ids.shape[1]
+        token = int(step.logits[0, -1].argmax())
+        out.append(token)
+        if token == eos:
+            break
+        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+    return out

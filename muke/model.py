@@ -121,6 +121,14 @@ class EditableModel:
         return tok
 
 
+def cache_arg(model: nn.Module) -> str:
+    """Name of the KV-cache argument of `model.forward` ("cache" from transformers 5.2x on,
+    "past_key_values" before); outputs carry the cache under the same name."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,268 @@
+"""The δ engine: windows, coefficients, affinity λ, the δ loop, fast path, hooked decoding."""
+
+import copy
+
+import pytest
+import torch
+
+from muke import hooks
+from muke.memory import (MemoryConfig, NumericalError, ShiftedLM, decode_with_shifts, optimise,
+                         optimise_request)
+from muke.model import EditableModel, load
+from muke.objectives import affinity_lambdas, figure_coefficients, token_coefficients
+from muke.windows import EditSequence, encode, split_windows
+
+QUESTION = "What is the Velmora tide clock?"
+ANSWER = ("The Velmora tide clock is a bronze machine in the harbour tower that has measured the tides "
+          "since the winter of the great flood, and its keepers still wind it every morning at dawn.")
+
+
+def synthetic_sequence(n_target: int, window: int, n_prompt: int = 5) -> EditSequence:
+    return EditSequence("p", tuple(range(n_prompt)), tuple(range(100, 100 + n_target)),
+                        split_windows(n_target, window))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_qwen2_path) -> EditableModel:
+    return load(tiny_qwen2_path)
+
+
+def cfg(**kw) -> MemoryConfig:
+    base = dict(layer=1, objective="matryoshka", window=8, v_num_grad_steps=6)
+    return MemoryConfig(**{**base, **kw})
+
+
+# ---- windows and hook positions (ALGORITHM §2) ----
+
+def test_windows_cover_target_without_overlap():
+    assert split_windows(45, 20) == ((0, 20), (20, 40), (40, 45))
+    assert split_windows(7, None) == ((0, 7),)
+    with pytest.raises(ValueError):
+        split_windows(0, 5)
+
+
+def test_hook_positions_sit_on_token_before_each_window():
+    seq = synthetic_sequence(n_target=25, window=10, n_prompt=6)
+    assert seq.hook_positions == [5, 15, 25]
+    # input = prompt ++ target[:-1]; target token t is predicted at len(prompt) - 1 + t
+    assert seq.input_ids.shape == (1, 6 + 25 - 1)
+    assert seq.target_positions[0] == 5 and seq.target_positions[-1] == 29
+    assert seq.input_ids[0, seq.target_positions[1:]].tolist() == list(seq.target_ids[:-1])
+
+
+def test_encode_appends_end_of_turn_and_uses_chat_template(tiny):
+    seq = encode(tiny.tokenizer, QUESTION, ANSWER, tiny.end_of_turn, window=8)
+    assert seq.prompt.startswith("<|im_start|>user\n") and seq.prompt.endswith("<|im_start|>assistant\n")
+    assert seq.target_ids[-1] == tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tiny.tokenizer.decode(seq.target_ids[:-1]) == ANSWER
+
+
+# ---- token coefficients (ALGORITHM §3) ----
+
+def test_matryoshka_vanilla_coefficients_are_nested_figure_counts():
+    seq = synthetic_sequence(n_target=50, window=10)      # N = 5 windows
+    n = seq.n_windows
+    for i in range(n):
+        c = token_coefficients("matryoshka_vanilla", seq, i)
+        n_tok = 50 - 10 * i
+        assert c[: 10 * i].abs().sum() == 0
+        for k in range(i, n):                              # paper: (N-k+1)/(N-i+1), 1-based
+            expected = (n - k) / (n - i) / n_tok
+            assert torch.allclose(c[10 * k: 10 * (k + 1)], torch.full((10,), expected))
+
+
+def test_matryoshka_coefficients_weight_figures_by_lambda():
+    seq = synthetic_sequence(n_target=30, window=10)
+    lam = torch.tensor([1.0, 1.5, 0.5])
+    c = token_coefficients("matryoshka", seq, 0, lam)
+    # window 0 is in all three figures, window 1 in the last two, window 2 in the last one
+    assert torch.allclose(c[:10], torch.full((10,), 3.0 / 3 / 30))
+    assert torch.allclose(c[10:20], torch.full((10,), 2.0 / 3 / 30))
+    assert torch.allclose(c[20:], torch.full((10,), 0.5 / 3 / 30))
+
+
+def test_other_objectives_coefficients():
+    seq = synthetic_sequence(n_target=25, window=10)
+    assert torch.allclose(token_coefficients("window", seq, 1)[10:20], torch.full((10,), 0.1))
+    assert token_coefficients("window", seq, 1).sum().item() == pytest.approx(1.0)
+    c = token_coefficients("sequential_nll", seq, 1)
+    assert c[:10].sum() == 0 and torch.allclose(c[10:], torch.full((15,), 1 / 15))
+    assert figure_coefficients(seq, 1).shape == (2, 25)
+
+
+def test_lambda_orders():
+    aff = torch.tensor([0.99, 0.3, -0.2])
+    assert affinity_lambdas(aff.clone(), "paper").tolist() == pytest.approx([1.0, 1.7, 2.2])
+    assert affinity_lambdas(aff.clone(), "reference").tolist() == pytest.approx([2.2, 1.7, 1.0])
+
+
+# ---- affinity λ against brute force (one backward per figure) ----
+
+def brute_force_affinity(em, seq, i, layer, lr, steps):
+    position = seq.hook_positions[i]
+    ids = seq.input_ids
+    targets = torch.tensor(seq.target_ids)
+    start = len(seq.prompt_ids) - 1
+
+    def figure_loss(delta, j):
+        with hooks.shifts(em.layer(layer), [position], [delta]):
+            logits = em.model(input_ids=ids).logits[0, start:]
+        nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        a, b = seq.windows[i][0], seq.windows[j][1]
+        return nll[a:b].mean()
+
+    delta = torch.zeros(em.hidden_size, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    cosines = []
+    for _ in range(steps):
+        g_first = torch.autograd.grad(figure_loss(delta, i), delta)[0]
+        row = []
+        for j in range(i, seq.n_windows):
+            g = torch.autograd.grad(figure_loss(delta, j), delta)[0]
+            row.append(torch.nn.functional.cosine_similarity(g_first, g, dim=0))
+        cosines.append(torch.stack(row))
+        opt.zero_grad()
+        figure_loss(delta, i).backward()
+        opt.step()
+    aff = torch.stack(cosines).mean(0)
+    return aff
+
+
+@pytest.mark.parametrize("order", ["paper", "reference"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_engine_lambda_equals_brute_force(tiny, order, fast):
+    c = cfg(lambda_order=order, fast=fast, window=10, v_num_grad_steps=2)
+    seq, result = optimise_request(tiny, QUESTION, ANSWER, c)
+    assert seq.n_windows >= 3
+    for i in range(seq.n_windows - 1):
+        aff = brute_force_affinity(tiny, seq, i, c.layer, c.v_lr, c.affinity_steps)
+        assert torch.allclose(torch.tensor(result.affinities[i]), aff, atol=1e-4)
+        lam = 2 - aff
+        lam[0] = 1.0
+        expected = lam.flip(0) if order == "reference" else lam
+        assert torch.allclose(torch.tensor(result.lambdas[i]), expected, atol=1e-4)
+    assert result.lambdas[-1] == [1.0]
+
+
+# ---- the δ loop (ALGORITHM §4) ----
+
+@pytest.mark.parametrize("objective", ["one_for_all", "window", "sequential_nll", "parallel_nll",
+                                       "matryoshka_vanilla", "matryoshka"])
+def test_fast_path_equals_straightforward(tiny, objective):
+    fast = optimise_request(tiny, QUESTION, ANSWER, cfg(objective=objective, fast=True))[1]
+    slow = optimise_request(tiny, QUESTION, ANSWER, cfg(objective=objective, fast=False))[1]
+    assert len(fast.trace) == len(slow.trace)
+    for a, b in zip(fast.trace, slow.trace):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert torch.allclose(fast.z, slow.z, rtol=1e-5, atol=1e-5)
+
+
+def test_result_shapes_and_z_is_h_plus_delta(tiny):
+    seq, r = optimise_request(tiny, QUESTION, ANSWER, cfg())
+    n, d = seq.n_windows, tiny.hidden_size
+    assert r.positions == seq.hook_positions
+    assert r.h.shape == r.delta.shape == r.z.shape == (n, d)
+    assert torch.equal(r.z, r.h + r.delta)
+    assert [len(lam) for lam in r.lambdas] == [n - i for i in range(n)]
+    # h is the unshifted output of layer l_WM at the hook positions
+    with torch.no_grad(), hooks.capture(tiny.layer(1), "output") as seen:
+        tiny.model(input_ids=seq.input_ids)
+    assert torch.allclose(r.h, seen[0][0, r.positions], atol=1e-6)
+
+
+def test_one_for_all_uses_single_shift_at_last_prompt_token(tiny):
+    seq, r = optimise_request(tiny, QUESTION, ANSWER, cfg(objective="one_for_all"))
+    assert seq.n_windows == 1 and r.positions == [len(seq.prompt_ids) - 1]
+
+
+def test_parallel_nll_moves_all_shifts_jointly(tiny):
+    seq, r = optimise_request(tiny, QUESTION, ANSWER, cfg(objective="parallel_nll"))
+    assert {row["window"] for row in r.trace} == {-1}            # one joint loop
+    assert len(r.trace) == 6                                     # not one loop per window
+    assert all(r.delta[i].norm() > 0 for i in range(seq.n_windows))
+
+
+def test_sequential_objectives_loop_per_window_with_earlier_shifts_frozen(tiny):
+    seq, r = optimise_request(tiny, QUESTION, ANSWER, cfg(objective="window"))
+    assert sorted({row["window"] for row in r.trace}) == list(range(seq.n_windows))
+    # the last window's loss at step 0 is computed with every earlier δ applied
+    lm = ShiftedLM(tiny, seq, 1)
+    last = seq.n_windows - 1
+    coeff = token_coefficients("window", seq, last)
+    lp = lm.logprobs([r.positions[last]], [torch.zeros(tiny.hidden_size)], dict(zip(r.positions[:last], r.delta[:last])))[0]
+    step0 = next(row for row in r.trace if row["window"] == last and row["step"] == 0)
+    assert (-(coeff * lp).sum()).item() == pytest.approx(step0["loss"], rel=1e-5)
+
+
+def test_at_most_steps_minus_one_updates(tiny):
+    r = optimise_request(tiny, QUESTION, ANSWER, cfg(objective="one_for_all", v_num_grad_steps=1))[1]
+    assert len(r.trace) == 1 and r.delta.abs().sum() == 0
+    r = optimise_request(tiny, QUESTION, ANSWER, cfg(objective="one_for_all", v_num_grad_steps=4))[1]
+    assert [row["step"] for row in r.trace] == [0, 1, 2, 3]
+    assert r.trace[-1]["delta_norm"] > 0
+
+
+def test_early_stop_ends_the_loop_before_any_update(tiny):
+    r = optimise_request(tiny, QUESTION, ANSWER, cfg(objective="window", early_stop=1e3))[1]
+    assert all(row["step"] == 0 for row in r.trace)
+    assert r.delta.abs().sum() == 0
+
+
+def test_weight_decay_term_is_norm_over_squared_h_norm(tiny):
+    r = optimise_request(tiny, QUESTION, ANSWER, cfg(objective="one_for_all", v_weight_decay=0.5))[1]
+    row = r.trace[2]
+    assert row["weight_decay"] == pytest.approx(0.5 * row["delta_norm"] / row["h_norm"] ** 2, rel=1e-5)
+    assert row["loss"] == pytest.approx(row["nll"] + row["weight_decay"], rel=1e-6)
+
+
+def test_clamp_bounds_shift_norm(tiny):
+    r = optimise_request(tiny, QUESTION, ANSWER, cfg(objective="window", clamp_norm_factor=0.05))[1]
+    norms, h_norms = r.delta.norm(dim=-1), r.h.norm(dim=-1)
+    assert torch.all(norms <= 0.05 * h_norms * (1 + 1e-5))
+    assert torch.allclose(norms, 0.05 * h_norms, rtol=1e-4)       # the clamp binds at lr 0.5
+
+
+def test_non_finite_loss_is_a_numerical_error(tiny):
+    broken = EditableModel(copy.deepcopy(tiny.model), tiny.tokenizer)
+    with torch.no_grad():
+        broken.down_proj(3).weight[0, 0] = float("nan")
+    seq = encode(tiny.tokenizer, QUESTION, ANSWER, tiny.end_of_turn, window=8)
+    with pytest.raises(NumericalError, match="non-finite loss in window 0 at step 0"):
+        optimise(broken, seq, cfg(objective="window"))
+
+
+def test_shift_hooks_accept_tensor_and_tuple_outputs():
+    class Layer(torch.nn.Module):
+        def __init__(self, as_tuple):
+            super().__init__()
+            self.as_tuple = as_tuple
+
+        def forward(self, x):
+            return (x, None) if self.as_tuple else x
+
+    x = torch.zeros(2, 4, 3)
+    d = torch.ones(3)
+    for as_tuple in (False, True):
+        layer = Layer(as_tuple)
+        with hooks.shifts(layer, [2], [d]):
+            out = layer(x)
+        h = hooks.hidden_of(out)
+        assert isinstance(out, tuple) == as_tuple
+        assert h[:, 2].eq(1).all() and h[:, [0, 1, 3]].eq(0).all()
+
+
+# ---- hooked δ reproduce long targets by greedy decoding (pretrained tiny model) ----
+
+def test_hooked_shifts_reproduce_long_demo_targets(pretrained_tiny_path, demo_requests):
+    em = load(pretrained_tiny_path)
+    exact = 0
+    for request in demo_requests[:3]:
+        seq, r = optimise_request(em, request.question, request.answer, MemoryConfig(layer=1, window=20))
+        assert len(seq.target_ids) >= 60
+        before = decode_with_shifts(em, seq, 1, r.__class__([], r.h[:0], r.delta[:0], r.z[:0], [], []))
+        after = decode_with_shifts(em, seq, 1, r)
+        print(request.id, "pre-edit match", before == list(seq.target_ids), "post-edit match",
+              after == list(seq.target_ids))
+        assert before != list(seq.target_ids)
+        exact += after == list(seq.target_ids)
+    assert exact == 3
