@@ -5,7 +5,7 @@ optimised in order; earlier, already optimised shifts stay applied and frozen.
 
 Fast path (default): layers 0..l_WM never depend on δ, so they run once per request and every step
 replays their output (hooks.replay_lower_layers), running only the layers above; the affinity
-gradients of all target figures come from one batched backward (one batch row per figure).
+gradients of all target figures share one forward pass.
 """
 
 from __future__ import annotations
@@ -109,13 +109,13 @@ class ShiftedLM:
             self._prefix_key, self._prefix = key, (getattr(out, cache_arg(self.em.model)), lp)
         return self._prefix
 
-    def logprobs(self, free: list[int], deltas: list[torch.Tensor], fixed: dict[int, torch.Tensor] | None = None,
-                 batch: int = 1) -> torch.Tensor:
-        """log p(target_t) with `deltas` at the `free` positions and the `fixed` shifts: (batch, len(target))."""
+    def logprobs(self, free: list[int], deltas: list[torch.Tensor],
+                 fixed: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """log p(target_t) with `deltas` at the `free` positions and the `fixed` shifts: (1, len(target))."""
         fixed = fixed or {}
         if not self.fast:
             with hooks.shifts(self.em.layer(self.layer), list(fixed) + free, list(fixed.values()) + deltas):
-                out = self.em.model(input_ids=self.input_ids.expand(batch, -1), use_cache=False,
+                out = self.em.model(input_ids=self.input_ids, use_cache=False,
                                     logits_to_keep=len(self.seq.target_ids))
             return self._target_logprobs(out.logits, self.first_target)
         start = min(free)
@@ -125,16 +125,14 @@ class ShiftedLM:
         if start > 0:
             cache, lp_prefix = self.prefix(start, fixed)
             cache = copy.deepcopy(cache)
-            if batch > 1:
-                cache.batch_repeat_interleave(batch)
-        ids = self.input_ids[:, start:].expand(batch, -1)
+        ids = self.input_ids[:, start:]
         with hooks.shifts(self.em.layer(self.layer), [p - start for p in free], deltas), \
                 hooks.replay_lower_layers(self.em.layers, self.layer, self.hidden[:, start:], self._as_tuple):
             out = self.em.model(input_ids=ids, use_cache=cache is not None, **{cache_arg(self.em.model): cache})
         first = max(start, self.first_target)
         lp = self._target_logprobs(out.logits[:, first - start:], first)
         if lp_prefix is not None:
-            lp = torch.cat([lp_prefix.expand(batch, -1), lp], dim=1)
+            lp = torch.cat([lp_prefix, lp], dim=1)
         return lp
 
 
@@ -179,15 +177,18 @@ def optimise_shifts(lm: ShiftedLM, coeff: torch.Tensor, free: list[int], fixed: 
 
 
 def figure_gradients(lm: ShiftedLM, position: int, delta: torch.Tensor, figures: torch.Tensor,
-                     batched: bool) -> torch.Tensor:
+                     shared: bool) -> torch.Tensor:
     """∇δ of each figure's mean NLL at δ (no other shift applied): (n_fig, d).
 
-    Batched: one forward/backward with one batch row (and one copy of δ) per figure.
+    Every figure sees the same forward pass; only its loss differs. Shared: one forward pass and one
+    backward per figure through the kept graph (measured 2x faster on CPU than one batch row per
+    figure, which repeats the forward). Otherwise one forward/backward per figure.
     """
-    if batched:
-        rows = delta.detach().expand(len(figures), -1).clone().requires_grad_(True)
-        losses = -(figures * lm.logprobs([position], [rows], batch=len(figures))).sum(-1)
-        return torch.autograd.grad(losses.sum(), rows)[0]
+    if shared:
+        d = delta.detach().clone().requires_grad_(True)
+        losses = -(figures * lm.logprobs([position], [d])[0]).sum(-1)
+        return torch.stack([torch.autograd.grad(loss, d, retain_graph=k < len(losses) - 1)[0]
+                            for k, loss in enumerate(losses)])
     grads = []
     for coeff in figures:
         d = delta.detach().clone().requires_grad_(True)
@@ -207,7 +208,7 @@ def window_affinity(lm: ShiftedLM, i: int, cfg: MemoryConfig) -> torch.Tensor:
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     g_first, g_figs = [], []
     for _ in range(cfg.affinity_steps):
-        grads = figure_gradients(lm, position, delta, figures, batched=cfg.fast)
+        grads = figure_gradients(lm, position, delta, figures, shared=cfg.fast)
         _check_finite(grads, "affinity gradient", i, len(g_first))
         g_first.append(grads[0])
         g_figs.append(grads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "resources" / "demo_corpus.txt"
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+DEFAULT_CORPUS = RESOURCES / "demo_corpus.txt"
+PRESERVATION = RESOURCES / "preservation.jsonl"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -69,8 +72,49 @@ def tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast):
     )
 
 
-def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, corpus_path: str | Path | None = None) -> Path:
-    """Build a randomly initialised tiny model + tokenizer and save them to out_dir (replaced atomically).
+def training_text(corpus_path: Path, tokenizer) -> torch.Tensor:
+    """Token ids of the corpus documents plus the preservation set rendered as ChatML turns, so the
+    pretrained model has seen the chat format and its end-of-turn token."""
+    docs = [d.strip() for d in corpus_path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    chats = []
+    if PRESERVATION.exists():
+        for line in PRESERVATION.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            messages = [{"role": "user", "content": rec["instruction"]}, {"role": "assistant", "content": rec["output"]}]
+            chats.append(tokenizer.apply_chat_template(messages, tokenize=False))
+    text = "<|endoftext|>".join(docs + chats)
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def pretrain(model, ids: torch.Tensor, steps: int, seed: int, seq_len: int = 128, batch: int = 16,
+             lr: float = 3e-3) -> list[float]:
+    """A short seeded AdamW language-model pretraining on random windows of `ids`; returns the losses.
+
+    A randomly initialised model has near-uniform logits and no attention pattern worth steering;
+    a few hundred steps make a tiny model a (weak) language model that edits can act on.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / (steps + 1)))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
+        x = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, corpus_path: str | Path | None = None,
+                     pretrain_steps: int = 0) -> Path:
+    """Build a tiny model + tokenizer and save them to out_dir (replaced atomically): randomly
+    initialised, then optionally pretrained for `pretrain_steps` on the corpus.
 
     The same seed and corpus give bit-identical weights and vocabulary.
     """
@@ -79,6 +123,8 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, corpus_path:
     config = tiny_config(arch, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if pretrain_steps:
+        pretrain(model, training_text(Path(corpus_path or DEFAULT_CORPUS), tokenizer), pretrain_steps, seed)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
