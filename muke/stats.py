@@ -1,0 +1,400 @@
+"""Second-moment statistics C = E[k kᵀ] of the down_proj input k (ALGORITHM §5, "Covariance statistics").
+
+k: (d_ff,) is the input of the MLP down-projection of a decoder layer at one token position. One forward
+pass over a batch hooks every requested layer and stops after the last of them; padded positions are
+excluded. Sums Σ k kᵀ and counts are accumulated in fp32, checkpointed every N documents (atomically),
+and a killed run resumes from its checkpoint. The file keeps the SUM and the count (as ROME's
+runningstats); `Stats.second_moment` divides.
+
+File: safetensors `{f"layer{l}.mom2": (d_ff, d_ff) fp32 sum, f"layer{l}.count": () int64}` and one
+metadata entry "muke", a JSON object describing the model, corpus and run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import hooks
+from .data import DataError
+from .model import EditableModel
+
+FORMAT = "muke.stats/1"
+
+
+class StatsError(ValueError):
+    """A statistics file that cannot be used for this model, layer set or tokenizer."""
+
+
+# ---------------------------------------------------------------------------- identities
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def vocab_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's (token, id) pairs, sorted by id."""
+    pairs = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()
+
+
+def d_ff(em: EditableModel) -> int:
+    return em.down_proj_weight(0).shape[1]
+
+
+def model_fingerprint(em: EditableModel) -> str:
+    """sha256 of the architecture and the first 16 values (rounded to bf16) of every parameter.
+
+    Cheap for any model size; equal for the same checkpoint loaded in fp32 or bf16, different for
+    other weights (another seed, another fine-tune).
+    """
+    digest = hashlib.sha256(json.dumps(architecture(em), sort_keys=True).encode())
+    for name, p in em.model.named_parameters():
+        head = p.detach().flatten()[:16].to(torch.bfloat16).view(torch.int16).cpu()
+        digest.update(name.encode() + head.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def architecture(em: EditableModel) -> dict:
+    return {"model_type": em.model_type, "hidden_size": em.hidden_size, "d_ff": d_ff(em),
+            "n_layers": em.n_layers}
+
+
+def default_max_length(em: EditableModel) -> int:
+    """The model's max length: the smaller of its position limit and the tokenizer's (when set)."""
+    cfg = em.model.config
+    limits = [getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None),
+              em.tokenizer.model_max_length if em.tokenizer.model_max_length < 10**7 else None]
+    limits = [x for x in limits if x]
+    if not limits:
+        raise ValueError("the model states no maximum length: pass max_length")
+    return min(limits)
+
+
+# ---------------------------------------------------------------------------- corpus
+
+def _subset(n_total: int, max_docs: int | None, seed: int) -> list[int]:
+    """All indices, or a seeded random subset of `max_docs` of them in corpus order."""
+    if max_docs is None or max_docs >= n_total:
+        return list(range(n_total))
+    return sorted(random.Random(seed).sample(range(n_total), max_docs))
+
+
+def _read_local(path: Path, text_field: str) -> list[str]:
+    """Documents of a .txt file (separated by blank lines) or a JSONL file (field `text_field`)."""
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix not in (".jsonl", ".json"):
+        return [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
+    docs = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})", line=line_no) from None
+        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+            raise DataError(path, "must be a string", line=line_no, field=text_field)
+        docs.append(rec[text_field])
+    return docs
+
+
+def load_corpus(corpus: str | Path, max_docs: int | None = None, seed: int = 0,
+                text_field: str = "text") -> tuple[list[str], dict]:
+    """Documents and the corpus identity {corpus, corpus_sha256, n_corpus_documents}.
+
+    `corpus`: a local .txt / .jsonl path, or "hf:NAME[:CONFIG]" for `datasets.load_dataset(NAME, CONFIG,
+    split="train")` (e.g. "hf:wikipedia:20220301.en"); its identity is the dataset's fingerprint.
+    """
+    corpus = str(corpus)
+    if corpus.startswith("hf:"):
+        import datasets
+
+        name, _, config = corpus[3:].partition(":")
+        ds = datasets.load_dataset(name, config or None, split="train")
+        index = _subset(len(ds), max_docs, seed)
+        docs = ds.select(index)[text_field]
+        ident = {"corpus": corpus, "corpus_sha256": ds._fingerprint, "n_corpus_documents": len(ds)}
+        return docs, ident
+    path = Path(corpus)
+    if not path.is_file():
+        raise DataError(path, "corpus file not found")
+    all_docs = _read_local(path, text_field)
+    if not all_docs:
+        raise DataError(path, "the corpus has no documents")
+    docs = [all_docs[i] for i in _subset(len(all_docs), max_docs, seed)]
+    return docs, {"corpus": str(path), "corpus_sha256": sha256_file(path), "n_corpus_documents": len(all_docs)}
+
+
+def batches(token_ids: list[list[int]], batch_tokens: int) -> list[tuple[int, int]]:
+    """Greedy [start, end) document ranges whose padded size (rows × longest) fits `batch_tokens`;
+    a longer document forms a batch of its own. A function of the documents alone, so a run resumed
+    at a batch boundary forms the same batches as an uninterrupted one."""
+    out, start, longest = [], 0, 0
+    for i, ids in enumerate(token_ids):
+        longest_with = max(longest, len(ids))
+        if i > start and longest_with * (i - start + 1) > batch_tokens:
+            out.append((start, i))
+            start, longest_with = i, len(ids)
+        longest = longest_with
+    if start < len(token_ids):
+        out.append((start, len(token_ids)))
+    return out
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (batch, longest), padded on the right."""
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------- files
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write tmp file, fsync, rename over `path`, fsync the folder: a killed writer leaves the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_metadata(path: str | Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "muke" not in meta:
+        raise StatsError(f"{path}: not a muke statistics file (no 'muke' metadata)")
+    return json.loads(meta["muke"])
+
+
+# ---------------------------------------------------------------------------- collection
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """What to collect. max_length None → the model's max length (default_max_length)."""
+
+    layers: tuple[int, ...]
+    corpus: str
+    max_docs: int | None = None
+    max_length: int | None = None
+    seed: int = 0
+    text_field: str = "text"
+    batch_tokens: int = 8192
+    checkpoint_every: int = 1000    # documents between checkpoints
+    tokenize_chunk: int = 256       # documents tokenized per call
+    extra: dict = field(default_factory=dict)   # recorded in the metadata as is
+
+
+def _job(em: EditableModel, cfg: StatsConfig, corpus_ident: dict, n_docs: int, max_length: int) -> dict:
+    """Everything the sums depend on; a checkpoint is resumed only when this matches exactly."""
+    return {"format": FORMAT, "model": str(em.model.config._name_or_path), **architecture(em),
+            "model_fingerprint": model_fingerprint(em), "tokenizer_vocab_sha256": vocab_hash(em.tokenizer),
+            "dtype": str(em.dtype).removeprefix("torch."), "layers": sorted(set(cfg.layers)), **corpus_ident,
+            "n_documents": n_docs, "seed": cfg.seed, "max_docs": cfg.max_docs, "max_length": max_length,
+            "text_field": cfg.text_field, "batch_tokens": cfg.batch_tokens, **cfg.extra}
+
+
+def _tensors(sums: dict[int, torch.Tensor], counts: dict[int, int]) -> dict[str, torch.Tensor]:
+    out = {}
+    for layer in sums:
+        out[f"layer{layer}.mom2"] = sums[layer]
+        out[f"layer{layer}.count"] = torch.tensor(counts[layer], dtype=torch.int64)
+    return out
+
+
+def _resume(partial: Path, job: dict, device) -> tuple[dict, dict, int, int] | None:
+    """(sums, counts, docs_done, tokens) of a matching checkpoint, else None."""
+    if not partial.exists():
+        return None
+    meta = read_metadata(partial)
+    if meta.get("job") != job:
+        return None
+    with safe_open(str(partial), framework="pt") as f:
+        sums = {l: f.get_tensor(f"layer{l}.mom2").to(device) for l in job["layers"]}
+        counts = {l: int(f.get_tensor(f"layer{l}.count")) for l in job["layers"]}
+    return sums, counts, meta["docs_done"], meta["tokens"]
+
+
+@torch.no_grad()
+def accumulate(em: EditableModel, layers: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               sums: dict[int, torch.Tensor], counts: dict[int, int]) -> None:
+    """sums[l] += Σ k kᵀ over the unpadded positions of one batch, all layers in one pass.
+
+    input_ids, attention_mask: (batch, T); sums[l]: (d_ff, d_ff) fp32.
+    """
+    keep = attention_mask.to(em.device).bool()
+
+    def sink_for(layer):
+        def sink(k):                            # k: (batch, T, d_ff)
+            k = k[keep].float()                 # (n, d_ff)
+            sums[layer].addmm_(k.T, k)
+            counts[layer] += k.shape[0]
+        return sink
+
+    with ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(hooks.capture(em.down_proj(layer), "input", sink_for(layer)))
+        stack.enter_context(hooks.stop_after(em.layer(max(layers))))
+        em.model(input_ids=input_ids.to(em.device), attention_mask=attention_mask.to(em.device),
+                 use_cache=False)
+
+
+def collect_stats(em: EditableModel, cfg: StatsConfig, out: str | Path, progress: bool = True) -> Path:
+    """Collect E[k kᵀ] for cfg.layers over the corpus into `out`, resuming `out`.partial if present."""
+    out = Path(out)
+    layers = sorted(set(cfg.layers))
+    for layer in layers:
+        em.check_layer(layer)
+    max_length = cfg.max_length or default_max_length(em)
+    docs, corpus_ident = load_corpus(cfg.corpus, cfg.max_docs, cfg.seed, cfg.text_field)
+    job = _job(em, cfg, corpus_ident, len(docs), max_length)
+    partial = out.with_name(out.name + ".partial")
+
+    tokenizer = em.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    size = d_ff(em)
+    state = _resume(partial, job, em.device)
+    if state is None:
+        sums = {l: torch.zeros(size, size, dtype=torch.float32, device=em.device) for l in layers}
+        counts, done, tokens = {l: 0 for l in layers}, 0, 0
+    else:
+        sums, counts, done, tokens = state
+
+    bar = tqdm(total=len(docs), initial=done, unit="doc", desc=f"stats layers {layers}", disable=not progress)
+    start, run_tokens, last_ckpt = time.perf_counter(), 0, done
+    while done < len(docs):
+        # chunk ends at multiples of tokenize_chunk, so a resumed run forms the same batches
+        end = (done // cfg.tokenize_chunk + 1) * cfg.tokenize_chunk
+        ids = tokenizer(docs[done:end], truncation=True, max_length=max_length)["input_ids"]
+        for a, b in batches(ids, cfg.batch_tokens):
+            rows = [x for x in ids[a:b] if x]
+            if rows:
+                input_ids, mask = right_pad(rows, pad_id)
+                accumulate(em, layers, input_ids, mask, sums, counts)
+                n = int(mask.sum())
+                tokens, run_tokens = tokens + n, run_tokens + n
+            done += b - a
+            bar.update(b - a)
+            bar.set_postfix(tok_s=f"{run_tokens / (time.perf_counter() - start):.0f}")
+            if done - last_ckpt >= cfg.checkpoint_every and done < len(docs):
+                meta = {"job": job, "docs_done": done, "tokens": tokens}
+                save_safetensors_atomic(_tensors(sums, counts), partial, {"muke": json.dumps(meta)})
+                last_ckpt = done
+    bar.close()
+    if tokens == 0:
+        raise DataError(cfg.corpus, "the documents contain no tokens")
+    seconds = time.perf_counter() - start
+    meta = {**job, "complete": True, "tokens": tokens,
+            "tokens_per_second_last_run": run_tokens / seconds if seconds else None}
+    save_safetensors_atomic(_tensors(sums, counts), out, {"muke": json.dumps(meta)})
+    partial.unlink(missing_ok=True)
+    return out
+
+
+# ---------------------------------------------------------------------------- loading
+
+@dataclass
+class Stats:
+    """Second-moment sums per layer, loaded for one model. mom2[l]: (d_ff, d_ff) fp32 on CPU."""
+
+    path: Path
+    meta: dict
+    mom2: dict[int, torch.Tensor]
+    count: dict[int, int]
+    cache: dict = field(default_factory=dict, repr=False)   # derived per-layer tensors (e.g. projectors)
+    _sha256: str | None = field(default=None, repr=False)
+
+    def second_moment(self, layer: int, device=None) -> torch.Tensor:
+        """C = E[k kᵀ] = Σ k kᵀ / n: (d_ff, d_ff) fp32."""
+        if layer not in self.mom2:
+            raise StatsError(f"{self.path}: no statistics for layer {layer} (has {sorted(self.mom2)})")
+        return self.mom2[layer].to(device or "cpu") / self.count[layer]
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the file's bytes (computed once): the key of caches derived from these stats."""
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
+
+
+def check_compatible(meta: dict, em: EditableModel, layers, path) -> None:
+    """Raise StatsError naming what differs: model architecture or weights, tokenizer, or layers."""
+    mine = architecture(em)
+    theirs = {k: meta.get(k) for k in mine}
+    if theirs != mine:
+        raise StatsError(f"{path}: statistics are for another model ({meta.get('model')!r}: {theirs}); "
+                         f"this model is {mine}")
+    if meta.get("tokenizer_vocab_sha256") != vocab_hash(em.tokenizer):
+        raise StatsError(f"{path}: statistics were collected with another tokenizer (vocabulary hash differs)")
+    if meta.get("model_fingerprint") != model_fingerprint(em):
+        raise StatsError(f"{path}: statistics are for another model's weights ({meta.get('model')!r}, "
+                         "same architecture, different parameters)")
+    missing = sorted(set(layers) - set(meta.get("layers", [])))
+    if missing:
+        raise StatsError(f"{path}: statistics cover layers {meta.get('layers')}, not the requested layers {missing}")
+
+
+def load_stats(path: str | Path, em: EditableModel, layers) -> Stats:
+    """Load the statistics of `layers` from a file made for this model and tokenizer (else StatsError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StatsError(f"{path}: statistics file not found")
+    meta = read_metadata(path)
+    if not meta.get("complete"):
+        raise StatsError(f"{path}: statistics file is incomplete")
+    layers = sorted(set(layers))
+    check_compatible(meta, em, layers, path)
+    with safe_open(str(path), framework="pt") as f:
+        mom2 = {l: f.get_tensor(f"layer{l}.mom2") for l in layers}
+        count = {l: int(f.get_tensor(f"layer{l}.count")) for l in layers}
+    return Stats(path, meta, mom2, count)
+
+
+# ---------------------------------------------------------------------------- cache
+
+def cache_dir() -> Path:
+    """<$MUKE_CACHE or ~/.cache/muke>/stats."""
+    return Path(os.environ.get("MUKE_CACHE", "~/.cache/muke")).expanduser() / "stats"
+
+
+def cached_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True) -> Stats:
+    """Stats for cfg, from the cache or collected into it; keyed by model weights, layers, corpus and
+    every setting the sums depend on."""
+    docs_ident = sha256_file(cfg.corpus) if Path(cfg.corpus).is_file() else cfg.corpus
+    key = {**asdict(cfg), "corpus": docs_ident, "layers": sorted(set(cfg.layers)),
+           "model": model_fingerprint(em), "checkpoint_every": None, "tokenize_chunk": None}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    layers = "-".join(map(str, key["layers"]))
+    path = cache_dir() / f"{em.model_type}-L{layers}-{digest}.safetensors"
+    if not path.exists():
+        collect_stats(em, cfg, path, progress)
+    return load_stats(path, em, cfg.layers)

@@ -1,0 +1,180 @@
+"""Second-moment statistics: joint pass = per-layer passes = direct computation; resume; refusal."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from muke import hooks
+from muke.data import DataError
+from muke.model import load
+from muke.stats import (StatsConfig, StatsError, batches, collect_stats, load_corpus, load_stats,
+                        read_metadata)
+
+DOCS = [
+    "Velmora is a port city on the southern coast of the island of Castaran.",
+    "Short.",
+    "The Copper Bridge has seven arches covered in green copper plates, and every October thousands of "
+    "paper lanterns float down the Orlen River during the Lantern Festival.",
+    "Salt traders founded the city in 1412.",
+    "Ilse Marrow was a physicist.\nShe worked at the Tollund Institute between 1921 and 1958.",
+    "Quillon Robotics builds small underwater robots that inspect ship hulls.",
+    "A noun names a person, place, thing or idea.",
+]
+
+
+@pytest.fixture(scope="module")
+def em(tiny_qwen2_path):
+    return load(tiny_qwen2_path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    path.write_text("\n\n".join(DOCS) + "\n")
+    return path
+
+
+def config(corpus, layers, **kw):
+    base = dict(layers=tuple(layers), corpus=str(corpus), batch_tokens=64, checkpoint_every=2, tokenize_chunk=3)
+    return StatsConfig(**{**base, **kw})
+
+
+def direct_second_moments(em, docs, layers, max_length):
+    """Σ k kᵀ per layer, one unpadded document at a time, summed in float64 numpy."""
+    sums = {l: np.zeros((344, 344)) for l in layers}
+    count = 0
+    for doc in docs:
+        ids = em.tokenizer(doc, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            for layer in layers:
+                with hooks.capture(em.down_proj(layer), "input") as seen:
+                    em.model(input_ids=ids)
+                k = seen[0][0].double().numpy()
+                sums[layer] += k.T @ k
+        count += ids.shape[1]
+    return sums, count
+
+
+def test_joint_pass_equals_per_layer_passes_and_direct_computation(em, corpus, tmp_path):
+    joint = load_stats(collect_stats(em, config(corpus, [0, 2]), tmp_path / "joint.safetensors", False), em, [0, 2])
+    direct, count = direct_second_moments(em, DOCS, [0, 2], max_length=1024)
+    for layer in (0, 2):
+        single = load_stats(collect_stats(em, config(corpus, [layer]), tmp_path / f"l{layer}.safetensors", False),
+                            em, [layer])
+        assert torch.allclose(joint.mom2[layer], single.mom2[layer], rtol=1e-5, atol=1e-9)
+        assert joint.count[layer] == single.count[layer] == count
+        scale = np.abs(direct[layer]).max()
+        np.testing.assert_allclose(joint.mom2[layer].double().numpy(), direct[layer], rtol=1e-4, atol=1e-6 * scale)
+        C = joint.second_moment(layer)
+        assert C.shape == (344, 344) and torch.allclose(C, C.T, atol=1e-9)
+    meta = joint.meta
+    assert meta["layers"] == [0, 2] and meta["n_documents"] == len(DOCS) and meta["tokens"] == count
+    assert meta["model_type"] == "qwen2" and meta["hidden_size"] == 128 and meta["d_ff"] == 344
+    assert len(meta["corpus_sha256"]) == 64 and meta["complete"]
+
+
+def test_truncation_to_max_length(em, corpus, tmp_path):
+    stats = load_stats(collect_stats(em, config(corpus, [1], max_length=5), tmp_path / "s.safetensors", False), em, [1])
+    _, count = direct_second_moments(em, DOCS, [1], max_length=5)
+    assert stats.count[1] == count <= 5 * len(DOCS)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_interrupt_gives_identical_result(em, corpus, tmp_path):
+    cfg = config(corpus, [0, 1])
+    whole = load_file(collect_stats(em, cfg, tmp_path / "whole.safetensors", False))
+    n_batches = sum(len(batches(em.tokenizer(DOCS[i:i + 3])["input_ids"], 64)) for i in range(0, len(DOCS), 3))
+
+    out = tmp_path / "resumed.safetensors"
+    calls = []
+
+    def dying_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n_batches - 1:
+            raise Killed
+        return type(em.model).forward(em.model, *args, **kwargs)
+
+    em.model.forward = dying_forward
+    try:
+        with pytest.raises(Killed):
+            collect_stats(em, cfg, out, False)
+    finally:
+        del em.model.forward
+    partial = out.with_name(out.name + ".partial")
+    assert partial.exists() and not out.exists()
+    done = read_metadata(partial)["docs_done"]
+    assert 0 < done < len(DOCS)
+
+    calls.clear()
+    em.model.forward = lambda *a, **k: (calls.append(1), type(em.model).forward(em.model, *a, **k))[1]
+    try:
+        collect_stats(em, cfg, out, False)
+    finally:
+        del em.model.forward
+    assert 0 < len(calls) < n_batches                        # continued, did not restart
+    resumed = load_file(out)
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert not partial.exists()
+
+
+def test_refuses_stats_of_another_model_layer_set_or_tokenizer(em, corpus, tmp_path, tiny_llama_path):
+    path = collect_stats(em, config(corpus, [0, 2]), tmp_path / "s.safetensors", False)
+    assert load_stats(path, em, [2]).count[2] > 0
+    with pytest.raises(StatsError, match="another model"):
+        load_stats(path, load(tiny_llama_path), [0, 2])
+    with pytest.raises(StatsError, match=r"not the requested layers \[1\]"):
+        load_stats(path, em, [1, 2])
+
+    other = load(em.model.config._name_or_path)
+    with torch.no_grad():
+        other.down_proj(3).weight[0, 0] += 1.0
+    with pytest.raises(StatsError, match="another model's weights"):
+        load_stats(path, other, [0, 2])
+
+    tensors = load_file(path)
+    meta = read_metadata(path)
+    meta["tokenizer_vocab_sha256"] = "0" * 64
+    forged = tmp_path / "forged.safetensors"
+    save_file(tensors, forged, metadata={"muke": json.dumps(meta)})
+    with pytest.raises(StatsError, match="tokenizer"):
+        load_stats(forged, em, [0, 2])
+    with pytest.raises(StatsError, match="not found"):
+        load_stats(tmp_path / "missing.safetensors", em, [0])
+
+
+def test_corpus_formats_and_seeded_subset(tmp_path, monkeypatch):
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    docs, ident = load_corpus(jsonl)
+    assert docs == DOCS and ident["n_corpus_documents"] == len(DOCS)
+    sub, _ = load_corpus(jsonl, max_docs=3, seed=1)
+    assert len(sub) == 3 and sub == load_corpus(jsonl, max_docs=3, seed=1)[0]
+    assert sub == [d for d in DOCS if d in sub]              # corpus order kept
+    jsonl.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(DataError, match="line 2.*'text'"):
+        load_corpus(jsonl)
+
+    import datasets
+
+    def fake_load_dataset(name, config, split):
+        assert (name, config, split) == ("wikipedia", "20220301.en", "train")
+        return datasets.Dataset.from_dict({"text": DOCS})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    docs, ident = load_corpus("hf:wikipedia:20220301.en", max_docs=4, seed=0)
+    assert len(docs) == 4 and set(docs) <= set(DOCS) and ident["corpus"] == "hf:wikipedia:20220301.en"
+
+
+def test_batches_fit_the_token_budget():
+    lengths = [3, 5, 2, 9, 1, 1, 20]
+    spans = batches([[0] * n for n in lengths], 10)
+    assert spans[0][0] == 0 and spans[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    for a, b in spans:
+        assert b - a == 1 or max(lengths[a:b]) * (b - a) <= 10
