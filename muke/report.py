@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from muke.stages import atomic_path, write_text
+from muke.io import atomic_path, write_text
 
 LABELS = ["model", "dataset", "method", "setting"]
 SWEEP_COLUMNS = ["v_num_grad_steps", "sweep_param", "sweep_value"]
