@@ -26,8 +26,11 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# Until the workflow lands: one μKE-MEMIT edit of a pretrained tiny model, printing before/after answers.
 demo: install
-	$(VENV)/bin/muke demo
+	test -d work/demo/tiny || $(VENV)/bin/muke tiny-model --arch qwen2 --out work/demo/tiny --pretrain-steps 300
+	$(VENV)/bin/muke edit --model work/demo/tiny --method muke-memit --layers 1 2 --window 20 \
+		--requests resources/demo_edits.jsonl --format jsonl --limit 1 --max-new-tokens 200
 
 clean:
 	rm -rf $(VENV) results .snakemake
