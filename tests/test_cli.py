@@ -97,8 +97,10 @@ def test_stats_for_other_layers_is_refused(tiny_qwen2_path, stats_file, capsys):
 
 def test_tiny_model_and_prepare_commands_are_wired(monkeypatch, capsys, tmp_path):
     calls = []
-    monkeypatch.setattr("muke.tiny.build_tiny_model", lambda arch, out, seed, corpus_path: calls.append((arch, seed)) or out)
+    monkeypatch.setattr("muke.tiny.build_tiny_model",
+                        lambda arch, out, seed, corpus_path, pretrain_steps: calls.append((arch, seed, pretrain_steps)) or out)
     monkeypatch.setattr("muke.smollm.prepare_smollm2", lambda out, wheel_dir: calls.append(("smollm2", out)) or out)
-    assert cli.main(["tiny-model", "--arch", "llama", "--out", str(tmp_path / "m"), "--seed", "3"]) == 0
+    assert cli.main(["tiny-model", "--arch", "llama", "--out", str(tmp_path / "m"), "--seed", "3",
+                     "--pretrain-steps", "5"]) == 0
     assert cli.main(["prepare-smollm2", "--out", str(tmp_path / "s")]) == 0
-    assert calls == [("llama", 3), ("smollm2", str(tmp_path / "s"))]
+    assert calls == [("llama", 3, 5), ("smollm2", str(tmp_path / "s"))]
