@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-slow demo clean
+.PHONY: install test test-slow demo workflow-tiny clean
 
 install: $(VENV)/.installed
 
@@ -34,3 +34,7 @@ demo: install
 
 clean:
 	rm -rf $(VENV) results .snakemake
+
+# The whole workflow DAG on a tiny model (minutes on 2 CPU cores; the numbers mean nothing).
+workflow-tiny: install
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --configfile config/tiny.yaml

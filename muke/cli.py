@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deltas", nargs="+", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+    from .stages import add_stage_commands
+
+    add_stage_commands(sub)
     return parser
 
 

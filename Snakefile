@@ -1,0 +1,42 @@
+# muke workflow: edit long-form knowledge into causal LMs and evaluate it (see README.md).
+#
+#   snakemake --profile workflow/profiles/default                      # the demo (config/config.yaml)
+#   snakemake --profile workflow/profiles/default --configfile config/tiny.yaml
+#   snakemake --profile workflow/profiles/slurm --configfile config/experiments/table1-qwen2.5-7b.yaml
+#
+# A --configfile replaces config/config.yaml (it is not merged into it). Every output path carries the
+# identity of its stage's parameters, inputs and code (muke/plan.py): change a value and only what it
+# reaches reruns; set it back and the earlier results are found again.
+
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+from muke.plan import Plan, check_config
+
+min_version("9.0")
+
+if not workflow.config_settings.configfiles:
+    configfile: "config/config.yaml"
+
+check_config(config, Path(workflow.basedir) / "config" / "schema.yaml")   # readable errors naming the key
+validate(config, "config/schema.yaml")                              # Snakemake's own check (+ defaults)
+
+PLAN = Plan(config, basedir=workflow.basedir)
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/prepare.smk"
+include: "workflow/rules/stats.smk"
+include: "workflow/rules/deltas.smk"
+include: "workflow/rules/update.smk"
+include: "workflow/rules/generate.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/locality.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        rules.report.output,
+    default_target: True

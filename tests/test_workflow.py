@@ -1,0 +1,337 @@
+"""The Snakemake workflow: config checking, one real tiny run, and which rules a change reruns.
+
+The caching tests ask Snakemake itself (a dry run after the real run of config/tiny.yaml) which jobs
+it would run; the expectations are the design's: a stage reruns when its own parameters, its inputs'
+identities or its code change, together with everything below it, and nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from muke.plan import ConfigError, Plan, check_config, code_identity
+
+REPO = Path(__file__).resolve().parent.parent
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+
+needs_snakemake = pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed (extra 'workflow')")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+NO_SLURM = Path(__file__).resolve().parent / "no_slurm"
+
+
+def env(extra_path: Path | None = None, slurm: bool = False) -> dict:
+    """The environment of a snakemake run: the venv's tools first; offline hub.
+
+    Without `slurm`, a `scontrol` that fails at once comes first on PATH: snakemake-executor-plugin-slurm
+    asks `scontrol show config` at every start-up, which waits 10 s where SLURM's client is installed
+    but no controller answers (a CI machine prepared for tests/test_slurm.py).
+    """
+    path = [str(SNAKEMAKE.parent), os.environ.get("PATH", "")]
+    if not slurm:
+        path.insert(0, str(NO_SLURM))
+    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+             PATH=os.pathsep.join(path))
+    if extra_path is not None and extra_path != REPO:
+        e["PYTHONPATH"] = f"{extra_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    return e
+
+
+def make_workdir(path: Path, repo: Path = REPO) -> Path:
+    """A working directory like a user's: the repository's resources/ beside the results."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / "resources").exists():
+        (path / "resources").symlink_to(repo / "resources")
+    return path
+
+
+def snapshot(dest: Path) -> Path:
+    """A copy of the workflow and the muke package: a run sees one version of the code even while
+    the repository is being edited (code identities would move under it)."""
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(".venv", ".git", "results", ".snakemake", "__pycache__",
+                                                              "*.egg-info", ".pytest_cache", "tests", "benchmarks"))
+    return dest
+
+
+def snakemake(workdir: Path, config: dict, *args, repo: Path = REPO, check=True, timeout=900):
+    """Run snakemake on `config` (written to workdir/config.yaml) with the default profile; the
+    `muke` imported by the Snakefile and the jobs is `repo`'s."""
+    cfg = workdir / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    cmd = [str(SNAKEMAKE), "-s", str(repo / "Snakefile"), "-d", str(workdir), "--configfile", str(cfg),
+           "--profile", str(repo / "workflow" / "profiles" / "default"), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(repo))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def planned(workdir: Path, config: dict, repo: Path = REPO) -> Counter:
+    """{rule: jobs} that a dry run schedules (rule `all` left out)."""
+    proc = snakemake(workdir, config, "-n", repo=repo)
+    out = proc.stdout + proc.stderr
+    if "Nothing to be done" in out:
+        return Counter()
+    table = out.split("Job stats:", 1)[1]
+    jobs = Counter()
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        if m.group(1) not in ("all", "total"):
+            jobs[m.group(1)] = int(m.group(2))
+    return jobs
+
+
+def changed(**paths) -> dict:
+    """The tiny config with values replaced: changed(hparams={"v_lr": 1.0})."""
+    config = copy.deepcopy(TINY)
+    for key, value in paths.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+# ---------------------------------------------------------------------------- (a) config checking
+
+def test_schema_refuses_unknown_keys_naming_them():
+    config = changed(generation={"max_new_toks": 8})
+    with pytest.raises(ConfigError, match=r"unknown config key generation\.max_new_toks \(allowed: .*max_new_tokens"):
+        check_config(config)
+    config = changed(hparams={"v_lrr": 0.5})
+    with pytest.raises(ConfigError, match=r"unknown config key hparams\.v_lrr"):
+        check_config(config)
+    config = changed(models={"tiny": {"preset": "tiny", "hparms": {}}})
+    with pytest.raises(ConfigError, match=r"unknown config key models\.tiny\.hparms"):
+        check_config(config)
+    with pytest.raises(ConfigError, match=r"unknown config key colour"):
+        check_config({**TINY, "colour": "blue"})
+
+
+def test_schema_refuses_wrong_types_and_values_naming_the_key():
+    with pytest.raises(ConfigError, match=r"config key generation\.max_new_tokens: 'many' is not of type 'integer'"):
+        check_config(changed(generation={"max_new_tokens": "many"}))
+    with pytest.raises(ConfigError, match=r"config key datasets\.demo\.format: 'csv' is not one of"):
+        check_config(changed(datasets={"demo": {"path": "x.jsonl", "format": "csv"}}))
+    with pytest.raises(ConfigError, match=r"config key methods\[0\]: 'rome' is not valid"):
+        check_config(changed(methods=["rome"]))
+    with pytest.raises(ConfigError, match=r"config key hparams\.v_lr: 'fast' is not valid"):
+        check_config(changed(hparams={"v_lr": "fast"}))
+    with pytest.raises(ConfigError, match=r"'models' is a required property"):
+        check_config({"datasets": TINY["datasets"], "methods": ["memit"]})
+
+
+def test_schema_fills_defaults():
+    config = check_config(copy.deepcopy(TINY))
+    assert config["pre_edit"] is True and config["score"]["families"] == ["paper", "standard"]
+    assert config["generation"]["max_new_tokens"] == 8 and config["generation"]["batch_size"] == 8
+    assert config["datasets"]["demo"]["format"] == "jsonl"
+
+
+def test_plan_checks_presets_sweeps_and_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(make_workdir(tmp_path))
+    with pytest.raises(ConfigError, match=r"no preset 'tinny'"):
+        Plan(changed(models={"tiny": {"preset": "tinny"}}))
+    with pytest.raises(ConfigError, match=r"config key sweep\.v_lr: value 'x' is not valid"):
+        Plan(changed(sweep={"v_lr": [0.5, "x"]}))
+    with pytest.raises(ConfigError, match=r"config key datasets\.demo\.path: file 'missing\.jsonl' not found"):
+        Plan(changed(datasets={"demo": {"path": "missing.jsonl"}}))
+    bad = tmp_path / "bad-preset.yaml"
+    bad.write_text("source: tiny\nstats: {corpus: resources/demo_corpus.txt}\nhparams: {windw: 3}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key hparams\.windw"):
+        Plan(changed(models={"tiny": {"preset": str(bad)}}))
+
+
+def test_schema_knows_every_hyperparameter_of_resolve_method():
+    from muke.update import BACKEND_OPTIONS, DEFAULT_PRESET, MEMORY_OPTIONS
+
+    schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
+    known = set(schema["$defs"]["hparams"]["properties"])
+    wanted = set(DEFAULT_PRESET) | set(MEMORY_OPTIONS) | {k for o in BACKEND_OPTIONS.values() for k in o}
+    assert wanted - {"null_space_cache"} <= known   # the projector cache is a runtime folder, not a setting
+
+
+def test_presets_and_experiment_configs_are_valid(tmp_path, monkeypatch):
+    for preset in (REPO / "config" / "models").glob("*.yaml"):
+        from muke.plan import check_preset, load_yaml
+
+        check_preset(load_yaml(preset), preset)
+    for path in [REPO / "config" / "config.yaml", *(REPO / "config" / "experiments").glob("*.yaml")]:
+        check_config(yaml.safe_load(path.read_text()))
+
+
+def test_plan_identities_follow_the_stage_graph(tmp_path, monkeypatch):
+    """In-process version of the caching rule: which stage identities a change moves."""
+    monkeypatch.chdir(make_workdir(tmp_path))
+
+    def ids(config):
+        plan = Plan(config)
+        out = {}
+        for run in plan.runs:
+            for stage in ("stats", "deltas", "update", "generate", "score", "locality"):
+                spec = getattr(run, stage)
+                if spec is not None:
+                    out[(run.method, stage)] = spec.identity
+        return out
+
+    base = ids(copy.deepcopy(TINY))
+
+    def moved(config):
+        new = ids(config)
+        return {stage for (method, stage), i in new.items() if method == "muke-memit" and base[(method, stage)] != i}
+
+    assert moved(changed(hparams={"v_lr": 1.0})) == {"deltas", "update", "generate", "score", "locality"}
+    assert moved(changed(hparams={"mom2_update_weight": 200})) == {"update", "generate", "score", "locality"}
+    assert moved(changed(generation={"max_new_tokens": 5})) == {"generate", "score"}
+    assert moved(changed(stats={"max_docs": 32})) == {"stats", "update", "generate", "score", "locality"}
+    assert moved(changed(locality={"limit": 2})) == {"locality"}
+    assert moved(changed(score={"families": ["paper"]})) == {"score"}
+    assert ids(changed(hparams={"v_lr": 0.5})) == base          # the preset's value, written out
+    sweep = Plan(changed(sweep={"v_lr": [0.5, 1.0]}))
+    assert sorted(r.setting.get("v_lr") for r in sweep.runs if r.method == "muke-memit") == [0.5, 1.0]
+    listed = Plan(changed(hparams={"v_lr": [0.5, 1.0]}))
+    assert {r.deltas.identity for r in listed.runs if r.deltas} == {r.deltas.identity for r in sweep.runs if r.deltas}
+
+
+def test_code_identity_ignores_comments_but_not_code(tmp_path):
+    package = tmp_path / "muke"
+    shutil.copytree(REPO / "muke", package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {stage: code_identity(stage, package) for stage in ("score", "generate", "optimize_deltas")}
+    metrics = package / "metrics.py"
+    metrics.write_text(metrics.read_text().replace('"""Scores', '"""Scores (reworded)', 1) + "\n# a comment\n")
+    time.sleep(0.01)
+    assert {stage: code_identity(stage, package) for stage in before} == before
+    metrics.write_text(metrics.read_text() + "\nEXTRA = 1\n")
+    after = {stage: code_identity(stage, package) for stage in before}
+    assert after["score"] != before["score"]
+    assert after["generate"] == before["generate"] and after["optimize_deltas"] == before["optimize_deltas"]
+
+
+# ---------------------------------------------------------------------------- (b, c) the real tiny run
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return snapshot(tmp_path_factory.mktemp("snapshot") / "repo")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, repo):
+    """config/tiny.yaml run end to end once (a few minutes on 2 cores)."""
+    if not SNAKEMAKE.exists():
+        pytest.skip("snakemake is not installed (extra 'workflow')")
+    workdir = make_workdir(tmp_path_factory.mktemp("workflow"), repo)
+    start = time.perf_counter()
+    snakemake(workdir, TINY, repo=repo)
+    print(f"\ntiny workflow: {time.perf_counter() - start:.0f} s")
+    return workdir
+
+
+@needs_snakemake
+def test_tiny_run_produces_the_tables(tiny_run):
+    results = tiny_run / TINY["results"]
+    metrics = pd.read_parquet(results / "tables" / "edit_metrics.parquet")
+    assert set(metrics["method"]) == {"pre-edit", "muke-memit", "anyedit-memit"}
+    assert set(metrics["kind"]) == {"question", "para_question", "sub_questions"}
+    assert set(metrics["family"]) == {"paper", "standard"}
+    assert len(metrics) == 3 * 3 * 2 and (metrics["n"] == 2).all()
+    assert metrics[["bleu", "rouge_l", "bertscore"]].notna().all().all()
+    locality = pd.read_parquet(results / "tables" / "locality.parquet")
+    assert set(locality["model_state"]) == {"pre-edit", "edited"}
+    assert set(locality["task"]) == {"muke_mmlu_demo", "muke_ifeval_demo"}
+    assert set(locality.loc[locality.model_state == "edited", "method"]) == {"muke-memit", "anyedit-memit"}
+    html = (results / "report" / "index.html").read_text()
+    assert "paper family" in html and "muke-memit" in html and "muke_ifeval_demo" in html
+    (manifest,) = (results / "deltas" / "tiny" / "demo").glob("muke-memit-*/manifest.json")
+    assert '"v_lr": 0.5' in manifest.read_text()
+    generations = pd.concat(map(pd.read_parquet, (results / "generate").rglob("shard*.parquet")))
+    assert {"id", "kind", "prompt", "output", "target", "tokens", "seconds"} <= set(generations.columns)
+    assert not list(results.rglob(".*.tmp")) and not list(results.rglob("*.parts"))
+
+
+@needs_snakemake
+def test_nothing_reruns_after_a_run(tiny_run, repo):
+    assert planned(tiny_run, TINY, repo) == Counter()
+
+
+@needs_snakemake
+def test_generation_change_reruns_generate_score_report(tiny_run, repo):
+    assert planned(tiny_run, changed(generation={"max_new_tokens": 6}), repo) == Counter(
+        generate=3, score=3, report=1)
+
+
+@needs_snakemake
+def test_v_lr_change_reruns_deltas_and_below_but_not_stats(tiny_run, repo):
+    assert planned(tiny_run, changed(hparams={"v_lr": 1.0}), repo) == Counter(
+        optimize_deltas=2, update_weights=2, generate=2, score=2, locality=2, report=1)
+
+
+@needs_snakemake
+def test_mom2_change_reruns_update_and_below_but_not_deltas(tiny_run, repo):
+    assert planned(tiny_run, changed(hparams={"mom2_update_weight": 200}), repo) == Counter(
+        update_weights=2, generate=2, score=2, locality=2, report=1)
+
+
+@needs_snakemake
+def test_stats_change_reruns_stats_and_updates(tiny_run, repo):
+    assert planned(tiny_run, changed(stats={"max_docs": 32}), repo) == Counter(
+        collect_stats=1, update_weights=2, generate=2, score=2, locality=2, report=1)
+
+
+@needs_snakemake
+def test_sweep_runs_only_the_new_values_in_one_dag(tiny_run, repo):
+    expected = Counter(optimize_deltas=2, update_weights=2, generate=2, score=2, locality=2, report=1)
+    assert planned(tiny_run, changed(sweep={"v_lr": [0.5, 1.0]}), repo) == expected
+    assert planned(tiny_run, changed(hparams={"v_lr": [0.5, 1.0]}), repo) == expected
+
+
+@needs_snakemake
+def test_code_change_reruns_the_stages_that_run_it(tiny_run, repo, tmp_path):
+    edited = tmp_path / "repo"
+    shutil.copytree(repo, edited)
+    metrics = edited / "muke" / "metrics.py"
+    metrics.write_text(metrics.read_text() + "\n# a comment changes nothing\n")
+    assert planned(tiny_run, TINY, repo=edited) == Counter()
+    metrics.write_text(metrics.read_text() + "\nEXTRA = 1\n")
+    assert planned(tiny_run, TINY, repo=edited) == Counter(score=3, report=1)
+
+
+@needs_snakemake
+def test_settings_never_overwrite_and_setting_back_reuses(tiny_run, repo):
+    """Run one method with another mom2_update_weight; then both settings' files exist, the old setting
+    needs only the report again, and a sweep over both values is already complete."""
+    other = changed(method_hparams={"muke-memit": {"mom2_update_weight": 200}})
+    assert planned(tiny_run, other, repo) == Counter(update_weights=1, generate=1, score=1, locality=1, report=1)
+    snakemake(tiny_run, other, repo=repo)
+    updates = tiny_run / TINY["results"] / "updates" / "tiny" / "demo"
+    assert len(list(updates.glob("muke-memit-*/shard0.parquet"))) == 2
+    assert planned(tiny_run, TINY, repo) == Counter(report=1)
+    both = changed(method_hparams={"muke-memit": {"mom2_update_weight": [100, 200]}})
+    assert planned(tiny_run, both, repo) == Counter(report=1)
+    snakemake(tiny_run, both, repo=repo)
+    metrics = pd.read_parquet(tiny_run / TINY["results"] / "tables" / "edit_metrics.parquet")
+    settings = set(metrics.loc[metrics.method == "muke-memit", "setting"])
+    assert settings == {'{"mom2_update_weight": 100}', '{"mom2_update_weight": 200}'}
+
+
+@needs_snakemake
+def test_snakemake_reports_config_errors_by_key(tmp_path):
+    proc = snakemake(make_workdir(tmp_path), changed(generation={"max_new_toks": 8}), "-n", check=False)
+    assert proc.returncode != 0
+    assert "unknown config key generation.max_new_toks" in proc.stdout + proc.stderr

@@ -1,0 +1,105 @@
+# Look-ups into the plan (muke/plan.py): paths, specs (the parameter identities) and resources of
+# every job. Rules stay thin: they name their files and call `{MUKE} <stage>`.
+
+import shlex
+import sys
+
+R = PLAN.results
+MUKE = config["muke_cmd"]                       # "python -m muke.stages" or "muke stage"
+if MUKE.split()[0] == "python":                 # the interpreter running Snakemake, which has muke
+    MUKE = shlex.quote(sys.executable) + MUKE[len("python"):]
+DEVICE = config["runtime"]["device"]            # formatted into commands, never a rerun trigger
+CHECKPOINT_EVERY = config["runtime"]["stats_checkpoint_every"]
+
+
+wildcard_constraints:
+    model=r"[^/]+",
+    model_id=r"[^/]+",
+    dataset=r"[^/]+",
+    run=r"[^/]+",
+    stats_id=r"[^/]+",
+    shard=r"\d+",
+
+
+def run_of(stage, wildcards):
+    return PLAN.run(stage, wildcards.model, wildcards.dataset, wildcards.run)
+
+
+def spec(stage):
+    """params: the job's spec (its identity is in the output path)."""
+    def get(wildcards):
+        return getattr(run_of(stage, wildcards), stage).to_json()
+    return get
+
+
+def resource(stage, key):
+    """resources: from the model preset (`resources.default`, then `resources.<stage>`)."""
+    def get(wildcards):
+        model = PLAN.model_of(stage, wildcards) if stage != "report" else None
+        return PLAN.resources(stage, model)[key]
+    return get
+
+
+def resources_of(stage):
+    return {key: resource(stage, key) for key in ("gpu", "mem_mb", "runtime", "cpus_per_task")}
+
+
+def optional_args(wildcards, input):
+    """--stats / --preservation for the inputs a job has (a derived param: never a rerun trigger)."""
+    return " ".join(f"--{name} {shlex.quote(str(input[name]))}" for name in ("stats", "preservation")
+                    if name in input.keys())
+
+
+def model_input(wildcards):
+    return PLAN.model_dir(PLAN.models[wildcards.model])
+
+
+def stats_inputs(wildcards):
+    model, spec_ = PLAN.stats(wildcards.model, wildcards.stats_id)
+    files = {"model": PLAN.model_dir(model)}
+    corpus = PLAN.stats_corpus(spec_)
+    if not corpus.startswith("hf:"):
+        files["corpus"] = corpus
+    return files
+
+
+def deltas_inputs(wildcards):
+    run = run_of("deltas", wildcards)
+    return {"model": PLAN.model_dir(run.model), "requests": run.dataset.path}
+
+
+def update_inputs(wildcards):
+    run = run_of("update", wildcards)
+    files = {"model": PLAN.model_dir(run.model), "deltas": PLAN.deltas_path(run, int(wildcards.shard))}
+    if run.stats is not None:
+        files["stats"] = PLAN.stats_path(run.model, run.stats)
+    if run.update.params["backend"] == "unke":
+        files["preservation"] = PLAN.preservation_path(run)
+    return files
+
+
+def generate_inputs(wildcards):
+    run = run_of("generate", wildcards)
+    files = {"model": PLAN.model_dir(run.model), "requests": run.dataset.path}
+    if run.update is not None:
+        files["weights"] = PLAN.update_path(run, int(wildcards.shard))
+    return files
+
+
+def score_inputs(wildcards):
+    run = run_of("score", wildcards)
+    return [PLAN.generate_path(run, shard) for shard in PLAN.shards(run)]
+
+
+def locality_job(wildcards):
+    """(model, spec, update indexes) of a locality job; dataset "-" holds the unedited model's."""
+    if wildcards.dataset == "-":
+        model = PLAN.models[wildcards.model]
+        return model, PLAN.pre_edit_locality[model.name], []
+    run = run_of("locality", wildcards)
+    return run.model, run.locality, [PLAN.update_path(run, shard) for shard in PLAN.shards(run)]
+
+
+def locality_inputs(wildcards):
+    model, _, updates = locality_job(wildcards)
+    return {"model": PLAN.model_dir(model), "updates": updates}

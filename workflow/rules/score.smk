@@ -1,0 +1,18 @@
+rule score:
+    input:
+        score_inputs,
+    output:
+        samples=f"{R}/score/{{model}}/{{dataset}}/{{run}}/samples.parquet",
+        summary=f"{R}/score/{{model}}/{{dataset}}/{{run}}/summary.parquet",
+    params:
+        spec=spec("score"),
+    log:
+        f"{R}/logs/score/{{model}}/{{dataset}}/{{run}}.log",
+    benchmark:
+        f"{R}/benchmarks/score/{{model}}/{{dataset}}/{{run}}.tsv"
+    resources:
+        **resources_of("score"),
+    threads: resource("score", "cpus_per_task")
+    shell:
+        "{MUKE} score --spec {params.spec:q} --generations {input} --samples {output.samples}"
+        " --summary {output.summary} --device {DEVICE} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,20 @@
+rule update_weights:
+    input:
+        unpack(update_inputs),
+    output:
+        f"{R}/updates/{{model}}/{{dataset}}/{{run}}/shard{{shard}}.parquet",
+    params:
+        spec=spec("update"),
+        optional=optional_args,
+        cache=f"{R}/cache/nullspace",
+    log:
+        f"{R}/logs/update_weights/{{model}}/{{dataset}}/{{run}}/shard{{shard}}.log",
+    benchmark:
+        f"{R}/benchmarks/update_weights/{{model}}/{{dataset}}/{{run}}/shard{{shard}}.tsv"
+    resources:
+        **resources_of("update_weights"),
+    threads: resource("update_weights", "cpus_per_task")
+    shell:
+        "{MUKE} update-weights --spec {params.spec:q} --model {input.model} --deltas {input.deltas}"
+        " {params.optional} --cache-dir {params.cache} --out {output}"
+        " --device {DEVICE} --threads {threads} > {log} 2>&1"
