@@ -45,3 +45,27 @@ def demo_requests():
     from muke.tiny import RESOURCES
 
     return load_requests(RESOURCES / "demo_edits.jsonl", "jsonl")
+
+
+def first_words(text: str, n: int = 45) -> str:
+    """The start of a demo answer: ≥ 60 target tokens for the tiny tokenizer, short enough for CI."""
+    return " ".join(text.split()[:n])
+
+
+@pytest.fixture(scope="session")
+def one_token_memories(pretrained_tiny, demo_requests):
+    """memories(objective, i) → (request, EditSequence, MemoryResult) of demo request i (its first 45
+    words) with one-token windows at layer 1, optimised once per session (~1 min each on one thread)."""
+    from muke.memory import MemoryConfig, optimise_request
+
+    done = {}
+
+    def memories(objective: str, i: int):
+        if (objective, i) not in done:
+            request = demo_requests[i]
+            cfg = MemoryConfig(layer=1, window=1, objective=objective)
+            done[objective, i] = (request, *optimise_request(pretrained_tiny, request.question,
+                                                             first_words(request.answer), cfg))
+        return done[objective, i]
+
+    return memories

@@ -253,13 +253,9 @@ def test_shift_hooks_accept_tensor_and_tuple_outputs():
 
 # ---- hooked δ reproduce long targets by greedy decoding (pretrained tiny model) ----
 
-def first_words(text: str, n: int = 45) -> str:
-    return " ".join(text.split()[:n])
-
-
 @pytest.mark.parametrize("objective, n_requests", [
     ("window", 3), ("matryoshka", 1), pytest.param("matryoshka", 3, marks=pytest.mark.slow)])
-def test_hooked_shifts_reproduce_long_demo_targets(pretrained_tiny, demo_requests, objective, n_requests):
+def test_hooked_shifts_reproduce_long_demo_targets(pretrained_tiny, one_token_memories, objective, n_requests):
     """δ hooked at l_WM, no weight update: greedy decoding must give back ≥ 60-token targets exactly.
 
     A 4-layer model cannot carry a window of many tokens through one shift (see the closing notes), so
@@ -268,9 +264,8 @@ def test_hooked_shifts_reproduce_long_demo_targets(pretrained_tiny, demo_request
     one-token windows costs ~1 min per request here: three requests run with the slow tests.)
     """
     em = pretrained_tiny
-    for request in demo_requests[:n_requests]:
-        c = MemoryConfig(layer=1, window=1, objective=objective)
-        seq, r = optimise_request(em, request.question, first_words(request.answer), c)
+    for i in range(n_requests):
+        request, seq, r = one_token_memories(objective, i)
         target = list(seq.target_ids)
         assert len(target) >= 60
         no_shift = r.__class__([], r.h[:0], r.delta[:0], r.z[:0], [], [])

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from muke.data import EditRequest
+from muke.generate import greedy
 from muke.model import ModelError, load
 from muke.stats import StatsConfig, collect_stats, load_stats
 from muke.update import (Target, WeightDelta, alphaedit_solve, apply, compute_delta, edit, export_edited,
@@ -234,3 +235,39 @@ def test_end_to_end_edit_lowers_target_nll_and_stays_local(em, stats, method):
     windows = encode(em.tokenizer, QUESTION, ANSWER, em.end_of_turn, TINY_PRESET["window"]).n_windows
     assert delta.request_ids == ["velmora"] and len(results[0].positions) == windows > 1
     assert all(U.shape[1] == V.shape[1] == windows for U, V in delta.factors.values())   # rank ≤ n keys
+
+
+@pytest.fixture(scope="module")
+def pretrained_stats(pretrained_tiny, tmp_path_factory, request):
+    cfg = StatsConfig(layers=(1,), corpus=str(request.config.rootpath / DEMO_CORPUS))
+    path = collect_stats(pretrained_tiny, cfg, tmp_path_factory.mktemp("stats") / "p.safetensors", progress=False)
+    return load_stats(path, pretrained_tiny, [1])
+
+
+# MEMIT writes 66 one-token memories into one 344-wide layer of a 4-layer model: the weight that still
+# reproduces the target (10; 100 does not) cannot protect an unrelated prompt much (measured KL 1.95 vs
+# 2.71; with 1000, 0.28 vs 1.42 but no exact answer). UnKE's preservation term does (0.08 vs 2.75).
+@pytest.mark.parametrize("backend, options, kl_ratio", [
+    ("memit", {"mom2_update_weight": 10.0}, 0.8),
+    ("unke", {"lr": 5e-3, "steps": 50, "n_preserve": 20}, 0.1),
+])
+def test_update_makes_greedy_generation_reproduce_a_demo_target(pretrained_tiny, one_token_memories,
+                                                                pretrained_stats, backend, options, kl_ratio):
+    """μKE memories (one-token windows, l_WM = 1, see test_engine) written into the weights of layer 1:
+    the edited model's greedy answer is the ≥ 60-token target, while an unrelated prompt's next-token
+    distribution moves less than the edited one's."""
+    em = pretrained_tiny
+    request, seq, memories = one_token_memories("matryoshka", 0)
+    unrelated = encode(em.tokenizer, UNRELATED_Q, UNRELATED_A, em.end_of_turn, None)
+    p_edit, p_unrel = next_token_logprobs(em, seq), next_token_logprobs(em, unrelated)
+    target = em.tokenizer.decode(seq.target_ids, skip_special_tokens=True).strip()
+    assert greedy(em, [request.question], max_new_tokens=len(seq.target_ids) + 8)[0].text != target
+
+    delta = compute_delta(em, [Target(request.id, seq, memories.z)], backend, [1], stats=pretrained_stats, **options)
+    with apply(em, delta):
+        answer = greedy(em, [request.question], max_new_tokens=len(seq.target_ids) + 8)[0].text
+        kl_edit, kl_unrel = kl(p_edit, next_token_logprobs(em, seq)), kl(p_unrel, next_token_logprobs(em, unrelated))
+    print(f"\nmuke+{backend}: {len(seq.target_ids)}-token target reproduced: {answer == target}; "
+          f"KL edited {kl_edit:.3f}, unrelated {kl_unrel:.4f}")
+    assert answer == target
+    assert kl_unrel < kl_ratio * kl_edit
