@@ -24,6 +24,8 @@ validate(config, "config/schema.yaml")                              # Snakemake'
 
 PLAN = Plan(config, basedir=workflow.basedir)
 
+report: "workflow/report/workflow.rst"      # `snakemake --report report.zip`: this text, the page and the tables
+
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"

@@ -1,6 +1,7 @@
 """Fast vs straightforward δ engine on the same model and requests (not a test; CI does not time it).
 
     python benchmarks/bench_deltas.py --model ~/.cache/muke/models/SmolLM2-135M-Instruct --layer 8 --n 2
+    python benchmarks/bench_deltas.py --model ... --target-tokens 200    # longer targets: answers concatenated
 
 Prints seconds per request for both paths, the largest relative difference of z, and a last line
 `speedup: X.XX` (straightforward time / fast time).
@@ -11,9 +12,23 @@ import time
 
 import torch
 
-from muke.data import load_requests
+from muke.data import EditRequest, load_requests
 from muke.memory import MemoryConfig, optimise_request
 from muke.model import load
+
+
+def long_answer(em, answers: list[str], n_tokens: int) -> str:
+    """The answers joined and cut so that the target (answer + end-of-turn) is n_tokens long."""
+    tok = em.tokenizer
+    ids = tok(" ".join(answers), add_special_tokens=False)["input_ids"]
+    k = n_tokens - 1
+    for _ in range(10):
+        answer = tok.decode(ids[:k]).strip()
+        got = len(tok(answer + em.end_of_turn, add_special_tokens=False)["input_ids"])
+        if got == n_tokens:
+            return answer
+        k += n_tokens - got
+    raise ValueError(f"could not cut an answer of {n_tokens} tokens")
 
 
 def main() -> None:
@@ -25,23 +40,35 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=20)
     ap.add_argument("--objective", default="matryoshka")
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--target-tokens", type=int, default=None,
+                    help="cut every target to this many tokens (answer + end-of-turn): request i's answer "
+                         "followed by the next requests' answers")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
+    torch.set_num_threads(args.threads)
     em = load(args.model)
-    requests = load_requests(args.requests, "jsonl")[: args.n]
+    every = load_requests(args.requests, "jsonl")
+    requests = every[: args.n]
+    if args.target_tokens:
+        requests = [EditRequest(r.id, r.question, long_answer(em, [a.answer for a in every[i:] + every[:i]],
+                                                              args.target_tokens))
+                    for i, r in enumerate(requests)]
     seconds = {True: 0.0, False: 0.0}
     worst = 0.0
     for r in requests:
-        z = {}
+        z, took = {}, {}
         for fast in (True, False):
             cfg = MemoryConfig(layer=args.layer, objective=args.objective, window=args.window,
                                v_num_grad_steps=args.steps, fast=fast)
             start = time.perf_counter()
             seq, result = optimise_request(em, r.question, r.answer, cfg)
-            seconds[fast] += time.perf_counter() - start
+            took[fast] = time.perf_counter() - start
+            seconds[fast] += took[fast]
             z[fast] = result.z
         worst = max(worst, ((z[True] - z[False]).norm() / z[False].norm()).item())
-        print(f"{r.id}: {len(seq.target_ids)} target tokens, {seq.n_windows} windows", flush=True)
+        print(f"{r.id}: {len(seq.target_ids)} target tokens, {seq.n_windows} windows: straightforward "
+              f"{took[False]:.1f} s, fast {took[True]:.1f} s", flush=True)
     n = len(requests)
     print(f"threads={torch.get_num_threads()} objective={args.objective} layer={args.layer}")
     print(f"straightforward: {seconds[False] / n:.1f} s/request; fast: {seconds[True] / n:.1f} s/request")

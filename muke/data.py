@@ -33,12 +33,18 @@ class EditRequest:
         d["sub_questions"], d["sub_answers"] = list(self.sub_questions), list(self.sub_answers)
         return d
 
+    @property
+    def record(self) -> int | None:
+        """0-based index of the record in its file (from `source`)."""
+        return int(self.source.rsplit(":", 1)[1]) if self.source else None
+
 
 class DataError(ValueError):
     """A problem in an input file, located by file, record (0-based index, id, line) and field."""
 
     def __init__(self, path, message, record=None, id=None, field=None, line=None):
         self.path, self.record, self.id, self.field, self.line = str(path), record, id, field, line
+        self.reason = message
         where = [self.path]
         if record is not None:
             rec = f"record {record}"
@@ -52,6 +58,11 @@ class DataError(ValueError):
         if field is not None:
             where.append(f"field {field!r}")
         super().__init__(": ".join(where + [message]))
+
+    def to_dict(self) -> dict:
+        """{record, line, id, field, reason, message}: one row of a skipped-records table."""
+        return {"record": self.record, "line": self.line, "id": self.id, "field": self.field,
+                "reason": self.reason, "message": str(self)}
 
 
 class _Fail(Exception):
@@ -255,3 +266,35 @@ def load_requests_checked(path, fmt: str, on_bad_record: str = "error") -> tuple
 def load_requests(path, fmt: str) -> list[EditRequest]:
     """Load and validate edit requests; the first problem raises a DataError."""
     return load_requests_checked(path, fmt, "error")[0]
+
+
+# ---------------------------------------------------------------------------- checks against a model
+
+def model_problems(requests, tokenizer, context_length: int, path, system_prompt: str | None = None,
+                   chat_template: bool = True) -> list[DataError]:
+    """What a model's tokenizer and context make of each request, before any model work: a question
+    (or paraphrase, sub-question) that templates to no tokens, and an edit sequence (templated question
+    + answer + end-of-turn) longer than the model's context. One DataError per problem."""
+    from .windows import render_prompt
+
+    def n_tokens(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    problems = []
+    for r in requests:
+        def fail(field, message):
+            problems.append(DataError(path, message, record=r.record, id=r.id, field=field))
+
+        questions = [("question", r.question), ("para_question", r.para_question)]
+        questions += [(f"sub_questions[{i}]", q) for i, q in enumerate(r.sub_questions)]
+        prompt_tokens = {}
+        for field, question in questions:
+            if question is not None:
+                prompt_tokens[field] = n_tokens(render_prompt(tokenizer, question, system_prompt, chat_template))
+                if not prompt_tokens[field]:
+                    fail(field, "templates to no tokens")
+        n = prompt_tokens["question"] + n_tokens(r.answer + (tokenizer.eos_token or "")) - 1
+        if n > context_length:
+            fail("answer", f"question + answer are {n} tokens, longer than the model's context of "
+                           f"{context_length} tokens")
+    return problems

@@ -1,12 +1,29 @@
-"""Greedy generation for evaluation (ALGORITHM §6): chat template, left-padded batches, stop at end-of-turn."""
+"""Greedy generation for evaluation (ALGORITHM §6): chat template, left-padded batches, stop at end-of-turn.
+
+Evaluating many single-request edits: the protocol edits a fresh model per request, answers its questions
+and reverts. For low-rank (MEMIT-family) deltas the same answers come from ONE batch holding the questions
+of many requests, each row running its own request's edit (`row_deltas`, multi-adapter style), so the
+weights are never touched. Deltas that change whole blocks (UnKE) are applied, answered and reverted one
+at a time.
+
+Numerics. In fp32 every edited down-projection computes y_r = W x_r + U_r (V_rᵀ x_r) for batch row r:
+the same function as the merged (W + U_r V_rᵀ) x_r up to fp32 rounding (logits within ~1e-4, greedy
+answers identical in our tests). In bf16/fp16 merging ROUNDS the edit (bf16(W + ΔW) keeps only part of
+a small ΔW), so the low-rank form would answer differently from the protocol; there each edit's merged
+weight is built once, exactly as muke.update.apply builds it, and its rows are multiplied by it.
+"""
 
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 
+from muke.model import ModelError
+from muke.update import WeightDelta, apply
 from muke.windows import render_prompt
 
 KINDS = ("question", "para_question", "sub_questions")
@@ -46,6 +63,90 @@ def answer_length(new_ids: list[int], stops: set[int]) -> int:
     return next((i + 1 for i, t in enumerate(new_ids) if t in stops), len(new_ids))
 
 
+def is_low_rank(delta: WeightDelta | None) -> bool:
+    """Whether a delta can run per batch row: only factored down-projection updates (or no edit)."""
+    return delta is None or not delta.params
+
+
+@contextmanager
+def row_deltas(em, deltas: Sequence[WeightDelta | None], merged: bool | None = None) -> Iterator[None]:
+    """Inside the block, batch row r of every forward pass runs the model edited by deltas[r] (None: unedited).
+
+    Each down-projection that some delta edits gets a forward hook; x: (batch, T, d_ff) is its input.
+    merged False: add (x_r V_r) U_rᵀ in fp32 to row r's output, V_r: (d_ff, rank), U_r: (d_model, rank),
+    ranks zero-padded to the largest. merged True: rows of the same delta are multiplied by that delta's
+    merged weight, made by muke.update.apply itself (d_model × d_ff per delta and layer, in the model's
+    dtype). None: merged unless the model is fp32 (see the module docstring). The model's weights are
+    not touched; the batch size must stay len(deltas).
+    """
+    for d in deltas:
+        if not is_low_rank(d):
+            raise ValueError(f"delta of {d.request_ids} changes whole parameters ({d.backend}): it cannot be "
+                             "applied per batch row; apply it with muke.update.apply")
+    merged = em.dtype != torch.float32 if merged is None else merged
+    with ExitStack() as stack:
+        for layer in sorted({l for d in deltas if d is not None for l in d.factors}):
+            W = em.down_proj_weight(layer)
+            for d in deltas:
+                if d is not None and layer in d.factors:
+                    U, V = d.factors[layer]
+                    if (U.shape[0], V.shape[0]) != tuple(W.shape):
+                        raise ModelError(f"layer {layer}: a delta of shape {(U.shape[0], V.shape[0])} does not "
+                                         f"fit the down-projection {tuple(W.shape)}: it was made for another model")
+            hook = _merged_hook(em, layer, deltas) if merged else _low_rank_hook(layer, deltas, W)
+            stack.enter_context(_hooked(em.down_proj(layer), hook, len(deltas)))
+        yield
+
+
+def _low_rank_hook(layer: int, deltas, W: torch.Tensor):
+    edited = [(r, d.factors[layer]) for r, d in enumerate(deltas) if d is not None and layer in d.factors]
+    rank = max(U.shape[1] for _, (U, _) in edited)
+    Us = torch.zeros(len(deltas), W.shape[0], rank, device=W.device)     # (batch, d_model, rank)
+    Vs = torch.zeros(len(deltas), W.shape[1], rank, device=W.device)     # (batch, d_ff, rank)
+    for r, (U, V) in edited:
+        Us[r, :, :U.shape[1]], Vs[r, :, :V.shape[1]] = U, V
+
+    def hook(x, output):
+        correction = torch.bmm(torch.bmm(x.float(), Vs), Us.transpose(1, 2))      # (batch, T, d_model)
+        return (output.float() + correction).to(output.dtype)
+    return hook
+
+
+def _merged_hook(em, layer: int, deltas):
+    module = em.down_proj(layer)
+    bias = getattr(module, "bias", None)
+    groups = []                                         # (rows, merged weight (d_model, d_ff))
+    for d in {id(d): d for d in deltas if d is not None and layer in d.factors}.values():
+        single = WeightDelta(d.method, d.backend, [layer], d.request_ids, {layer: d.factors[layer]})
+        with apply(em, single):
+            weight = em.down_proj_weight(layer).detach().clone()
+        rows = torch.tensor([r for r, other in enumerate(deltas) if other is d], device=weight.device)
+        groups.append((rows, weight))
+
+    def hook(x, output):
+        output = output.clone()
+        for rows, weight in groups:
+            output[rows] = torch.nn.functional.linear(x[rows], weight, bias)
+        return output
+    return hook
+
+
+@contextmanager
+def _hooked(module, compute, n_rows: int) -> Iterator[None]:
+    """Replace the module's output by compute(input, output) in every forward pass inside the block."""
+    def hook(_module, inputs, output):
+        x = inputs[0]                                       # (batch, T, d_ff)
+        if x.shape[0] != n_rows:
+            raise RuntimeError(f"row_deltas holds {n_rows} rows, the forward pass has {x.shape[0]}")
+        return compute(x, output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def _generate_batch(em, prompts: list[str], gen_kwargs: dict) -> list[Generation]:
     tok = em.tokenizer
@@ -64,8 +165,15 @@ def _generate_batch(em, prompts: list[str], gen_kwargs: dict) -> list[Generation
 
 
 def greedy(em, questions: list[str], max_new_tokens: int = 512, system_prompt: str | None = None,
-           chat_template: bool = True, batch_size: int = 8) -> list[Generation]:
-    """Greedy answers to `questions`, in order; batching does not change the outputs."""
+           chat_template: bool = True, batch_size: int = 8,
+           deltas: Sequence[WeightDelta | None] | None = None) -> list[Generation]:
+    """Greedy answers to `questions`, in order; batching does not change the outputs.
+
+    deltas: one low-rank WeightDelta (or None) per question, under which that question is answered
+    (`row_deltas`); without it the model as it is answers every question.
+    """
+    if deltas is not None and len(deltas) != len(questions):
+        raise ValueError(f"{len(deltas)} deltas for {len(questions)} questions")
     stops = stop_ids(em)
     pad_id = em.tokenizer.pad_token_id
     # Keyword arguments, not a GenerationConfig: they override the model's own generation_config in every
@@ -75,7 +183,10 @@ def greedy(em, questions: list[str], max_new_tokens: int = 512, system_prompt: s
     prompts = [render_prompt(em.tokenizer, q, system_prompt, chat_template) for q in questions]
     results = []
     for i in range(0, len(prompts), batch_size):
-        results += _generate_batch(em, prompts[i:i + batch_size], gen_kwargs)
+        rows = slice(i, i + batch_size)
+        edited = deltas is not None and any(d is not None for d in deltas[rows])
+        with row_deltas(em, deltas[rows]) if edited else nullcontext():
+            results += _generate_batch(em, prompts[rows], gen_kwargs)
     return results
 
 
@@ -92,16 +203,55 @@ def _items(request, kinds) -> list[tuple[str, int, str, str]]:
     return items
 
 
+def _check_kinds(kinds) -> None:
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown question kinds {sorted(unknown)}; choose from {list(KINDS)}")
+
+
+def n_questions(request, kinds=KINDS) -> int:
+    """How many answers `generation_rows` gives for a request."""
+    return len(_items(request, kinds))
+
+
 def generation_rows(em, requests, kinds=KINDS, **greedy_kwargs) -> list[dict]:
     """Greedy answers for each request's questions as rows {id, kind, index, prompt, output, target, n_tokens, seconds}.
 
     `prompt` is the question as asked (before the chat template); `index` is the sub-question index (0 otherwise).
     """
-    unknown = set(kinds) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown question kinds {sorted(unknown)}; choose from {list(KINDS)}")
+    _check_kinds(kinds)
     keyed = [(r.id, *item) for r in requests for item in _items(r, kinds)]
     outputs = greedy(em, [question for _, _, _, question, _ in keyed], **greedy_kwargs)
+    return _rows(keyed, outputs)
+
+
+def _rows(keyed, outputs) -> list[dict]:
     return [dict(id=rid, kind=kind, index=index, prompt=question, output=g.text, target=target,
                  n_tokens=g.n_tokens, seconds=g.seconds)
             for (rid, kind, index, question, target), g in zip(keyed, outputs)]
+
+
+def edited_generation_rows(em, edits: Sequence[tuple[WeightDelta | None, Sequence]], kinds=KINDS,
+                           **greedy_kwargs) -> list[list[dict]]:
+    """generation_rows of each edit's requests under that edit alone, as if each edit were applied, its
+    requests answered and the weights restored in turn; returns one list of rows per edit.
+
+    edits: (delta or None for the unedited model, requests). Low-rank edits share batches, each row
+    under its own delta (`row_deltas`); other deltas (UnKE) are applied and reverted one at a time.
+    """
+    _check_kinds(kinds)
+    out: list[list[dict] | None] = [None] * len(edits)
+    shared = []                                             # (edit index, delta, key of a row)
+    for e, (delta, requests) in enumerate(edits):
+        if is_low_rank(delta):
+            shared += [(e, delta, (r.id, *item)) for r in requests for item in _items(r, kinds)]
+        else:
+            with apply(em, delta):
+                out[e] = generation_rows(em, requests, kinds, **greedy_kwargs)
+    outputs = greedy(em, [key[3] for _, _, key in shared], deltas=[d for _, d, _ in shared], **greedy_kwargs)
+    for e in range(len(edits)):
+        if out[e] is None:
+            out[e] = []
+    for (e, _, key), row in zip(shared, _rows([key for _, _, key in shared], outputs)):
+        out[e].append(row)
+    return out

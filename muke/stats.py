@@ -6,6 +6,14 @@ excluded. Sums Σ k kᵀ and counts are accumulated in fp32, checkpointed every 
 and a killed run resumes from its checkpoint. The file keeps the SUM and the count (as ROME's
 runningstats); `Stats.second_moment` divides.
 
+Documents are truncated to the model's max length, as MEMIT's statistics are. With `pack` (default)
+several documents share a row instead of each being padded to the batch's longest: every document
+restarts at position 0 and attends only to itself (a block-diagonal causal mask), so its hidden states
+are those of a forward pass of the document alone and the sums equal the padded ones up to fp rounding.
+(Packing without the per-document mask would let documents attend to the ones before them: other
+statistics.) With `dtype` the forward pass runs under autocast (e.g. bf16 matmuls accumulating in fp32);
+the sums are fp32 either way.
+
 File: safetensors `{f"layer{l}.mom2": (d_ff, d_ff) fp32 sum, f"layer{l}.count": () int64}` and one
 metadata entry "muke", a JSON object describing the model, corpus and run.
 """
@@ -18,7 +26,7 @@ import os
 import random
 import re
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import hooks
 from .data import DataError
-from .model import EditableModel
+from .model import DTYPES, EditableModel
 
 FORMAT = "muke.stats/1"
 
@@ -158,6 +166,67 @@ def batches(token_ids: list[list[int]], batch_tokens: int) -> list[tuple[int, in
     return out
 
 
+def pack(lengths: list[int], width: int) -> list[list[int]]:
+    """Document indices per row: first-fit decreasing into rows of `width` tokens (every length ≤ width).
+
+    Longest documents first, each into the first row with room for it. A function of the lengths alone.
+    """
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if r is None:
+            rows.append([])
+            room.append(width)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def packed_inputs(token_ids: list[list[int]], rows: list[list[int]], width: int, pad_id: int,
+                  additive_mask_dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(model inputs, keep) of packed rows: documents `rows[b]` of `token_ids` side by side in row b.
+
+    input_ids, position_ids: (B, width), positions restart at 0 for every document; attention_mask:
+    (B, 1, width, width), True where query and key lie in the same document and the key is not later
+    (block-diagonal causal; with `additive_mask_dtype`, 0 there and the dtype's minimum elsewhere, as
+    eager attention adds it); keep: (B, width) bool, the document tokens. The padding after a row's last
+    document is a segment of its own, so that no query sees only masked keys.
+    """
+    B = len(rows)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((B, width), dtype=torch.long)
+    segment = torch.zeros((B, width), dtype=torch.long)
+    keep = torch.zeros((B, width), dtype=torch.bool)
+    for b, docs in enumerate(rows):
+        at = 0
+        for s, d in enumerate(docs):
+            n = len(token_ids[d])
+            ids[b, at:at + n] = torch.tensor(token_ids[d], dtype=torch.long)
+            positions[b, at:at + n] = torch.arange(n)
+            segment[b, at:at + n] = s
+            at += n
+        if at > width:
+            raise ValueError(f"row {b}: {at} tokens do not fit a row of {width}")
+        keep[b, :at] = True
+        positions[b, at:] = torch.arange(width - at)
+        segment[b, at:] = len(docs)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]     # (B, 1, query, key)
+    if additive_mask_dtype is not None:
+        mask = torch.zeros(mask.shape, dtype=additive_mask_dtype).masked_fill(
+            ~mask, torch.finfo(additive_mask_dtype).min)
+    return {"input_ids": ids, "position_ids": positions, "attention_mask": mask}, keep
+
+
+def can_pack(em: EditableModel, width: int) -> bool:
+    """Whether block-diagonal masks reproduce the model's own attention for documents of ≤ width tokens:
+    not for flash-attention kernels (no 4D masks), nor beyond an active sliding window."""
+    cfg = em.model.config
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    return "flash" not in str(cfg._attn_implementation) and (window is None or width <= window)
+
+
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (batch, longest), padded on the right."""
     width = max(map(len, sequences))
@@ -209,8 +278,14 @@ class StatsConfig:
     text_field: str = "text"
     batch_tokens: int = 8192
     checkpoint_every: int = 1000    # documents between checkpoints
-    tokenize_chunk: int = 256       # documents tokenized per call
+    tokenize_chunk: int = 256       # documents tokenized (and packed together) per call
+    pack: bool = True               # several documents per row, each attending to itself only
+    dtype: str | None = None        # autocast the forward pass ("bfloat16", "float16"); None: the model's dtype
     extra: dict = field(default_factory=dict)   # recorded in the metadata as is
+
+    def __post_init__(self):
+        if self.dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"stats dtype must be bfloat16, float16 or None (the model's), got {self.dtype!r}")
 
 
 def _job(em: EditableModel, cfg: StatsConfig, corpus_ident: dict, n_docs: int, max_length: int) -> dict:
@@ -219,7 +294,8 @@ def _job(em: EditableModel, cfg: StatsConfig, corpus_ident: dict, n_docs: int, m
             "model_fingerprint": model_fingerprint(em), "tokenizer_vocab_sha256": vocab_hash(em.tokenizer),
             "dtype": str(em.dtype).removeprefix("torch."), "layers": sorted(set(cfg.layers)), **corpus_ident,
             "n_documents": n_docs, "seed": cfg.seed, "max_docs": cfg.max_docs, "max_length": max_length,
-            "text_field": cfg.text_field, "batch_tokens": cfg.batch_tokens, **cfg.extra}
+            "text_field": cfg.text_field, "batch_tokens": cfg.batch_tokens, "pack": cfg.pack,
+            "forward_dtype": cfg.dtype or str(em.dtype).removeprefix("torch."), **cfg.extra}
 
 
 def _tensors(sums: dict[int, torch.Tensor], counts: dict[int, int]) -> dict[str, torch.Tensor]:
@@ -244,27 +320,56 @@ def _resume(partial: Path, job: dict, device) -> tuple[dict, dict, int, int] | N
 
 
 @torch.no_grad()
-def accumulate(em: EditableModel, layers: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               sums: dict[int, torch.Tensor], counts: dict[int, int]) -> None:
-    """sums[l] += Σ k kᵀ over the unpadded positions of one batch, all layers in one pass.
+def accumulate(em: EditableModel, layers: list[int], inputs: dict[str, torch.Tensor], keep: torch.Tensor,
+               sums: dict[int, torch.Tensor], counts: dict[int, int], dtype: str | None = None) -> None:
+    """sums[l] += Σ k kᵀ over the `keep` positions of one batch, all layers in one pass.
 
-    input_ids, attention_mask: (batch, T); sums[l]: (d_ff, d_ff) fp32.
+    inputs: model keyword arguments (input_ids (batch, T), attention_mask, ...); keep: (batch, T) bool;
+    sums[l]: (d_ff, d_ff) fp32. dtype: autocast the forward pass to it (None: run as loaded).
     """
-    keep = attention_mask.to(em.device).bool()
+    keep = keep.to(em.device)
+    device_type = em.device.type
 
     def sink_for(layer):
         def sink(k):                            # k: (batch, T, d_ff)
-            k = k[keep].float()                 # (n, d_ff)
-            sums[layer].addmm_(k.T, k)
+            with torch.autocast(device_type, enabled=False):
+                k = k[keep].float()             # (n, d_ff)
+                sums[layer].addmm_(k.T, k)
             counts[layer] += k.shape[0]
         return sink
 
+    cast = torch.autocast(device_type, dtype=DTYPES[dtype]) if dtype else nullcontext()
     with ExitStack() as stack:
         for layer in layers:
             stack.enter_context(hooks.capture(em.down_proj(layer), "input", sink_for(layer)))
         stack.enter_context(hooks.stop_after(em.layer(max(layers))))
-        em.model(input_ids=input_ids.to(em.device), attention_mask=attention_mask.to(em.device),
-                 use_cache=False)
+        with cast:
+            em.model(**{k: v.to(em.device) for k, v in inputs.items()}, use_cache=False)
+
+
+def chunk_batches(em: EditableModel, ids: list[list[int]], cfg: StatsConfig, pad_id: int):
+    """(documents finished, model inputs, keep) per batch of one tokenized chunk of documents.
+
+    Padded batches (`batches`) count their documents as they go; packed rows mix the chunk's documents,
+    so a packed chunk counts all of them after its last batch (a checkpoint never splits it).
+    """
+    nonempty = [i for i, x in enumerate(ids) if x]
+    width = max((len(ids[i]) for i in nonempty), default=0)
+    if cfg.pack and nonempty and can_pack(em, width):
+        rows = [[nonempty[j] for j in row] for row in pack([len(ids[i]) for i in nonempty], width)]
+        per_batch = max(1, cfg.batch_tokens // width)
+        additive = em.dtype if em.model.config._attn_implementation == "eager" else None
+        for start in range(0, len(rows), per_batch):
+            inputs, keep = packed_inputs(ids, rows[start:start + per_batch], width, pad_id, additive)
+            yield (len(ids) if start + per_batch >= len(rows) else 0), inputs, keep
+        return
+    for a, b in batches(ids, cfg.batch_tokens):
+        rows = [x for x in ids[a:b] if x]
+        if not rows:
+            yield b - a, None, None
+            continue
+        input_ids, mask = right_pad(rows, pad_id)
+        yield b - a, {"input_ids": input_ids, "attention_mask": mask}, mask.bool()
 
 
 def collect_stats(em: EditableModel, cfg: StatsConfig, out: str | Path, progress: bool = True) -> Path:
@@ -294,15 +399,13 @@ def collect_stats(em: EditableModel, cfg: StatsConfig, out: str | Path, progress
         # chunk ends at multiples of tokenize_chunk, so a resumed run forms the same batches
         end = (done // cfg.tokenize_chunk + 1) * cfg.tokenize_chunk
         ids = tokenizer(docs[done:end], truncation=True, max_length=max_length)["input_ids"]
-        for a, b in batches(ids, cfg.batch_tokens):
-            rows = [x for x in ids[a:b] if x]
-            if rows:
-                input_ids, mask = right_pad(rows, pad_id)
-                accumulate(em, layers, input_ids, mask, sums, counts)
-                n = int(mask.sum())
+        for finished, inputs, keep in chunk_batches(em, ids, cfg, pad_id):
+            if inputs is not None:
+                accumulate(em, layers, inputs, keep, sums, counts, cfg.dtype)
+                n = int(keep.sum())
                 tokens, run_tokens = tokens + n, run_tokens + n
-            done += b - a
-            bar.update(b - a)
+            done += finished
+            bar.update(finished)
             bar.set_postfix(tok_s=f"{run_tokens / (time.perf_counter() - start):.0f}")
             if done - last_ckpt >= cfg.checkpoint_every and done < len(docs):
                 meta = {"job": job, "docs_done": done, "tokens": tokens}

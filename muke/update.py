@@ -30,7 +30,7 @@ from torch import nn
 
 from . import hooks
 from .data import DataError
-from .memory import MemoryConfig, MemoryResult, optimise_request
+from .memory import MemoryConfig, MemoryResult, NumericalError, optimise_request
 from .model import EditableModel, ModelError
 from .objectives import OBJECTIVES
 from .stats import Stats, StatsError, d_ff, right_pad, save_safetensors_atomic
@@ -221,6 +221,14 @@ def projector(stats: Stats, layer: int, device, threshold: float, dtype: torch.d
     return _cached(stats, ("P", layer, threshold, str(device)), make)
 
 
+def check_finite(layer: int, **tensors: torch.Tensor) -> None:
+    """Raise NumericalError naming the layer and the tensor when a computed update is not finite
+    (e.g. statistics holding NaN, or a singular solve)."""
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise NumericalError(f"layer {layer}: the computed update {name} is not finite")
+
+
 def add_low_rank(em: EditableModel, layer: int, U: torch.Tensor, V: torch.Tensor) -> None:
     """W_l += U Vᵀ on the down-projection, whatever its storage layout. U: (d_model, r), V: (d_ff, r)."""
     W = em.down_proj_weight(layer)
@@ -256,6 +264,7 @@ def low_rank_update(em: EditableModel, targets: Sequence[Target], layers: list[i
             Ks, Kp = torch.cat(Ks).T, torch.cat(Kp).T                                # (d_ff, n), (d_ff, m)
             U = (Z - torch.cat(cur)).T / (len(layers) - i)                          # R / (L - i)
             V = solve(layer, Ks, Kp)
+            check_finite(layer, U=U, V=V)
             add_low_rank(em, layer, U, V)
             factors[layer] = (U.cpu(), V.cpu())
     return factors
@@ -436,6 +445,7 @@ def unke_update(em: EditableModel, targets: Sequence[Target], layers: list[int],
             block = fit_block(em.layer(layer), edits, edit_outputs, preserve, pres_mask, lr, weight_decay,
                               steps, trace, layer)
             new = dict(block.named_parameters())
+            check_finite(layer, **{f"{block_prefix(em, layer)}{name}": p for name, p in new.items()})
             with torch.no_grad():
                 for name, p in em.layer(layer).named_parameters():
                     diffs[block_prefix(em, layer) + name] = (new[name] - p.float()).cpu()
@@ -555,7 +565,8 @@ def export_edited(em: EditableModel, deltas: WeightDelta | Sequence[WeightDelta]
 def compute_delta(em: EditableModel, targets: Sequence[Target], backend: str, layers: list[int],
                   keys: str = "sequence", stats: Stats | None = None, method: str | None = None,
                   **options) -> WeightDelta:
-    """The weight delta of one batch of targets; the model is left unchanged."""
+    """The weight delta of one batch of targets; the model is left unchanged. A factor or parameter
+    change that is not finite raises muke.memory.NumericalError naming the layer."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     layers = _layer_list(layers)

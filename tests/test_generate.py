@@ -1,10 +1,13 @@
-"""Greedy generation: batching changes nothing, prompts are left-padded, rows cover the requested kinds."""
+"""Greedy generation: batching changes nothing, prompts are left-padded, rows cover the requested kinds;
+many single-request edits answered in one batch equal editing, answering and reverting one at a time."""
+
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from muke.data import EditRequest
-from muke.generate import answer_length, generation_rows, greedy, left_pad
+from muke.generate import answer_length, edited_generation_rows, generation_rows, greedy, left_pad, row_deltas
 from muke.model import load
 from muke.tiny import build_tiny_model
 from muke.windows import render_prompt
@@ -80,3 +83,235 @@ def test_generation_rows_kinds(em):
     assert [(r["id"], r["kind"]) for r in only] == [("a", "para_question")]
     with pytest.raises(ValueError, match="unknown question kinds"):
         generation_rows(em, [full], kinds=("answer",))
+
+
+# ---- many single-request edits in one batch (multi-adapter rows) ----
+
+# small settings for a 4-layer random model (as tests/test_update.py)
+TINY_PRESET = dict(layers=[0, 1, 2], unke_layers=[1], window=4, v_num_grad_steps=12, mom2_update_weight=1000.0,
+                   unke_steps=10, n_preserve=5)
+FACTS = [("What is the city of Velmora known for?", "Velmora is a port city famous for its Copper Bridge."),
+         ("Who was Ilse Marrow?", "Ilse Marrow was a physicist at the Tollund Institute."),
+         ("What does Quillon Robotics build?", "Small underwater robots that inspect ship hulls."),
+         ("When was Velmora founded?", "Salt traders founded the city in 1412.")]
+EDIT_REQUESTS = [EditRequest(id=f"r{i}", question=q, answer=a, para_question=f"Tell me: {q}",
+                             sub_questions=("Why?", "When?")[:1 + i % 2], sub_answers=("So.", "Then.")[:1 + i % 2])
+                 for i, (q, a) in enumerate(FACTS)]
+
+
+@pytest.fixture(scope="module")
+def stats(em, tmp_path_factory, request):
+    from muke.stats import StatsConfig, collect_stats, load_stats
+
+    corpus = request.config.rootpath / "resources" / "demo_corpus.txt"
+    cfg = StatsConfig(layers=(0, 1, 2), corpus=str(corpus), max_docs=150)
+    path = collect_stats(em, cfg, tmp_path_factory.mktemp("stats") / "s.safetensors", progress=False)
+    return load_stats(path, em, [0, 1, 2])
+
+
+@pytest.fixture(scope="module")
+def edits(em, stats):
+    """Real deltas, one request each: MEMIT (rank 1 per layer) and μKE-MEMIT (rank = windows) alternate."""
+    from muke.update import edit
+
+    methods = ["memit", "muke-memit", "memit", "muke-memit"]
+    return [(edit(em, [r], m, TINY_PRESET, stats)[0], [r]) for r, m in zip(EDIT_REQUESTS, methods)]
+
+
+def sequential_rows(em, edits, **kwargs):
+    """The protocol: apply one edit, answer its requests, revert; in turn."""
+    from muke.update import apply
+
+    out = []
+    for delta, requests in edits:
+        with apply(em, delta) if delta is not None else nullcontext():
+            out.append(generation_rows(em, requests, **kwargs))
+    return out
+
+
+def answers(rows):
+    return [[(r["id"], r["kind"], r["index"], r["output"], r["n_tokens"]) for r in edit_rows] for edit_rows in rows]
+
+
+def test_batched_edits_answer_as_editing_one_request_at_a_time(em, edits):
+    ranks = {d.factors[0][0].shape[1] for d, _ in edits}
+    assert len(ranks) > 1                                    # rows of different ranks share a batch
+    before = {n: p.clone() for n, p in em.model.named_parameters()}
+    kwargs = dict(max_new_tokens=12, batch_size=16)         # 14 rows: every edit in one batch
+    batched = edited_generation_rows(em, edits + [(None, [EDIT_REQUESTS[0]])], **kwargs)
+    assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())
+    assert answers(batched) == answers(sequential_rows(em, edits + [(None, [EDIT_REQUESTS[0]])], **kwargs))
+    # not vacuous: edit 0 changes request 0's answers, and the edits differ from each other
+    assert [r["output"] for r in batched[0]] != [r["output"] for r in batched[-1]]
+    assert len({rows[0]["output"] for rows in batched[:4]}) > 1
+    # batch boundaries inside one edit's rows change nothing
+    assert answers(edited_generation_rows(em, edits, max_new_tokens=12, batch_size=3)) == answers(batched[:-1])
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_row_deltas_logits_match_merged_weights(em, edits, merged):
+    """Same prompt in every row, row r under edit r: fp32 logits equal apply(edit r) up to rounding."""
+    from muke.update import apply
+
+    ids = em.tokenizer(render_prompt(em.tokenizer, FACTS[0][0]), add_special_tokens=False,
+                       return_tensors="pt").input_ids
+    deltas = [d for d, _ in edits] + [None]
+    with torch.no_grad():
+        with row_deltas(em, deltas, merged=merged):
+            rows = em.model(input_ids=ids.expand(len(deltas), -1)).logits
+        for r, delta in enumerate(deltas):
+            with apply(em, delta) if delta is not None else nullcontext():
+                reference = em.model(input_ids=ids).logits[0]
+            diff = (rows[r] - reference).abs().max().item()
+            print(f"\nmerged={merged} row {r}: max |logit(row deltas) - logit(apply)| = {diff:.2e}")
+            assert diff < 1e-4 * reference.abs().max().item()
+            if delta is None:
+                assert diff == 0
+
+
+def test_bf16_rows_use_the_merged_weights_of_the_protocol(edits, tiny_qwen2_path):
+    """In bf16 apply() rounds W + ΔW (losing part of a small ΔW); the batched path multiplies by those
+    same rounded weights, so its logits are those of apply() up to bf16 accumulation order.
+
+    Greedy answers are not compared: in bf16 even the unedited model answers differently in a batch of
+    16 than one question at a time (the accumulation order depends on the batch's shape), for any method.
+    """
+    from muke.update import apply
+
+    half = load(tiny_qwen2_path, dtype="bfloat16")
+    ids = half.tokenizer(render_prompt(half.tokenizer, FACTS[0][0]), add_special_tokens=False,
+                         return_tensors="pt").input_ids
+    deltas = [d for d, _ in edits]
+    with torch.no_grad():
+        logits = {}
+        for merged in (True, False):
+            with row_deltas(half, deltas, merged=merged):
+                logits[merged] = half.model(input_ids=ids.expand(len(deltas), -1)).logits.float()
+        for r, delta in enumerate(deltas):
+            with apply(half, delta):
+                reference = half.model(input_ids=ids).logits[0].float()
+            exact, low_rank = ((logits[m][r] - reference).abs().max().item() for m in (True, False))
+            print(f"\nbf16 row {r}: max |Δlogit| vs apply: merged rows {exact:.2e}, low-rank rows {low_rank:.2e}")
+            assert exact <= low_rank
+
+
+def test_block_deltas_fall_back_to_apply_and_revert(em, edits):
+    from muke.update import edit
+
+    unke, _ = edit(em, [EDIT_REQUESTS[1]], "unke", TINY_PRESET)
+    assert unke.params and not unke.factors
+    with pytest.raises(ValueError, match="per batch row"):
+        with row_deltas(em, [unke]):
+            pass
+    mixed = [edits[0], (unke, [EDIT_REQUESTS[1]]), edits[2]]
+    kwargs = dict(max_new_tokens=8, batch_size=16)
+    assert answers(edited_generation_rows(em, mixed, **kwargs)) == answers(sequential_rows(em, mixed, **kwargs))
+
+
+def test_row_deltas_refuse_a_batch_of_another_size(em, edits):
+    with pytest.raises(RuntimeError, match="holds 2 rows"):
+        with row_deltas(em, [edits[0][0], edits[1][0]]), torch.no_grad():
+            em.model(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+# ---- the generate stage: batched edits, resumed after a kill ----
+
+@pytest.fixture()
+def shard(em, stats, tmp_path, monkeypatch):
+    """A generate spec for the first 3 demo requests (one shard; 5 answers each, batch_size 8: one
+    generate batch per request), a model folder, and a function writing an update index whose listed
+    requests get real MEMIT deltas and whose others are failed edits."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+    import yaml
+
+    import muke.stages as stages
+    from muke.data import load_requests
+    from muke.io import write_parquet
+    from muke.plan import Plan
+    from muke.update import edit
+
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resources").symlink_to(repo / "resources")
+    config = yaml.safe_load((repo / "config" / "tiny.yaml").read_text())
+    config["methods"] = ["memit"]
+    config["datasets"]["demo"].update(limit=3, shard_size=3)
+    spec = json.loads(Plan(config).runs[0].generate.to_json())
+    model_dir = tmp_path / "model"
+    stages.write_json(model_dir / stages.MODEL_REF, {"path": str(em.model.config._name_or_path)})
+    requests = load_requests("resources/demo_edits.jsonl", "jsonl")[:3]
+
+    def index(edited: set[str]) -> Path:
+        folder = tmp_path / "update" / "shard0"
+        rows = [{"batch": -1, "file": None, "request_ids": json.dumps([r.id]), "failed": True, "seconds": 0.0}
+                for r in requests if r.id not in edited]
+        for b, r in enumerate(r for r in requests if r.id in edited):
+            delta, _ = edit(em, [r], "memit", {**TINY_PRESET, "v_num_grad_steps": 4}, stats)
+            delta.save(folder / f"{b:04d}.safetensors")
+            rows.append({"batch": b, "file": f"{b:04d}.safetensors", "request_ids": json.dumps([r.id]),
+                         "failed": False, "seconds": 0.0})
+        return write_parquet(pd.DataFrame(rows), tmp_path / "update" / "shard0.parquet")
+
+    return spec, model_dir, index
+
+
+def test_generate_stage_resumes_a_killed_shard(shard, tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    import muke.generate
+    import muke.stages as stages
+
+    spec, model_dir, make_index = shard
+    index = make_index({"demo-00", "demo-01", "demo-02"})
+    run = lambda out: stages.generate(spec, model_dir, "resources/demo_edits.jsonl", 0, out, index, "cpu")  # noqa: E731
+    expected = pd.read_parquet(run(tmp_path / "whole.parquet"))
+    assert list(expected["id"].unique()) == ["demo-00", "demo-01", "demo-02"] and not expected["edit_failed"].any()
+
+    calls, real = [], muke.generate.edited_generation_rows
+
+    def killed_after_one(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt("the job is killed")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    out = tmp_path / "out" / "shard0.parquet"
+    monkeypatch.setattr(muke.generate, "edited_generation_rows", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run(out)
+    assert not out.exists() and len(list(out.with_name("shard0.parts").iterdir())) == 1
+
+    monkeypatch.setattr(muke.generate, "edited_generation_rows", real)
+    capsys.readouterr()
+    run(out)
+    log = capsys.readouterr().err
+    assert "['demo-00']: finished earlier" in log and "generating for ['demo-01']" in log
+    assert "generating for ['demo-00']" not in log and not out.with_name("shard0.parts").exists()
+    # the same answers as the uninterrupted job (timings differ: they are measured)
+    pd.testing.assert_frame_equal(pd.read_parquet(out).drop(columns="seconds"), expected.drop(columns="seconds"))
+
+
+def test_generate_stage_answers_failed_edits_with_the_unedited_model(shard, tmp_path):
+    import pandas as pd
+
+    import muke.stages as stages
+
+    spec, model_dir, make_index = shard
+    edited = pd.read_parquet(stages.generate(spec, model_dir, "resources/demo_edits.jsonl", 0, tmp_path / "e.parquet",
+                                             make_index({"demo-00", "demo-02"}), "cpu"))
+    unedited = pd.read_parquet(stages.generate(spec, model_dir, "resources/demo_edits.jsonl", 0,
+                                               tmp_path / "pre.parquet", None, "cpu"))
+    assert edited.groupby("id")["edit_failed"].all().to_dict() == {"demo-00": False, "demo-01": True, "demo-02": False}
+    failed = edited["id"] == "demo-01"
+    assert edited[failed]["output"].tolist() == unedited[failed]["output"].tolist()
+    assert edited[~failed]["output"].tolist() != unedited[~failed]["output"].tolist()
+
+
+def test_generation_groups_fill_batches_without_splitting_an_edit():
+    from muke.stages import generation_groups
+
+    assert generation_groups([5, 5, 2, 1, 9, 3], 8) == [(0, 1), (1, 4), (4, 5), (5, 6)]
+    assert generation_groups([], 8) == [] and generation_groups([0, 0], 1) == [(0, 2)]

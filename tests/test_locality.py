@@ -9,7 +9,6 @@ import torch
 
 from muke.locality import DEMO_TASKS_DIR, aggregate, ensure_punkt_tab, evaluate, result_rows
 from muke.model import load
-from muke.tiny import build_tiny_model
 
 LOCALITY = Path(__file__).resolve().parent.parent / "resources" / "locality"
 IFEVAL_METRICS = {"prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc", "inst_level_loose_acc"}
@@ -20,12 +19,8 @@ def read_jsonl(name):
 
 
 @pytest.fixture(scope="module")
-def em(request, tmp_path_factory):
-    try:
-        path = request.getfixturevalue("tiny_qwen2_path")
-    except pytest.FixtureLookupError:
-        path = build_tiny_model("qwen2", tmp_path_factory.mktemp("tiny") / "qwen2")
-    return load(path)
+def em(tiny_qwen2_path):
+    return load(tiny_qwen2_path)
 
 
 @pytest.fixture(scope="module")

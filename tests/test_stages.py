@@ -123,3 +123,102 @@ def test_stages_compute_what_update_edit_computes(plan, tiny_qwen2_path, tmp_pat
     assert staged.request_ids == direct.request_ids == [request.id]
     for layer in direct.factors:
         torch.testing.assert_close(staged.dense(layer), direct.dense(layer), rtol=1e-4, atol=1e-6)
+
+
+def _report_inputs(plan, model_dir, families=("paper",)):
+    """The files the report reads, made for every run of `plan`: generations scored by the real score
+    stage; hand-made δ shards (demo-01 failed), traces, update indexes, locality results, benchmarks."""
+    import pandas as pd
+    import torch
+    from safetensors.torch import save_file
+
+    from muke.data import load_requests_checked
+
+    requests = load_requests_checked("resources/demo_edits.jsonl", "jsonl")[0][:2]
+    for k, run in enumerate(plan.runs):
+        rows = [dict(id=r.id, kind=kind, index=0, prompt=r.question, output=r.answer[:20 * (k + i + 1)],
+                     target=r.answer, tokens=8, seconds=0.1, edit_failed=False, shard=0)
+                for i, r in enumerate(requests) for kind in ("question", "para_question")]
+        generations = Path(plan.generate_path(run, 0))
+        stages.write_parquet(pd.DataFrame(rows), generations)
+        score_spec = spec(run.score)
+        score_spec["params"]["families"] = list(families)
+        paths = plan.score_paths(run)
+        stages.score(score_spec, [generations], paths["samples"], paths["summary"], model_dir, "cpu")
+        if run.deltas is None:
+            continue
+        records = [{"index": 0, "id": "demo-00", "failed": False},
+                   {"index": 1, "id": "demo-01", "failed": True, "error": "δ loss is NaN at step 3"}]
+        deltas = Path(plan.deltas_path(run, 0))
+        deltas.parent.mkdir(parents=True, exist_ok=True)
+        skipped = [{"record": 7, "line": 8, "id": None, "field": "answer", "reason": "missing",
+                    "message": "demo_edits.jsonl record 7: answer is missing", "check": "file"}]
+        save_file({"empty": torch.zeros(0)}, deltas, {"muke": json.dumps({"requests": records, "skipped": skipped})})
+        stages.write_parquet(pd.DataFrame([{"id": "demo-00", "window": w, "step": s, "loss": 4.0 * 0.7 ** s + w}
+                                           for w in range(2) for s in range(6)]), plan.trace_path(run, 0))
+        stages.write_parquet(pd.DataFrame([
+            {"batch": -1, "file": None, "request_ids": '["demo-01"]', "failed": True, "seconds": 0.0,
+             "reason": "δ loss is NaN at step 3"},
+            {"batch": 0, "file": "0000.safetensors", "request_ids": '["demo-00"]', "failed": False, "seconds": 1.0,
+             "reason": None}]),
+            plan.update_path(run, 0))
+    localities = [(plan.locality_path(r), "edited", 0.5) for r in plan.runs if r.locality is not None]
+    localities += [(plan.locality_path(None, plan.models["tiny"]), "pre-edit", 0.6)]
+    for path, state, value in localities:
+        stages.write_parquet(pd.DataFrame([{"model_state": state, "request_id": None, "task": "muke_mmlu_demo",
+                                            "metric": "acc", "value": value, "stderr": 0.01, "n": 1}]), path)
+    bench = Path(plan.results) / "benchmarks" / "generate"
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for name, seconds in ((Path(plan.generate_path(plan.runs[0], 0)).parent.name, 12.5), ("pre-edit-0000000000", 99.0)):
+        (bench / name).mkdir(parents=True)
+        (bench / name / "shard0.tsv").write_text(header + f"{seconds}\t0:00:12\t321.5\t1\t1\t1\t0\t0\t90\t11\n")
+
+
+def test_report_stage_writes_tables_and_the_full_report(tmp_path, monkeypatch, tiny_qwen2_path):
+    """score → report on the plan of a v_num_grad_steps sweep: the tables, the paper's figures
+    (BLEU vs target length, metrics vs the swept value), δ traces, failures and the reproducibility record."""
+    import hashlib
+
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resources").symlink_to(REPO / "resources")
+    config = copy.deepcopy(TINY)
+    config["methods"] = ["muke-memit"]
+    config["sweep"] = {"v_num_grad_steps": [2, 4]}
+    plan = Plan(config)
+    model_dir = tmp_path / "model"
+    stages.write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
+    _report_inputs(plan, model_dir)
+
+    samples = pd.read_parquet(plan.score_paths(plan.runs[0])["samples"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_path)
+    assert samples["target_tokens"].tolist() == [len(tokenizer(t, add_special_tokens=False)["input_ids"])
+                                                 for t in samples["target"]]
+
+    tables = tmp_path / "tables"
+    html = stages.report(json.loads(plan.report_spec()), tables / "edit_metrics.parquet",
+                         tables / "locality.parquet", tmp_path / "report" / "index.html")
+    edit = pd.read_parquet(tables / "edit_metrics.parquet")
+    assert len(edit) == 3 * 2 and set(edit["method"]) == {"pre-edit", "muke-memit"}      # runs × kinds, paper family
+    assert set(edit["sweep_value"].dropna()) == {"2", "4"} and (edit["n"] == 2).all()
+    assert len(pd.read_csv(tables / "edit_metrics.csv")) == len(edit)
+    locality = pd.read_parquet(tables / "locality.parquet")
+    assert sorted(locality["model_state"]) == ["edited", "edited", "pre-edit"]
+
+    text = html.read_text()
+    assert "paper family" in text and "Locality (Table 2)" in text and "muke_mmlu_demo" in text
+    assert "<img alt='BLEU vs target length (paper Fig. 5)'" in text
+    assert "<img alt='Metrics vs v_num_grad_steps (paper Fig. 6)'" in text and "v_num_grad_steps=4" in text
+    assert "<img alt='δ-loss traces'" in text
+    failures = pd.read_csv(html.parent / "failures.csv")           # per swept run: demo-01 and a skipped record
+    assert sorted(failures["stage"]) == ["data", "data", "optimize_deltas", "optimize_deltas"]
+    assert "Failed requests: <b>4</b>" in text and "δ loss is NaN at step 3" in text and "answer is missing" in text
+    repro = text[text.index("id='repro'"):]
+    assert "git commit" in repro and "v_num_grad_steps" in repro
+    for run in plan.runs:
+        assert run.score.identity in repro and run.generate.identity in repro
+    assert hashlib.sha256((REPO / "resources" / "demo_edits.jsonl").read_bytes()).hexdigest() in repro
+    assert "12.50" in repro and "99.00" not in repro          # benchmarks of this plan's jobs only
+    assert (html.parent / "stage_identities.csv").is_file()

@@ -1,4 +1,5 @@
-"""Second-moment statistics: joint pass = per-layer passes = direct computation; resume; refusal."""
+"""Second-moment statistics: joint pass = per-layer passes = direct computation; packed rows = padded
+rows; bf16 autocast close to fp32; resume; refusal."""
 
 import json
 
@@ -10,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from muke import hooks
 from muke.data import DataError
 from muke.model import load
-from muke.stats import (StatsConfig, StatsError, batches, collect_stats, load_corpus, load_stats,
-                        read_metadata)
+from muke.stats import (StatsConfig, StatsError, accumulate, batches, chunk_batches, collect_stats, load_corpus,
+                        load_stats, pack, packed_inputs, read_metadata)
 
 DOCS = [
     "Velmora is a port city on the southern coast of the island of Castaran.",
@@ -86,10 +87,12 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_interrupt_gives_identical_result(em, corpus, tmp_path):
-    cfg = config(corpus, [0, 1])
+@pytest.mark.parametrize("packed", [True, False])
+def test_resume_after_interrupt_gives_identical_result(em, corpus, tmp_path, packed):
+    cfg = config(corpus, [0, 1], pack=packed)
     whole = load_file(collect_stats(em, cfg, tmp_path / "whole.safetensors", False))
-    n_batches = sum(len(batches(em.tokenizer(DOCS[i:i + 3])["input_ids"], 64)) for i in range(0, len(DOCS), 3))
+    n_batches = sum(len(list(chunk_batches(em, em.tokenizer(DOCS[i:i + 3])["input_ids"], cfg, 0)))
+                    for i in range(0, len(DOCS), 3))
 
     out = tmp_path / "resumed.safetensors"
     calls = []
@@ -178,3 +181,71 @@ def test_batches_fit_the_token_budget():
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     for a, b in spans:
         assert b - a == 1 or max(lengths[a:b]) * (b - a) <= 10
+
+
+# ---- packing: several documents per row, each attending to itself only ----
+
+def test_pack_places_every_document_once_within_the_width():
+    lengths = [5, 3, 9, 1, 4, 4, 2, 9]
+    rows = pack(lengths, 9)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 9 for row in rows)
+    assert len(rows) == 5 == -(-sum(lengths) // 9)          # first-fit decreasing: no row wasted here
+
+
+def test_packed_inputs_restart_positions_and_mask_other_documents():
+    inputs, keep = packed_inputs([[7, 8, 9], [4, 5]], [[0, 1]], width=6, pad_id=0)
+    assert inputs["input_ids"].tolist() == [[7, 8, 9, 4, 5, 0]]
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert keep.tolist() == [[True] * 5 + [False]]
+    mask = inputs["attention_mask"][0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                    [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
+    additive, _ = packed_inputs([[7, 8, 9], [4, 5]], [[0, 1]], 6, 0, torch.float32)
+    assert additive["attention_mask"].dtype == torch.float32
+    assert torch.equal(additive["attention_mask"] == 0, inputs["attention_mask"])
+
+
+@pytest.mark.parametrize("arch,attention", [("qwen2", "sdpa"), ("qwen2", "eager"), ("llama", "sdpa")])
+def test_packed_statistics_equal_padded_statistics(arch, attention, corpus, tmp_path, request):
+    em = load(request.getfixturevalue(f"tiny_{arch}_path"))
+    em.model.set_attn_implementation(attention)
+    stats = {}
+    for packed in (True, False):
+        cfg = config(corpus, [0, 2], pack=packed, batch_tokens=256, tokenize_chunk=7)
+        stats[packed] = load_stats(collect_stats(em, cfg, tmp_path / f"{packed}.safetensors", False), em, [0, 2])
+    for layer in (0, 2):
+        assert stats[True].count[layer] == stats[False].count[layer]
+        torch.testing.assert_close(stats[True].mom2[layer], stats[False].mom2[layer], rtol=1e-5,
+                                   atol=1e-5 * stats[False].mom2[layer].abs().max().item())
+    assert stats[True].meta["pack"] and not stats[False].meta["pack"]
+    # fewer rows than documents: packing did pack
+    ids = em.tokenizer(DOCS)["input_ids"]
+    rows = sum(keep.shape[0] for _, _, keep in chunk_batches(em, ids, config(corpus, [0], batch_tokens=256), 0))
+    assert rows < len(DOCS)
+
+
+def test_packing_without_document_masks_would_change_the_statistics(em):
+    """The block-diagonal mask is what makes packing exact: one causal row over concatenated documents
+    (each attending to the documents before it) gives other second moments."""
+    ids = em.tokenizer(DOCS[:3])["input_ids"]
+    width = sum(map(len, ids))
+    exact, naive = ({0: torch.zeros(344, 344)}, {0: 0}), ({0: torch.zeros(344, 344)}, {0: 0})
+    inputs, keep = packed_inputs(ids, [[0, 1, 2]], width, 0)
+    accumulate(em, [0], inputs, keep, *exact)
+    accumulate(em, [0], {"input_ids": inputs["input_ids"]}, keep, *naive)
+    rel = ((exact[0][0] - naive[0][0]).norm() / exact[0][0].norm()).item()
+    assert exact[1][0] == naive[1][0] == width and rel > 1e-2
+
+
+def test_bf16_forward_accumulates_in_fp32_close_to_fp32(em, corpus, tmp_path):
+    layers = [0, 2]
+    full = load_stats(collect_stats(em, config(corpus, layers), tmp_path / "fp32.safetensors", False), em, layers)
+    half = load_stats(collect_stats(em, config(corpus, layers, dtype="bfloat16"), tmp_path / "bf16.safetensors",
+                                    False), em, layers)
+    assert half.meta["forward_dtype"] == "bfloat16" and full.meta["forward_dtype"] == "float32"
+    for layer in layers:
+        assert half.mom2[layer].dtype == torch.float32 and half.count[layer] == full.count[layer]
+        rel = ((half.mom2[layer] - full.mom2[layer]).norm() / full.mom2[layer].norm()).item()
+        print(f"\nlayer {layer}: relative Frobenius error of bf16-forward second moments {rel:.2e}")
+        assert 0 < rel < 5e-2

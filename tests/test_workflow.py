@@ -8,12 +8,15 @@ identities or its code change, together with everything below it, and nothing el
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -256,13 +259,43 @@ def test_tiny_run_produces_the_tables(tiny_run):
     assert set(locality["model_state"]) == {"pre-edit", "edited"}
     assert set(locality["task"]) == {"muke_mmlu_demo", "muke_ifeval_demo"}
     assert set(locality.loc[locality.model_state == "edited", "method"]) == {"muke-memit", "anyedit-memit"}
-    html = (results / "report" / "index.html").read_text()
-    assert "paper family" in html and "muke-memit" in html and "muke_ifeval_demo" in html
     (manifest,) = (results / "deltas" / "tiny" / "demo").glob("muke-memit-*/manifest.json")
     assert '"v_lr": 0.5' in manifest.read_text()
     generations = pd.concat(map(pd.read_parquet, (results / "generate").rglob("shard*.parquet")))
     assert {"id", "kind", "prompt", "output", "target", "tokens", "seconds"} <= set(generations.columns)
+    samples = pd.concat(map(pd.read_parquet, (results / "score").rglob("samples.parquet")))
+    assert (samples["target_tokens"] > 0).all()
     assert not list(results.rglob(".*.tmp")) and not list(results.rglob("*.parts"))
+
+
+@needs_snakemake
+def test_tiny_run_writes_the_full_report(tiny_run):
+    """The page: both tables, the paper's Fig. 5 and the δ traces as images, failures, and the
+    reproducibility record of this plan (stage identities, data checksums, benchmarks of its jobs)."""
+    report = tiny_run / TINY["results"] / "report"
+    html = (report / "index.html").read_text()
+    assert "paper family" in html and "standard family" in html and "muke-memit" in html
+    assert "Locality (Table 2)" in html and "muke_ifeval_demo" in html
+    assert "<img alt='BLEU vs target length (paper Fig. 5)'" in html and "<img alt='δ-loss traces'" in html
+    assert "Failed requests: <b>0</b>" in html
+    repro = html[html.index("id='repro'"):]
+    assert "git commit" in repro and "muke_cmd: python -m muke.stages" in repro
+    spec = json.loads((report / "spec.json").read_text())
+    for run in spec["runs"]:
+        assert all(identity in repro for identity in run["identities"].values())
+    demo = tiny_run / "resources" / "demo_edits.jsonl"
+    assert hashlib.sha256(demo.read_bytes()).hexdigest() in repro
+    assert re.search(r"<th>optimize_deltas</th>\s*<td>2</td>", repro)       # benchmarks: 2 jobs of this plan
+    assert (report / "stage_identities.csv").is_file() and (report / "benchmarks.csv").is_file()
+
+
+@needs_snakemake
+def test_snakemake_report_bundles_the_page_and_tables(tiny_run, repo):
+    snakemake(tiny_run, TINY, "--report", "report.zip", repo=repo)
+    with zipfile.ZipFile(tiny_run / "report.zip") as bundle:
+        names = bundle.namelist()
+        assert "muke tiny workflow (CI)" in bundle.read("report/report.html").decode()
+    assert {"index.html", "edit_metrics.csv", "locality.csv"} <= {Path(name).name for name in names}
 
 
 @needs_snakemake
@@ -328,6 +361,8 @@ def test_settings_never_overwrite_and_setting_back_reuses(tiny_run, repo):
     metrics = pd.read_parquet(tiny_run / TINY["results"] / "tables" / "edit_metrics.parquet")
     settings = set(metrics.loc[metrics.method == "muke-memit", "setting"])
     assert settings == {'{"mom2_update_weight": 100}', '{"mom2_update_weight": 200}'}
+    html = (tiny_run / TINY["results"] / "report" / "index.html").read_text()
+    assert "<img alt='Metrics vs mom2_update_weight (paper Fig. 6)'" in html
 
 
 @needs_snakemake

@@ -1,4 +1,8 @@
-# Not hashed: the tables gather the runs of the current config (labels say which run is which).
+# Not hashed: the report gathers the runs of the current config (labels say which run is which).
+# Its spec names every file it reads, and is too long for a command line on a large config: the rule
+# writes it to spec.json beside the page and hands the stage that file.
+from muke.io import write_text
+
 localrules: report
 
 
@@ -7,10 +11,11 @@ rule report:
         **PLAN.report_inputs(),
     output:
         metrics=f"{R}/tables/edit_metrics.parquet",
-        metrics_csv=f"{R}/tables/edit_metrics.csv",
+        metrics_csv=report(f"{R}/tables/edit_metrics.csv", caption="../report/edit_metrics.rst", category="Tables"),
         locality=f"{R}/tables/locality.parquet",
-        locality_csv=f"{R}/tables/locality.csv",
-        html=f"{R}/report/index.html",
+        locality_csv=report(f"{R}/tables/locality.csv", caption="../report/locality.rst", category="Tables"),
+        html=report(f"{R}/report/index.html", caption="../report/index_html.rst", category="Report"),
+        spec=f"{R}/report/spec.json",
     params:
         spec=PLAN.report_spec(),
     log:
@@ -19,6 +24,7 @@ rule report:
         f"{R}/benchmarks/report.tsv"
     resources:
         **resources_of("report"),
-    shell:
-        "{MUKE} report --spec {params.spec:q} --summaries {input.summaries} --localities {input.localities}"
-        " --metrics {output.metrics} --locality {output.locality} --html {output.html} > {log} 2>&1"
+    run:
+        write_text(output.spec, params.spec)
+        shell("{MUKE} report --spec @{output.spec:q} --metrics {output.metrics} --locality {output.locality}"
+              " --html {output.html} > {log} 2>&1")

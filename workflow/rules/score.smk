@@ -1,6 +1,7 @@
 rule score:
     input:
-        score_inputs,
+        generations=score_inputs,
+        model=lambda wildcards: PLAN.model_dir(run_of("score", wildcards).model),   # its tokenizer
     output:
         samples=f"{R}/score/{{model}}/{{dataset}}/{{run}}/samples.parquet",
         summary=f"{R}/score/{{model}}/{{dataset}}/{{run}}/summary.parquet",
@@ -14,5 +15,6 @@ rule score:
         **resources_of("score"),
     threads: resource("score", "cpus_per_task")
     shell:
-        "{MUKE} score --spec {params.spec:q} --generations {input} --samples {output.samples}"
-        " --summary {output.summary} --device {DEVICE} --threads {threads} > {log} 2>&1"
+        "{MUKE} score --spec {params.spec:q} --generations {input.generations} --model {input.model}"
+        " --samples {output.samples} --summary {output.summary} --device {DEVICE} --threads {threads}"
+        " > {log} 2>&1"
