@@ -7,9 +7,10 @@ For each length N, one request whose target (answer + end-of-turn) is exactly N 
 answers concatenated and cut, bench_deltas.long_answer) is optimised in a fresh process (μKE
 matryoshka objective, layer 8, W=20 by default), so that each length's peak memory is its own: on
 CUDA the peak allocated tensor memory, on CPU the peak resident set size above the size after
-loading the model (sampled every 5 ms). Writes <out>.csv (one row per length) and <out>.png (seconds and peak MB vs tokens); the
-last line printed is `speedup: X.XX` = (seconds per target token at the shortest length) /
-(seconds per target token at the longest), a number below 1 meaning super-linear cost.
+loading the model and one forward pass (sampled every 5 ms). Writes <out>.csv (one row per length)
+and <out>.png (seconds and peak MB vs tokens); the last line printed is `speedup: X.XX` = (seconds
+per target token at the shortest length) / (seconds per target token at the longest), a number
+below 1 meaning super-linear cost.
 """
 
 import argparse
@@ -45,6 +46,8 @@ def one(args) -> dict:
     cfg = MemoryConfig(layer=args.layer, objective=args.objective, window=args.window,
                        v_num_grad_steps=args.steps, affinity_steps=args.affinity_steps)
     cuda = em.device.type == "cuda"
+    with torch.no_grad():           # touch every weight page (safetensors are memory-mapped) before the baseline
+        em.model(input_ids=torch.tensor([[0] * 8], device=em.device))
     peak, stop = [0], threading.Event()
     if cuda:
         torch.cuda.synchronize()

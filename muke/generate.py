@@ -167,7 +167,8 @@ def _generate_batch(em, prompts: list[str], gen_kwargs: dict) -> list[Generation
 def greedy(em, questions: list[str], max_new_tokens: int = 512, system_prompt: str | None = None,
            chat_template: bool = True, batch_size: int = 8,
            deltas: Sequence[WeightDelta | None] | None = None) -> list[Generation]:
-    """Greedy answers to `questions`, in order; batching does not change the outputs.
+    """Greedy answers to `questions`, in order; batching does not change the outputs in fp32 (in bf16 or
+    fp16 the accumulation order follows the batch's shape, and a near-tie may go the other way).
 
     deltas: one low-rank WeightDelta (or None) per question, under which that question is answered
     (`row_deltas`); without it the model as it is answers every question.
