@@ -4,9 +4,9 @@
 
 Per-layer: one collection per layer, each forward pass stopping after that layer (ROME/MEMIT's
 layer_stats with stop=True). One pass: a single collection hooking every layer, stopping after the
-last. Both on the same documents with the same packing. Prints seconds, the largest relative
-difference of the sums, packed vs padded time of the one-pass collection, and a last line
-`speedup: X.XX` (per-layer time / one-pass time).
+last. Both on the same documents with the same packing, --repeats times each in ABBA order (mean
+seconds). Prints seconds, the largest relative difference of the sums, packed vs padded time of the
+one-pass collection, and a last line `speedup: X.XX` (per-layer time / one-pass time).
 """
 
 import argparse
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--max-docs", type=int, default=150)
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each arm, in ABBA order; times are averaged")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -41,15 +42,28 @@ def main() -> None:
     base = dict(corpus=args.corpus, max_docs=args.max_docs, batch_tokens=args.batch_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        one_s, joint = timed(em, StatsConfig(layers=tuple(args.layers), **base), tmp / "joint.safetensors")
-        per_s, worst = 0.0, 0.0
-        for layer in args.layers:
-            s, single = timed(em, StatsConfig(layers=(layer,), **base), tmp / f"layer{layer}.safetensors")
-            per_s += s
-            worst = max(worst, ((single.mom2[layer] - joint.mom2[layer]).norm() / joint.mom2[layer].norm()).item())
+
+        def one_pass():
+            return timed(em, StatsConfig(layers=tuple(args.layers), **base), tmp / "joint.safetensors")
+
+        def per_layer():
+            runs = [timed(em, StatsConfig(layers=(l,), **base), tmp / f"layer{l}.safetensors") for l in args.layers]
+            return sum(s for s, _ in runs), {l: stats for l, (_, stats) in zip(args.layers, runs)}
+
+        # ABBA order over the repeats, so that a load that drifts on a shared machine hits both arms alike
+        arms = {"one pass": one_pass, "per layer": per_layer}
+        seconds, results = {name: 0.0 for name in arms}, {}
+        for rep in range(args.repeats):
+            for name in (("one pass", "per layer") if rep % 2 == 0 else ("per layer", "one pass")):
+                took, results[name] = arms[name]()
+                seconds[name] += took
+        joint, singles = results["one pass"], results["per layer"]
+        worst = max(((singles[l].mom2[l] - joint.mom2[l]).norm() / joint.mom2[l].norm()).item() for l in args.layers)
         padded_s, _ = timed(em, StatsConfig(layers=tuple(args.layers), pack=False, **base), tmp / "padded.safetensors")
+    one_s, per_s = seconds["one pass"] / args.repeats, seconds["per layer"] / args.repeats
     tokens = joint.meta["tokens"]
-    print(f"threads={torch.get_num_threads()} layers={args.layers} documents={joint.meta['n_documents']} tokens={tokens}")
+    print(f"threads={torch.get_num_threads()} layers={args.layers} documents={joint.meta['n_documents']} tokens={tokens} "
+          f"repeats={args.repeats}")
     print(f"per-layer passes: {per_s:.1f} s; one pass: {one_s:.1f} s ({tokens / one_s:.0f} tokens/s)")
     print(f"max relative |sum(one pass) - sum(per layer)|: {worst:.2e}")
     print(f"one pass padded (pack=False): {padded_s:.1f} s; packed: {one_s:.1f} s; packing speedup {padded_s / one_s:.2f}")
