@@ -12,7 +12,7 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
-from muke.plan import Plan, check_config
+from muke.plan import Plan, check_config, freeze_code_identities
 
 min_version("9.0")
 
@@ -22,6 +22,7 @@ if not workflow.config_settings.configfiles:
 check_config(config, Path(workflow.basedir) / "config" / "schema.yaml")   # readable errors naming the key
 validate(config, "config/schema.yaml")                              # Snakemake's own check (+ defaults)
 
+freeze_code_identities()     # the same output paths in the child processes of `run:` jobs
 PLAN = Plan(config, basedir=workflow.basedir)
 
 report: "workflow/report/workflow.rst"      # `snakemake --report report.zip`: this text, the page and the tables

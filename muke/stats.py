@@ -2,7 +2,7 @@
 
 k: (d_ff,) is the input of the MLP down-projection of a decoder layer at one token position. One forward
 pass over a batch hooks every requested layer and stops after the last of them; padded positions are
-excluded. Sums Σ k kᵀ and counts are accumulated in fp32, checkpointed every N documents (atomically),
+excluded. Sums Σ k kᵀ (upper triangle only, mirrored when saved: half the FLOPs) and counts are accumulated in fp32, checkpointed every N documents (atomically),
 and a killed run resumes from its checkpoint. The file keeps the SUM and the count (as ROME's
 runningstats); `Stats.second_moment` divides.
 
@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import hooks
-from .data import DataError
+from .data import DataError, jsonl_records
 from .model import DTYPES, EditableModel
 
 FORMAT = "muke.stats/1"
@@ -106,21 +106,10 @@ def _subset(n_total: int, max_docs: int | None, seed: int) -> list[int]:
 
 def _read_local(path: Path, text_field: str) -> list[str]:
     """Documents of a .txt file (separated by blank lines) or a JSONL file (field `text_field`)."""
+    if path.suffix in (".jsonl", ".json"):
+        return [rec[text_field] for rec in jsonl_records(path, (text_field,))]
     text = path.read_text(encoding="utf-8-sig")
-    if path.suffix not in (".jsonl", ".json"):
-        return [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
-    docs = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})", line=line_no) from None
-        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-            raise DataError(path, "must be a string", line=line_no, field=text_field)
-        docs.append(rec[text_field])
-    return docs
+    return [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
 
 
 def load_corpus(corpus: str | Path, max_docs: int | None = None, seed: int = 0,
@@ -298,10 +287,26 @@ def _job(em: EditableModel, cfg: StatsConfig, corpus_ident: dict, n_docs: int, m
             "forward_dtype": cfg.dtype or str(em.dtype).removeprefix("torch."), **cfg.extra}
 
 
+def add_gram(total: torch.Tensor, k: torch.Tensor) -> None:
+    """total += kᵀ k on and above the diagonal only, one block of rows at a time: Σ k kᵀ is symmetric, so
+    this takes ~(1 + 1/n_blocks)/2 of the FLOPs of a full addmm_. Below the diagonal `total` is stale until
+    `mirror` fills it in. k: (n, d_ff); total: (d_ff, d_ff)."""
+    size = total.shape[0]
+    block = max(256, -(-size // 8))
+    for a in range(0, size, block):
+        total[a:a + block, a:].addmm_(k[:, a:a + block].T, k[:, a:])
+
+
+def mirror(total: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is total's, in place."""
+    total.copy_(total.triu() + total.triu(1).T)
+    return total
+
+
 def _tensors(sums: dict[int, torch.Tensor], counts: dict[int, int]) -> dict[str, torch.Tensor]:
     out = {}
     for layer in sums:
-        out[f"layer{layer}.mom2"] = sums[layer]
+        out[f"layer{layer}.mom2"] = mirror(sums[layer])
         out[f"layer{layer}.count"] = torch.tensor(counts[layer], dtype=torch.int64)
     return out
 
@@ -325,7 +330,7 @@ def accumulate(em: EditableModel, layers: list[int], inputs: dict[str, torch.Ten
     """sums[l] += Σ k kᵀ over the `keep` positions of one batch, all layers in one pass.
 
     inputs: model keyword arguments (input_ids (batch, T), attention_mask, ...); keep: (batch, T) bool;
-    sums[l]: (d_ff, d_ff) fp32. dtype: autocast the forward pass to it (None: run as loaded).
+    sums[l]: (d_ff, d_ff) fp32, valid on and above the diagonal (`add_gram`). dtype: autocast the forward pass to it (None: run as loaded).
     """
     keep = keep.to(em.device)
     device_type = em.device.type
@@ -334,7 +339,7 @@ def accumulate(em: EditableModel, layers: list[int], inputs: dict[str, torch.Ten
         def sink(k):                            # k: (batch, T, d_ff)
             with torch.autocast(device_type, enabled=False):
                 k = k[keep].float()             # (n, d_ff)
-                sums[layer].addmm_(k.T, k)
+                add_gram(sums[layer], k)
             counts[layer] += k.shape[0]
         return sink
 

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from . import hooks
-from .data import DataError
+from .data import DataError, jsonl_records
 from .memory import MemoryConfig, MemoryResult, NumericalError, optimise_request
 from .model import EditableModel, ModelError
 from .objectives import OBJECTIVES
@@ -300,18 +300,7 @@ def load_preservation(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "preservation file not found")
-    records = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})", line=line_no) from None
-        for key in ("instruction", "output"):
-            if not isinstance(rec.get(key) if isinstance(rec, dict) else None, str):
-                raise DataError(path, "must be a string", line=line_no, field=key)
-        records.append(rec)
+    records = jsonl_records(path, ("instruction", "output"))
     if not records:
         raise DataError(path, "no preservation records")
     return records

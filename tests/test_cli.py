@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 import muke.cli as cli
@@ -36,6 +37,18 @@ def json_rows(text):
 def test_stats_command_writes_a_loadable_file(stats_file, tiny_qwen2_path):
     stats = load_stats(stats_file, load(tiny_qwen2_path), [1, 2])
     assert stats.meta["n_documents"] == 3 and stats.count[1] > 0
+
+
+def test_stats_command_no_pack_gives_the_same_moments(stats_file, tiny_qwen2_path, corpus, tmp_path):
+    out = tmp_path / "unpacked.safetensors"
+    assert cli.main(["stats", "--model", str(tiny_qwen2_path), "--layers", "1", "2", "--corpus", str(corpus),
+                     "--out", str(out), "--max-docs", "3", "--no-pack", "--quiet"]) == 0
+    em = load(tiny_qwen2_path)
+    packed, unpacked = load_stats(stats_file, em, [1, 2]), load_stats(out, em, [1, 2])
+    assert packed.meta["pack"] is True and unpacked.meta["pack"] is False
+    for layer in (1, 2):
+        assert unpacked.count[layer] == packed.count[layer]
+        torch.testing.assert_close(unpacked.second_moment(layer), packed.second_moment(layer), rtol=1e-4, atol=1e-6)
 
 
 def test_edit_json_with_stats_file(tiny_qwen2_path, stats_file, capsys, tmp_path):

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from muke import hooks
 from muke.data import DataError
 from muke.model import load
-from muke.stats import (StatsConfig, StatsError, accumulate, batches, chunk_batches, collect_stats, load_corpus,
-                        load_stats, pack, packed_inputs, read_metadata)
+from muke.stats import (StatsConfig, StatsError, accumulate, add_gram, batches, chunk_batches, collect_stats,
+                        load_corpus, load_stats, mirror, pack, packed_inputs, read_metadata)
 
 DOCS = [
     "Velmora is a port city on the southern coast of the island of Castaran.",
@@ -249,3 +249,16 @@ def test_bf16_forward_accumulates_in_fp32_close_to_fp32(em, corpus, tmp_path):
         rel = ((half.mom2[layer] - full.mom2[layer]).norm() / full.mom2[layer].norm()).item()
         print(f"\nlayer {layer}: relative Frobenius error of bf16-forward second moments {rel:.2e}")
         assert 0 < rel < 5e-2
+
+
+@pytest.mark.parametrize("size", [344, 1536, 2100])
+def test_upper_triangle_gram_mirrored_equals_the_full_product(size):
+    torch.manual_seed(0)
+    total = torch.zeros(size, size)
+    for n in (37, 64):                      # two batches: the sums accumulate
+        add_gram(total, torch.randn(n, size))
+    torch.manual_seed(0)
+    k = torch.cat([torch.randn(37, size), torch.randn(64, size)])
+    mirrored = mirror(total)
+    assert torch.equal(mirrored, mirrored.T)
+    torch.testing.assert_close(mirrored, k.T @ k, rtol=1e-5, atol=1e-4)

@@ -303,28 +303,19 @@ def test_nothing_reruns_after_a_run(tiny_run, repo):
     assert planned(tiny_run, TINY, repo) == Counter()
 
 
-@needs_snakemake
-def test_generation_change_reruns_generate_score_report(tiny_run, repo):
-    assert planned(tiny_run, changed(generation={"max_new_tokens": 6}), repo) == Counter(
-        generate=3, score=3, report=1)
+BELOW_DELTAS = dict(update_weights=2, generate=2, score=2, locality=2, report=1)
 
 
 @needs_snakemake
-def test_v_lr_change_reruns_deltas_and_below_but_not_stats(tiny_run, repo):
-    assert planned(tiny_run, changed(hparams={"v_lr": 1.0}), repo) == Counter(
-        optimize_deltas=2, update_weights=2, generate=2, score=2, locality=2, report=1)
-
-
-@needs_snakemake
-def test_mom2_change_reruns_update_and_below_but_not_deltas(tiny_run, repo):
-    assert planned(tiny_run, changed(hparams={"mom2_update_weight": 200}), repo) == Counter(
-        update_weights=2, generate=2, score=2, locality=2, report=1)
-
-
-@needs_snakemake
-def test_stats_change_reruns_stats_and_updates(tiny_run, repo):
-    assert planned(tiny_run, changed(stats={"max_docs": 32}), repo) == Counter(
-        collect_stats=1, update_weights=2, generate=2, score=2, locality=2, report=1)
+@pytest.mark.parametrize("change, reruns", [
+    (dict(generation={"max_new_tokens": 6}), dict(generate=3, score=3, report=1)),
+    (dict(hparams={"v_lr": 1.0}), dict(optimize_deltas=2, **BELOW_DELTAS)),
+    (dict(hparams={"mom2_update_weight": 200}), BELOW_DELTAS),
+    (dict(stats={"max_docs": 32}), dict(collect_stats=1, **BELOW_DELTAS)),
+], ids=["generation-reruns-generate-score-report", "v_lr-reruns-deltas-and-below-not-stats",
+        "mom2-reruns-update-and-below-not-deltas", "stats-reruns-stats-and-updates"])
+def test_a_change_reruns_only_the_stages_it_reaches(tiny_run, repo, change, reruns):
+    assert planned(tiny_run, changed(**change), repo) == Counter(reruns)
 
 
 @needs_snakemake

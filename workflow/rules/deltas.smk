@@ -13,6 +13,8 @@ rule optimize_deltas:
     resources:
         **resources_of("optimize_deltas"),
     threads: resource("optimize_deltas", "cpus_per_task")
+    # the longest stage on every path to the report: start it before anything that can wait
+    priority: 10
     shell:
         "{MUKE} optimize-deltas --spec {params.spec:q} --model {input.model} --requests {input.requests:q}"
         " --shard {wildcards.shard} --out {output.deltas} --trace {output.trace}"
