@@ -111,8 +111,12 @@ class ShiftedLM:
         return self._prefix
 
     def logprobs(self, free: list[int], deltas: list[torch.Tensor],
-                 fixed: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """log p(target_t) with `deltas` at the `free` positions and the `fixed` shifts: (1, len(target))."""
+                 fixed: dict[int, torch.Tensor] | None = None, upto: int | None = None) -> torch.Tensor:
+        """log p(target_t) with `deltas` at the `free` positions and the `fixed` shifts: (1, len(target)).
+
+        upto: only targets [0, upto) are needed; the fast path then stops the sequence after the position
+        predicting the last of them (later positions cannot change earlier log-probs) and returns (1, upto).
+        """
         fixed = fixed or {}
         if not self.fast:
             with hooks.shifts(self.em.layer(self.layer), list(fixed) + free, list(fixed.values()) + deltas):
@@ -126,9 +130,10 @@ class ShiftedLM:
         if start > 0:
             cache, lp_prefix = self.prefix(start, fixed)
             cache = copy.deepcopy(cache)
-        ids = self.input_ids[:, start:]
+        end = self.input_ids.shape[1] if upto is None else self.first_target + upto
+        ids = self.input_ids[:, start:end]
         with hooks.shifts(self.em.layer(self.layer), [p - start for p in free], deltas), \
-                hooks.replay_lower_layers(self.em.layers, self.layer, self.hidden[:, start:], self._as_tuple):
+                hooks.replay_lower_layers(self.em.layers, self.layer, self.hidden[:, start:end], self._as_tuple):
             out = self.em.model(input_ids=ids, use_cache=cache is not None, **{cache_arg(self.em.model): cache})
         first = max(start, self.first_target)
         lp = self._target_logprobs(out.logits[:, first - start:], first)
@@ -151,12 +156,13 @@ def optimise_shifts(lm: ShiftedLM, coeff: torch.Tensor, free: list[int], fixed: 
     """
     device = lm.em.device
     coeff = coeff.to(device)
+    upto = int(coeff.nonzero().max()) + 1           # tokens after the last weighted one need no forward pass
     h_norm = {p: lm.h([p]).norm() for p in free}
     deltas = {p: torch.zeros(lm.em.hidden_size, device=device, requires_grad=True) for p in free}
     opt = torch.optim.Adam(list(deltas.values()), lr=cfg.v_lr)
     for step in range(cfg.v_num_grad_steps):
-        logp = lm.logprobs(free, [deltas[p] for p in free], fixed)[0]
-        nll = -(coeff * logp).sum()
+        logp = lm.logprobs(free, [deltas[p] for p in free], fixed, upto)[0]
+        nll = -(coeff[:len(logp)] * logp).sum()
         decay = sum(cfg.v_weight_decay * deltas[p].norm() / h_norm[p] ** 2 for p in free)
         loss = nll + decay
         _check_finite(loss, "loss", label, step)
