@@ -2,9 +2,9 @@
 
 k: (d_ff,) is the input of the MLP down-projection of a decoder layer at one token position. One forward
 pass over a batch hooks every requested layer and stops after the last of them; padded positions are
-excluded. Sums Σ k kᵀ (upper triangle only, mirrored when saved: half the FLOPs) and counts are accumulated in fp32, checkpointed every N documents (atomically),
-and a killed run resumes from its checkpoint. The file keeps the SUM and the count (as ROME's
-runningstats); `Stats.second_moment` divides.
+excluded. Sums Σ k kᵀ (upper triangle only, mirrored when saved: half the FLOPs) and counts are
+accumulated in fp32, checkpointed every N documents (atomically), and a killed run resumes from its
+checkpoint. The file keeps the SUM and the count (as ROME's runningstats); `Stats.second_moment` divides.
 
 Documents are truncated to the model's max length, as MEMIT's statistics are. With `pack` (default)
 several documents share a row instead of each being padded to the batch's longest: every document
@@ -330,7 +330,8 @@ def accumulate(em: EditableModel, layers: list[int], inputs: dict[str, torch.Ten
     """sums[l] += Σ k kᵀ over the `keep` positions of one batch, all layers in one pass.
 
     inputs: model keyword arguments (input_ids (batch, T), attention_mask, ...); keep: (batch, T) bool;
-    sums[l]: (d_ff, d_ff) fp32, valid on and above the diagonal (`add_gram`). dtype: autocast the forward pass to it (None: run as loaded).
+    sums[l]: (d_ff, d_ff) fp32, valid on and above the diagonal (`add_gram`). dtype: autocast the
+    forward pass to it (None: run as loaded).
     """
     keep = keep.to(em.device)
     device_type = em.device.type
