@@ -45,11 +45,12 @@ def shifts(layer: nn.Module, positions: Sequence[int], deltas: Sequence[torch.Te
 
 
 @contextmanager
-def capture(module: nn.Module, what: str = "output",
-            sink: Callable[[torch.Tensor], None] | None = None) -> Iterator[list[torch.Tensor]]:
+def capture(module: nn.Module, what: str = "output", sink: Callable[[torch.Tensor], None] | None = None,
+            detach: bool = True) -> Iterator[list[torch.Tensor]]:
     """Record the module's first input ("input") or its (hidden) output ("output") on each call.
 
-    With `sink`, each captured tensor is passed to it instead of being kept (for streaming statistics).
+    With `sink`, each captured tensor is passed to it instead of being kept (for streaming statistics);
+    detach=False keeps the captured tensor in the autograd graph.
     """
     if what not in ("input", "output"):
         raise ValueError(f"capture what={what!r}: expected 'input' or 'output'")
@@ -57,7 +58,8 @@ def capture(module: nn.Module, what: str = "output",
     keep = sink or seen.append
 
     def hook(_module, inputs, output):
-        keep((inputs[0] if what == "input" else hidden_of(output)).detach())
+        x = inputs[0] if what == "input" else hidden_of(output)
+        keep(x.detach() if detach else x)
 
     handle = module.register_forward_hook(hook)
     try:

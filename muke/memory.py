@@ -110,36 +110,58 @@ class ShiftedLM:
             self._prefix_key, self._prefix = key, (getattr(out, cache_arg(self.em.model)), lp)
         return self._prefix
 
-    def logprobs(self, free: list[int], deltas: list[torch.Tensor],
-                 fixed: dict[int, torch.Tensor] | None = None, upto: int | None = None) -> torch.Tensor:
-        """log p(target_t) with `deltas` at the `free` positions and the `fixed` shifts: (1, len(target)).
+    def _forward(self, free: list[int], deltas: list[torch.Tensor], fixed: dict[int, torch.Tensor],
+                 upto: int | None = None, **kwargs):
+        """The model's forward pass with the shifts: (output, first input position it covers).
 
-        upto: only targets [0, upto) are needed; the fast path then stops the sequence after the position
-        predicting the last of them (later positions cannot change earlier log-probs) and returns (1, upto).
+        Fast path: the suffix from the first free shift on, on the prefix's KV cache, lower layers replayed;
+        upto: only targets [0, upto) are needed, so the sequence stops after the position predicting the
+        last of them (later positions cannot change earlier log-probs).
         """
-        fixed = fixed or {}
         if not self.fast:
             with hooks.shifts(self.em.layer(self.layer), list(fixed) + free, list(fixed.values()) + deltas):
-                out = self.em.model(input_ids=self.input_ids, use_cache=False,
-                                    logits_to_keep=len(self.seq.target_ids))
-            return self._target_logprobs(out.logits, self.first_target)
+                return self.em.model(input_ids=self.input_ids, use_cache=False, **kwargs), 0
         start = min(free)
         if any(p >= start for p in fixed):
             raise ValueError("frozen shifts must precede every free shift")
-        cache, lp_prefix = None, None
-        if start > 0:
-            cache, lp_prefix = self.prefix(start, fixed)
-            cache = copy.deepcopy(cache)
+        cache = copy.deepcopy(self.prefix(start, fixed)[0]) if start > 0 else None
         end = self.input_ids.shape[1] if upto is None else self.first_target + upto
-        ids = self.input_ids[:, start:end]
         with hooks.shifts(self.em.layer(self.layer), [p - start for p in free], deltas), \
                 hooks.replay_lower_layers(self.em.layers, self.layer, self.hidden[:, start:end], self._as_tuple):
-            out = self.em.model(input_ids=ids, use_cache=cache is not None, **{cache_arg(self.em.model): cache})
+            out = self.em.model(input_ids=self.input_ids[:, start:end], use_cache=cache is not None,
+                                **{cache_arg(self.em.model): cache}, **kwargs)
+        return out, start
+
+    def logprobs(self, free: list[int], deltas: list[torch.Tensor],
+                 fixed: dict[int, torch.Tensor] | None = None, upto: int | None = None) -> torch.Tensor:
+        """log p(target_t) with `deltas` at the `free` positions and the `fixed` shifts: (1, len(target)),
+        or (1, upto) on the fast path when only targets [0, upto) are needed."""
+        fixed = fixed or {}
+        if not self.fast:
+            out, _ = self._forward(free, deltas, fixed, logits_to_keep=len(self.seq.target_ids))
+            return self._target_logprobs(out.logits, self.first_target)
+        out, start = self._forward(free, deltas, fixed, upto)
         first = max(start, self.first_target)
         lp = self._target_logprobs(out.logits[:, first - start:], first)
-        if lp_prefix is not None:
-            lp = torch.cat([lp_prefix, lp], dim=1)
+        if start > 0:
+            lp = torch.cat([self.prefix(start, fixed)[1], lp], dim=1)
         return lp
+
+    def target_states(self, free: list[int], deltas: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """The LM head's input (the final norm's output), kept in the autograd graph, at the positions
+        that predict targets, with `deltas` at the `free` positions: ((1, n, d), input position of row 0).
+        On the fast path the rows start at the first free shift; the head itself is left out."""
+        with hooks.capture(self.em.final_norm, "output", detach=False) as seen:
+            _, start = self._forward(free, deltas, {}, logits_to_keep=1)
+        first = max(start, self.first_target)
+        return seen[-1][:, first - start:], first             # the last call: the prefix may run before it
+
+    def nll_gradients(self, states: torch.Tensor, first: int) -> torch.Tensor:
+        """Row t: ∇ of target token t's NLL w.r.t. its own row of `states` (no other row changes it), for
+        the rows `target_states` returned: (1, n, d). One backward through the LM head for every token."""
+        x = states.detach().requires_grad_(True)
+        nll = -self._target_logprobs(self.em.head_logits(x), first).sum()
+        return torch.autograd.grad(nll, x)[0]
 
 
 def _check_finite(value: torch.Tensor, what: str, window: int, step: int) -> None:
@@ -183,19 +205,25 @@ def optimise_shifts(lm: ShiftedLM, coeff: torch.Tensor, free: list[int], fixed: 
     return {p: d.detach() for p, d in deltas.items()}
 
 
-def figure_gradients(lm: ShiftedLM, position: int, delta: torch.Tensor, figures: torch.Tensor,
-                     shared: bool) -> torch.Tensor:
-    """∇δ of each figure's mean NLL at δ (no other shift applied): (n_fig, d).
+def figure_gradients(lm: ShiftedLM, i: int, delta: torch.Tensor, shared: bool) -> torch.Tensor:
+    """∇δ of each figure's mean NLL at δ on window i's hook (no other shift applied): (N - i, d).
 
-    Every figure sees the same forward pass; only its loss differs. Shared: one forward pass and one
-    backward per figure through the kept graph (measured 2x faster on CPU than one batch row per
-    figure, which repeats the forward). Otherwise one forward/backward per figure.
+    Shared (fast path): one forward pass and one backward through the LM head give every target token's
+    NLL gradient at the head's input (`nll_gradients`); figure Y_i..Y_j's gradient is then one backward
+    through the layers from those rows weighted by the figure's coefficients. Otherwise one
+    forward/backward per figure (the straightforward path).
     """
+    seq = lm.seq
+    position = seq.hook_positions[i]
+    figures = figure_coefficients(seq, i).to(lm.em.device)
     if shared:
         d = delta.detach().clone().requires_grad_(True)
-        losses = -(figures * lm.logprobs([position], [d])[0]).sum(-1)
-        return torch.stack([torch.autograd.grad(loss, d, retain_graph=k < len(losses) - 1)[0]
-                            for k, loss in enumerate(losses)])
+        states, first = lm.target_states([position], [d])
+        upstream = lm.nll_gradients(states, first)
+        t0 = first - lm.first_target
+        coeffs = figures[:, t0:t0 + states.shape[1]]
+        return torch.stack([torch.autograd.grad(states, d, c[None, :, None] * upstream, retain_graph=k < len(coeffs) - 1)[0]
+                            for k, c in enumerate(coeffs)])
     grads = []
     for coeff in figures:
         d = delta.detach().clone().requires_grad_(True)
@@ -210,18 +238,20 @@ def initial_figure_gradients(lm: ShiftedLM) -> list[torch.Tensor]:
     At δ = 0 every window sees the unshifted model, so one forward pass with a zero shift at each hook
     position serves them all. Tokens before window i do not depend on δ_i (causal), hence
     ∇δ_i L(Y_i..Y_j) = c_ij · ∇δ_i S_j with S_j the summed NLL of windows 0..j and c_ij the figure's
-    per-token coefficient: one backward per j gives figure j of every window (N backwards in all,
-    instead of a forward and N - i backwards per window).
+    per-token coefficient: one backward per j (from the LM head's input, as in `figure_gradients`)
+    gives figure j of every window, N backwards in all instead of a forward and N - i backwards per window.
     """
     seq = lm.seq
     windows = range(seq.n_windows - 1)
     zeros = [torch.zeros(lm.em.hidden_size, device=lm.em.device, requires_grad=True) for _ in windows]
-    nll = -lm.logprobs([seq.hook_positions[i] for i in windows], zeros)[0]
+    states, first = lm.target_states([seq.hook_positions[i] for i in windows], zeros)
+    upstream = lm.nll_gradients(states, first)
+    t0 = first - lm.first_target
     summed = []                                         # summed[j][i] = ∇δ_i S_j
     for j in range(seq.n_windows):
-        grads = torch.autograd.grad(nll[seq.window_mask(0, j).to(nll.device)].sum(), zeros[:j + 1],
-                                    retain_graph=j < seq.n_windows - 1)
-        summed.append(grads)
+        mask = seq.window_mask(0, j)[t0:t0 + states.shape[1]].to(upstream)
+        summed.append(torch.autograd.grad(states, zeros[:j + 1], mask[None, :, None] * upstream,
+                                          retain_graph=j < seq.n_windows - 1))
     out = []
     for i in windows:
         figures = figure_coefficients(seq, i)
@@ -237,9 +267,6 @@ def window_affinity(lm: ShiftedLM, i: int, cfg: MemoryConfig, first: torch.Tenso
     each step the gradients of every nested figure Y_i..Y_j. Earlier shifts are not applied and no
     clamp is done, as in the authors' code. first: the figure gradients at δ = 0 when already known
     (`initial_figure_gradients`)."""
-    seq = lm.seq
-    position = seq.hook_positions[i]
-    figures = figure_coefficients(seq, i).to(lm.em.device)
     delta = torch.zeros(lm.em.hidden_size, device=lm.em.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     g_first, g_figs = [], []
@@ -247,7 +274,7 @@ def window_affinity(lm: ShiftedLM, i: int, cfg: MemoryConfig, first: torch.Tenso
         if step == 0 and first is not None:
             grads = first
         else:
-            grads = figure_gradients(lm, position, delta, figures, shared=cfg.fast)
+            grads = figure_gradients(lm, i, delta, shared=cfg.fast)
             _check_finite(grads, "affinity gradient", i, step)
         g_first.append(grads[0])
         g_figs.append(grads)

@@ -134,6 +134,13 @@ class EditableModel:
     def lm_head(self) -> nn.Module:
         return _get(self.model, self.adapter.lm_head)
 
+    def head_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Logits from the final norm's output, as the model's own forward computes them: the LM head,
+        then the final soft-capping of models that have one (gemma2)."""
+        logits = self.lm_head(states)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
     @property
     def end_of_turn(self) -> str:
         """The token that closes an assistant turn; part of every edit target (ALGORITHM §1)."""

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from muke import hooks
-from muke.memory import (MemoryConfig, NumericalError, ShiftedLM, decode_with_shifts, optimise,
-                         optimise_request)
+from muke.memory import (MemoryConfig, NumericalError, ShiftedLM, decode_with_shifts, figure_gradients,
+                         initial_figure_gradients, optimise, optimise_request)
 from muke.model import EditableModel, load
 from muke.objectives import affinity_lambdas, figure_coefficients, token_coefficients
 from muke.windows import EditSequence, encode, split_windows
@@ -155,6 +155,28 @@ def test_fast_path_equals_straightforward(tiny, objective):
     for a, b in zip(fast.trace, slow.trace):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert torch.allclose(fast.z, slow.z, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_figure_gradients_equal_one_backward_per_figure(tiny):
+    """The fast path's figure gradients (from the LM head's input, and all windows at δ = 0 at once)
+    are the gradients themselves, not only their directions (which the affinity cosines would hide)."""
+    seq = encode(tiny.tokenizer, QUESTION, ANSWER, tiny.end_of_turn, 8)
+    fast, slow = ShiftedLM(tiny, seq, 1, fast=True), ShiftedLM(tiny, seq, 1, fast=False)
+    at_zero = initial_figure_gradients(fast)
+    torch.manual_seed(0)
+    for i in range(seq.n_windows - 1):
+        zero = torch.zeros(tiny.hidden_size)
+        assert torch.allclose(at_zero[i], figure_gradients(slow, i, zero, shared=False), rtol=1e-4, atol=1e-7)
+        delta = 0.3 * torch.randn(tiny.hidden_size)
+        expected = figure_gradients(slow, i, delta, shared=False)
+        assert torch.allclose(figure_gradients(fast, i, delta, shared=True), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_head_logits_are_the_models_logits(tiny):
+    ids = encode(tiny.tokenizer, QUESTION, ANSWER, tiny.end_of_turn, 8).input_ids
+    with torch.no_grad(), hooks.capture(tiny.final_norm, "output") as seen:
+        logits = tiny.model(input_ids=ids).logits
+    assert torch.allclose(tiny.head_logits(seen[0]), logits, atol=1e-6)
 
 
 def test_result_shapes_and_z_is_h_plus_delta(tiny):
