@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from . import hooks
 from .model import EditableModel, cache_arg
@@ -65,6 +66,9 @@ class MemoryResult:
     affinities: list[list[float]]
     trace: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+
+
+MIN_CHUNK = 64      # positions per chunk of a shared affinity pass; shorter ones re-read the weights too often
 
 
 class ShiftedLM:
@@ -126,11 +130,16 @@ class ShiftedLM:
             raise ValueError("frozen shifts must precede every free shift")
         cache = copy.deepcopy(self.prefix(start, fixed)[0]) if start > 0 else None
         end = self.input_ids.shape[1] if upto is None else self.first_target + upto
-        with hooks.shifts(self.em.layer(self.layer), [p - start for p in free], deltas), \
+        return self._run(start, end, free, deltas, cache, **kwargs), start
+
+    def _run(self, start: int, end: int, free: list[int], deltas: list[torch.Tensor], cache, **kwargs):
+        """Input positions [start, end) through the layers above l_WM on `cache` (positions before start),
+        the shifts that fall inside the range added."""
+        inside = [k for k, p in enumerate(free) if start <= p < end]
+        with hooks.shifts(self.em.layer(self.layer), [free[k] - start for k in inside], [deltas[k] for k in inside]), \
                 hooks.replay_lower_layers(self.em.layers, self.layer, self.hidden[:, start:end], self._as_tuple):
-            out = self.em.model(input_ids=self.input_ids[:, start:end], use_cache=cache is not None,
-                                **{cache_arg(self.em.model): cache}, **kwargs)
-        return out, start
+            return self.em.model(input_ids=self.input_ids[:, start:end], use_cache=cache is not None,
+                                 **{cache_arg(self.em.model): cache}, **kwargs)
 
     def logprobs(self, free: list[int], deltas: list[torch.Tensor],
                  fixed: dict[int, torch.Tensor] | None = None, upto: int | None = None) -> torch.Tensor:
@@ -147,14 +156,38 @@ class ShiftedLM:
             lp = torch.cat([self.prefix(start, fixed)[1], lp], dim=1)
         return lp
 
-    def target_states(self, free: list[int], deltas: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def target_states(self, free: list[int], deltas: list[torch.Tensor],
+                      cuts: list[int] = ()) -> list[tuple[torch.Tensor, int]]:
         """The LM head's input (the final norm's output), kept in the autograd graph, at the positions
-        that predict targets, with `deltas` at the `free` positions: ((1, n, d), input position of row 0).
-        On the fast path the rows start at the first free shift; the head itself is left out."""
-        with hooks.capture(self.em.final_norm, "output", detach=False) as seen:
-            _, start = self._forward(free, deltas, {}, logits_to_keep=1)
-        first = max(start, self.first_target)
-        return seen[-1][:, first - start:], first             # the last call: the prefix may run before it
+        that predict targets, with `deltas` at the `free` positions: [((1, n, d), input position of row 0)],
+        one entry per chunk. On the fast path the rows start at the first free shift, and the pass is split
+        at the input positions `cuts`: each chunk runs on the KV cache of the chunks before it, so a
+        backward from a chunk's rows does not run through the later chunks. The head itself is left out.
+        """
+        if not (self.fast and cuts and self._chunkable):
+            with hooks.capture(self.em.final_norm, "output", detach=False) as seen:
+                _, start = self._forward(free, deltas, {}, logits_to_keep=1)
+            first = max(start, self.first_target)
+            return [(seen[-1][:, first - start:], first)]          # the last call: the prefix may run before it
+        start = min(free)
+        bounds = [start] + [c for c in cuts if c > start] + [self.input_ids.shape[1]]
+        cache = copy.deepcopy(self.prefix(start, {})[0]) if start > 0 else None
+        chunks = []
+        for a, b in zip(bounds, bounds[1:]):
+            if cache is not None:
+                _sync_skipped_layers(cache, self.layer)
+            with hooks.capture(self.em.final_norm, "output", detach=False) as seen:
+                out = self._run(a, b, free, deltas, cache if cache is not None else DynamicCache(config=self.em.model.config),
+                                logits_to_keep=1)
+            cache = getattr(out, cache_arg(self.em.model))
+            first = max(a, self.first_target)
+            chunks.append((seen[-1][:, first - a:], first))
+        return chunks
+
+    @property
+    def _chunkable(self) -> bool:
+        """Whether the KV cache has per-layer entries (transformers ≥ 4.56) and there are layers above l_WM."""
+        return hasattr(DynamicCache(), "layers") and self.layer + 1 < self.em.n_layers
 
     def nll_gradients(self, states: torch.Tensor, first: int) -> torch.Tensor:
         """Row t: ∇ of target token t's NLL w.r.t. its own row of `states` (no other row changes it), for
@@ -162,6 +195,14 @@ class ShiftedLM:
         x = states.detach().requires_grad_(True)
         nll = -self._target_logprobs(self.em.head_logits(x), first).sum()
         return torch.autograd.grad(nll, x)[0]
+
+
+def _sync_skipped_layers(cache, layer: int) -> None:
+    """Replayed layers 0..layer never run, so their cache entries stop growing while the mask and the
+    positions are sized from layer 0's: point them at the first upper layer's entry (which they never read)."""
+    above = cache.layers[layer + 1]
+    for entry in cache.layers[:layer + 1]:
+        entry.keys, entry.values, entry.is_initialized = above.keys, above.values, True
 
 
 def _check_finite(value: torch.Tensor, what: str, window: int, step: int) -> None:
@@ -205,25 +246,51 @@ def optimise_shifts(lm: ShiftedLM, coeff: torch.Tensor, free: list[int], fixed: 
     return {p: d.detach() for p, d in deltas.items()}
 
 
+def chunk_cuts(seq: EditSequence, first: int) -> list[int]:
+    """Window starts after window `first`'s hook that split a pass into chunks of ≥ MIN_CHUNK positions."""
+    cuts, last = [], seq.hook_positions[first]
+    for p in seq.hook_positions[first + 1:]:
+        if p - last >= MIN_CHUNK:
+            cuts.append(p)
+            last = p
+    return cuts
+
+
+def weighted_gradients(lm: ShiftedLM, first: int, free: list[int], deltas: list[torch.Tensor],
+                       weights: torch.Tensor, inputs: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
+    """For each row w of `weights` (coefficients over target tokens), ∇ of Σ_t w_t · NLL_t w.r.t. the
+    shifts in inputs[row], with `deltas` at the `free` positions (window `first` on).
+
+    One forward pass in chunks of whole windows (`target_states`), one backward through the LM head per
+    chunk (`nll_gradients`), then per row one backward through the layers of the chunks up to its last
+    weighted token only.
+    """
+    chunks = lm.target_states(free, deltas, chunk_cuts(lm.seq, first))
+    upstream = [lm.nll_gradients(states, position) for states, position in chunks]
+    out = []
+    for k, w in enumerate(weights):
+        last = lm.first_target + int(w.nonzero().max())             # input position of its last weighted token
+        used = [c for c, (_, position) in enumerate(chunks) if position <= last]
+        grads = []
+        for c in used:
+            t0 = chunks[c][1] - lm.first_target
+            grads.append(w[t0:t0 + chunks[c][0].shape[1]].to(upstream[c])[None, :, None] * upstream[c])
+        out.append(torch.autograd.grad([chunks[c][0] for c in used], inputs[k], grads,
+                                       retain_graph=k < len(weights) - 1))
+    return out
+
+
 def figure_gradients(lm: ShiftedLM, i: int, delta: torch.Tensor, shared: bool) -> torch.Tensor:
     """∇δ of each figure's mean NLL at δ on window i's hook (no other shift applied): (N - i, d).
 
-    Shared (fast path): one forward pass and one backward through the LM head give every target token's
-    NLL gradient at the head's input (`nll_gradients`); figure Y_i..Y_j's gradient is then one backward
-    through the layers from those rows weighted by the figure's coefficients. Otherwise one
+    Shared (fast path): one forward pass for all figures (`weighted_gradients`). Otherwise one
     forward/backward per figure (the straightforward path).
     """
-    seq = lm.seq
-    position = seq.hook_positions[i]
-    figures = figure_coefficients(seq, i).to(lm.em.device)
+    position = lm.seq.hook_positions[i]
+    figures = figure_coefficients(lm.seq, i).to(lm.em.device)
     if shared:
         d = delta.detach().clone().requires_grad_(True)
-        states, first = lm.target_states([position], [d])
-        upstream = lm.nll_gradients(states, first)
-        t0 = first - lm.first_target
-        coeffs = figures[:, t0:t0 + states.shape[1]]
-        return torch.stack([torch.autograd.grad(states, d, c[None, :, None] * upstream, retain_graph=k < len(coeffs) - 1)[0]
-                            for k, c in enumerate(coeffs)])
+        return torch.stack([g[0] for g in weighted_gradients(lm, i, [position], [d], figures, [[d]] * len(figures))])
     grads = []
     for coeff in figures:
         d = delta.detach().clone().requires_grad_(True)
@@ -238,20 +305,15 @@ def initial_figure_gradients(lm: ShiftedLM) -> list[torch.Tensor]:
     At δ = 0 every window sees the unshifted model, so one forward pass with a zero shift at each hook
     position serves them all. Tokens before window i do not depend on δ_i (causal), hence
     ∇δ_i L(Y_i..Y_j) = c_ij · ∇δ_i S_j with S_j the summed NLL of windows 0..j and c_ij the figure's
-    per-token coefficient: one backward per j (from the LM head's input, as in `figure_gradients`)
-    gives figure j of every window, N backwards in all instead of a forward and N - i backwards per window.
+    per-token coefficient: one backward per j gives figure j of every window, N backwards in all instead
+    of a forward and N - i backwards per window.
     """
     seq = lm.seq
     windows = range(seq.n_windows - 1)
     zeros = [torch.zeros(lm.em.hidden_size, device=lm.em.device, requires_grad=True) for _ in windows]
-    states, first = lm.target_states([seq.hook_positions[i] for i in windows], zeros)
-    upstream = lm.nll_gradients(states, first)
-    t0 = first - lm.first_target
-    summed = []                                         # summed[j][i] = ∇δ_i S_j
-    for j in range(seq.n_windows):
-        mask = seq.window_mask(0, j)[t0:t0 + states.shape[1]].to(upstream)
-        summed.append(torch.autograd.grad(states, zeros[:j + 1], mask[None, :, None] * upstream,
-                                          retain_graph=j < seq.n_windows - 1))
+    masks = torch.stack([seq.window_mask(0, j).float() for j in range(seq.n_windows)]).to(lm.em.device)
+    summed = weighted_gradients(lm, 0, [seq.hook_positions[i] for i in windows], zeros, masks,
+                                [zeros[:j + 1] for j in range(seq.n_windows)])       # summed[j][i] = ∇δ_i S_j
     out = []
     for i in windows:
         figures = figure_coefficients(seq, i)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from muke import hooks
+from muke import hooks, memory
 from muke.memory import (MemoryConfig, NumericalError, ShiftedLM, decode_with_shifts, figure_gradients,
                          initial_figure_gradients, optimise, optimise_request)
 from muke.model import EditableModel, load
@@ -157,11 +157,16 @@ def test_fast_path_equals_straightforward(tiny, objective):
     assert torch.allclose(fast.z, slow.z, rtol=1e-5, atol=1e-5)
 
 
-def test_shared_figure_gradients_equal_one_backward_per_figure(tiny):
-    """The fast path's figure gradients (from the LM head's input, and all windows at δ = 0 at once)
-    are the gradients themselves, not only their directions (which the affinity cosines would hide)."""
+@pytest.mark.parametrize("min_chunk", [64, 4])
+def test_shared_figure_gradients_equal_one_backward_per_figure(tiny, monkeypatch, min_chunk):
+    """The fast path's figure gradients (from the LM head's input, in chunks of windows, all windows at
+    δ = 0 at once) are the gradients themselves, not only their directions (which the affinity cosines
+    would hide). min_chunk 4: every window its own chunk; 64: one chunk."""
+    monkeypatch.setattr(memory, "MIN_CHUNK", min_chunk)
     seq = encode(tiny.tokenizer, QUESTION, ANSWER, tiny.end_of_turn, 8)
     fast, slow = ShiftedLM(tiny, seq, 1, fast=True), ShiftedLM(tiny, seq, 1, fast=False)
+    chunks = fast.target_states([seq.hook_positions[0]], [torch.zeros(tiny.hidden_size)], memory.chunk_cuts(seq, 0))
+    assert len(chunks) == (1 if min_chunk == 64 else seq.n_windows)
     at_zero = initial_figure_gradients(fast)
     torch.manual_seed(0)
     for i in range(seq.n_windows - 1):
