@@ -164,21 +164,19 @@ class ShiftedLM:
         at the input positions `cuts`: each chunk runs on the KV cache of the chunks before it, so a
         backward from a chunk's rows does not run through the later chunks. The head itself is left out.
         """
-        if not (self.fast and cuts and self._chunkable):
+        start = min(free)
+        if not (self.fast and cuts and start > 0 and self._chunkable):
             with hooks.capture(self.em.final_norm, "output", detach=False) as seen:
                 _, start = self._forward(free, deltas, {}, logits_to_keep=1)
             first = max(start, self.first_target)
             return [(seen[-1][:, first - start:], first)]          # the last call: the prefix may run before it
-        start = min(free)
         bounds = [start] + [c for c in cuts if c > start] + [self.input_ids.shape[1]]
-        cache = copy.deepcopy(self.prefix(start, {})[0]) if start > 0 else None
+        cache = copy.deepcopy(self.prefix(start, {})[0])
         chunks = []
         for a, b in zip(bounds, bounds[1:]):
-            if cache is not None:
-                _sync_skipped_layers(cache, self.layer)
+            _sync_skipped_layers(cache, self.layer)
             with hooks.capture(self.em.final_norm, "output", detach=False) as seen:
-                out = self._run(a, b, free, deltas, cache if cache is not None else DynamicCache(config=self.em.model.config),
-                                logits_to_keep=1)
+                out = self._run(a, b, free, deltas, cache, logits_to_keep=1)
             cache = getattr(out, cache_arg(self.em.model))
             first = max(a, self.first_target)
             chunks.append((seen[-1][:, first - a:], first))
