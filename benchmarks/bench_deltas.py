@@ -63,6 +63,7 @@ def main() -> None:
                                                               args.target_tokens))
                     for i, r in enumerate(requests)]
     seconds = {True: 0.0, False: 0.0}
+    affinity = {True: 0.0, False: 0.0}           # the part of `seconds` spent on the affinity λ
     worst = 0.0
     for r in requests:
         z, took = {}, {}
@@ -73,6 +74,7 @@ def main() -> None:
             seq, result = optimise_request(em, r.question, r.answer, cfg)
             took[fast] = time.perf_counter() - start
             seconds[fast] += took[fast]
+            affinity[fast] += result.affinity_seconds
             z[fast] = result.z
         worst = max(worst, ((z[True] - z[False]).norm() / z[False].norm()).item())
         print(f"{r.id}: {len(seq.target_ids)} target tokens, {seq.n_windows} windows: straightforward "
@@ -80,6 +82,11 @@ def main() -> None:
     n = len(requests)
     print(f"threads={torch.get_num_threads()} objective={args.objective} layer={args.layer}")
     print(f"straightforward: {seconds[False] / n:.1f} s/request; fast: {seconds[True] / n:.1f} s/request")
+    steps = {fast: seconds[fast] - affinity[fast] for fast in seconds}
+    if affinity[False]:
+        print(f"affinity λ: straightforward {affinity[False] / n:.1f} s, fast {affinity[True] / n:.1f} s "
+              f"({affinity[False] / affinity[True]:.2f}x); δ steps and the rest: straightforward {steps[False] / n:.1f} s, "
+              f"fast {steps[True] / n:.1f} s ({steps[False] / steps[True]:.2f}x)")
     print(f"max relative |z_fast - z_straightforward|: {worst:.2e}")
     print(f"speedup: {seconds[False] / seconds[True]:.2f}")
 

@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--kinds", nargs="+", default=list(KINDS))
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=32, help="rows per generate call of the batched arm")
+    ap.add_argument("--batch-size", type=int, default=128,
+                    help="rows per generate call of the batched arm (default: all 78 answers of 16 demo requests in one)")
     ap.add_argument("--steps", type=int, default=25, help="δ steps of the MEMIT edits")
     ap.add_argument("--cache", default=str(Path("~/.cache/muke/bench_generate").expanduser()))
     ap.add_argument("--threads", type=int, default=1)

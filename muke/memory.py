@@ -56,6 +56,7 @@ class MemoryResult:
     """Target memories of one request. Tensors are fp32 on CPU; n = number of windows.
 
     positions: (n,) hook positions; h, delta, z: (n, d_model); lambdas[i]: λ_{i,j} for j = i..n-1.
+    seconds: the whole optimisation; affinity_seconds: the part spent on the affinity λ (Eq. 12).
     """
 
     positions: list[int]
@@ -66,6 +67,7 @@ class MemoryResult:
     affinities: list[list[float]]
     trace: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    affinity_seconds: float = 0.0
 
 
 MIN_CHUNK = 64      # positions per chunk of a shared affinity pass; shorter ones re-read the weights too often
@@ -195,6 +197,62 @@ class ShiftedLM:
         return torch.autograd.grad(nll, x)[0]
 
 
+def batched_logprobs(lms: list[ShiftedLM], free: list[int], deltas: torch.Tensor, fixed: list[dict[int, torch.Tensor]],
+                     upto: list[int | None]) -> list[torch.Tensor]:
+    """`ShiftedLM.logprobs` of several requests in ONE forward pass: row r is request lms[r] with deltas[r]
+    at its free position free[r] and its frozen shifts fixed[r] (all before free[r]): [(1, n_r)].
+
+    Each row runs its suffix from free[r] on the KV cache of its own prefix (`ShiftedLM.prefix`); the
+    prefixes are right-aligned at the longest one and the suffixes left-aligned, padding masked out, each
+    row with its own position ids. Rows never mix, so a row's log-probs and gradients are its request's
+    alone: more rows share one read of the weights and larger matrix products (the point of batching).
+    """
+    em, layer = lms[0].em, lms[0].layer
+    device = em.device
+    starts = [max(p, 0) for p in free]
+    ends = [lm.input_ids.shape[1] if u is None else lm.first_target + u for lm, u in zip(lms, upto)]
+    lengths = [e - s for s, e in zip(starts, ends)]
+    width_p, width_s = max(starts), max(lengths)
+    prefixes = [lm.prefix(s, f) if s > 0 else (None, None) for lm, s, f in zip(lms, starts, fixed)]
+    mask = torch.zeros(len(lms), width_p + width_s, dtype=torch.long, device=device)
+    ids = torch.zeros(len(lms), width_s, dtype=torch.long, device=device)
+    hidden = lms[0].hidden.new_zeros(len(lms), width_s, lms[0].hidden.shape[-1])
+    for r, (lm, s, n) in enumerate(zip(lms, starts, lengths)):
+        mask[r, width_p - s:] = 1            # padding after a suffix is seen by later padding only (causal)
+        ids[r, :n] = lm.input_ids[0, s:s + n]
+        hidden[r, :n] = lm.hidden[0, s:s + n]
+    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(width_s, device=device)
+    cache = _padded_cache([c for c, _ in prefixes], starts, width_p, em) if width_p else None
+    with hooks.shifts(em.layer(layer), [0], [deltas]), \
+            hooks.replay_lower_layers(em.layers, layer, hidden, lms[0]._as_tuple):
+        logits = em.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          use_cache=cache is not None, **{cache_arg(em.model): cache}).logits
+    out = []
+    for r, (lm, s, n) in enumerate(zip(lms, starts, lengths)):
+        first = max(s, lm.first_target)
+        lp = lm._target_logprobs(logits[r:r + 1, first - s:n], first)
+        out.append(torch.cat([prefixes[r][1], lp], dim=1) if s > 0 else lp)
+    return out
+
+
+def _padded_cache(caches: list, lengths: list[int], width: int, em: EditableModel) -> DynamicCache:
+    """One KV cache for a batch of prefixes: request r's keys/values right-aligned at `width` positions,
+    zeros before them (masked out by the attention mask)."""
+    batched = DynamicCache()
+    for layer in range(em.n_layers):
+        keys, values = [], []
+        for cache, n in zip(caches, lengths):
+            if cache is None:
+                ref = next(c for c in caches if c is not None).layers[layer].keys
+                k = v = ref.new_zeros(1, ref.shape[1], 0, ref.shape[3])
+            else:
+                k, v = cache.layers[layer].keys[:, :, :n], cache.layers[layer].values[:, :, :n]
+            keys.append(torch.nn.functional.pad(k, (0, 0, width - n, 0)))
+            values.append(torch.nn.functional.pad(v, (0, 0, width - n, 0)))
+        batched.update(torch.cat(keys), torch.cat(values), layer)
+    return batched
+
+
 def _sync_skipped_layers(cache, layer: int) -> None:
     """Replayed layers 0..layer never run, so their cache entries stop growing while the mask and the
     positions are sized from layer 0's: point them at the first upper layer's entry (which they never read)."""
@@ -242,6 +300,58 @@ def optimise_shifts(lm: ShiftedLM, coeff: torch.Tensor, free: list[int], fixed: 
                 if norm > limit:
                     deltas[p].mul_(limit / norm)
     return {p: d.detach() for p, d in deltas.items()}
+
+
+def optimise_shifts_batched(lms: list[ShiftedLM], coeffs: list[torch.Tensor], free: list[int],
+                            fixed: list[dict[int, torch.Tensor]], cfg: MemoryConfig, traces: list[list[dict]],
+                            label: int) -> list[torch.Tensor | NumericalError]:
+    """`optimise_shifts` of one free shift per request, the requests' forward/backward passes batched
+    (`batched_logprobs`). Exactly the per-request loop: each δ_r is its own Adam parameter (a request that
+    stops early, or fails, leaves the batch and gets no further update), with its own clamp and trace.
+    Returns δ_r, or the NumericalError of a request whose loss turned non-finite."""
+    device = lms[0].em.device
+    coeffs = [c.to(device) for c in coeffs]
+    upto = [int(c.nonzero().max()) + 1 for c in coeffs]
+    h_norm = [lm.h([p]).norm() for lm, p in zip(lms, free)]
+    deltas = [torch.zeros(lms[0].em.hidden_size, device=device, requires_grad=True) for _ in lms]
+    opt = torch.optim.Adam(deltas, lr=cfg.v_lr)
+    out: list = [None] * len(lms)
+    active = list(range(len(lms)))
+    for step in range(cfg.v_num_grad_steps):
+        logps = batched_logprobs([lms[r] for r in active], [free[r] for r in active],
+                                 torch.stack([deltas[r] for r in active]), [fixed[r] for r in active],
+                                 [upto[r] for r in active])
+        going = []
+        for r, logp in zip(active, logps):
+            logp = logp[0]
+            nll = -(coeffs[r][:len(logp)] * logp).sum()
+            decay = cfg.v_weight_decay * deltas[r].norm() / h_norm[r] ** 2
+            loss = nll + decay
+            try:
+                _check_finite(loss, "loss", label, step)
+            except NumericalError as e:
+                out[r] = e
+                continue
+            traces[r].append({"window": label, "step": step, "loss": loss.item(), "nll": nll.item(),
+                              "weight_decay": decay.item(), "delta_norm": deltas[r].norm().item(),
+                              "h_norm": h_norm[r].item()})
+            if loss.item() < cfg.early_stop or step == cfg.v_num_grad_steps - 1:
+                out[r] = deltas[r].detach()
+            else:
+                going.append((r, loss))
+        if not going:
+            break
+        opt.zero_grad(set_to_none=True)             # rows that left the batch keep grad None: Adam skips them
+        torch.stack([loss for _, loss in going]).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            for r, _ in going:
+                limit = cfg.clamp_norm_factor * h_norm[r]
+                norm = deltas[r].norm()
+                if norm > limit:
+                    deltas[r].mul_(limit / norm)
+        active = [r for r, _ in going]
+    return out
 
 
 def chunk_cuts(seq: EditSequence, first: int) -> list[int]:
@@ -350,17 +460,22 @@ def optimise(em: EditableModel, seq: EditSequence, cfg: MemoryConfig) -> MemoryR
     positions = seq.hook_positions
     trace: list[dict] = []
     lambdas, affinities = [], []
+    affinity_seconds = 0.0
     if cfg.objective == "parallel_nll":
         coeff = token_coefficients("parallel_nll", seq, 0)
         shifts = optimise_shifts(lm, coeff, positions, {}, cfg, trace, label=-1)
     else:
         shifts = {}
+        tick = time.perf_counter()
         shared_first = cfg.fast and cfg.objective == "matryoshka" and cfg.affinity_steps and seq.n_windows > 1
         first = initial_figure_gradients(lm) if shared_first else [None] * (seq.n_windows - 1)
+        affinity_seconds = time.perf_counter() - tick
         for i, p in enumerate(positions):
             lam = None
             if cfg.objective == "matryoshka":
+                tick = time.perf_counter()
                 aff = window_affinity(lm, i, cfg, first[i]) if i < seq.n_windows - 1 else torch.ones(1)
+                affinity_seconds += time.perf_counter() - tick
                 lam = affinity_lambdas(aff.cpu(), cfg.lambda_order)
                 affinities.append(aff.tolist())
                 lambdas.append(lam.tolist())
@@ -369,13 +484,90 @@ def optimise(em: EditableModel, seq: EditSequence, cfg: MemoryConfig) -> MemoryR
     h = lm.h(positions).cpu()
     delta = torch.stack([shifts[p] for p in positions]).cpu()
     return MemoryResult(positions, h, delta, h + delta, lambdas, affinities, trace,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, affinity_seconds)
+
+
+def can_batch(em: EditableModel, cfg: MemoryConfig) -> bool:
+    """Whether `optimise_batch` batches requests: the fast path of a window-by-window objective, layers
+    above l_WM, and a KV cache with per-layer entries (transformers ≥ 4.56)."""
+    return (cfg.fast and cfg.objective != "parallel_nll" and cfg.layer + 1 < em.n_layers
+            and hasattr(DynamicCache(), "layers"))
+
+
+def optimise_batch(em: EditableModel, seqs: list[EditSequence], cfg: MemoryConfig) -> list[MemoryResult | NumericalError]:
+    """`optimise` of several requests, their δ loops batched window by window (`optimise_shifts_batched`):
+    window i of every request that has one is optimised in the same forward/backward passes. The affinity
+    λ of a window depends on no other shift (Eq. 12), so each request's λ are computed first, alone.
+    A request whose loss turns non-finite gets its NumericalError; the others go on. Where batching does
+    not apply (`can_batch`), or for a single request, they run one by one (`optimise`). seconds: the
+    batch's wall time split evenly.
+    """
+    if len(seqs) == 1 or not can_batch(em, cfg):
+        out = []
+        for seq in seqs:
+            try:
+                out.append(optimise(em, seq, cfg))
+            except NumericalError as e:
+                out.append(e)
+        return out
+    start = time.perf_counter()
+    lms = [ShiftedLM(em, seq, cfg.layer) for seq in seqs]
+    failed: list[NumericalError | None] = [None] * len(seqs)
+    lambdas: list[list] = [[] for _ in seqs]
+    affinities: list[list] = [[] for _ in seqs]
+    affinity_seconds = [0.0] * len(seqs)
+    if cfg.objective == "matryoshka":
+        for r, (lm, seq) in enumerate(zip(lms, seqs)):
+            tick = time.perf_counter()
+            try:
+                first = initial_figure_gradients(lm) if cfg.affinity_steps and seq.n_windows > 1 else None
+                for i in range(seq.n_windows):
+                    aff = (window_affinity(lm, i, cfg, first[i] if first else None) if i < seq.n_windows - 1
+                           else torch.ones(1))
+                    affinities[r].append(aff.tolist())
+                    lambdas[r].append(affinity_lambdas(aff.cpu(), cfg.lambda_order).tolist())
+            except NumericalError as e:
+                failed[r] = e
+            affinity_seconds[r] = time.perf_counter() - tick
+    shifts: list[dict[int, torch.Tensor]] = [{} for _ in seqs]
+    traces: list[list[dict]] = [[] for _ in seqs]
+    for i in range(max(seq.n_windows for seq in seqs)):
+        rows = [r for r, seq in enumerate(seqs) if failed[r] is None and i < seq.n_windows]
+        if not rows:
+            break
+        coeffs = [token_coefficients(cfg.objective, seqs[r], i,
+                                     torch.tensor(lambdas[r][i]) if cfg.objective == "matryoshka" else None)
+                  for r in rows]
+        got = optimise_shifts_batched([lms[r] for r in rows], coeffs, [seqs[r].hook_positions[i] for r in rows],
+                                      [dict(shifts[r]) for r in rows], cfg, [traces[r] for r in rows], label=i)
+        for r, delta in zip(rows, got):
+            if isinstance(delta, NumericalError):
+                failed[r] = delta
+            else:
+                shifts[r][seqs[r].hook_positions[i]] = delta
+    seconds = (time.perf_counter() - start) / len(seqs)
+    out = []
+    for r, (lm, seq) in enumerate(zip(lms, seqs)):
+        if failed[r] is not None:
+            out.append(failed[r])
+            continue
+        positions = seq.hook_positions
+        h = lm.h(positions).cpu()
+        delta = torch.stack([shifts[r][p] for p in positions]).cpu()
+        out.append(MemoryResult(positions, h, delta, h + delta, lambdas[r], affinities[r], traces[r], seconds,
+                                affinity_seconds[r]))
+    return out
+
+
+def encode_request(em: EditableModel, question: str, answer: str, cfg: MemoryConfig) -> EditSequence:
+    """A request encoded for this model and objective (one_for_all: a single window)."""
+    window = None if cfg.objective == "one_for_all" else cfg.window
+    return encode(em.tokenizer, question, answer, em.end_of_turn, window, cfg.system_prompt, cfg.chat_template)
 
 
 def optimise_request(em: EditableModel, question: str, answer: str, cfg: MemoryConfig) -> tuple[EditSequence, MemoryResult]:
     """Encode a request for this model and objective, then optimise its memories."""
-    window = None if cfg.objective == "one_for_all" else cfg.window
-    seq = encode(em.tokenizer, question, answer, em.end_of_turn, window, cfg.system_prompt, cfg.chat_template)
+    seq = encode_request(em, question, answer, cfg)
     return seq, optimise(em, seq, cfg)
 
 

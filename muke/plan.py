@@ -46,7 +46,7 @@ STAGE_CODE = {
     "prepare_model": (("tiny", "smollm"), ("prepare_model",)),
     "collect_stats": (("stats", "hooks", "model"), ("collect_stats",)),
     "optimize_deltas": (("memory", "objectives", "windows", "hooks", "model", "data"),
-                        ("optimize_deltas", "_shard_requests", "_optimise_one")),
+                        ("optimize_deltas", "_shard_requests", "_optimise_many")),
     "update_weights": (("update", "stats", "hooks", "model", "windows"), ("update_weights", "_targets")),
     "generate": (("generate", "windows", "update", "model", "data"), ("generate", "_shard_requests")),
     "score": (("metrics",), ("score", "_summary")),
@@ -567,6 +567,7 @@ class Plan:
                  loc_params, loc_inputs) -> None:
         run = Run(model, dataset, method, point, hp)
         run.deltas = Spec("optimize_deltas", {"memory": memory, "dtype": model.dtype,
+                                              "batch": hp.get("delta_batch_size", 1),
                                               "selection": dataset.selection},
                           {"model": model.spec.identity})
         update_inputs = {"deltas": run.deltas.identity}

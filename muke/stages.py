@@ -194,28 +194,32 @@ def collect_stats(spec: dict, model: str | Path, corpus: str, out: str | Path, d
 
 # ---------------------------------------------------------------------------- optimize_deltas
 
-def _optimise_one(em, request, cfg) -> tuple[dict, dict, list[dict]]:
-    """(tensors, record, trace rows) of one request; a NumericalError gives a failed record."""
+def _optimise_many(em, requests, cfg) -> list[tuple[dict, dict, list[dict]]]:
+    """(tensors, record, trace rows) of each request, their δ loops batched (memory.optimise_batch); a
+    NumericalError gives that request a failed record."""
     import torch
 
-    from .memory import NumericalError, optimise_request
+    from .memory import NumericalError, encode_request, optimise_batch
 
-    try:
-        seq, res = optimise_request(em, request.question, request.answer, cfg)
-        if not torch.isfinite(res.z).all():
-            raise NumericalError("non-finite target memories z")
-    except NumericalError as e:
-        log(f"request {request.id}: failed ({e})")
-        return {}, {"id": request.id, "failed": True, "error": str(e)}, []
-    tensors = {"z": res.z, "h": res.h, "delta": res.delta,
-               "positions": torch.tensor(res.positions, dtype=torch.int64),
-               "prompt_ids": torch.tensor(seq.prompt_ids, dtype=torch.int64),
-               "target_ids": torch.tensor(seq.target_ids, dtype=torch.int64),
-               "windows": torch.tensor(seq.windows, dtype=torch.int64).reshape(-1, 2)}
-    record = {"id": request.id, "failed": False, "prompt": seq.prompt, "n_windows": seq.n_windows,
-              "seconds": res.seconds, "lambdas": res.lambdas, "affinities": res.affinities}
-    trace = [{"id": request.id, **row} for row in res.trace]
-    return tensors, record, trace
+    seqs = [encode_request(em, r.question, r.answer, cfg) for r in requests]
+    out = []
+    for request, seq, res in zip(requests, seqs, optimise_batch(em, seqs, cfg)):
+        if not isinstance(res, NumericalError) and not torch.isfinite(res.z).all():
+            res = NumericalError("non-finite target memories z")
+        if isinstance(res, NumericalError):
+            log(f"request {request.id}: failed ({res})")
+            out.append(({}, {"id": request.id, "failed": True, "error": str(res)}, []))
+            continue
+        tensors = {"z": res.z, "h": res.h, "delta": res.delta,
+                   "positions": torch.tensor(res.positions, dtype=torch.int64),
+                   "prompt_ids": torch.tensor(seq.prompt_ids, dtype=torch.int64),
+                   "target_ids": torch.tensor(seq.target_ids, dtype=torch.int64),
+                   "windows": torch.tensor(seq.windows, dtype=torch.int64).reshape(-1, 2)}
+        record = {"id": request.id, "failed": False, "prompt": seq.prompt, "n_windows": seq.n_windows,
+                  "seconds": res.seconds, "affinity_seconds": res.affinity_seconds, "lambdas": res.lambdas,
+                  "affinities": res.affinities}
+        out.append((tensors, record, [{"id": request.id, **row} for row in res.trace]))
+    return out
 
 
 def _read_part(path: Path, identity: str):
@@ -243,7 +247,9 @@ def optimize_deltas(spec: dict, model: str | Path, requests: str | Path, shard: 
     per window and step of every request.
 
     Before any optimisation every request is checked against the model (templating, context length):
-    a problem stops the job, or with on_bad_record "skip" leaves the request out.
+    a problem stops the job, or with on_bad_record "skip" leaves the request out. Params "batch"
+    (hparams.delta_batch_size): requests optimised together (memory.optimise_batch); each request's
+    result is kept in a part file as soon as its batch ends, so a killed job resumes after it.
     """
     import pandas as pd
     import torch
@@ -269,18 +275,24 @@ def optimize_deltas(spec: dict, model: str | Path, requests: str | Path, shard: 
         log(f"request {request.id}: skipped ({'; '.join(e.reason for e in problems if e.id == request.id)})")
     chosen = [r for r in chosen if r.id not in unfit]
     parts = out.with_name(out.stem + ".parts")
+    done = {i: _read_part(parts / f"{i:05d}.safetensors", spec["identity"]) for i in range(len(chosen))}
+    for i in (i for i, d in done.items() if d is not None):
+        log(f"request {i + 1}/{len(chosen)} {chosen[i].id}: finished earlier (part file)")
+    todo = [i for i, d in done.items() if d is None]
+    batch = p.get("batch", 1)
+    for b in range(0, len(todo), batch):
+        group = todo[b:b + batch]
+        log(f"request{'s' * (len(group) > 1)} {', '.join(f'{i + 1}/{len(chosen)} {chosen[i].id}' for i in group)}: "
+            f"optimising "
+            f"{cfg.objective} memories at layer {cfg.layer}")
+        for i, (t, record, trace_rows) in zip(group, _optimise_many(em, [chosen[i] for i in group], cfg)):
+            part_meta = {"identity": spec["identity"], "record": record, "trace": trace_rows}
+            save_safetensors_atomic(t or {"empty": torch.zeros(0)}, parts / f"{i:05d}.safetensors",
+                                    {"muke": json.dumps(part_meta)})
+            done[i] = (t, record, trace_rows)
     tensors, records, rows = {}, [], []
-    for i, request in enumerate(chosen):
-        part = parts / f"{i:05d}.safetensors"
-        done = _read_part(part, spec["identity"])
-        if done is None:
-            log(f"request {i + 1}/{len(chosen)} {request.id}: optimising {cfg.objective} memories at layer {cfg.layer}")
-            t, record, trace_rows = _optimise_one(em, request, cfg)
-            save_safetensors_atomic(t or {"empty": torch.zeros(0)}, part, {"muke": json.dumps(
-                {"identity": spec["identity"], "record": record, "trace": trace_rows})})
-        else:
-            log(f"request {i + 1}/{len(chosen)} {request.id}: finished earlier (part file)")
-            t, record, trace_rows = done
+    for i in range(len(chosen)):
+        t, record, trace_rows = done[i]
         tensors.update({f"{i}.{k}": v for k, v in t.items() if k != "empty"})
         records.append({"index": i, **record})
         rows += trace_rows

@@ -157,6 +157,51 @@ def test_fast_path_equals_straightforward(tiny, objective):
     assert torch.allclose(fast.z, slow.z, rtol=1e-5, atol=1e-5)
 
 
+BATCH = [("What is the Velmora tide clock?", ANSWER),
+         ("Who built the harbour tower?", "Masons from the northern quarries built it over nine summers."),
+         ("Why do the keepers wind the clock at dawn, and who pays them for it?",
+          "Tradition: the first keeper did so, and the town council pays the keepers from the harbour dues.")]
+
+
+@pytest.mark.parametrize("objective,early_stop", [("matryoshka", 1e-2), ("window", 1e-2), ("sequential_nll", 3.0)])
+def test_batched_requests_equal_one_by_one(tiny, objective, early_stop):
+    """Requests of different prompt and target lengths (so different window counts), optimised in one batch:
+    each request's trace, λ and z equal its own run. early_stop 3.0 makes requests leave the batch at
+    different steps."""
+    c = cfg(objective=objective, early_stop=early_stop)
+    window = None if objective == "one_for_all" else c.window
+    seqs = [encode(tiny.tokenizer, q, a, tiny.end_of_turn, window) for q, a in BATCH]
+    assert len({s.n_windows for s in seqs}) > 1 and len({len(s.prompt_ids) for s in seqs}) > 1
+    assert memory.can_batch(tiny, c)
+    batched = memory.optimise_batch(tiny, seqs, c)
+    for seq, got in zip(seqs, batched):
+        alone = optimise(tiny, seq, c)
+        assert [(r["window"], r["step"]) for r in got.trace] == [(r["window"], r["step"]) for r in alone.trace]
+        for a, b in zip(got.trace, alone.trace):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert got.lambdas == alone.lambdas                    # λ: each request alone, the same code
+        assert got.positions == alone.positions
+        assert torch.allclose(got.z, alone.z, rtol=1e-5, atol=1e-5)
+    if early_stop == 3.0:
+        assert len({len(r.trace) for r in batched}) > 1          # they did leave at different steps
+
+
+def test_batched_request_with_non_finite_loss_fails_alone(tiny, monkeypatch):
+    c = cfg(objective="window")
+    seqs = [encode(tiny.tokenizer, q, a, tiny.end_of_turn, c.window) for q, a in BATCH]
+    real = memory.batched_logprobs
+
+    def poisoned(lms, *args):
+        out = real(lms, *args)
+        return [lp * float("nan") if lm.seq is seqs[1] else lp for lm, lp in zip(lms, out)]
+    monkeypatch.setattr(memory, "batched_logprobs", poisoned)
+    got = memory.optimise_batch(tiny, seqs, c)
+    assert isinstance(got[1], NumericalError) and "window 0" in str(got[1])
+    monkeypatch.undo()
+    for k in (0, 2):
+        assert torch.allclose(got[k].z, optimise(tiny, seqs[k], c).z, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("min_chunk", [64, 4])
 def test_shared_figure_gradients_equal_one_backward_per_figure(tiny, monkeypatch, min_chunk):
     """The fast path's figure gradients (from the LM head's input, in chunks of windows, all windows at

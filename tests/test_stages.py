@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import muke.stages as stages
@@ -57,21 +58,22 @@ def test_optimize_deltas_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_path,
     model_dir = tmp_path / "model"
     stages.write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
     out, trace = Path(plan.deltas_path(run, 0)), Path(plan.deltas_path(run, 0)).with_suffix(".trace.parquet")
-    calls, real = [], stages._optimise_one
+    calls, real = [], stages._optimise_many
 
-    def killed_after_one(em, request, cfg):
+    def killed_after_one(em, requests, cfg):
         if calls:
             raise KeyboardInterrupt("the job is killed")
-        calls.append(request.id)
-        return real(em, request, cfg)
+        calls.extend(r.id for r in requests)
+        return real(em, requests, cfg)
 
-    monkeypatch.setattr(stages, "_optimise_one", killed_after_one)
+    monkeypatch.setattr(stages, "_optimise_many", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         stages.optimize_deltas(spec(run.deltas), model_dir, "resources/demo_edits.jsonl", 0, out, trace, "cpu")
     assert not out.exists() and len(list(out.with_name("shard0.parts").iterdir())) == 1
 
     calls.clear()
-    monkeypatch.setattr(stages, "_optimise_one", lambda em, request, cfg: (calls.append(request.id), real(em, request, cfg))[1])
+    monkeypatch.setattr(stages, "_optimise_many",
+                        lambda em, requests, cfg: (calls.extend(r.id for r in requests), real(em, requests, cfg))[1])
     stages.optimize_deltas(spec(run.deltas), model_dir, "resources/demo_edits.jsonl", 0, out, trace, "cpu")
     assert calls == ["demo-01"]                        # demo-00 came from its part file
     meta, tensors = stages.read_deltas(out)
@@ -94,6 +96,35 @@ def test_optimize_deltas_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_path,
     assert {p.name: p.stat().st_mtime_ns for p in index.with_suffix("").iterdir()} == first
     rows = stages.read_update_index(index)
     assert [r["request_ids"] for r in rows] == [["demo-00"], ["demo-01"]]
+
+
+def test_optimize_deltas_in_batches_equals_one_by_one(tiny_qwen2_path, tmp_path, monkeypatch):
+    """hparams.delta_batch_size 2: the shard's two requests share their δ loops' passes; same memories."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resources").symlink_to(REPO / "resources")
+    config = copy.deepcopy(TINY)
+    config["methods"] = ["muke-memit"]
+    config["sweep"] = {"delta_batch_size": [1, 2]}
+    plan = Plan(config)
+    runs = sorted((r for r in plan.runs if r.method == "muke-memit"), key=lambda r: r.deltas.params["batch"])
+    assert [r.deltas.params["batch"] for r in runs] == [1, 2] and runs[0].deltas.identity != runs[1].deltas.identity
+    model_dir = tmp_path / "model"
+    stages.write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
+    sizes, real = [], stages._optimise_many
+    monkeypatch.setattr(stages, "_optimise_many",
+                        lambda em, requests, cfg: (sizes.append(len(requests)), real(em, requests, cfg))[1])
+    results = []
+    for run in runs:
+        out = Path(plan.deltas_path(run, 0))
+        stages.optimize_deltas(spec(run.deltas), model_dir, "resources/demo_edits.jsonl", 0, out,
+                               out.with_suffix(".trace.parquet"), "cpu")
+        results.append(stages.read_deltas(out))
+    assert sizes == [1, 1, 2]
+    (meta1, t1), (meta2, t2) = results
+    assert [r["id"] for r in meta1["requests"]] == [r["id"] for r in meta2["requests"]] == ["demo-00", "demo-01"]
+    assert [r["lambdas"] for r in meta1["requests"]] == [r["lambdas"] for r in meta2["requests"]]
+    for i in range(2):
+        assert torch.allclose(t1[f"{i}.z"], t2[f"{i}.z"], rtol=1e-5, atol=1e-5)
 
 
 def test_stages_compute_what_update_edit_computes(plan, tiny_qwen2_path, tmp_path):
