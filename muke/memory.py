@@ -6,7 +6,8 @@ optimised in order; earlier, already optimised shifts stay applied and frozen.
 Fast path (default): layers 0..l_WM never depend on δ, so they run once per request and every step
 replays their output (hooks.replay_lower_layers), running only the layers above; the affinity
 gradients of all target figures share one forward pass, and at δ = 0 (the first affinity step) one
-forward pass serves every window.
+forward pass serves every window. Several requests can share each δ step's forward/backward pass
+(`optimise_batch`): more rows per read of the weights, the same results.
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ class ShiftedLM:
             return self._target_logprobs(out.logits, self.first_target)
         out, start = self._forward(free, deltas, fixed, upto)
         first = max(start, self.first_target)
-        lp = self._target_logprobs(out.logits[:, first - start:], first)
+        logits = out.logits if first == start else out.logits[:, first - start:]     # no slice: no full-size grad copy
+        lp = self._target_logprobs(logits, first)
         if start > 0:
             lp = torch.cat([self.prefix(start, fixed)[1], lp], dim=1)
         return lp
@@ -227,10 +229,14 @@ def batched_logprobs(lms: list[ShiftedLM], free: list[int], deltas: torch.Tensor
             hooks.replay_lower_layers(em.layers, layer, hidden, lms[0]._as_tuple):
         logits = em.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                           use_cache=cache is not None, **{cache_arg(em.model): cache}).logits
-    out = []
+    targets = torch.zeros(len(lms), width_s, dtype=torch.long, device=device)      # the token each position predicts
     for r, (lm, s, n) in enumerate(zip(lms, starts, lengths)):
         first = max(s, lm.first_target)
-        lp = lm._target_logprobs(logits[r:r + 1, first - s:n], first)
+        targets[r, first - s:n] = lm.targets[first - lm.first_target:s + n - lm.first_target]
+    logp = logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]      # sliced after: no full-size grads
+    out = []
+    for r, (lm, s, n) in enumerate(zip(lms, starts, lengths)):
+        lp = logp[r:r + 1, max(s, lm.first_target) - s:n]
         out.append(torch.cat([prefixes[r][1], lp], dim=1) if s > 0 else lp)
     return out
 

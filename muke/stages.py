@@ -282,9 +282,8 @@ def optimize_deltas(spec: dict, model: str | Path, requests: str | Path, shard: 
     batch = p.get("batch", 1)
     for b in range(0, len(todo), batch):
         group = todo[b:b + batch]
-        log(f"request{'s' * (len(group) > 1)} {', '.join(f'{i + 1}/{len(chosen)} {chosen[i].id}' for i in group)}: "
-            f"optimising "
-            f"{cfg.objective} memories at layer {cfg.layer}")
+        names = ", ".join(f"{i + 1}/{len(chosen)} {chosen[i].id}" for i in group)
+        log(f"request{'s' * (len(group) > 1)} {names}: optimising {cfg.objective} memories at layer {cfg.layer}")
         for i, (t, record, trace_rows) in zip(group, _optimise_many(em, [chosen[i] for i in group], cfg)):
             part_meta = {"identity": spec["identity"], "record": record, "trace": trace_rows}
             save_safetensors_atomic(t or {"empty": torch.zeros(0)}, parts / f"{i:05d}.safetensors",
