@@ -18,13 +18,16 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
 
 
-@pytest.fixture()
-def plan(tmp_path, monkeypatch):
+def tiny_plan(tmp_path, monkeypatch, **config) -> Plan:
+    """The tiny config's plan for muke-memit, run from tmp_path; `config` replaces top-level keys."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "resources").symlink_to(REPO / "resources")
-    config = copy.deepcopy(TINY)
-    config["methods"] = ["muke-memit"]
-    return Plan(config)
+    return Plan({**copy.deepcopy(TINY), "methods": ["muke-memit"], **config})
+
+
+@pytest.fixture()
+def plan(tmp_path, monkeypatch):
+    return tiny_plan(tmp_path, monkeypatch)
 
 
 def spec(s):
@@ -43,11 +46,8 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
 
 
 def test_prepare_model_references_a_local_folder(tmp_path, tiny_qwen2_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "resources").symlink_to(REPO / "resources")
-    config = copy.deepcopy(TINY)
-    config["models"] = {"mine": {"preset": "tiny", "source": str(tiny_qwen2_path)}}
-    model = Plan(config).models["mine"]
+    plan = tiny_plan(tmp_path, monkeypatch, models={"mine": {"preset": "tiny", "source": str(tiny_qwen2_path)}})
+    model = plan.models["mine"]
     out = stages.prepare_model(spec(model.spec), tmp_path / "models" / model.id)
     assert stages.model_path(out) == str(tiny_qwen2_path)
     assert json.loads((out / "manifest.json").read_text())["identity"] == model.spec.identity
@@ -100,12 +100,7 @@ def test_optimize_deltas_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_path,
 
 def test_optimize_deltas_in_batches_equals_one_by_one(tiny_qwen2_path, tmp_path, monkeypatch):
     """hparams.delta_batch_size 2: the shard's two requests share their δ loops' passes; same memories."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "resources").symlink_to(REPO / "resources")
-    config = copy.deepcopy(TINY)
-    config["methods"] = ["muke-memit"]
-    config["sweep"] = {"delta_batch_size": [1, 2]}
-    plan = Plan(config)
+    plan = tiny_plan(tmp_path, monkeypatch, sweep={"delta_batch_size": [1, 2]})
     runs = sorted((r for r in plan.runs if r.method == "muke-memit"), key=lambda r: r.deltas.params["batch"])
     assert [r.deltas.params["batch"] for r in runs] == [1, 2] and runs[0].deltas.identity != runs[1].deltas.identity
     model_dir = tmp_path / "model"
@@ -213,12 +208,7 @@ def test_report_stage_writes_tables_and_the_full_report(tmp_path, monkeypatch, t
     import pandas as pd
     from transformers import AutoTokenizer
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "resources").symlink_to(REPO / "resources")
-    config = copy.deepcopy(TINY)
-    config["methods"] = ["muke-memit"]
-    config["sweep"] = {"v_num_grad_steps": [2, 4]}
-    plan = Plan(config)
+    plan = tiny_plan(tmp_path, monkeypatch, sweep={"v_num_grad_steps": [2, 4]})
     model_dir = tmp_path / "model"
     stages.write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
     _report_inputs(plan, model_dir)
