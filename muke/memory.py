@@ -211,7 +211,7 @@ def batched_logprobs(lms: list[ShiftedLM], free: list[int], deltas: torch.Tensor
     """
     em, layer = lms[0].em, lms[0].layer
     device = em.device
-    starts = [max(p, 0) for p in free]
+    starts = list(free)
     ends = [lm.input_ids.shape[1] if u is None else lm.first_target + u for lm, u in zip(lms, upto)]
     lengths = [e - s for s, e in zip(starts, ends)]
     width_p, width_s = max(starts), max(lengths)
