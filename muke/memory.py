@@ -219,20 +219,19 @@ def batched_logprobs(lms: list[ShiftedLM], free: list[int], deltas: torch.Tensor
     mask = torch.zeros(len(lms), width_p + width_s, dtype=torch.long, device=device)
     ids = torch.zeros(len(lms), width_s, dtype=torch.long, device=device)
     hidden = lms[0].hidden.new_zeros(len(lms), width_s, lms[0].hidden.shape[-1])
+    targets = torch.zeros(len(lms), width_s, dtype=torch.long, device=device)      # the token each position predicts
     for r, (lm, s, n) in enumerate(zip(lms, starts, lengths)):
         mask[r, width_p - s:] = 1            # padding after a suffix is seen by later padding only (causal)
         ids[r, :n] = lm.input_ids[0, s:s + n]
         hidden[r, :n] = lm.hidden[0, s:s + n]
+        first = max(s, lm.first_target)
+        targets[r, first - s:n] = lm.targets[first - lm.first_target:s + n - lm.first_target]
     positions = torch.tensor(starts, device=device)[:, None] + torch.arange(width_s, device=device)
     cache = _padded_cache([c for c, _ in prefixes], starts, width_p, em) if width_p else None
     with hooks.shifts(em.layer(layer), [0], [deltas]), \
             hooks.replay_lower_layers(em.layers, layer, hidden, lms[0]._as_tuple):
         logits = em.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                           use_cache=cache is not None, **{cache_arg(em.model): cache}).logits
-    targets = torch.zeros(len(lms), width_s, dtype=torch.long, device=device)      # the token each position predicts
-    for r, (lm, s, n) in enumerate(zip(lms, starts, lengths)):
-        first = max(s, lm.first_target)
-        targets[r, first - s:n] = lm.targets[first - lm.first_target:s + n - lm.first_target]
     logp = logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]      # sliced after: no full-size grads
     out = []
     for r, (lm, s, n) in enumerate(zip(lms, starts, lengths)):
@@ -272,40 +271,52 @@ def _check_finite(value: torch.Tensor, what: str, window: int, step: int) -> Non
         raise NumericalError(f"non-finite {what} in window {window} at step {step}")
 
 
+def step_loss(coeff: torch.Tensor, logp: torch.Tensor, deltas: list[torch.Tensor], h_norms: list[torch.Tensor],
+              cfg: MemoryConfig, label: int, step: int) -> tuple[torch.Tensor, dict]:
+    """One request's δ-loop loss -Σ c_t lp_t + wd · Σ ‖δ_k‖ / ‖h_k‖², checked finite, and its trace row."""
+    nll = -(coeff[:len(logp)] * logp).sum()
+    decay = sum(cfg.v_weight_decay * d.norm() / h ** 2 for d, h in zip(deltas, h_norms))
+    loss = nll + decay
+    _check_finite(loss, "loss", label, step)
+    return loss, {"window": label, "step": step, "loss": loss.item(), "nll": nll.item(),
+                  "weight_decay": decay.item(), "delta_norm": max(d.norm().item() for d in deltas),
+                  "h_norm": max(h.item() for h in h_norms)}
+
+
+@torch.no_grad()
+def clamp_(deltas: list[torch.Tensor], h_norms: list[torch.Tensor], cfg: MemoryConfig) -> None:
+    """Scale every shift longer than clamp · ‖h_k‖ back to that norm (after each Adam update)."""
+    for d, h in zip(deltas, h_norms):
+        limit = cfg.clamp_norm_factor * h
+        norm = d.norm()
+        if norm > limit:
+            d.mul_(limit / norm)
+
+
 def optimise_shifts(lm: ShiftedLM, coeff: torch.Tensor, free: list[int], fixed: dict[int, torch.Tensor],
                     cfg: MemoryConfig, trace: list[dict], label: int) -> dict[int, torch.Tensor]:
     """The δ loop of ALGORITHM §4 over the shifts at the `free` positions, `fixed` ones applied.
 
-    loss = -Σ c_t lp_t + wd · Σ ‖δ_k‖ / ‖h_k‖²; stop below `early_stop`; at most steps-1 Adam
-    updates; after each update a shift longer than clamp·‖h_k‖ is scaled back to that norm.
+    loss: `step_loss`; stop below `early_stop`; at most steps-1 Adam updates; after each update a shift
+    longer than clamp·‖h_k‖ is scaled back to that norm (`clamp_`).
     """
     device = lm.em.device
     coeff = coeff.to(device)
     upto = int(coeff.nonzero().max()) + 1           # tokens after the last weighted one need no forward pass
-    h_norm = {p: lm.h([p]).norm() for p in free}
-    deltas = {p: torch.zeros(lm.em.hidden_size, device=device, requires_grad=True) for p in free}
-    opt = torch.optim.Adam(list(deltas.values()), lr=cfg.v_lr)
+    h_norms = [lm.h([p]).norm() for p in free]
+    deltas = [torch.zeros(lm.em.hidden_size, device=device, requires_grad=True) for _ in free]
+    opt = torch.optim.Adam(deltas, lr=cfg.v_lr)
     for step in range(cfg.v_num_grad_steps):
-        logp = lm.logprobs(free, [deltas[p] for p in free], fixed, upto)[0]
-        nll = -(coeff[:len(logp)] * logp).sum()
-        decay = sum(cfg.v_weight_decay * deltas[p].norm() / h_norm[p] ** 2 for p in free)
-        loss = nll + decay
-        _check_finite(loss, "loss", label, step)
-        trace.append({"window": label, "step": step, "loss": loss.item(), "nll": nll.item(),
-                      "weight_decay": float(decay.detach()) if torch.is_tensor(decay) else 0.0, "delta_norm": max(deltas[p].norm().item() for p in free),
-                      "h_norm": max(h_norm[p].item() for p in free)})
+        logp = lm.logprobs(free, deltas, fixed, upto)[0]
+        loss, row = step_loss(coeff, logp, deltas, h_norms, cfg, label, step)
+        trace.append(row)
         if loss.item() < cfg.early_stop or step == cfg.v_num_grad_steps - 1:
             break
         opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for p in free:
-                limit = cfg.clamp_norm_factor * h_norm[p]
-                norm = deltas[p].norm()
-                if norm > limit:
-                    deltas[p].mul_(limit / norm)
-    return {p: d.detach() for p, d in deltas.items()}
+        clamp_(deltas, h_norms, cfg)
+    return {p: d.detach() for p, d in zip(free, deltas)}
 
 
 def optimise_shifts_batched(lms: list[ShiftedLM], coeffs: list[torch.Tensor], free: list[int],
@@ -318,7 +329,7 @@ def optimise_shifts_batched(lms: list[ShiftedLM], coeffs: list[torch.Tensor], fr
     device = lms[0].em.device
     coeffs = [c.to(device) for c in coeffs]
     upto = [int(c.nonzero().max()) + 1 for c in coeffs]
-    h_norm = [lm.h([p]).norm() for lm, p in zip(lms, free)]
+    h_norms = [lm.h([p]).norm() for lm, p in zip(lms, free)]
     deltas = [torch.zeros(lms[0].em.hidden_size, device=device, requires_grad=True) for _ in lms]
     opt = torch.optim.Adam(deltas, lr=cfg.v_lr)
     out: list = [None] * len(lms)
@@ -329,18 +340,12 @@ def optimise_shifts_batched(lms: list[ShiftedLM], coeffs: list[torch.Tensor], fr
                                  [upto[r] for r in active])
         going = []
         for r, logp in zip(active, logps):
-            logp = logp[0]
-            nll = -(coeffs[r][:len(logp)] * logp).sum()
-            decay = cfg.v_weight_decay * deltas[r].norm() / h_norm[r] ** 2
-            loss = nll + decay
             try:
-                _check_finite(loss, "loss", label, step)
+                loss, row = step_loss(coeffs[r], logp[0], [deltas[r]], [h_norms[r]], cfg, label, step)
             except NumericalError as e:
                 out[r] = e
                 continue
-            traces[r].append({"window": label, "step": step, "loss": loss.item(), "nll": nll.item(),
-                              "weight_decay": decay.item(), "delta_norm": deltas[r].norm().item(),
-                              "h_norm": h_norm[r].item()})
+            traces[r].append(row)
             if loss.item() < cfg.early_stop or step == cfg.v_num_grad_steps - 1:
                 out[r] = deltas[r].detach()
             else:
@@ -350,12 +355,7 @@ def optimise_shifts_batched(lms: list[ShiftedLM], coeffs: list[torch.Tensor], fr
         opt.zero_grad(set_to_none=True)             # rows that left the batch keep grad None: Adam skips them
         torch.stack([loss for _, loss in going]).sum().backward()
         opt.step()
-        with torch.no_grad():
-            for r, _ in going:
-                limit = cfg.clamp_norm_factor * h_norm[r]
-                norm = deltas[r].norm()
-                if norm > limit:
-                    deltas[r].mul_(limit / norm)
+        clamp_([deltas[r] for r, _ in going], [h_norms[r] for r, _ in going], cfg)
         active = [r for r, _ in going]
     return out
 
@@ -459,38 +459,53 @@ def window_affinity(lm: ShiftedLM, i: int, cfg: MemoryConfig, first: torch.Tenso
     return affinity(torch.stack(g_first), torch.stack(g_figs))
 
 
+def request_lambdas(lm: ShiftedLM, cfg: MemoryConfig) -> tuple[list[list[float]], list[list[float]]]:
+    """λ_{i,j} and aff_{i,j} of every window i (Eq. 12). No other shift enters a window's affinity, so they
+    can all be computed before any δ is optimised; on the fast path the first affinity step of every
+    window comes from one shared pass (`initial_figure_gradients`)."""
+    seq = lm.seq
+    shared_first = cfg.fast and cfg.affinity_steps and seq.n_windows > 1
+    first = initial_figure_gradients(lm) if shared_first else [None] * (seq.n_windows - 1)
+    lambdas, affinities = [], []
+    for i in range(seq.n_windows):
+        aff = window_affinity(lm, i, cfg, first[i]) if i < seq.n_windows - 1 else torch.ones(1)
+        affinities.append(aff.tolist())
+        lambdas.append(affinity_lambdas(aff.cpu(), cfg.lambda_order).tolist())
+    return lambdas, affinities
+
+
+def window_coefficients(seq: EditSequence, i: int, cfg: MemoryConfig, lambdas: list[list[float]]) -> torch.Tensor:
+    """Token coefficients of window i's loss under the configured objective (λ for matryoshka)."""
+    return token_coefficients(cfg.objective, seq, i, torch.tensor(lambdas[i]) if lambdas else None)
+
+
+def _result(lm: ShiftedLM, shifts: dict[int, torch.Tensor], lambdas, affinities, trace, seconds: float,
+            affinity_seconds: float) -> MemoryResult:
+    positions = lm.seq.hook_positions
+    h = lm.h(positions).cpu()
+    delta = torch.stack([shifts[p] for p in positions]).cpu()
+    return MemoryResult(positions, h, delta, h + delta, lambdas, affinities, trace, seconds, affinity_seconds)
+
+
 def optimise(em: EditableModel, seq: EditSequence, cfg: MemoryConfig) -> MemoryResult:
     """All target memories of one encoded request."""
     start = time.perf_counter()
     lm = ShiftedLM(em, seq, cfg.layer, fast=cfg.fast)
-    positions = seq.hook_positions
     trace: list[dict] = []
     lambdas, affinities = [], []
-    affinity_seconds = 0.0
+    tick = time.perf_counter()
+    if cfg.objective == "matryoshka":
+        lambdas, affinities = request_lambdas(lm, cfg)
+    affinity_seconds = time.perf_counter() - tick
     if cfg.objective == "parallel_nll":
         coeff = token_coefficients("parallel_nll", seq, 0)
-        shifts = optimise_shifts(lm, coeff, positions, {}, cfg, trace, label=-1)
+        shifts = optimise_shifts(lm, coeff, seq.hook_positions, {}, cfg, trace, label=-1)
     else:
         shifts = {}
-        tick = time.perf_counter()
-        shared_first = cfg.fast and cfg.objective == "matryoshka" and cfg.affinity_steps and seq.n_windows > 1
-        first = initial_figure_gradients(lm) if shared_first else [None] * (seq.n_windows - 1)
-        affinity_seconds = time.perf_counter() - tick
-        for i, p in enumerate(positions):
-            lam = None
-            if cfg.objective == "matryoshka":
-                tick = time.perf_counter()
-                aff = window_affinity(lm, i, cfg, first[i]) if i < seq.n_windows - 1 else torch.ones(1)
-                affinity_seconds += time.perf_counter() - tick
-                lam = affinity_lambdas(aff.cpu(), cfg.lambda_order)
-                affinities.append(aff.tolist())
-                lambdas.append(lam.tolist())
-            coeff = token_coefficients(cfg.objective, seq, i, lam)
+        for i, p in enumerate(seq.hook_positions):
+            coeff = window_coefficients(seq, i, cfg, lambdas)
             shifts.update(optimise_shifts(lm, coeff, [p], shifts, cfg, trace, label=i))
-    h = lm.h(positions).cpu()
-    delta = torch.stack([shifts[p] for p in positions]).cpu()
-    return MemoryResult(positions, h, delta, h + delta, lambdas, affinities, trace,
-                        time.perf_counter() - start, affinity_seconds)
+    return _result(lm, shifts, lambdas, affinities, trace, time.perf_counter() - start, affinity_seconds)
 
 
 def can_batch(em: EditableModel, cfg: MemoryConfig) -> bool:
@@ -500,7 +515,8 @@ def can_batch(em: EditableModel, cfg: MemoryConfig) -> bool:
             and hasattr(DynamicCache(), "layers"))
 
 
-def optimise_batch(em: EditableModel, seqs: list[EditSequence], cfg: MemoryConfig) -> list[MemoryResult | NumericalError]:
+def optimise_batch(em: EditableModel, seqs: list[EditSequence],
+                   cfg: MemoryConfig) -> list[MemoryResult | NumericalError]:
     """`optimise` of several requests, their δ loops batched window by window (`optimise_shifts_batched`):
     window i of every request that has one is optimised in the same forward/backward passes. The affinity
     λ of a window depends on no other shift (Eq. 12), so each request's λ are computed first, alone.
@@ -523,15 +539,10 @@ def optimise_batch(em: EditableModel, seqs: list[EditSequence], cfg: MemoryConfi
     affinities: list[list] = [[] for _ in seqs]
     affinity_seconds = [0.0] * len(seqs)
     if cfg.objective == "matryoshka":
-        for r, (lm, seq) in enumerate(zip(lms, seqs)):
+        for r, lm in enumerate(lms):
             tick = time.perf_counter()
             try:
-                first = initial_figure_gradients(lm) if cfg.affinity_steps and seq.n_windows > 1 else None
-                for i in range(seq.n_windows):
-                    aff = (window_affinity(lm, i, cfg, first[i] if first else None) if i < seq.n_windows - 1
-                           else torch.ones(1))
-                    affinities[r].append(aff.tolist())
-                    lambdas[r].append(affinity_lambdas(aff.cpu(), cfg.lambda_order).tolist())
+                lambdas[r], affinities[r] = request_lambdas(lm, cfg)
             except NumericalError as e:
                 failed[r] = e
             affinity_seconds[r] = time.perf_counter() - tick
@@ -541,9 +552,7 @@ def optimise_batch(em: EditableModel, seqs: list[EditSequence], cfg: MemoryConfi
         rows = [r for r, seq in enumerate(seqs) if failed[r] is None and i < seq.n_windows]
         if not rows:
             break
-        coeffs = [token_coefficients(cfg.objective, seqs[r], i,
-                                     torch.tensor(lambdas[r][i]) if cfg.objective == "matryoshka" else None)
-                  for r in rows]
+        coeffs = [window_coefficients(seqs[r], i, cfg, lambdas[r]) for r in rows]
         got = optimise_shifts_batched([lms[r] for r in rows], coeffs, [seqs[r].hook_positions[i] for r in rows],
                                       [dict(shifts[r]) for r in rows], cfg, [traces[r] for r in rows], label=i)
         for r, delta in zip(rows, got):
@@ -552,17 +561,8 @@ def optimise_batch(em: EditableModel, seqs: list[EditSequence], cfg: MemoryConfi
             else:
                 shifts[r][seqs[r].hook_positions[i]] = delta
     seconds = (time.perf_counter() - start) / len(seqs)
-    out = []
-    for r, (lm, seq) in enumerate(zip(lms, seqs)):
-        if failed[r] is not None:
-            out.append(failed[r])
-            continue
-        positions = seq.hook_positions
-        h = lm.h(positions).cpu()
-        delta = torch.stack([shifts[r][p] for p in positions]).cpu()
-        out.append(MemoryResult(positions, h, delta, h + delta, lambdas[r], affinities[r], traces[r], seconds,
-                                affinity_seconds[r]))
-    return out
+    return [failed[r] or _result(lm, shifts[r], lambdas[r], affinities[r], traces[r], seconds, affinity_seconds[r])
+            for r, lm in enumerate(lms)]
 
 
 def encode_request(em: EditableModel, question: str, answer: str, cfg: MemoryConfig) -> EditSequence:
