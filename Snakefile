@@ -5,14 +5,14 @@
 #   snakemake --profile workflow/profiles/slurm --configfile config/experiments/table1-qwen2.5-7b.yaml
 #
 # A --configfile replaces config/config.yaml (it is not merged into it). Every output path carries the
-# identity of its stage's parameters, inputs and code (muke/plan.py): change a value and only what it
+# identity of its stage's parameters, inputs and code (muke/workflow/plan.py): change a value and only what it
 # reaches reruns; set it back and the earlier results are found again.
 
 from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
-from muke.plan import Plan, check_config, freeze_code_identities
+from muke.workflow.plan import Plan, check_config, freeze_code_identities
 
 min_version("9.0")
 
@@ -31,7 +31,7 @@ report: "workflow/report/workflow.rst"      # `snakemake --report report.zip`: t
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/stats.smk"
-include: "workflow/rules/deltas.smk"
+include: "workflow/rules/memories.smk"
 include: "workflow/rules/update.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/score.smk"

@@ -26,7 +26,7 @@ import time
 import torch
 
 from muke.data import EditRequest, load_requests
-from muke.memory import MemoryConfig, encode_request, optimise, optimise_batch
+from muke.engine.memory import MemoryConfig, encode_request, optimise, optimise_batch
 from muke.model import load
 
 

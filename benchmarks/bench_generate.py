@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 from muke.data import load_requests
-from muke.generate import KINDS, edited_generation_rows, generation_rows
+from muke.eval.generate import KINDS, edited_generation_rows, generation_rows
 from muke.model import load
-from muke.stats import StatsConfig, cached_stats
-from muke.update import WeightDelta, apply, edit
+from muke.update.stats import StatsConfig, cached_stats
+from muke.update.edit import WeightUpdate, apply, edit
 
 
-def deltas_for(em, requests, cache: Path, steps: int) -> list[WeightDelta]:
+def deltas_for(em, requests, cache: Path, steps: int) -> list[WeightUpdate]:
     preset = {"v_num_grad_steps": steps}
     stats = None
     out = []
@@ -44,7 +44,7 @@ def deltas_for(em, requests, cache: Path, steps: int) -> list[WeightDelta]:
             delta, _ = edit(em, [r], "memit", preset, stats)
             delta.save(path)
             print(f"{r.id}: MEMIT delta in {time.perf_counter() - start:.1f} s", flush=True)
-        out.append(WeightDelta.load(path))
+        out.append(WeightUpdate.load(path))
     return out
 
 

@@ -37,7 +37,7 @@ def one(args) -> dict:
 
     from bench_deltas import long_answer
     from muke.data import load_requests
-    from muke.memory import MemoryConfig, optimise_request
+    from muke.engine.memory import MemoryConfig, optimise_request
     from muke.model import load
 
     torch.set_num_threads(args.threads)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from muke.model import load
-from muke.stats import StatsConfig, collect_stats, load_stats
+from muke.update.stats import StatsConfig, collect_stats, load_stats
 
 
 def timed(em, cfg, out):

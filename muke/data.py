@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 FORMATS = ("unkebench", "akew-counterfact", "akew-mquake", "editeverything", "jsonl")
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"   # the project's own small files
+DEMO_CORPUS = RESOURCES / "demo_corpus.txt"            # statistics corpus of the demo and of tiny models
+DEFAULT_PRESERVATION = RESOURCES / "preservation.jsonl"  # UnKE's preservation samples unless a config names others
 N_SUB_TRIPLETS = 5  # AKEW: sub-questions come from the first 5 unsfact_triplets_GPT (authors' code)
 
 
@@ -293,7 +296,7 @@ def model_problems(requests, tokenizer, context_length: int, path, system_prompt
     """What a model's tokenizer and context make of each request, before any model work: a question
     (or paraphrase, sub-question) that templates to no tokens, and an edit sequence (templated question
     + answer + end-of-turn) longer than the model's context. One DataError per problem."""
-    from .windows import render_prompt
+    from muke.engine.windows import render_prompt
 
     def n_tokens(text):
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -10,9 +10,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-RESOURCES = Path(__file__).resolve().parent.parent / "resources"
-DEFAULT_CORPUS = RESOURCES / "demo_corpus.txt"
-PRESERVATION = RESOURCES / "preservation.jsonl"
+from muke.data import DEFAULT_PRESERVATION, DEMO_CORPUS
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -77,8 +76,8 @@ def training_text(corpus_path: Path, tokenizer) -> torch.Tensor:
     pretrained model has seen the chat format and its end-of-turn token."""
     docs = [d.strip() for d in corpus_path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
     chats = []
-    if PRESERVATION.exists():
-        for line in PRESERVATION.read_text(encoding="utf-8").splitlines():
+    if DEFAULT_PRESERVATION.exists():
+        for line in DEFAULT_PRESERVATION.read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
             messages = [{"role": "user", "content": rec["instruction"]}, {"role": "assistant", "content": rec["output"]}]
             chats.append(tokenizer.apply_chat_template(messages, tokenize=False))
@@ -119,12 +118,12 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, corpus_path:
     The same seed and corpus give bit-identical weights and vocabulary.
     """
     out_dir = Path(out_dir)
-    tokenizer = train_tokenizer(corpus_path or DEFAULT_CORPUS)
+    tokenizer = train_tokenizer(corpus_path or DEMO_CORPUS)
     config = tiny_config(arch, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if pretrain_steps:
-        pretrain(model, training_text(Path(corpus_path or DEFAULT_CORPUS), tokenizer), pretrain_steps, seed)
+        pretrain(model, training_text(Path(corpus_path or DEMO_CORPUS), tokenizer), pretrain_steps, seed)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )

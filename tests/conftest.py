@@ -42,7 +42,7 @@ def pretrained_tiny(pretrained_tiny_path):
 @pytest.fixture(scope="session")
 def demo_requests():
     from muke.data import load_requests
-    from muke.tiny import RESOURCES
+    from muke.data import RESOURCES
 
     return load_requests(RESOURCES / "demo_edits.jsonl", "jsonl")
 
@@ -56,7 +56,7 @@ def first_words(text: str, n: int = 45) -> str:
 def one_token_memories(pretrained_tiny, demo_requests):
     """memories(objective, i) → (request, EditSequence, MemoryResult) of demo request i (its first 45
     words) with one-token windows at layer 1, optimised once per session (~1 min each on one thread)."""
-    from muke.memory import MemoryConfig, optimise_request
+    from muke.engine.memory import MemoryConfig, optimise_request
 
     done = {}
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import muke.cli as cli
-from muke.stats import load_stats
+from muke.update.stats import load_stats
 from muke.model import load
 
 SMALL = ["--layers", "1", "2", "--unke-layers", "1", "--window", "4", "--v-steps", "3", "--unke-steps", "5",
@@ -62,12 +62,12 @@ def test_edit_json_with_stats_file(tiny_qwen2_path, stats_file, capsys, tmp_path
         assert key in row, key
     assert row["method"] == "muke-memit" and row["target"] == "Velmora is a port city."
     assert row["nll_post"] < row["nll_pre"]
-    assert (tmp_path / "run" / "deltas" / "cli-0.safetensors").exists()
+    assert (tmp_path / "run" / "updates" / "cli-0.safetensors").exists()
     assert json_rows((tmp_path / "run" / "results.jsonl").read_text())[0]["id"] == "cli-0"
 
     out = tmp_path / "exported"
-    assert cli.main(["export", "--model", str(tiny_qwen2_path), "--deltas",
-                     str(tmp_path / "run" / "deltas" / "cli-0.safetensors"), "--out", str(out)]) == 0
+    assert cli.main(["export", "--model", str(tiny_qwen2_path), "--updates",
+                     str(tmp_path / "run" / "updates" / "cli-0.safetensors"), "--out", str(out)]) == 0
     AutoModelForCausalLM.from_pretrained(out)
 
 

@@ -5,12 +5,14 @@ import copy
 import pytest
 import torch
 
-from muke import hooks, memory
-from muke.memory import (MemoryConfig, NumericalError, ShiftedLM, decode_with_shifts, figure_gradients,
+from muke.engine import hooks
+
+from muke.engine import memory
+from muke.engine.memory import (MemoryConfig, NumericalError, ShiftedLM, decode_with_shifts, figure_gradients,
                          initial_figure_gradients, optimise, optimise_request)
 from muke.model import EditableModel, load
-from muke.objectives import affinity_lambdas, figure_coefficients, token_coefficients
-from muke.windows import EditSequence, encode, split_windows
+from muke.engine.objectives import affinity_lambdas, figure_coefficients, token_coefficients
+from muke.engine.windows import EditSequence, encode, split_windows
 
 QUESTION = "What is the Velmora tide clock?"
 ANSWER = ("The Velmora tide clock is a bronze machine in the harbour tower that has measured the tides "

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from muke.data import EditRequest
-from muke.generate import answer_length, edited_generation_rows, generation_rows, greedy, left_pad, row_deltas
+from muke.eval.generate import answer_length, edited_generation_rows, generation_rows, greedy, left_pad, row_updates
 from muke.model import load
 from muke.tiny import build_tiny_model
-from muke.windows import render_prompt
+from muke.engine.windows import render_prompt
 
 QUESTIONS = ["What is the capital of France?", "Tell me a long story about a dragon and a brave knight.",
              "Hi", "Who wrote Hamlet?"]
@@ -101,7 +101,7 @@ EDIT_REQUESTS = [EditRequest(id=f"r{i}", question=q, answer=a, para_question=f"T
 
 @pytest.fixture(scope="module")
 def stats(em, tmp_path_factory, request):
-    from muke.stats import StatsConfig, collect_stats, load_stats
+    from muke.update.stats import StatsConfig, collect_stats, load_stats
 
     corpus = request.config.rootpath / "resources" / "demo_corpus.txt"
     cfg = StatsConfig(layers=(0, 1, 2), corpus=str(corpus), max_docs=150)
@@ -112,7 +112,7 @@ def stats(em, tmp_path_factory, request):
 @pytest.fixture(scope="module")
 def edits(em, stats):
     """Real deltas, one request each: MEMIT (rank 1 per layer) and μKE-MEMIT (rank = windows) alternate."""
-    from muke.update import edit
+    from muke.update.edit import edit
 
     methods = ["memit", "muke-memit", "memit", "muke-memit"]
     return [(edit(em, [r], m, TINY_PRESET, stats)[0], [r]) for r, m in zip(EDIT_REQUESTS, methods)]
@@ -120,7 +120,7 @@ def edits(em, stats):
 
 def sequential_rows(em, edits, **kwargs):
     """The protocol: apply one edit, answer its requests, revert; in turn."""
-    from muke.update import apply
+    from muke.update.edit import apply
 
     out = []
     for delta, requests in edits:
@@ -151,13 +151,13 @@ def test_batched_edits_answer_as_editing_one_request_at_a_time(em, edits):
 @pytest.mark.parametrize("merged", [False, True])
 def test_row_deltas_logits_match_merged_weights(em, edits, merged):
     """Same prompt in every row, row r under edit r: fp32 logits equal apply(edit r) up to rounding."""
-    from muke.update import apply
+    from muke.update.edit import apply
 
     ids = em.tokenizer(render_prompt(em.tokenizer, FACTS[0][0]), add_special_tokens=False,
                        return_tensors="pt").input_ids
     deltas = [d for d, _ in edits] + [None]
     with torch.no_grad():
-        with row_deltas(em, deltas, merged=merged):
+        with row_updates(em, deltas, merged=merged):
             rows = em.model(input_ids=ids.expand(len(deltas), -1)).logits
         for r, delta in enumerate(deltas):
             with apply(em, delta) if delta is not None else nullcontext():
@@ -176,7 +176,7 @@ def test_bf16_rows_use_the_merged_weights_of_the_protocol(edits, tiny_qwen2_path
     Greedy answers are not compared: in bf16 even the unedited model answers differently in a batch of
     16 than one question at a time (the accumulation order depends on the batch's shape), for any method.
     """
-    from muke.update import apply
+    from muke.update.edit import apply
 
     half = load(tiny_qwen2_path, dtype="bfloat16")
     ids = half.tokenizer(render_prompt(half.tokenizer, FACTS[0][0]), add_special_tokens=False,
@@ -185,7 +185,7 @@ def test_bf16_rows_use_the_merged_weights_of_the_protocol(edits, tiny_qwen2_path
     with torch.no_grad():
         logits = {}
         for merged in (True, False):
-            with row_deltas(half, deltas, merged=merged):
+            with row_updates(half, deltas, merged=merged):
                 logits[merged] = half.model(input_ids=ids.expand(len(deltas), -1)).logits.float()
         for r, delta in enumerate(deltas):
             with apply(half, delta):
@@ -196,12 +196,12 @@ def test_bf16_rows_use_the_merged_weights_of_the_protocol(edits, tiny_qwen2_path
 
 
 def test_block_deltas_fall_back_to_apply_and_revert(em, edits):
-    from muke.update import edit
+    from muke.update.edit import edit
 
     unke, _ = edit(em, [EDIT_REQUESTS[1]], "unke", TINY_PRESET)
     assert unke.params and not unke.factors
     with pytest.raises(ValueError, match="per batch row"):
-        with row_deltas(em, [unke]):
+        with row_updates(em, [unke]):
             pass
     mixed = [edits[0], (unke, [EDIT_REQUESTS[1]]), edits[2]]
     kwargs = dict(max_new_tokens=8, batch_size=16)
@@ -210,7 +210,7 @@ def test_block_deltas_fall_back_to_apply_and_revert(em, edits):
 
 def test_row_deltas_refuse_a_batch_of_another_size(em, edits):
     with pytest.raises(RuntimeError, match="holds 2 rows"):
-        with row_deltas(em, [edits[0][0], edits[1][0]]), torch.no_grad():
+        with row_updates(em, [edits[0][0], edits[1][0]]), torch.no_grad():
             em.model(input_ids=torch.tensor([[5, 6, 7]]))
 
 
@@ -227,11 +227,11 @@ def shard(em, stats, tmp_path, monkeypatch):
     import pandas as pd
     import yaml
 
-    import muke.stages as stages
+    import muke.workflow.stages as stages
     from muke.data import load_requests
     from muke.io import write_parquet
-    from muke.plan import Plan
-    from muke.update import edit
+    from muke.workflow.plan import Plan
+    from muke.update.edit import edit
 
     repo = Path(__file__).resolve().parent.parent
     monkeypatch.chdir(tmp_path)
@@ -261,8 +261,8 @@ def shard(em, stats, tmp_path, monkeypatch):
 def test_generate_stage_resumes_a_killed_shard(shard, tmp_path, monkeypatch, capsys):
     import pandas as pd
 
-    import muke.generate
-    import muke.stages as stages
+    import muke.eval.generate
+    import muke.workflow.stages as stages
 
     spec, model_dir, make_index = shard
     index = make_index({"demo-00", "demo-01", "demo-02"})
@@ -270,7 +270,7 @@ def test_generate_stage_resumes_a_killed_shard(shard, tmp_path, monkeypatch, cap
     expected = pd.read_parquet(run(tmp_path / "whole.parquet"))
     assert list(expected["id"].unique()) == ["demo-00", "demo-01", "demo-02"] and not expected["edit_failed"].any()
 
-    calls, real = [], muke.generate.edited_generation_rows
+    calls, real = [], muke.eval.generate.edited_generation_rows
 
     def killed_after_one(*args, **kwargs):
         if calls:
@@ -279,12 +279,12 @@ def test_generate_stage_resumes_a_killed_shard(shard, tmp_path, monkeypatch, cap
         return real(*args, **kwargs)
 
     out = tmp_path / "out" / "shard0.parquet"
-    monkeypatch.setattr(muke.generate, "edited_generation_rows", killed_after_one)
+    monkeypatch.setattr(muke.eval.generate, "edited_generation_rows", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         run(out)
     assert not out.exists() and len(list(out.with_name("shard0.parts").iterdir())) == 1
 
-    monkeypatch.setattr(muke.generate, "edited_generation_rows", real)
+    monkeypatch.setattr(muke.eval.generate, "edited_generation_rows", real)
     capsys.readouterr()
     run(out)
     log = capsys.readouterr().err
@@ -297,7 +297,7 @@ def test_generate_stage_resumes_a_killed_shard(shard, tmp_path, monkeypatch, cap
 def test_generate_stage_answers_failed_edits_with_the_unedited_model(shard, tmp_path):
     import pandas as pd
 
-    import muke.stages as stages
+    import muke.workflow.stages as stages
 
     spec, model_dir, make_index = shard
     edited = pd.read_parquet(stages.generate(spec, model_dir, "resources/demo_edits.jsonl", 0, tmp_path / "e.parquet",
@@ -311,7 +311,7 @@ def test_generate_stage_answers_failed_edits_with_the_unedited_model(shard, tmp_
 
 
 def test_generation_groups_fill_batches_without_splitting_an_edit():
-    from muke.stages import generation_groups
+    from muke.workflow.stages import generation_groups
 
     assert generation_groups([5, 5, 2, 1, 9, 3], 8) == [(0, 1), (1, 4), (4, 5), (5, 6)]
     assert generation_groups([], 8) == [] and generation_groups([0, 0], 1) == [(0, 2)]

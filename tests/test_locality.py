@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from muke.locality import DEMO_TASKS_DIR, aggregate, ensure_punkt_tab, evaluate, result_rows
+from muke.eval.locality import DEMO_TASKS_DIR, aggregate, ensure_punkt_tab, evaluate, result_rows
 from muke.model import load
 
 LOCALITY = Path(__file__).resolve().parent.parent / "resources" / "locality"

@@ -1,4 +1,4 @@
-"""muke.metrics against hand-computed values (and, where installed, the packages the paper used)."""
+"""muke.eval.metrics against hand-computed values (and, where installed, the packages the paper used)."""
 
 import importlib.util
 import math
@@ -8,8 +8,8 @@ import warnings
 import pandas as pd
 import pytest
 
-from muke import metrics
-from muke.metrics import (
+from muke.eval import metrics
+from muke.eval.metrics import (
     char_bleu,
     paper_hypothesis,
     rouge_l_f1,

@@ -26,12 +26,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import muke.cli as cli
-import muke.stages as stages
+import muke.workflow.stages as stages
 from muke.data import DataError, load_requests_checked, model_problems
-from muke.memory import NumericalError
+from muke.engine.memory import NumericalError
 from muke.model import load
-from muke.plan import ConfigError, Plan
-from muke.stats import StatsError, load_stats, read_metadata
+from muke.workflow.plan import ConfigError, Plan
+from muke.update.stats import StatsError, load_stats, read_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
@@ -80,13 +80,13 @@ def write_jsonl(path: Path, rows) -> Path:
 def run_chain(plan, model) -> dict:
     """Run every per-shard stage of a plan's one run in process (shard 0); returns the output paths."""
     run = the_run(plan)
-    out = {"deltas": Path(plan.deltas_path(run, 0)), "stats": Path(plan.stats_path(run.model, run.stats)),
+    out = {"memories": Path(plan.memories_path(run, 0)), "stats": Path(plan.stats_path(run.model, run.stats)),
            "update": Path(plan.update_path(run, 0)), "generate": Path(plan.generate_path(run, 0)),
            **plan.score_paths(run)}
-    out["trace"] = out["deltas"].with_suffix(".trace.parquet")
-    stages.optimize_deltas(spec(run.deltas), model, DEMO, 0, out["deltas"], out["trace"], "cpu")
+    out["trace"] = out["memories"].with_suffix(".trace.parquet")
+    stages.optimize_memories(spec(run.memories), model, DEMO, 0, out["memories"], out["trace"], "cpu")
     stages.collect_stats(spec(run.stats), model, plan.stats_corpus(run.stats), out["stats"], "cpu")
-    stages.update_weights(spec(run.update), model, out["deltas"], out["update"], stats=out["stats"], device="cpu")
+    stages.update_weights(spec(run.update), model, out["memories"], out["update"], stats=out["stats"], device="cpu")
     stages.generate(spec(run.generate), model, DEMO, 0, out["generate"], out["update"], "cpu")
     stages.score(spec(run.score), [out["generate"]], out["samples"], out["summary"], model, "cpu")
     return out
@@ -100,8 +100,8 @@ def clean(work):
     return plan, run_chain(plan, model)
 
 
-def same_deltas(a: Path, b: Path) -> None:
-    (meta_a, ta), (meta_b, tb) = stages.read_deltas(a), stages.read_deltas(b)
+def same_memories(a: Path, b: Path) -> None:
+    (meta_a, ta), (meta_b, tb) = stages.read_memories(a), stages.read_memories(b)
     for meta in (meta_a, meta_b):
         for r in meta["requests"]:
             for key in ("seconds", "affinity_seconds"):     # wall-clock times, the one thing allowed to differ
@@ -207,15 +207,15 @@ def test_requests_a_model_cannot_take_are_named_before_any_model_work(work, clea
     run = the_run(plan)
     out = tmp_path / "d" / "shard0.safetensors"
     with pytest.raises(ValueError, match=r"record 1 \(id 'long'\): field 'answer': question \+ answer"):
-        stages.optimize_deltas(spec(run.deltas), model, path, 0, out, out.with_suffix(".trace.parquet"), "cpu")
+        stages.optimize_memories(spec(run.memories), model, path, 0, out, out.with_suffix(".trace.parquet"), "cpu")
     assert not calls and not out.parent.exists()
 
     # ... and skip leaves the request out, lists it, and the update index carries it as failed
     monkeypatch.undo()
     plan = Plan(config(datasets={"demo": {"path": str(path), "limit": None, "on_bad_record": "skip"}}))
     run = the_run(plan)
-    stages.optimize_deltas(spec(run.deltas), model, path, 0, out, out.with_suffix(".trace.parquet"), "cpu")
-    meta, _ = stages.read_deltas(out)
+    stages.optimize_memories(spec(run.memories), model, path, 0, out, out.with_suffix(".trace.parquet"), "cpu")
+    meta, _ = stages.read_memories(out)
     assert [r["id"] for r in meta["requests"]] == ["ok"]
     assert [(s["id"], s["field"], s["check"]) for s in meta["skipped"]] == [("long", "answer", "model")]
     index = tmp_path / "u" / "shard0.parquet"
@@ -314,7 +314,7 @@ def test_layers_of_a_local_model_are_checked_against_its_config_json(work, tiny_
                                           r"layer 4 is out of range: model mine has 4 layers"):
         Plan(config(models={"mine": {"preset": str(preset)}}))
     preset.write_text(preset.read_text().replace("[3, 4]", "[2, 3]"))
-    assert the_run(Plan(config(models={"mine": {"preset": str(preset)}}))).deltas.params["memory"]["layer"] == 3
+    assert the_run(Plan(config(models={"mine": {"preset": str(preset)}}))).memories.params["memory"]["layer"] == 3
 
 
 def test_layers_the_plan_could_not_check_are_refused_by_the_first_stage(work, tmp_path):
@@ -322,12 +322,12 @@ def test_layers_the_plan_could_not_check_are_refused_by_the_first_stage(work, tm
 
     root, model = work
     run = the_run(Plan(config()))
-    job = spec(run.deltas)
+    job = spec(run.memories)
     job["params"]["memory"]["layer"] = 7                    # as if the preset did not state the layer count
     out = tmp_path / "shard0.safetensors"
     with pytest.raises(ModelError, match=r"config key hparams\.layers or unke_layers \(the last: the working-memory "
                                          r"layer\): layer 7 is out of range: the model has layers 0\.\.3"):
-        stages.optimize_deltas(job, model, DEMO, 0, out, out.with_suffix(".trace.parquet"), "cpu")
+        stages.optimize_memories(job, model, DEMO, 0, out, out.with_suffix(".trace.parquet"), "cpu")
     job = spec(run.update)
     job["params"]["options"]["layers"] = [3, 4]
     with pytest.raises(ModelError, match=r"config key hparams\.layers: layer 4 is out of range"):
@@ -337,12 +337,12 @@ def test_layers_the_plan_could_not_check_are_refused_by_the_first_stage(work, tm
 # ---------------------------------------------------------------------------- 3. killed jobs
 
 def start(stage: str, job: dict, *args) -> subprocess.Popen:
-    """`python -m muke.stages <stage>` on one CPU thread, its log (stderr) collected by a thread."""
+    """`python -m muke stage <stage>` on one CPU thread, its log (stderr) collected by a thread."""
     spec_file = Path(f"{stage}-{time.monotonic_ns()}.spec.json")
     spec_file.write_text(json.dumps(job))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "muke.stages", stage, "--spec", f"@{spec_file}", "--threads", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "muke", "stage", stage, "--spec", f"@{spec_file}", "--threads", "1",
                              "--device", "cpu", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     proc.log = []
@@ -362,30 +362,30 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> str:
     return "".join(proc.log)
 
 
-def test_killed_optimize_deltas_resumes_and_matches_an_uninterrupted_run(work, clean, capfd):
+def test_killed_optimize_memories_resumes_and_matches_an_uninterrupted_run(work, clean, capfd):
     root, model = work
     plan, reference = clean
     run = the_run(plan)
-    out = root / "results/kill-deltas/shard0.safetensors"
+    out = root / "results/kill-memories/shard0.safetensors"
     trace = out.with_suffix(".trace.parquet")
-    job = start("optimize-deltas", spec(run.deltas), "--model", model, "--requests", DEMO, "--shard", 0,
+    job = start("optimize-memories", spec(run.memories), "--model", model, "--requests", DEMO, "--shard", 0,
                 "--out", out, "--trace", trace)
     kill_when(job, lambda log: "request 2/2" in log)
     parts = out.with_name("shard0.parts")
     assert not out.exists() and not trace.exists() and [p.name for p in parts.iterdir()] == ["00000.safetensors"]
 
     capfd.readouterr()
-    stages.optimize_deltas(spec(run.deltas), model, DEMO, 0, out, trace, "cpu")      # the rerun
+    stages.optimize_memories(spec(run.memories), model, DEMO, 0, out, trace, "cpu")      # the rerun
     log = capfd.readouterr().err
     assert "request 1/2 demo-00: finished earlier (part file)" in log
     assert re.findall(r"request (\d)/2 \S+: optimising", log) == ["2"]
     assert not parts.exists()
-    same_deltas(out, reference["deltas"])
+    same_memories(out, reference["memories"])
     same_frames(trace, reference["trace"], drop=())
 
 
 def test_killed_collect_stats_resumes_and_matches_an_uninterrupted_run(work, monkeypatch):
-    import muke.stats
+    import muke.update.stats
 
     root, model = work
     plan = Plan(config(results="results/kill-stats", stats={"max_docs": None, "batch_tokens": 1024}))
@@ -400,8 +400,8 @@ def test_killed_collect_stats_resumes_and_matches_an_uninterrupted_run(work, mon
     done, n_docs = read_metadata(partial)["docs_done"], read_metadata(partial)["job"]["n_documents"]
     assert 0 < done < n_docs
 
-    rows, real = [], muke.stats.accumulate                      # the rerun, counting the documents it reads
-    monkeypatch.setattr(muke.stats, "accumulate", lambda em, layers, ids, mask, *a: (rows.append(len(ids)),
+    rows, real = [], muke.update.stats.accumulate                      # the rerun, counting the documents it reads
+    monkeypatch.setattr(muke.update.stats, "accumulate", lambda em, layers, ids, mask, *a: (rows.append(len(ids)),
                                                                                        real(em, layers, ids, mask, *a)))
     stages.collect_stats(spec(run.stats), model, corpus, out, "cpu", checkpoint_every=8)
     assert 0 < sum(rows) <= n_docs - done and not partial.exists()
@@ -435,26 +435,26 @@ def test_killed_generate_resumes_and_matches_an_uninterrupted_run(work, capfd):
 # ---------------------------------------------------------------------------- 4. non-finite numbers
 
 def test_nan_in_delta_optimisation_fails_that_request_and_the_rest_goes_on(work, clean, monkeypatch):
-    import muke.memory
+    import muke.engine.memory
 
     root, model = work
     plan, reference = clean
     run = the_run(plan)
     first = load_requests_checked(DEMO, "jsonl")[0][0]
-    real = muke.memory.ShiftedLM.logprobs
+    real = muke.engine.memory.ShiftedLM.logprobs
 
     def poisoned(self, *args, **kwargs):                       # NaN log-probs for the first request only
         lp = real(self, *args, **kwargs)
         return lp * float("nan") if first.question in self.seq.prompt else lp
 
-    monkeypatch.setattr(muke.memory.ShiftedLM, "logprobs", poisoned)
-    out = root / "results/nan-deltas/shard0.safetensors"
-    stages.optimize_deltas(spec(run.deltas), model, DEMO, 0, out, out.with_suffix(".trace.parquet"), "cpu")
-    meta, tensors = stages.read_deltas(out)
+    monkeypatch.setattr(muke.engine.memory.ShiftedLM, "logprobs", poisoned)
+    out = root / "results/nan-memories/shard0.safetensors"
+    stages.optimize_memories(spec(run.memories), model, DEMO, 0, out, out.with_suffix(".trace.parquet"), "cpu")
+    meta, tensors = stages.read_memories(out)
     bad, good = meta["requests"]
     assert bad["failed"] and re.match(r"non-finite (loss|affinity gradient) in window 0 at step 0", bad["error"])
     assert not good["failed"] and not any(k.startswith("0.") for k in tensors)
-    assert torch.equal(tensors["1.z"], stages.read_deltas(reference["deltas"])[1]["1.z"])
+    assert torch.equal(tensors["1.z"], stages.read_memories(reference["memories"])[1]["1.z"])
 
     index = root / "results/nan-update/shard0.parquet"
     stages.update_weights(spec(run.update), model, out, index, stats=reference["stats"], device="cpu")
@@ -465,7 +465,7 @@ def test_nan_in_delta_optimisation_fails_that_request_and_the_rest_goes_on(work,
 
 
 def test_nan_statistics_raise_a_numerical_error_naming_the_layer(work, clean, tmp_path):
-    from muke.update import compute_delta
+    from muke.update.edit import compute_update
 
     root, model = work
     plan, reference = clean
@@ -475,46 +475,46 @@ def test_nan_statistics_raise_a_numerical_error_naming_the_layer(work, clean, tm
     forged = tmp_path / "nan.safetensors"
     save_file(tensors, forged, metadata={"muke": json.dumps(meta)})
     em = load(stages.model_path(model))
-    targets, _ = stages._targets(reference["deltas"])
+    targets, _ = stages._targets(reference["memories"])
     options = dict(run.update.params["options"])
     layers, keys = options.pop("layers"), options.pop("keys")
     before = em.down_proj(1).weight.clone()
     with pytest.raises(NumericalError, match=r"layer 1: the computed update V is not finite"):
-        compute_delta(em, targets[:1], "memit", layers, keys, stats=load_stats(forged, em, layers), **options)
+        compute_update(em, targets[:1], "memit", layers, keys, stats=load_stats(forged, em, layers), **options)
     assert torch.equal(em.down_proj(1).weight, before)            # the model is left as it was
 
 
 def test_nan_in_unke_block_fitting_raises_a_numerical_error_naming_the_layer(work, clean, monkeypatch):
-    import muke.update
-    from muke.update import compute_delta
+    import muke.update.edit
+    from muke.update.edit import compute_update
 
     root, model = work
     em = load(stages.model_path(model))
-    targets, _ = stages._targets(clean[1]["deltas"])
-    real = muke.update._mse
-    monkeypatch.setattr(muke.update, "_mse", lambda *a, **kw: real(*a, **kw) * float("nan"))
+    targets, _ = stages._targets(clean[1]["memories"])
+    real = muke.update.edit._mse
+    monkeypatch.setattr(muke.update.edit, "_mse", lambda *a, **kw: real(*a, **kw) * float("nan"))
     before = {n: p.clone() for n, p in em.model.named_parameters()}
     with pytest.raises(NumericalError, match=r"layer 1: the computed update model\.layers\.1\.\S+ is not finite"):
-        compute_delta(em, targets[:1], "unke", [1, 2], "sequence", steps=2, n_preserve=2)
+        compute_update(em, targets[:1], "unke", [1, 2], "sequence", steps=2, n_preserve=2)
     assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())
 
 
 def test_update_weights_records_a_non_finite_batch_and_goes_on(work, clean, monkeypatch):
-    import muke.update
+    import muke.update.edit
 
     root, model = work
     plan, reference = clean
     run = the_run(plan)
-    calls, real = [], muke.update.memit_solve
+    calls, real = [], muke.update.edit.memit_solve
 
     def nan_once(*args, **kwargs):                              # the first batch's first layer only
         calls.append(1)
         out = real(*args, **kwargs)
         return out * float("nan") if len(calls) == 1 else out
 
-    monkeypatch.setattr(muke.update, "memit_solve", nan_once)
+    monkeypatch.setattr(muke.update.edit, "memit_solve", nan_once)
     index = root / "results/nan-batch/shard0.parquet"
-    stages.update_weights(spec(run.update), model, reference["deltas"], index, stats=reference["stats"], device="cpu")
+    stages.update_weights(spec(run.update), model, reference["memories"], index, stats=reference["stats"], device="cpu")
     first, second = stages.read_update_index(index)
     assert (first["request_ids"], first["failed"], first["path"], first["batch"]) == (["demo-00"], True, None, 0)
     assert first["reason"] == "layer 1: the computed update V is not finite"
@@ -527,16 +527,16 @@ def test_update_weights_records_a_non_finite_batch_and_goes_on(work, clean, monk
 # ---------------------------------------------------------------------------- 5. determinism
 
 def test_same_config_and_seed_give_identical_results(work, clean):
-    from muke.update import WeightDelta
+    from muke.update.edit import WeightUpdate
 
     root, model = work
     _, a = clean
     b = run_chain(Plan(config(results="results/again")), model)
-    same_deltas(a["deltas"], b["deltas"])
+    same_memories(a["memories"], b["memories"])
     same_frames(a["trace"], b["trace"], drop=())
     same_tensors(a["stats"], b["stats"])
     for ra, rb in zip(stages.read_update_index(a["update"]), stages.read_update_index(b["update"]), strict=True):
-        da, db = WeightDelta.load(ra["path"]), WeightDelta.load(rb["path"])
+        da, db = WeightUpdate.load(ra["path"]), WeightUpdate.load(rb["path"])
         assert da.request_ids == db.request_ids and da.factors.keys() == db.factors.keys()
         assert all(torch.equal(x, y) for layer in da.factors for x, y in zip(da.factors[layer], db.factors[layer]))
     same_frames(a["generate"], b["generate"])
@@ -611,5 +611,5 @@ def test_statistics_of_another_model_layer_corpus_or_tokenizer_are_refused(work,
     stages.collect_stats(spec(other_run.stats), model, str(corpus), other_stats, "cpu")
     with pytest.raises(StatsError, match=r"statistics were collected by another statistics job .*corpus "
                                          rf"'{re.escape(str(corpus))}'"):
-        stages.update_weights(spec(run.update), model, reference["deltas"], root / "results/x/shard0.parquet",
+        stages.update_weights(spec(run.update), model, reference["memories"], root / "results/x/shard0.parquet",
                               stats=other_stats, device="cpu")

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from muke.report import build_report
+from muke.eval.report import build_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METHODS = ["muke-memit", "anyedit-memit"]
@@ -75,7 +75,7 @@ def report(tmp_path_factory):
         BENCH_HEADER + "12.50\t0:00:12\t2048.25\t4096.00\t1900.00\t1950.00\t1.00\t2.00\t95.00\t11.80\n")
     (bench / "report.tsv").write_text(
         BENCH_HEADER + "1.51\t0:00:01\t107.61\t325.11\t53.91\t74.48\t0.00\t0.01\t22.29\t0.70\n")
-    failures = pd.DataFrame([dict(id="r7<script>", stage="optimize_deltas", reason="NaN loss")])
+    failures = pd.DataFrame([dict(id="r7<script>", stage="optimize_memories", reason="NaN loss")])
     config = {"seed": 1234, "models": {"qwen": {"preset": "qwen2.5-7b-instruct"}},
               "sweep": {"v_num_grad_steps": [10, 25]}}
     edit = _edit_metrics()

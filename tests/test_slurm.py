@@ -34,8 +34,8 @@ CONFIG = copy.deepcopy(TINY)
 CONFIG.update(results="results/slurm-test", methods=["muke-memit"])
 CONFIG["datasets"] = {"demo": {"path": "resources/demo_edits.jsonl", "limit": 2, "shard_size": 1}}
 CONFIG["locality"] = {**TINY["locality"], "edits": 0}
-CONFIG["models"] = {"tiny": {"preset": "tiny", "resources": {"optimize_deltas": {"gpu": 1}, "generate": {"gpu": 1}}}}
-GPU_RULES = {"optimize_deltas", "generate"}
+CONFIG["models"] = {"tiny": {"preset": "tiny", "resources": {"optimize_memories": {"gpu": 1}, "generate": {"gpu": 1}}}}
+GPU_RULES = {"optimize_memories", "generate"}
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +84,9 @@ def test_tiny_workflow_through_slurm(cluster, tmp_path):
     submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", out)
     calls = re.findall(r"sbatch call: (.*)", out)
     rules = [re.search(r"--comment '?rule_(\w+?)(?:_wildcards_|'|\s)", c).group(1) for c in calls]
-    # prepare 1, stats 1, deltas 2, update 2, generate 2 + 2 (pre-edit), score 1 + 1, locality 1
+    # prepare 1, stats 1, memories 2, update 2, generate 2 + 2 (pre-edit), score 1 + 1, locality 1
     assert len(submitted) == len(calls) == 13, (submitted, rules)
-    assert set(rules) == {"prepare_model", "collect_stats", "optimize_deltas", "update_weights", "generate",
+    assert set(rules) == {"prepare_model", "collect_stats", "optimize_memories", "update_weights", "generate",
                           "score", "locality"}
     assert all(job.isdigit() for job in submitted)
     logs = {p.stem for p in (remote / ".snakemake" / "slurm_logs").rglob("*.log")}

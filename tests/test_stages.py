@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-import muke.stages as stages
-from muke.plan import Plan
+import muke.workflow.stages as stages
+from muke.workflow.plan import Plan
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
@@ -53,11 +53,11 @@ def test_prepare_model_references_a_local_folder(tmp_path, tiny_qwen2_path, monk
     assert json.loads((out / "manifest.json").read_text())["identity"] == model.spec.identity
 
 
-def test_optimize_deltas_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_path, monkeypatch):
+def test_optimize_memories_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_path, monkeypatch):
     run = next(r for r in plan.runs if r.method == "muke-memit")
     model_dir = tmp_path / "model"
     stages.write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
-    out, trace = Path(plan.deltas_path(run, 0)), Path(plan.deltas_path(run, 0)).with_suffix(".trace.parquet")
+    out, trace = Path(plan.memories_path(run, 0)), Path(plan.memories_path(run, 0)).with_suffix(".trace.parquet")
     calls, real = [], stages._optimise_many
 
     def killed_after_one(em, requests, cfg):
@@ -68,20 +68,20 @@ def test_optimize_deltas_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_path,
 
     monkeypatch.setattr(stages, "_optimise_many", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
-        stages.optimize_deltas(spec(run.deltas), model_dir, "resources/demo_edits.jsonl", 0, out, trace, "cpu")
+        stages.optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, out, trace, "cpu")
     assert not out.exists() and len(list(out.with_name("shard0.parts").iterdir())) == 1
 
     calls.clear()
     monkeypatch.setattr(stages, "_optimise_many",
                         lambda em, requests, cfg: (calls.extend(r.id for r in requests), real(em, requests, cfg))[1])
-    stages.optimize_deltas(spec(run.deltas), model_dir, "resources/demo_edits.jsonl", 0, out, trace, "cpu")
+    stages.optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, out, trace, "cpu")
     assert calls == ["demo-01"]                        # demo-00 came from its part file
-    meta, tensors = stages.read_deltas(out)
+    meta, tensors = stages.read_memories(out)
     assert [r["id"] for r in meta["requests"]] == ["demo-00", "demo-01"]
     assert tensors["0.z"].shape[1] == 128 and not out.with_name("shard0.parts").exists()
 
     # a part file of another identity (other settings) is not trusted
-    other = {**spec(run.deltas), "identity": "0000000000"}
+    other = {**spec(run.memories), "identity": "0000000000"}
     assert stages._read_part(out.with_name("x.safetensors"), other["identity"]) is None
 
     # the update stage resumes per batch too
@@ -98,11 +98,11 @@ def test_optimize_deltas_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_path,
     assert [r["request_ids"] for r in rows] == [["demo-00"], ["demo-01"]]
 
 
-def test_optimize_deltas_in_batches_equals_one_by_one(tiny_qwen2_path, tmp_path, monkeypatch):
+def test_optimize_memories_in_batches_equals_one_by_one(tiny_qwen2_path, tmp_path, monkeypatch):
     """hparams.delta_batch_size 2: the shard's two requests share their δ loops' passes; same memories."""
     plan = tiny_plan(tmp_path, monkeypatch, sweep={"delta_batch_size": [1, 2]})
-    runs = sorted((r for r in plan.runs if r.method == "muke-memit"), key=lambda r: r.deltas.params["batch"])
-    assert [r.deltas.params["batch"] for r in runs] == [1, 2] and runs[0].deltas.identity != runs[1].deltas.identity
+    runs = sorted((r for r in plan.runs if r.method == "muke-memit"), key=lambda r: r.memories.params["batch"])
+    assert [r.memories.params["batch"] for r in runs] == [1, 2] and runs[0].memories.identity != runs[1].memories.identity
     model_dir = tmp_path / "model"
     stages.write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
     sizes, real = [], stages._optimise_many
@@ -110,10 +110,10 @@ def test_optimize_deltas_in_batches_equals_one_by_one(tiny_qwen2_path, tmp_path,
                         lambda em, requests, cfg: (sizes.append(len(requests)), real(em, requests, cfg))[1])
     results = []
     for run in runs:
-        out = Path(plan.deltas_path(run, 0))
-        stages.optimize_deltas(spec(run.deltas), model_dir, "resources/demo_edits.jsonl", 0, out,
+        out = Path(plan.memories_path(run, 0))
+        stages.optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, out,
                                out.with_suffix(".trace.parquet"), "cpu")
-        results.append(stages.read_deltas(out))
+        results.append(stages.read_memories(out))
     assert sizes == [1, 1, 2]
     (meta1, t1), (meta2, t2) = results
     assert [r["id"] for r in meta1["requests"]] == [r["id"] for r in meta2["requests"]] == ["demo-00", "demo-01"]
@@ -123,25 +123,25 @@ def test_optimize_deltas_in_batches_equals_one_by_one(tiny_qwen2_path, tmp_path,
 
 
 def test_stages_compute_what_update_edit_computes(plan, tiny_qwen2_path, tmp_path):
-    """optimize_deltas → files → update_weights gives the delta of muke.update.edit in one process."""
+    """optimize_memories → files → update_weights gives the delta of muke.update.edit in one process."""
     import torch
 
     from muke.data import load_requests_checked
     from muke.model import load
-    from muke.stats import load_stats
-    from muke.update import WeightDelta, edit
+    from muke.update.stats import load_stats
+    from muke.update.edit import WeightUpdate, edit
 
     run = next(r for r in plan.runs if r.method == "muke-memit")
     model_dir = tmp_path / "model"
     stages.write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
-    deltas = Path(plan.deltas_path(run, 0))
-    stages.optimize_deltas(spec(run.deltas), model_dir, "resources/demo_edits.jsonl", 0, deltas,
-                           deltas.with_suffix(".trace.parquet"), "cpu")
+    memories = Path(plan.memories_path(run, 0))
+    stages.optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, memories,
+                           memories.with_suffix(".trace.parquet"), "cpu")
     stats_path = Path(plan.stats_path(run.model, run.stats))
     stages.collect_stats(spec(run.stats), model_dir, plan.stats_corpus(run.stats), stats_path, "cpu")
     index = Path(plan.update_path(run, 0))
-    stages.update_weights(spec(run.update), model_dir, deltas, index, stats=stats_path, device="cpu")
-    staged = WeightDelta.load(stages.read_update_index(index)[0]["path"])
+    stages.update_weights(spec(run.update), model_dir, memories, index, stats=stats_path, device="cpu")
+    staged = WeightUpdate.load(stages.read_update_index(index)[0]["path"])
 
     em = load(tiny_qwen2_path)
     request = load_requests_checked("resources/demo_edits.jsonl", "jsonl")[0][0]
@@ -171,15 +171,15 @@ def _report_inputs(plan, model_dir, families=("paper",)):
         score_spec["params"]["families"] = list(families)
         paths = plan.score_paths(run)
         stages.score(score_spec, [generations], paths["samples"], paths["summary"], model_dir, "cpu")
-        if run.deltas is None:
+        if run.memories is None:
             continue
         records = [{"index": 0, "id": "demo-00", "failed": False},
                    {"index": 1, "id": "demo-01", "failed": True, "error": "δ loss is NaN at step 3"}]
-        deltas = Path(plan.deltas_path(run, 0))
-        deltas.parent.mkdir(parents=True, exist_ok=True)
+        memories = Path(plan.memories_path(run, 0))
+        memories.parent.mkdir(parents=True, exist_ok=True)
         skipped = [{"record": 7, "line": 8, "id": None, "field": "answer", "reason": "missing",
                     "message": "demo_edits.jsonl record 7: answer is missing", "check": "file"}]
-        save_file({"empty": torch.zeros(0)}, deltas, {"muke": json.dumps({"requests": records, "skipped": skipped})})
+        save_file({"empty": torch.zeros(0)}, memories, {"muke": json.dumps({"requests": records, "skipped": skipped})})
         stages.write_parquet(pd.DataFrame([{"id": "demo-00", "window": w, "step": s, "loss": 4.0 * 0.7 ** s + w}
                                            for w in range(2) for s in range(6)]), plan.trace_path(run, 0))
         stages.write_parquet(pd.DataFrame([
@@ -234,7 +234,7 @@ def test_report_stage_writes_tables_and_the_full_report(tmp_path, monkeypatch, t
     assert "<img alt='Metrics vs v_num_grad_steps (paper Fig. 6)'" in text and "v_num_grad_steps=4" in text
     assert "<img alt='δ-loss traces'" in text
     failures = pd.read_csv(html.parent / "failures.csv")           # per swept run: demo-01 and a skipped record
-    assert sorted(failures["stage"]) == ["data", "data", "optimize_deltas", "optimize_deltas"]
+    assert sorted(failures["stage"]) == ["data", "data", "optimize_memories", "optimize_memories"]
     assert "Failed requests: <b>4</b>" in text and "δ loss is NaN at step 3" in text and "answer is missing" in text
     repro = text[text.index("id='repro'"):]
     assert "git commit" in repro and "v_num_grad_steps" in repro

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from muke import hooks
+from muke.engine import hooks
 from muke.data import DataError
 from muke.model import load
-from muke.stats import (StatsConfig, StatsError, accumulate, add_gram, batches, chunk_batches, collect_stats,
+from muke.update.stats import (StatsConfig, StatsError, accumulate, add_gram, batches, chunk_batches, collect_stats,
                         load_corpus, load_stats, mirror, pack, packed_inputs, read_metadata)
 
 DOCS = [

@@ -5,13 +5,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from muke.data import EditRequest
-from muke.generate import greedy
+from muke.eval.generate import greedy
 from muke.model import ModelError, load
-from muke.stats import StatsConfig, collect_stats, load_stats
-from muke.update import (Target, WeightDelta, alphaedit_solve, apply, compute_delta, edit, export_edited,
+from muke.update.stats import StatsConfig, collect_stats, load_stats
+from muke.update.edit import (Target, WeightUpdate, alphaedit_solve, apply, compute_update, edit, export_edited,
                          memit_solve, null_space_projector, read_layer, resolve_method, target_nll,
                          unke_update)
-from muke.windows import encode
+from muke.engine.windows import encode
 
 DEMO_CORPUS = "resources/demo_corpus.txt"
 QUESTION = "What is the city of Velmora known for?"
@@ -101,13 +101,13 @@ def test_unke_lowers_its_edit_loss_and_keeps_preservation_loss_small(em):
 
 # ---- the delta: apply / revert / save / export ----
 
-def random_delta(em, g) -> WeightDelta:
+def random_delta(em, g) -> WeightUpdate:
     d_ff = em.down_proj_weight(0).shape[1]
     factors = {l: (torch.randn(em.hidden_size, 2, generator=g), torch.randn(d_ff, 2, generator=g) * 0.1)
                for l in (0, 2)}
     params = {f"model.layers.1.{n}": torch.randn(p.shape, generator=g) * 0.01
               for n, p in em.layer(1).named_parameters()}
-    return WeightDelta("test", "mixed", [0, 1, 2], ["a", "b"], factors, params, {"note": "random"})
+    return WeightUpdate("test", "mixed", [0, 1, 2], ["a", "b"], factors, params, {"note": "random"})
 
 
 def test_apply_reverts_every_parameter_bit_exactly(em):
@@ -130,13 +130,13 @@ def test_apply_reverts_every_parameter_bit_exactly(em):
 
 def test_delta_save_load_roundtrip_and_refusal(em, tmp_path, tiny_llama_path):
     delta = random_delta(em, torch.Generator().manual_seed(1))
-    loaded = WeightDelta.load(delta.save(tmp_path / "d.safetensors"))
+    loaded = WeightUpdate.load(delta.save(tmp_path / "d.safetensors"))
     assert (loaded.method, loaded.backend, loaded.layers, loaded.request_ids, loaded.info) == \
         (delta.method, delta.backend, delta.layers, delta.request_ids, delta.info)
     assert all(torch.equal(a, b) for l in delta.factors for a, b in zip(delta.factors[l], loaded.factors[l]))
     assert all(torch.equal(delta.params[n], loaded.params[n]) for n in delta.params)
     llama = load(tiny_llama_path)
-    wide = WeightDelta("t", "memit", [0], [], {0: (torch.zeros(64, 1), torch.zeros(344, 1))})
+    wide = WeightUpdate("t", "memit", [0], [], {0: (torch.zeros(64, 1), torch.zeros(344, 1))})
     with pytest.raises(ModelError, match="another model"):
         with apply(llama, wide):
             pass
@@ -194,7 +194,7 @@ def test_single_layer_update_moves_working_memory_to_z(em, stats, backend):
     _, H = read_layer(em, 2, 2, ids)
     z = H[[p]].cpu() + 0.3 * torch.randn(1, em.hidden_size, generator=torch.Generator().manual_seed(0))
     options = {"mom2_update_weight": 1e-4} if backend == "memit" else {"l2": 1e-6, "threshold": 1e9}
-    delta = compute_delta(em, [Target("r", seq, z)], backend, [2], keys="last", stats=stats, **options)
+    delta = compute_update(em, [Target("r", seq, z)], backend, [2], keys="last", stats=stats, **options)
     assert delta.factors[2][0].shape == (em.hidden_size, 1)
     with apply(em, delta):
         _, H_after = read_layer(em, 2, 2, ids)
@@ -263,7 +263,7 @@ def test_update_makes_greedy_generation_reproduce_a_demo_target(pretrained_tiny,
     target = em.tokenizer.decode(seq.target_ids, skip_special_tokens=True).strip()
     assert greedy(em, [request.question], max_new_tokens=len(seq.target_ids) + 8)[0].text != target
 
-    delta = compute_delta(em, [Target(request.id, seq, memories.z)], backend, [1], stats=pretrained_stats, **options)
+    delta = compute_update(em, [Target(request.id, seq, memories.z)], backend, [1], stats=pretrained_stats, **options)
     with apply(em, delta):
         answer = greedy(em, [request.question], max_new_tokens=len(seq.target_ids) + 8)[0].text
         kl_edit, kl_unrel = kl(p_edit, next_token_logprobs(em, seq)), kl(p_unrel, next_token_logprobs(em, unrelated))

@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from muke.plan import ConfigError, Plan, check_config, code_identity
+from muke.workflow.plan import ConfigError, Plan, check_config, code_identity
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -163,7 +163,7 @@ def test_plan_checks_presets_sweeps_and_files(tmp_path, monkeypatch):
 
 
 def test_schema_knows_every_hyperparameter_of_resolve_method():
-    from muke.update import BACKEND_OPTIONS, DEFAULT_PRESET, MEMORY_OPTIONS
+    from muke.update.edit import BACKEND_OPTIONS, DEFAULT_PRESET, MEMORY_OPTIONS
 
     schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
     known = set(schema["$defs"]["hparams"]["properties"])
@@ -173,7 +173,7 @@ def test_schema_knows_every_hyperparameter_of_resolve_method():
 
 def test_presets_and_experiment_configs_are_valid(tmp_path, monkeypatch):
     for preset in (REPO / "config" / "models").glob("*.yaml"):
-        from muke.plan import check_preset, load_yaml
+        from muke.workflow.plan import check_preset, load_yaml
 
         check_preset(load_yaml(preset), preset)
     for path in [REPO / "config" / "config.yaml", *(REPO / "config" / "experiments").glob("*.yaml")]:
@@ -188,7 +188,7 @@ def test_plan_identities_follow_the_stage_graph(tmp_path, monkeypatch):
         plan = Plan(config)
         out = {}
         for run in plan.runs:
-            for stage in ("stats", "deltas", "update", "generate", "score", "locality"):
+            for stage in ("stats", "memories", "update", "generate", "score", "locality"):
                 spec = getattr(run, stage)
                 if spec is not None:
                     out[(run.method, stage)] = spec.identity
@@ -200,7 +200,7 @@ def test_plan_identities_follow_the_stage_graph(tmp_path, monkeypatch):
         new = ids(config)
         return {stage for (method, stage), i in new.items() if method == "muke-memit" and base[(method, stage)] != i}
 
-    assert moved(changed(hparams={"v_lr": 1.0})) == {"deltas", "update", "generate", "score", "locality"}
+    assert moved(changed(hparams={"v_lr": 1.0})) == {"memories", "update", "generate", "score", "locality"}
     assert moved(changed(hparams={"mom2_update_weight": 200})) == {"update", "generate", "score", "locality"}
     assert moved(changed(generation={"max_new_tokens": 5})) == {"generate", "score"}
     assert moved(changed(stats={"max_docs": 32})) == {"stats", "update", "generate", "score", "locality"}
@@ -210,21 +210,21 @@ def test_plan_identities_follow_the_stage_graph(tmp_path, monkeypatch):
     sweep = Plan(changed(sweep={"v_lr": [0.5, 1.0]}))
     assert sorted(r.setting.get("v_lr") for r in sweep.runs if r.method == "muke-memit") == [0.5, 1.0]
     listed = Plan(changed(hparams={"v_lr": [0.5, 1.0]}))
-    assert {r.deltas.identity for r in listed.runs if r.deltas} == {r.deltas.identity for r in sweep.runs if r.deltas}
+    assert {r.memories.identity for r in listed.runs if r.memories} == {r.memories.identity for r in sweep.runs if r.memories}
 
 
 def test_code_identity_ignores_comments_but_not_code(tmp_path):
     package = tmp_path / "muke"
     shutil.copytree(REPO / "muke", package, ignore=shutil.ignore_patterns("__pycache__"))
-    before = {stage: code_identity(stage, package) for stage in ("score", "generate", "optimize_deltas")}
-    metrics = package / "metrics.py"
+    before = {stage: code_identity(stage, package) for stage in ("score", "generate", "optimize_memories")}
+    metrics = package / "eval" / "metrics.py"
     metrics.write_text(metrics.read_text().replace('"""Scores', '"""Scores (reworded)', 1) + "\n# a comment\n")
     time.sleep(0.01)
     assert {stage: code_identity(stage, package) for stage in before} == before
     metrics.write_text(metrics.read_text() + "\nEXTRA = 1\n")
     after = {stage: code_identity(stage, package) for stage in before}
     assert after["score"] != before["score"]
-    assert after["generate"] == before["generate"] and after["optimize_deltas"] == before["optimize_deltas"]
+    assert after["generate"] == before["generate"] and after["optimize_memories"] == before["optimize_memories"]
 
 
 # ---------------------------------------------------------------------------- (b, c) the real tiny run
@@ -259,7 +259,7 @@ def test_tiny_run_produces_the_tables(tiny_run):
     assert set(locality["model_state"]) == {"pre-edit", "edited"}
     assert set(locality["task"]) == {"muke_mmlu_demo", "muke_ifeval_demo"}
     assert set(locality.loc[locality.model_state == "edited", "method"]) == {"muke-memit", "anyedit-memit"}
-    (manifest,) = (results / "deltas" / "tiny" / "demo").glob("muke-memit-*/manifest.json")
+    (manifest,) = (results / "memories" / "tiny" / "demo").glob("muke-memit-*/manifest.json")
     assert '"v_lr": 0.5' in manifest.read_text()
     generations = pd.concat(map(pd.read_parquet, (results / "generate").rglob("shard*.parquet")))
     assert {"id", "kind", "prompt", "output", "target", "tokens", "seconds"} <= set(generations.columns)
@@ -279,13 +279,13 @@ def test_tiny_run_writes_the_full_report(tiny_run):
     assert "<img alt='BLEU vs target length (paper Fig. 5)'" in html and "<img alt='δ-loss traces'" in html
     assert "Failed requests: <b>0</b>" in html
     repro = html[html.index("id='repro'"):]
-    assert "git commit" in repro and "muke_cmd: python -m muke.stages" in repro
+    assert "git commit" in repro and "muke_cmd: python -m muke stage" in repro
     spec = json.loads((report / "spec.json").read_text())
     for run in spec["runs"]:
         assert all(identity in repro for identity in run["identities"].values())
     demo = tiny_run / "resources" / "demo_edits.jsonl"
     assert hashlib.sha256(demo.read_bytes()).hexdigest() in repro
-    assert re.search(r"<th>optimize_deltas</th>\s*<td>2</td>", repro)       # benchmarks: 2 jobs of this plan
+    assert re.search(r"<th>optimize_memories</th>\s*<td>2</td>", repro)       # benchmarks: 2 jobs of this plan
     assert (report / "stage_identities.csv").is_file() and (report / "benchmarks.csv").is_file()
 
 
@@ -309,18 +309,18 @@ BELOW_DELTAS = dict(update_weights=2, generate=2, score=2, locality=2, report=1)
 @needs_snakemake
 @pytest.mark.parametrize("change, reruns", [
     (dict(generation={"max_new_tokens": 6}), dict(generate=3, score=3, report=1)),
-    (dict(hparams={"v_lr": 1.0}), dict(optimize_deltas=2, **BELOW_DELTAS)),
+    (dict(hparams={"v_lr": 1.0}), dict(optimize_memories=2, **BELOW_DELTAS)),
     (dict(hparams={"mom2_update_weight": 200}), BELOW_DELTAS),
     (dict(stats={"max_docs": 32}), dict(collect_stats=1, **BELOW_DELTAS)),
-], ids=["generation-reruns-generate-score-report", "v_lr-reruns-deltas-and-below-not-stats",
-        "mom2-reruns-update-and-below-not-deltas", "stats-reruns-stats-and-updates"])
+], ids=["generation-reruns-generate-score-report", "v_lr-reruns-memories-and-below-not-stats",
+        "mom2-reruns-update-and-below-not-memories", "stats-reruns-stats-and-updates"])
 def test_a_change_reruns_only_the_stages_it_reaches(tiny_run, repo, change, reruns):
     assert planned(tiny_run, changed(**change), repo) == Counter(reruns)
 
 
 @needs_snakemake
 def test_sweep_runs_only_the_new_values_in_one_dag(tiny_run, repo):
-    expected = Counter(optimize_deltas=2, update_weights=2, generate=2, score=2, locality=2, report=1)
+    expected = Counter(optimize_memories=2, update_weights=2, generate=2, score=2, locality=2, report=1)
     assert planned(tiny_run, changed(sweep={"v_lr": [0.5, 1.0]}), repo) == expected
     assert planned(tiny_run, changed(hparams={"v_lr": [0.5, 1.0]}), repo) == expected
 
@@ -329,7 +329,7 @@ def test_sweep_runs_only_the_new_values_in_one_dag(tiny_run, repo):
 def test_code_change_reruns_the_stages_that_run_it(tiny_run, repo, tmp_path):
     edited = tmp_path / "repo"
     shutil.copytree(repo, edited)
-    metrics = edited / "muke" / "metrics.py"
+    metrics = edited / "muke" / "eval" / "metrics.py"
     metrics.write_text(metrics.read_text() + "\n# a comment changes nothing\n")
     assert planned(tiny_run, TINY, repo=edited) == Counter()
     metrics.write_text(metrics.read_text() + "\nEXTRA = 1\n")

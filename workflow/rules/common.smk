@@ -1,11 +1,11 @@
-# Look-ups into the plan (muke/plan.py): paths, specs (the parameter identities) and resources of
+# Look-ups into the plan (muke/workflow/plan.py): paths, specs (the parameter identities) and resources of
 # every job. Rules stay thin: they name their files and call `{MUKE} <stage>`.
 
 import shlex
 import sys
 
 R = PLAN.results
-MUKE = config["muke_cmd"]                       # "python -m muke.stages" or "muke stage"
+MUKE = config["muke_cmd"]                       # "python -m muke stage" or "muke stage"
 if MUKE.split()[0] == "python":                 # the interpreter running Snakemake, which has muke
     MUKE = shlex.quote(sys.executable) + MUKE[len("python"):]
 DEVICE = config["runtime"]["device"]            # formatted into commands, never a rerun trigger
@@ -63,14 +63,14 @@ def stats_inputs(wildcards):
     return files
 
 
-def deltas_inputs(wildcards):
-    run = run_of("deltas", wildcards)
+def memories_inputs(wildcards):
+    run = run_of("memories", wildcards)
     return {"model": PLAN.model_dir(run.model), "requests": run.dataset.path}
 
 
 def update_inputs(wildcards):
     run = run_of("update", wildcards)
-    files = {"model": PLAN.model_dir(run.model), "deltas": PLAN.deltas_path(run, int(wildcards.shard))}
+    files = {"model": PLAN.model_dir(run.model), "memories": PLAN.memories_path(run, int(wildcards.shard))}
     if run.stats is not None:
         files["stats"] = PLAN.stats_path(run.model, run.stats)
     if run.update.params["backend"] == "unke":

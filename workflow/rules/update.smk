@@ -15,6 +15,6 @@ rule update_weights:
         **resources_of("update_weights"),
     threads: resource("update_weights", "cpus_per_task")
     shell:
-        "{MUKE} update-weights --spec {params.spec:q} --model {input.model} --deltas {input.deltas}"
+        "{MUKE} update-weights --spec {params.spec:q} --model {input.model} --memories {input.memories}"
         " {params.optional} --cache-dir {params.cache} --out {output}"
         " --device {DEVICE} --threads {threads} > {log} 2>&1"

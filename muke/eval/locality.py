@@ -17,9 +17,10 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from muke.data import RESOURCES
 from muke.smollm import default_cache_dir, download_wheel
 
-DEMO_TASKS_DIR = Path(__file__).resolve().parent.parent / "resources" / "lm_eval_tasks"
+DEMO_TASKS_DIR = RESOURCES / "lm_eval_tasks"
 
 # NLTK's English punkt_tab (IFEval's sentence splitter) ships inside this MIT-licensed wheel.
 PUNKT_WHEEL = "llama-index-core==0.14.25"

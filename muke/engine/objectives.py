@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .windows import EditSequence
+from muke.engine.windows import EditSequence
 
 OBJECTIVES = ("one_for_all", "window", "sequential_nll", "parallel_nll", "matryoshka_vanilla", "matryoshka")
 LAMBDA_ORDERS = ("paper", "reference")

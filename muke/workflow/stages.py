@@ -5,9 +5,9 @@ leaves either the old file or none, never a half-written one that a rerun would 
 loop over requests keep per-request part files tagged with the job's identity, so a shard job killed
 midway resumes from the requests it finished.
 
-Each stage receives its parameters as the JSON spec of muke.plan.Spec (`--spec`), writes it as a
+Each stage receives its parameters as the JSON spec of muke.workflow.plan.Spec (`--spec`), writes it as a
 manifest.json beside its outputs (with timings and library versions) and is a subcommand:
-`python -m muke.stages <stage> ...`, or `muke stage <stage> ...` once muke.cli registers
+`python -m muke stage <stage> ...`, or `muke stage <stage> ...` once muke.cli registers
 `add_stage_commands`. Heavy imports (torch, transformers, lm-eval) happen inside the stages.
 """
 
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .io import _fsync_dir, atomic_path, write_json, write_parquet
+from muke.io import _fsync_dir, atomic_path, write_json, write_parquet
 
 MODEL_REF = "muke_model.json"   # in a prepared model folder: where the weights are, and their provenance
 
@@ -63,7 +63,7 @@ def model_path(model_dir: str | Path) -> str:
 
 def load_model(model_dir: str | Path, dtype: str, device: str):
     """The prepared model; Python code shipped with it runs only where its config said trust_remote_code."""
-    from .model import load
+    from muke.model import load
 
     trust = json.loads((Path(model_dir) / MODEL_REF).read_text()).get("trust_remote_code", False)
     log(f"loading {model_dir} ({dtype}, device {device}{', trusting its remote code' if trust else ''})")
@@ -72,7 +72,7 @@ def load_model(model_dir: str | Path, dtype: str, device: str):
 
 def _check_layers(em, layers: list[int], key: str) -> None:
     """Layer indices the plan could not check (a model whose preset does not state its layers)."""
-    from .model import ModelError
+    from muke.model import ModelError
 
     for layer in layers:
         try:
@@ -83,7 +83,7 @@ def _check_layers(em, layers: list[int], key: str) -> None:
 
 def _check_identity(path: str | Path, identity: dict) -> None:
     """A data file must still be the one the plan hashed (SLURM jobs start later than the plan)."""
-    from .plan import file_identity
+    from muke.workflow.plan import file_identity
 
     now = file_identity(path)
     if "sha256" in identity and now != identity:
@@ -97,7 +97,7 @@ def _shard_requests(path: str | Path, selection: dict, shard: int, skipped: list
     and the sharding apply; `skipped`, when given, receives a row (DataError.to_dict) for each one that
     lies among this shard's records, so that every left-out record is listed by exactly one shard.
     """
-    from .data import load_requests_checked
+    from muke.data import load_requests_checked
 
     _check_identity(path, selection["file"])
     requests, bad = load_requests_checked(path, selection["format"], selection.get("on_bad_record", "error"))
@@ -139,13 +139,13 @@ def prepare_model(spec: dict, out: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     source = params["source"]
     if source == "tiny":
-        from .tiny import build_tiny_model
+        from muke.tiny import build_tiny_model
 
         tiny = params["tiny"]
         build_tiny_model(tiny["arch"], tmp, seed=tiny["seed"], corpus_path=tiny["corpus"])
         ref = {"source": "tiny", **tiny}
     elif source == "smollm2":
-        from .smollm import smollm2_dir
+        from muke.smollm import smollm2_dir
 
         # converted once into the user's cache ($MUKE_CACHE), then hard-linked (or copied) here
         shutil.copytree(smollm2_dir(), tmp, copy_function=_link_or_copy)
@@ -156,7 +156,7 @@ def prepare_model(spec: dict, out: str | Path) -> Path:
     else:
         from huggingface_hub import snapshot_download
 
-        from .model import check_architecture
+        from muke.model import check_architecture
 
         trust = params.get("trust_remote_code", False)
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"] + (["*.py"] if trust else [])
@@ -179,7 +179,7 @@ def prepare_model(spec: dict, out: str | Path) -> Path:
 def collect_stats(spec: dict, model: str | Path, corpus: str, out: str | Path, device: str = "auto",
                   checkpoint_every: int = 1000) -> Path:
     """Second moments of the down_proj inputs of the spec's layers (resumes from `out`.partial)."""
-    from . import stats
+    from muke.update import stats
 
     p = spec["params"]
     em = load_model(model, p["dtype"], device)
@@ -192,14 +192,14 @@ def collect_stats(spec: dict, model: str | Path, corpus: str, out: str | Path, d
     return out
 
 
-# ---------------------------------------------------------------------------- optimize_deltas
+# ---------------------------------------------------------------------------- optimize_memories
 
 def _optimise_many(em, requests, cfg) -> list[tuple[dict, dict, list[dict]]]:
     """(tensors, record, trace rows) of each request, their δ loops batched (memory.optimise_batch); a
     NumericalError gives that request a failed record."""
     import torch
 
-    from .memory import NumericalError, encode_request, optimise_batch
+    from muke.engine.memory import NumericalError, encode_request, optimise_batch
 
     seqs = [encode_request(em, r.question, r.answer, cfg) for r in requests]
     out = []
@@ -236,7 +236,7 @@ def _read_part(path: Path, identity: str):
     return tensors, meta["record"], meta["trace"]
 
 
-def optimize_deltas(spec: dict, model: str | Path, requests: str | Path, shard: int, out: str | Path,
+def optimize_memories(spec: dict, model: str | Path, requests: str | Path, shard: int, out: str | Path,
                     trace: str | Path, device: str = "auto") -> Path:
     """Target memories z = h + δ of every request of a shard (ALGORITHM §4).
 
@@ -254,9 +254,9 @@ def optimize_deltas(spec: dict, model: str | Path, requests: str | Path, shard: 
     import pandas as pd
     import torch
 
-    from .data import model_problems
-    from .memory import MemoryConfig
-    from .stats import save_safetensors_atomic
+    from muke.data import model_problems
+    from muke.engine.memory import MemoryConfig
+    from muke.update.stats import save_safetensors_atomic
 
     p, out = spec["params"], Path(out)
     skipped = []
@@ -296,7 +296,7 @@ def optimize_deltas(spec: dict, model: str | Path, requests: str | Path, shard: 
         records.append({"index": i, **record})
         rows += trace_rows
     write_parquet(pd.DataFrame(rows, columns=None if rows else ["id", "window", "step", "loss"]), trace)
-    meta = {"format": "muke.deltas/1", "identity": spec["identity"], "shard": shard, "requests": records,
+    meta = {"format": "muke.memories/1", "identity": spec["identity"], "shard": shard, "requests": records,
             "skipped": skipped}
     save_safetensors_atomic(tensors or {"empty": torch.zeros(0)}, out, {"muke": json.dumps(meta)})
     write_manifest(out.parent / "manifest.json", spec)
@@ -304,8 +304,8 @@ def optimize_deltas(spec: dict, model: str | Path, requests: str | Path, shard: 
     return out
 
 
-def read_deltas(path: str | Path) -> tuple[dict, dict]:
-    """(metadata, tensors) of an optimize_deltas shard file."""
+def read_memories(path: str | Path) -> tuple[dict, dict]:
+    """(metadata, tensors) of an optimize_memories shard file."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -318,16 +318,16 @@ def read_deltas(path: str | Path) -> tuple[dict, dict]:
 
 def _targets(path: str | Path) -> tuple[list, list[tuple[str, str]]]:
     """(update.Target of each optimised request, (id, reason) of each failed or skipped request) of a
-    deltas shard."""
-    from .update import Target
-    from .windows import EditSequence
+    memories shard."""
+    from muke.update.edit import Target
+    from muke.engine.windows import EditSequence
 
-    meta, t = read_deltas(path)
+    meta, t = read_memories(path)
     targets = []
     failed = [(s["id"], f"skipped: {s['message']}") for s in meta.get("skipped", []) if s["check"] == "model"]
     for rec in meta["requests"]:
         if rec["failed"]:
-            failed.append((rec["id"], rec.get("error") or "optimize_deltas failed"))
+            failed.append((rec["id"], rec.get("error") or "optimize_memories failed"))
             continue
         i = rec["index"]
         seq = EditSequence(rec["prompt"], tuple(t[f"{i}.prompt_ids"].tolist()), tuple(t[f"{i}.target_ids"].tolist()),
@@ -336,21 +336,21 @@ def _targets(path: str | Path) -> tuple[list, list[tuple[str, str]]]:
     return targets, failed
 
 
-def update_weights(spec: dict, model: str | Path, deltas: str | Path, out: str | Path,
+def update_weights(spec: dict, model: str | Path, memories: str | Path, out: str | Path,
                    stats: str | Path | None = None, preservation: str | Path | None = None,
                    device: str = "auto", cache_dir: str | Path | None = None) -> Path:
-    """Weight deltas of a shard, one file per edit batch (one request per batch by default).
+    """Weight updates ΔW of a shard, one file per edit batch (one request per batch by default).
 
     `out` (Parquet, one row per batch): batch, file, request_ids (JSON list), failed, seconds, reason;
-    the muke.update.WeightDelta files lie in the folder named like `out` without its suffix. A request
+    the muke.update.WeightUpdate files lie in the folder named like `out` without its suffix. A request
     whose δ optimisation failed or that was skipped gets a row of its own (batch -1, no file); a batch
     whose update is not finite (NumericalError) gets a failed row and the other batches go on.
     """
     import pandas as pd
 
-    from .memory import NumericalError
-    from .stats import StatsError, load_stats
-    from .update import WeightDelta, compute_delta
+    from muke.engine.memory import NumericalError
+    from muke.update.stats import StatsError, load_stats
+    from muke.update.edit import WeightUpdate, compute_update
 
     p, out = spec["params"], Path(out)
     options = dict(p["options"])
@@ -361,7 +361,7 @@ def update_weights(spec: dict, model: str | Path, deltas: str | Path, out: str |
         options["cache_dir"] = str(cache_dir)
     em = load_model(model, p["dtype"], device)
     _check_layers(em, layers, "hparams.unke_layers" if backend == "unke" else "hparams.layers")
-    targets, failed = _targets(deltas)
+    targets, failed = _targets(memories)
     loaded = load_stats(stats, em, layers) if backend != "unke" else None
     expected = spec.get("inputs", {}).get("stats")
     if loaded is not None and expected and loaded.meta.get("identity", expected) != expected:
@@ -376,22 +376,22 @@ def update_weights(spec: dict, model: str | Path, deltas: str | Path, out: str |
     for b, start in enumerate(range(0, len(targets), size)):
         batch = targets[start:start + size]
         path = folder / f"{b:04d}.safetensors"
-        delta = WeightDelta.load(path) if path.is_file() else None
-        if delta is None or delta.info.get("identity") != spec["identity"]:
+        update = WeightUpdate.load(path) if path.is_file() else None
+        if update is None or update.info.get("identity") != spec["identity"]:
             log(f"batch {b}: {backend} update of {[t.id for t in batch]} on layers {layers}")
             try:
-                delta = compute_delta(em, batch, backend, layers, keys, stats=loaded, method=p["method"], **options)
+                update = compute_update(em, batch, backend, layers, keys, stats=loaded, method=p["method"], **options)
             except NumericalError as e:
                 log(f"batch {b}: failed ({e})")
                 rows.append({"batch": b, "file": None, "request_ids": json.dumps([t.id for t in batch]),
                              "failed": True, "seconds": 0.0, "reason": str(e)})
                 continue
-            delta.info["identity"] = spec["identity"]
-            delta.save(path)
+            update.info["identity"] = spec["identity"]
+            update.save(path)
         else:
             log(f"batch {b}: finished earlier ({path.name})")
-        rows.append({"batch": b, "file": path.name, "request_ids": json.dumps(delta.request_ids), "failed": False,
-                     "seconds": float(delta.info.get("seconds", 0.0)), "reason": None})
+        rows.append({"batch": b, "file": path.name, "request_ids": json.dumps(update.request_ids), "failed": False,
+                     "seconds": float(update.info.get("seconds", 0.0)), "reason": None})
     columns = ["batch", "file", "request_ids", "failed", "seconds", "reason"]
     write_parquet(pd.DataFrame(rows, columns=columns).astype({"file": "string", "reason": "string"}), out)
     write_manifest(out.parent / "manifest.json", spec)
@@ -399,8 +399,8 @@ def update_weights(spec: dict, model: str | Path, deltas: str | Path, out: str |
 
 
 def read_update_index(path: str | Path) -> list[dict]:
-    """Rows of an update_weights index, with `request_ids` as lists, `path` the delta file (or None)
-    and `reason` why a row failed (None for a delta)."""
+    """Rows of an update_weights index, with `request_ids` as lists, `path` the ΔW file (or None)
+    and `reason` why a row failed (None for a ΔW)."""
     import pandas as pd
 
     path = Path(path)
@@ -443,17 +443,17 @@ def generate(spec: dict, model: str | Path, requests: str | Path, shard: int, ou
     """Greedy answers to each request's questions (question, paraphrase, sub-questions).
 
     With `update` (an update_weights index) each request is answered by the model edited with its own
-    batch's delta alone; without it by the unedited model (method "pre-edit"). A request whose edit
-    failed is answered by the unedited model and flagged `edit_failed`. Low-rank deltas of several edits
-    share generate batches of `generation.batch_size` rows (muke.generate.edited_generation_rows); each
+    batch's ΔW alone; without it by the unedited model (method "pre-edit"). A request whose edit
+    failed is answered by the unedited model and flagged `edit_failed`. Low-rank ΔW of several edits
+    share generate batches of `generation.batch_size` rows (muke.eval.generate.edited_generation_rows); each
     batch's rows are kept in a part file tagged with the job's identity, so a killed job resumes after
     the batches it finished.
     Parquet rows: id, kind, index, prompt, output, target, tokens, seconds, edit_failed, shard.
     """
     import pandas as pd
 
-    from .generate import edited_generation_rows, n_questions
-    from .update import WeightDelta
+    from muke.eval.generate import edited_generation_rows, n_questions
+    from muke.update.edit import WeightUpdate
 
     p, out = spec["params"], Path(out)
     g = p["generation"]
@@ -487,7 +487,7 @@ def generate(spec: dict, model: str | Path, requests: str | Path, shard: int, ou
                 log(f"{request_ids}: edit failed, answering with the unedited model")
         log(f"batch {k + 1}/{len(groups)}: generating for {ids}")
         answers = edited_generation_rows(
-            em, [(None if path is None else WeightDelta.load(path), [chosen[rid] for rid in request_ids])
+            em, [(None if path is None else WeightUpdate.load(path), [chosen[rid] for rid in request_ids])
                  for request_ids, path in group], **kwargs)
         new = [{**row, "edit_failed": bad} for edit_rows, bad in zip(answers, failed) for row in edit_rows]
         write_json(part, {"identity": spec["identity"], "ids": ids, "rows": new})
@@ -520,13 +520,13 @@ def _summary(scored):
 
 def score(spec: dict, generations: list[str | Path], samples: str | Path, summary: str | Path,
           model: str | Path, device: str = "auto") -> Path:
-    """Per-answer metrics of both families (muke.metrics.score_frame) and their summary. Each sample
+    """Per-answer metrics of both families (muke.eval.metrics.score_frame) and their summary. Each sample
     also gets `target_tokens`, the target's length in the model's tokens (the x axis of the paper's
     BLEU vs length figure)."""
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from .metrics import score_frame
+    from muke.eval.metrics import score_frame
 
     p = spec["params"]
     df = pd.concat([pd.read_parquet(g) for g in generations], ignore_index=True)
@@ -554,8 +554,8 @@ def locality(spec: dict, model: str | Path, out: str | Path, updates: list[str |
     "edited", request_id null). Parquet rows: model_state, request_id, task, metric, value, stderr, n."""
     import pandas as pd
 
-    from .locality import aggregate, evaluate
-    from .update import WeightDelta, apply
+    from muke.eval.locality import aggregate, evaluate
+    from muke.update.edit import WeightUpdate, apply
 
     p = spec["params"]
     em = load_model(model, p["dtype"], device)
@@ -569,10 +569,10 @@ def locality(spec: dict, model: str | Path, out: str | Path, updates: list[str |
         runs = []
         for rid in p["edits"]:
             if where.get(rid) is None:
-                log(f"request {rid}: no weight delta (edit failed): skipped")
+                log(f"request {rid}: no weight update (edit failed): skipped")
                 continue
             log(f"locality of the model edited with {rid}: {p['tasks']}")
-            with apply(em, WeightDelta.load(where[rid])):
+            with apply(em, WeightUpdate.load(where[rid])):
                 runs += [{**r, "request_id": rid} for r in evaluate(em, model_state="edited", **kwargs)]
         rows = [{**r, "n": r["n_samples"]} for r in runs]
         rows += [{**r, "request_id": None, "n": r["n_runs"]} for r in aggregate(runs, "edited")]
@@ -622,7 +622,7 @@ def _read_labelled(runs: list[dict], files, columns: list[str] | None = None):
 
 
 def _failures(runs: list[dict]):
-    """Requests each run lost: records left out (deltas shard `skipped`: unreadable, stage "data", or
+    """Requests each run lost: records left out (memories shard `skipped`: unreadable, stage "data", or
     unfit for the model), δ optimisation failures (shard records, with the error) and updates that
     failed for another reason (update_weights index rows, with theirs)."""
     import pandas as pd
@@ -632,12 +632,12 @@ def _failures(runs: list[dict]):
     for run in runs:
         label = {k: run[k] for k in REPORT_LABELS}
         for shard in run["files"]["shards"]:
-            with safe_open(shard["deltas"], framework="pt") as f:
+            with safe_open(shard["memories"], framework="pt") as f:
                 meta = json.loads(f.metadata()["muke"])
-            where = {"run": Path(shard["deltas"]).parent.name, **label}
-            lost = [{"id": s["id"], "stage": "data" if s["check"] == "file" else "optimize_deltas",
+            where = {"run": Path(shard["memories"]).parent.name, **label}
+            lost = [{"id": s["id"], "stage": "data" if s["check"] == "file" else "optimize_memories",
                      "reason": f"skipped: {s['message']}", "record": s["record"]} for s in meta.get("skipped", [])]
-            lost += [{"id": r["id"], "stage": "optimize_deltas", "reason": r["error"]}
+            lost += [{"id": r["id"], "stage": "optimize_memories", "reason": r["error"]}
                      for r in meta["requests"] if r["failed"]]
             rows += [{**row, **where} for row in lost]
             known = {row["id"] for row in lost}
@@ -653,7 +653,7 @@ def _categories(datasets: dict):
     """(dataset, id, category) of the requests that have a category (EditEverything), else None."""
     import pandas as pd
 
-    from .data import load_requests_checked
+    from muke.data import load_requests_checked
 
     rows = [{"dataset": name, "id": r.id, "category": r.category} for name, d in datasets.items()
             for r in load_requests_checked(d["path"], d["format"], on_bad_record="skip")[0] if r.category]
@@ -661,18 +661,18 @@ def _categories(datasets: dict):
 
 
 def report(spec: dict, metrics_out: str | Path, locality_out: str | Path, html_out: str | Path) -> Path:
-    """The tables (Parquet + CSV) and the HTML report (muke.report.build_report, which writes
+    """The tables (Parquet + CSV) and the HTML report (muke.eval.report.build_report, which writes
     `index.html` and its tables as CSV into the folder of `html_out`).
 
-    `spec` (muke.plan.Plan.report_spec): the resolved config and every run with its labels (model,
+    `spec` (muke.workflow.plan.Plan.report_spec): the resolved config and every run with its labels (model,
     dataset, method, setting, sweep_param, sweep_value), result files and stage identities. The tables
     hold one row per run × question kind × metric family (edit metrics) and per model state × task ×
     metric (locality: the pre-edit model and the mean over edited models); `run` names the run's folder.
     """
     import pandas as pd
 
-    from .plan import STAGE_CODE
-    from .report import build_report
+    from muke.workflow.plan import STAGE_CODE
+    from muke.eval.report import build_report
 
     html_out = Path(html_out)
     if html_out.name != "index.html":
@@ -714,7 +714,7 @@ def _spec(text: str) -> dict:
 
 
 def _common(p, model=True, device=True) -> None:
-    p.add_argument("--spec", required=True, type=_spec, help="the job's JSON spec (muke.plan), or @FILE")
+    p.add_argument("--spec", required=True, type=_spec, help="the job's JSON spec (muke.workflow.plan), or @FILE")
     if model:
         p.add_argument("--model", required=True, help="prepared model folder")
     if device:
@@ -730,10 +730,10 @@ def _run(args) -> None:
         prepare_model(s, args.out)
     elif args.stage == "collect-stats":
         collect_stats(s, args.model, args.corpus, args.out, args.device, args.checkpoint_every)
-    elif args.stage == "optimize-deltas":
-        optimize_deltas(s, args.model, args.requests, args.shard, args.out, args.trace, args.device)
+    elif args.stage == "optimize-memories":
+        optimize_memories(s, args.model, args.requests, args.shard, args.out, args.trace, args.device)
     elif args.stage == "update-weights":
-        update_weights(s, args.model, args.deltas, args.out, args.stats, args.preservation, args.device, args.cache_dir)
+        update_weights(s, args.model, args.memories, args.out, args.stats, args.preservation, args.device, args.cache_dir)
     elif args.stage == "generate":
         generate(s, args.model, args.requests, args.shard, args.out, args.update, args.device)
     elif args.stage == "score":
@@ -756,16 +756,16 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint-every", type=int, default=1000)
 
-    p = sub.add_parser("optimize-deltas", help="target memories of one shard of requests")
+    p = sub.add_parser("optimize-memories", help="target memories of one shard of requests")
     _common(p)
     p.add_argument("--requests", required=True)
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--trace", required=True)
 
-    p = sub.add_parser("update-weights", help="weight deltas of one shard")
+    p = sub.add_parser("update-weights", help="weight updates ΔW of one shard")
     _common(p)
-    p.add_argument("--deltas", required=True)
+    p.add_argument("--memories", required=True)
     p.add_argument("--stats", default=None)
     p.add_argument("--preservation", default=None)
     p.add_argument("--cache-dir", default=None, help="AlphaEdit null-space projectors")
@@ -804,7 +804,7 @@ def add_stage_commands(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m muke.stages", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m muke stage", description=__doc__.splitlines()[0])
     add_stage_parsers(parser.add_subparsers(dest="stage", required=True))
     args = parser.parse_args(argv)
     _run(args)

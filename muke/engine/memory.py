@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from . import hooks
-from .model import EditableModel, cache_arg
-from .objectives import OBJECTIVES, affinity, affinity_lambdas, figure_coefficients, token_coefficients
-from .windows import EditSequence, encode
+from muke.engine import hooks
+from muke.model import EditableModel, cache_arg
+from muke.engine.objectives import OBJECTIVES, affinity, affinity_lambdas, figure_coefficients, token_coefficients
+from muke.engine.windows import EditSequence, encode
 
 
 class NumericalError(RuntimeError):

@@ -2,7 +2,7 @@
 
 Evaluating many single-request edits: the protocol edits a fresh model per request, answers its questions
 and reverts. For low-rank (MEMIT-family) deltas the same answers come from ONE batch holding the questions
-of many requests, each row running its own request's edit (`row_deltas`, multi-adapter style), so the
+of many requests, each row running its own request's edit (`row_updates`, multi-adapter style), so the
 weights are never touched. Deltas that change whole blocks (UnKE) are applied, answered and reverted one
 at a time.
 
@@ -23,8 +23,8 @@ from typing import Iterator, Sequence
 import torch
 
 from muke.model import ModelError
-from muke.update import WeightDelta, apply
-from muke.windows import render_prompt
+from muke.update.edit import WeightUpdate, apply
+from muke.engine.windows import render_prompt
 
 KINDS = ("question", "para_question", "sub_questions")
 
@@ -63,13 +63,13 @@ def answer_length(new_ids: list[int], stops: set[int]) -> int:
     return next((i + 1 for i, t in enumerate(new_ids) if t in stops), len(new_ids))
 
 
-def is_low_rank(delta: WeightDelta | None) -> bool:
+def is_low_rank(delta: WeightUpdate | None) -> bool:
     """Whether a delta can run per batch row: only factored down-projection updates (or no edit)."""
     return delta is None or not delta.params
 
 
 @contextmanager
-def row_deltas(em, deltas: Sequence[WeightDelta | None], merged: bool | None = None) -> Iterator[None]:
+def row_updates(em, deltas: Sequence[WeightUpdate | None], merged: bool | None = None) -> Iterator[None]:
     """Inside the block, batch row r of every forward pass runs the model edited by deltas[r] (None: unedited).
 
     Each down-projection that some delta edits gets a forward hook; x: (batch, T, d_ff) is its input.
@@ -117,7 +117,7 @@ def _merged_hook(em, layer: int, deltas):
     bias = getattr(module, "bias", None)
     groups = []                                         # (rows, merged weight (d_model, d_ff))
     for d in {id(d): d for d in deltas if d is not None and layer in d.factors}.values():
-        single = WeightDelta(d.method, d.backend, [layer], d.request_ids, {layer: d.factors[layer]})
+        single = WeightUpdate(d.method, d.backend, [layer], d.request_ids, {layer: d.factors[layer]})
         with apply(em, single):
             weight = em.down_proj_weight(layer).detach().clone()
         rows = torch.tensor([r for r, other in enumerate(deltas) if other is d], device=weight.device)
@@ -137,7 +137,7 @@ def _hooked(module, compute, n_rows: int) -> Iterator[None]:
     def hook(_module, inputs, output):
         x = inputs[0]                                       # (batch, T, d_ff)
         if x.shape[0] != n_rows:
-            raise RuntimeError(f"row_deltas holds {n_rows} rows, the forward pass has {x.shape[0]}")
+            raise RuntimeError(f"row_updates holds {n_rows} rows, the forward pass has {x.shape[0]}")
         return compute(x, output)
 
     handle = module.register_forward_hook(hook)
@@ -166,12 +166,12 @@ def _generate_batch(em, prompts: list[str], gen_kwargs: dict) -> list[Generation
 
 def greedy(em, questions: list[str], max_new_tokens: int = 512, system_prompt: str | None = None,
            chat_template: bool = True, batch_size: int = 8,
-           deltas: Sequence[WeightDelta | None] | None = None) -> list[Generation]:
+           deltas: Sequence[WeightUpdate | None] | None = None) -> list[Generation]:
     """Greedy answers to `questions`, in order; batching does not change the outputs in fp32 (in bf16 or
     fp16 the accumulation order follows the batch's shape, and a near-tie may go the other way).
 
-    deltas: one low-rank WeightDelta (or None) per question, under which that question is answered
-    (`row_deltas`); without it the model as it is answers every question.
+    deltas: one low-rank WeightUpdate (or None) per question, under which that question is answered
+    (`row_updates`); without it the model as it is answers every question.
     """
     if deltas is not None and len(deltas) != len(questions):
         raise ValueError(f"{len(deltas)} deltas for {len(questions)} questions")
@@ -186,7 +186,7 @@ def greedy(em, questions: list[str], max_new_tokens: int = 512, system_prompt: s
     for i in range(0, len(prompts), batch_size):
         rows = slice(i, i + batch_size)
         edited = deltas is not None and any(d is not None for d in deltas[rows])
-        with row_deltas(em, deltas[rows]) if edited else nullcontext():
+        with row_updates(em, deltas[rows]) if edited else nullcontext():
             results += _generate_batch(em, prompts[rows], gen_kwargs)
     return results
 
@@ -232,13 +232,13 @@ def _rows(keyed, outputs) -> list[dict]:
             for (rid, kind, index, question, target), g in zip(keyed, outputs)]
 
 
-def edited_generation_rows(em, edits: Sequence[tuple[WeightDelta | None, Sequence]], kinds=KINDS,
+def edited_generation_rows(em, edits: Sequence[tuple[WeightUpdate | None, Sequence]], kinds=KINDS,
                            **greedy_kwargs) -> list[list[dict]]:
     """generation_rows of each edit's requests under that edit alone, as if each edit were applied, its
     requests answered and the weights restored in turn; returns one list of rows per edit.
 
     edits: (delta or None for the unedited model, requests). Low-rank edits share batches, each row
-    under its own delta (`row_deltas`); other deltas (UnKE) are applied and reverted one at a time.
+    under its own delta (`row_updates`); other deltas (UnKE) are applied and reverted one at a time.
     """
     _check_kinds(kinds)
     out: list[list[dict] | None] = [None] * len(edits)

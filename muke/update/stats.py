@@ -35,9 +35,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import hooks
-from .data import DataError, jsonl_records
-from .model import DTYPES, EditableModel
+from muke.engine import hooks
+from muke.data import DataError, jsonl_records
+from muke.model import DTYPES, EditableModel
 
 FORMAT = "muke.stats/1"
 

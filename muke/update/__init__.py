@@ -1,0 +1,2 @@
+"""The batch weight update (ALGORITHM §5): second-moment statistics, the MEMIT / AlphaEdit / UnKE
+backends that map target memories z to a weight update ΔW, and applying, reverting and exporting ΔW."""
