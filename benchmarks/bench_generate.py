@@ -27,7 +27,8 @@ from muke.data import load_requests
 from muke.eval.generate import KINDS, edited_generation_rows, generation_rows
 from muke.model import load
 from muke.update.stats import StatsConfig, cached_stats
-from muke.update.edit import WeightUpdate, apply, edit
+from muke.update.weights import WeightUpdate, apply
+from muke.update.edit import edit
 
 
 def deltas_for(em, requests, cache: Path, steps: int) -> list[WeightUpdate]:

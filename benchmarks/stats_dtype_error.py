@@ -18,7 +18,8 @@ import torch
 
 from muke.model import load
 from muke.update.stats import StatsConfig, collect_stats, load_stats
-from muke.update.edit import memit_solve, read_layer
+from muke.update.memit import memit_solve
+from muke.update.keys import read_layer
 from muke.engine.windows import encode
 
 

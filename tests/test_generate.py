@@ -120,7 +120,7 @@ def edits(em, stats):
 
 def sequential_rows(em, edits, **kwargs):
     """The protocol: apply one edit, answer its requests, revert; in turn."""
-    from muke.update.edit import apply
+    from muke.update.weights import apply
 
     out = []
     for delta, requests in edits:
@@ -151,7 +151,7 @@ def test_batched_edits_answer_as_editing_one_request_at_a_time(em, edits):
 @pytest.mark.parametrize("merged", [False, True])
 def test_row_deltas_logits_match_merged_weights(em, edits, merged):
     """Same prompt in every row, row r under edit r: fp32 logits equal apply(edit r) up to rounding."""
-    from muke.update.edit import apply
+    from muke.update.weights import apply
 
     ids = em.tokenizer(render_prompt(em.tokenizer, FACTS[0][0]), add_special_tokens=False,
                        return_tensors="pt").input_ids
@@ -176,7 +176,7 @@ def test_bf16_rows_use_the_merged_weights_of_the_protocol(edits, tiny_qwen2_path
     Greedy answers are not compared: in bf16 even the unedited model answers differently in a batch of
     16 than one question at a time (the accumulation order depends on the batch's shape), for any method.
     """
-    from muke.update.edit import apply
+    from muke.update.weights import apply
 
     half = load(tiny_qwen2_path, dtype="bfloat16")
     ids = half.tokenizer(render_prompt(half.tokenizer, FACTS[0][0]), add_special_tokens=False,

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 import muke.cli as cli
 import muke.workflow.stages as stages
 from muke.data import DataError, load_requests_checked, model_problems
-from muke.engine.memory import NumericalError
+from muke.numerics import NumericalError
 from muke.model import load
 from muke.workflow.plan import ConfigError, Plan
 from muke.update.stats import StatsError, load_stats, read_metadata
@@ -452,7 +452,7 @@ def test_nan_in_delta_optimisation_fails_that_request_and_the_rest_goes_on(work,
     stages.optimize_memories(spec(run.memories), model, DEMO, 0, out, out.with_suffix(".trace.parquet"), "cpu")
     meta, tensors = stages.read_memories(out)
     bad, good = meta["requests"]
-    assert bad["failed"] and re.match(r"non-finite (loss|affinity gradient) in window 0 at step 0", bad["error"])
+    assert bad["failed"] and re.match(r"window 0, step 0: (loss|affinity_gradient) is not finite", bad["error"])
     assert not good["failed"] and not any(k.startswith("0.") for k in tensors)
     assert torch.equal(tensors["1.z"], stages.read_memories(reference["memories"])[1]["1.z"])
 
@@ -479,45 +479,45 @@ def test_nan_statistics_raise_a_numerical_error_naming_the_layer(work, clean, tm
     options = dict(run.update.params["options"])
     layers, keys = options.pop("layers"), options.pop("keys")
     before = em.down_proj(1).weight.clone()
-    with pytest.raises(NumericalError, match=r"layer 1: the computed update V is not finite"):
+    with pytest.raises(NumericalError, match=r"layer 1, computed update: V is not finite"):
         compute_update(em, targets[:1], "memit", layers, keys, stats=load_stats(forged, em, layers), **options)
     assert torch.equal(em.down_proj(1).weight, before)            # the model is left as it was
 
 
 def test_nan_in_unke_block_fitting_raises_a_numerical_error_naming_the_layer(work, clean, monkeypatch):
-    import muke.update.edit
+    import muke.update.unke
     from muke.update.edit import compute_update
 
     root, model = work
     em = load(stages.model_path(model))
     targets, _ = stages._targets(clean[1]["memories"])
-    real = muke.update.edit._mse
-    monkeypatch.setattr(muke.update.edit, "_mse", lambda *a, **kw: real(*a, **kw) * float("nan"))
+    real = muke.update.unke._mse
+    monkeypatch.setattr(muke.update.unke, "_mse", lambda *a, **kw: real(*a, **kw) * float("nan"))
     before = {n: p.clone() for n, p in em.model.named_parameters()}
-    with pytest.raises(NumericalError, match=r"layer 1: the computed update model\.layers\.1\.\S+ is not finite"):
+    with pytest.raises(NumericalError, match=r"layer 1, computed update: model\.layers\.1\.\S+ is not finite"):
         compute_update(em, targets[:1], "unke", [1, 2], "sequence", steps=2, n_preserve=2)
     assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())
 
 
 def test_update_weights_records_a_non_finite_batch_and_goes_on(work, clean, monkeypatch):
-    import muke.update.edit
+    import muke.update.memit
 
     root, model = work
     plan, reference = clean
     run = the_run(plan)
-    calls, real = [], muke.update.edit.memit_solve
+    calls, real = [], muke.update.memit.memit_solve
 
     def nan_once(*args, **kwargs):                              # the first batch's first layer only
         calls.append(1)
         out = real(*args, **kwargs)
         return out * float("nan") if len(calls) == 1 else out
 
-    monkeypatch.setattr(muke.update.edit, "memit_solve", nan_once)
+    monkeypatch.setattr(muke.update.memit, "memit_solve", nan_once)
     index = root / "results/nan-batch/shard0.parquet"
     stages.update_weights(spec(run.update), model, reference["memories"], index, stats=reference["stats"], device="cpu")
     first, second = stages.read_update_index(index)
     assert (first["request_ids"], first["failed"], first["path"], first["batch"]) == (["demo-00"], True, None, 0)
-    assert first["reason"] == "layer 1: the computed update V is not finite"
+    assert first["reason"] == "layer 1, computed update: V is not finite"
     assert not second["failed"] and second["reason"] is None
     clean_second = stages.read_update_index(reference["update"])[1]
     same_tensors(second["path"], clean_second["path"])
@@ -527,7 +527,7 @@ def test_update_weights_records_a_non_finite_batch_and_goes_on(work, clean, monk
 # ---------------------------------------------------------------------------- 5. determinism
 
 def test_same_config_and_seed_give_identical_results(work, clean):
-    from muke.update.edit import WeightUpdate
+    from muke.update.weights import WeightUpdate
 
     root, model = work
     _, a = clean

@@ -129,7 +129,8 @@ def test_stages_compute_what_update_edit_computes(plan, tiny_qwen2_path, tmp_pat
     from muke.data import load_requests_checked
     from muke.model import load
     from muke.update.stats import load_stats
-    from muke.update.edit import WeightUpdate, edit
+    from muke.update.weights import WeightUpdate
+    from muke.update.edit import edit
 
     run = next(r for r in plan.runs if r.method == "muke-memit")
     model_dir = tmp_path / "model"

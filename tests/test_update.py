@@ -8,9 +8,13 @@ from muke.data import EditRequest
 from muke.eval.generate import greedy
 from muke.model import ModelError, load
 from muke.update.stats import StatsConfig, collect_stats, load_stats
-from muke.update.edit import (Target, WeightUpdate, alphaedit_solve, apply, compute_update, edit, export_edited,
-                         memit_solve, null_space_projector, read_layer, resolve_method, target_nll,
-                         unke_update)
+from muke.update.keys import Target, read_layer
+from muke.update.weights import WeightUpdate, apply, export_edited
+from muke.update.alphaedit import alphaedit_solve, null_space_projector
+from muke.update.edit import compute_update, edit, target_nll
+from muke.update.memit import memit_solve
+from muke.update.methods import resolve_method
+from muke.update.unke import unke_update
 from muke.engine.windows import encode
 
 DEMO_CORPUS = "resources/demo_corpus.txt"

@@ -163,7 +163,7 @@ def test_plan_checks_presets_sweeps_and_files(tmp_path, monkeypatch):
 
 
 def test_schema_knows_every_hyperparameter_of_resolve_method():
-    from muke.update.edit import BACKEND_OPTIONS, DEFAULT_PRESET, MEMORY_OPTIONS
+    from muke.update.methods import BACKEND_OPTIONS, DEFAULT_PRESET, MEMORY_OPTIONS
 
     schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
     known = set(schema["$defs"]["hparams"]["properties"])

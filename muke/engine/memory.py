@@ -23,10 +23,7 @@ from muke.engine import hooks
 from muke.model import EditableModel, cache_arg
 from muke.engine.objectives import OBJECTIVES, affinity, affinity_lambdas, figure_coefficients, token_coefficients
 from muke.engine.windows import EditSequence, encode
-
-
-class NumericalError(RuntimeError):
-    """A non-finite loss or shift: the request is recorded as failed, the run goes on."""
+from muke.numerics import NumericalError, check_finite
 
 
 @dataclass(frozen=True)
@@ -266,18 +263,13 @@ def _sync_skipped_layers(cache, layer: int) -> None:
         entry.keys, entry.values, entry.is_initialized = above.keys, above.values, True
 
 
-def _check_finite(value: torch.Tensor, what: str, window: int, step: int) -> None:
-    if not torch.isfinite(value).all():
-        raise NumericalError(f"non-finite {what} in window {window} at step {step}")
-
-
 def step_loss(coeff: torch.Tensor, logp: torch.Tensor, deltas: list[torch.Tensor], h_norms: list[torch.Tensor],
               cfg: MemoryConfig, label: int, step: int) -> tuple[torch.Tensor, dict]:
     """One request's δ-loop loss -Σ c_t lp_t + wd · Σ ‖δ_k‖ / ‖h_k‖², checked finite, and its trace row."""
     nll = -(coeff[:len(logp)] * logp).sum()
     decay = sum(cfg.v_weight_decay * d.norm() / h ** 2 for d, h in zip(deltas, h_norms))
     loss = nll + decay
-    _check_finite(loss, "loss", label, step)
+    check_finite(f"window {label}, step {step}", loss=loss)
     return loss, {"window": label, "step": step, "loss": loss.item(), "nll": nll.item(),
                   "weight_decay": decay.item(), "delta_norm": max(d.norm().item() for d in deltas),
                   "h_norm": max(h.item() for h in h_norms)}
@@ -433,7 +425,7 @@ def initial_figure_gradients(lm: ShiftedLM) -> list[torch.Tensor]:
         figures = figure_coefficients(seq, i)
         scale = figures[:, seq.windows[i][0]].to(lm.em.device)       # c_ij on window i's first token
         grads = torch.stack([scale[j - i] * summed[j][i] for j in range(i, seq.n_windows)])
-        _check_finite(grads, "affinity gradient", i, 0)
+        check_finite(f"window {i}, step 0", affinity_gradient=grads)
         out.append(grads)
     return out
 
@@ -451,7 +443,7 @@ def window_affinity(lm: ShiftedLM, i: int, cfg: MemoryConfig, first: torch.Tenso
             grads = first
         else:
             grads = figure_gradients(lm, i, delta, shared=cfg.fast)
-            _check_finite(grads, "affinity gradient", i, step)
+            check_finite(f"window {i}, step {step}", affinity_gradient=grads)
         g_first.append(grads[0])
         g_figs.append(grads)
         delta.grad = grads[0].clone()

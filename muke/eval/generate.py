@@ -1,7 +1,7 @@
 """Greedy generation for evaluation (ALGORITHM §6): chat template, left-padded batches, stop at end-of-turn.
 
 Evaluating many single-request edits: the protocol edits a fresh model per request, answers its questions
-and reverts. For low-rank (MEMIT-family) deltas the same answers come from ONE batch holding the questions
+and reverts. For low-rank (MEMIT-family) updates the same answers come from ONE batch holding the questions
 of many requests, each row running its own request's edit (`row_updates`, multi-adapter style), so the
 weights are never touched. Deltas that change whole blocks (UnKE) are applied, answered and reverted one
 at a time.
@@ -10,7 +10,7 @@ Numerics. In fp32 every edited down-projection computes y_r = W x_r + U_r (V_r�
 the same function as the merged (W + U_r V_rᵀ) x_r up to fp32 rounding (logits within ~1e-4, greedy
 answers identical in our tests). In bf16/fp16 merging ROUNDS the edit (bf16(W + ΔW) keeps only part of
 a small ΔW), so the low-rank form would answer differently from the protocol; there each edit's merged
-weight is built once, exactly as muke.update.apply builds it, and its rows are multiplied by it.
+weight is built once, exactly as muke.update.weights.apply builds it, and its rows are multiplied by it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import torch
 
 from muke.model import ModelError
-from muke.update.edit import WeightUpdate, apply
+from muke.update.weights import WeightUpdate, apply
 from muke.engine.windows import render_prompt
 
 KINDS = ("question", "para_question", "sub_questions")
@@ -63,46 +63,46 @@ def answer_length(new_ids: list[int], stops: set[int]) -> int:
     return next((i + 1 for i, t in enumerate(new_ids) if t in stops), len(new_ids))
 
 
-def is_low_rank(delta: WeightUpdate | None) -> bool:
-    """Whether a delta can run per batch row: only factored down-projection updates (or no edit)."""
-    return delta is None or not delta.params
+def is_low_rank(update: WeightUpdate | None) -> bool:
+    """Whether a update can run per batch row: only factored down-projection updates (or no edit)."""
+    return update is None or not update.params
 
 
 @contextmanager
-def row_updates(em, deltas: Sequence[WeightUpdate | None], merged: bool | None = None) -> Iterator[None]:
-    """Inside the block, batch row r of every forward pass runs the model edited by deltas[r] (None: unedited).
+def row_updates(em, updates: Sequence[WeightUpdate | None], merged: bool | None = None) -> Iterator[None]:
+    """Inside the block, batch row r of every forward pass runs the model edited by updates[r] (None: unedited).
 
-    Each down-projection that some delta edits gets a forward hook; x: (batch, T, d_ff) is its input.
+    Each down-projection that some update edits gets a forward hook; x: (batch, T, d_ff) is its input.
     merged False: add (x_r V_r) U_rᵀ in fp32 to row r's output, V_r: (d_ff, rank), U_r: (d_model, rank),
-    ranks zero-padded to the largest. merged True: rows of the same delta are multiplied by that delta's
-    merged weight, made by muke.update.apply itself (d_model × d_ff per delta and layer, in the model's
+    ranks zero-padded to the largest. merged True: rows of the same update are multiplied by that update's
+    merged weight, made by muke.update.weights.apply itself (d_model × d_ff per update and layer, in the model's
     dtype). None: merged unless the model is fp32 (see the module docstring). The model's weights are
-    not touched; the batch size must stay len(deltas).
+    not touched; the batch size must stay len(updates).
     """
-    for d in deltas:
+    for d in updates:
         if not is_low_rank(d):
-            raise ValueError(f"delta of {d.request_ids} changes whole parameters ({d.backend}): it cannot be "
-                             "applied per batch row; apply it with muke.update.apply")
+            raise ValueError(f"update of {d.request_ids} changes whole parameters ({d.backend}): it cannot be "
+                             "applied per batch row; apply it with muke.update.weights.apply")
     merged = em.dtype != torch.float32 if merged is None else merged
     with ExitStack() as stack:
-        for layer in sorted({l for d in deltas if d is not None for l in d.factors}):
+        for layer in sorted({l for d in updates if d is not None for l in d.factors}):
             W = em.down_proj_weight(layer)
-            for d in deltas:
+            for d in updates:
                 if d is not None and layer in d.factors:
                     U, V = d.factors[layer]
                     if (U.shape[0], V.shape[0]) != tuple(W.shape):
-                        raise ModelError(f"layer {layer}: a delta of shape {(U.shape[0], V.shape[0])} does not "
+                        raise ModelError(f"layer {layer}: a update of shape {(U.shape[0], V.shape[0])} does not "
                                          f"fit the down-projection {tuple(W.shape)}: it was made for another model")
-            hook = _merged_hook(em, layer, deltas) if merged else _low_rank_hook(layer, deltas, W)
-            stack.enter_context(_hooked(em.down_proj(layer), hook, len(deltas)))
+            hook = _merged_hook(em, layer, updates) if merged else _low_rank_hook(layer, updates, W)
+            stack.enter_context(_hooked(em.down_proj(layer), hook, len(updates)))
         yield
 
 
-def _low_rank_hook(layer: int, deltas, W: torch.Tensor):
-    edited = [(r, d.factors[layer]) for r, d in enumerate(deltas) if d is not None and layer in d.factors]
+def _low_rank_hook(layer: int, updates, W: torch.Tensor):
+    edited = [(r, d.factors[layer]) for r, d in enumerate(updates) if d is not None and layer in d.factors]
     rank = max(U.shape[1] for _, (U, _) in edited)
-    Us = torch.zeros(len(deltas), W.shape[0], rank, device=W.device)     # (batch, d_model, rank)
-    Vs = torch.zeros(len(deltas), W.shape[1], rank, device=W.device)     # (batch, d_ff, rank)
+    Us = torch.zeros(len(updates), W.shape[0], rank, device=W.device)     # (batch, d_model, rank)
+    Vs = torch.zeros(len(updates), W.shape[1], rank, device=W.device)     # (batch, d_ff, rank)
     for r, (U, V) in edited:
         Us[r, :, :U.shape[1]], Vs[r, :, :V.shape[1]] = U, V
 
@@ -112,15 +112,15 @@ def _low_rank_hook(layer: int, deltas, W: torch.Tensor):
     return hook
 
 
-def _merged_hook(em, layer: int, deltas):
+def _merged_hook(em, layer: int, updates):
     module = em.down_proj(layer)
     bias = getattr(module, "bias", None)
     groups = []                                         # (rows, merged weight (d_model, d_ff))
-    for d in {id(d): d for d in deltas if d is not None and layer in d.factors}.values():
+    for d in {id(d): d for d in updates if d is not None and layer in d.factors}.values():
         single = WeightUpdate(d.method, d.backend, [layer], d.request_ids, {layer: d.factors[layer]})
         with apply(em, single):
             weight = em.down_proj_weight(layer).detach().clone()
-        rows = torch.tensor([r for r, other in enumerate(deltas) if other is d], device=weight.device)
+        rows = torch.tensor([r for r, other in enumerate(updates) if other is d], device=weight.device)
         groups.append((rows, weight))
 
     def hook(x, output):
@@ -166,15 +166,15 @@ def _generate_batch(em, prompts: list[str], gen_kwargs: dict) -> list[Generation
 
 def greedy(em, questions: list[str], max_new_tokens: int = 512, system_prompt: str | None = None,
            chat_template: bool = True, batch_size: int = 8,
-           deltas: Sequence[WeightUpdate | None] | None = None) -> list[Generation]:
+           updates: Sequence[WeightUpdate | None] | None = None) -> list[Generation]:
     """Greedy answers to `questions`, in order; batching does not change the outputs in fp32 (in bf16 or
     fp16 the accumulation order follows the batch's shape, and a near-tie may go the other way).
 
-    deltas: one low-rank WeightUpdate (or None) per question, under which that question is answered
+    updates: one low-rank WeightUpdate (or None) per question, under which that question is answered
     (`row_updates`); without it the model as it is answers every question.
     """
-    if deltas is not None and len(deltas) != len(questions):
-        raise ValueError(f"{len(deltas)} deltas for {len(questions)} questions")
+    if updates is not None and len(updates) != len(questions):
+        raise ValueError(f"{len(updates)} updates for {len(questions)} questions")
     stops = stop_ids(em)
     pad_id = em.tokenizer.pad_token_id
     # Keyword arguments, not a GenerationConfig: they override the model's own generation_config in every
@@ -185,8 +185,8 @@ def greedy(em, questions: list[str], max_new_tokens: int = 512, system_prompt: s
     results = []
     for i in range(0, len(prompts), batch_size):
         rows = slice(i, i + batch_size)
-        edited = deltas is not None and any(d is not None for d in deltas[rows])
-        with row_updates(em, deltas[rows]) if edited else nullcontext():
+        edited = updates is not None and any(d is not None for d in updates[rows])
+        with row_updates(em, updates[rows]) if edited else nullcontext():
             results += _generate_batch(em, prompts[rows], gen_kwargs)
     return results
 
@@ -237,19 +237,19 @@ def edited_generation_rows(em, edits: Sequence[tuple[WeightUpdate | None, Sequen
     """generation_rows of each edit's requests under that edit alone, as if each edit were applied, its
     requests answered and the weights restored in turn; returns one list of rows per edit.
 
-    edits: (delta or None for the unedited model, requests). Low-rank edits share batches, each row
-    under its own delta (`row_updates`); other deltas (UnKE) are applied and reverted one at a time.
+    edits: (update or None for the unedited model, requests). Low-rank edits share batches, each row
+    under its own update (`row_updates`); other updates (UnKE) are applied and reverted one at a time.
     """
     _check_kinds(kinds)
     out: list[list[dict] | None] = [None] * len(edits)
-    shared = []                                             # (edit index, delta, key of a row)
-    for e, (delta, requests) in enumerate(edits):
-        if is_low_rank(delta):
-            shared += [(e, delta, (r.id, *item)) for r in requests for item in _items(r, kinds)]
+    shared = []                                             # (edit index, update, key of a row)
+    for e, (update, requests) in enumerate(edits):
+        if is_low_rank(update):
+            shared += [(e, update, (r.id, *item)) for r in requests for item in _items(r, kinds)]
         else:
-            with apply(em, delta):
+            with apply(em, update):
                 out[e] = generation_rows(em, requests, kinds, **greedy_kwargs)
-    outputs = greedy(em, [key[3] for _, _, key in shared], deltas=[d for _, d, _ in shared], **greedy_kwargs)
+    outputs = greedy(em, [key[3] for _, _, key in shared], updates=[d for _, d, _ in shared], **greedy_kwargs)
     for e in range(len(edits)):
         if out[e] is None:
             out[e] = []

@@ -8,7 +8,6 @@ Everything that comes from data is HTML-escaped."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import json
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from muke.io import atomic_path, write_text
+from muke.io import atomic_path, sha256, write_text
 
 LABELS = ["model", "dataset", "method", "setting"]
 SWEEP_COLUMNS = ["v_num_grad_steps", "sweep_param", "sweep_value"]
@@ -320,20 +319,6 @@ def git_info() -> dict:
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
     except (OSError, subprocess.SubprocessError, RuntimeError):
         return {"commit": "unknown", "dirty": "unknown"}
-
-
-def sha256(path: str | Path) -> str:
-    """sha256 of a file, or of a folder's files (relative path + content, in sorted order)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def _size(path: Path) -> int:

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from muke.engine import hooks
+from muke.io import sha256, write_safetensors
 from muke.data import DataError, jsonl_records
 from muke.model import DTYPES, EditableModel
 
@@ -47,14 +47,6 @@ class StatsError(ValueError):
 
 
 # ---------------------------------------------------------------------------- identities
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def vocab_hash(tokenizer) -> str:
     """sha256 of the tokenizer's (token, id) pairs, sorted by id."""
@@ -136,7 +128,7 @@ def load_corpus(corpus: str | Path, max_docs: int | None = None, seed: int = 0,
     if not all_docs:
         raise DataError(path, "the corpus has no documents")
     docs = [all_docs[i] for i in _subset(len(all_docs), max_docs, seed)]
-    return docs, {"corpus": str(path), "corpus_sha256": sha256_file(path), "n_corpus_documents": len(all_docs)}
+    return docs, {"corpus": str(path), "corpus_sha256": sha256(path), "n_corpus_documents": len(all_docs)}
 
 
 def batches(token_ids: list[list[int]], batch_tokens: int) -> list[tuple[int, int]]:
@@ -228,22 +220,6 @@ def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 
 # ---------------------------------------------------------------------------- files
-
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Write tmp file, fsync, rename over `path`, fsync the folder: a killed writer leaves the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
 
 def read_metadata(path: str | Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
@@ -415,7 +391,7 @@ def collect_stats(em: EditableModel, cfg: StatsConfig, out: str | Path, progress
             bar.set_postfix(tok_s=f"{run_tokens / (time.perf_counter() - start):.0f}")
             if done - last_ckpt >= cfg.checkpoint_every and done < len(docs):
                 meta = {"job": job, "docs_done": done, "tokens": tokens}
-                save_safetensors_atomic(_tensors(sums, counts), partial, {"muke": json.dumps(meta)})
+                write_safetensors(partial, _tensors(sums, counts), {"muke": json.dumps(meta)})
                 last_ckpt = done
     bar.close()
     if tokens == 0:
@@ -423,7 +399,7 @@ def collect_stats(em: EditableModel, cfg: StatsConfig, out: str | Path, progress
     seconds = time.perf_counter() - start
     meta = {**job, "complete": True, "tokens": tokens,
             "tokens_per_second_last_run": run_tokens / seconds if seconds else None}
-    save_safetensors_atomic(_tensors(sums, counts), out, {"muke": json.dumps(meta)})
+    write_safetensors(out, _tensors(sums, counts), {"muke": json.dumps(meta)})
     partial.unlink(missing_ok=True)
     return out
 
@@ -451,7 +427,7 @@ class Stats:
     def sha256(self) -> str:
         """Hash of the file's bytes (computed once): the key of caches derived from these stats."""
         if self._sha256 is None:
-            self._sha256 = sha256_file(self.path)
+            self._sha256 = sha256(self.path)
         return self._sha256
 
 
@@ -498,7 +474,7 @@ def cache_dir() -> Path:
 def cached_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True) -> Stats:
     """Stats for cfg, from the cache or collected into it; keyed by model weights, layers, corpus and
     every setting the sums depend on."""
-    docs_ident = sha256_file(cfg.corpus) if Path(cfg.corpus).is_file() else cfg.corpus
+    docs_ident = sha256(cfg.corpus) if Path(cfg.corpus).is_file() else cfg.corpus
     key = {**asdict(cfg), "corpus": docs_ident, "layers": sorted(set(cfg.layers)),
            "model": model_fingerprint(em), "checkpoint_every": None, "tokenize_chunk": None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

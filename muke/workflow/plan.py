@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from muke import __version__
+from muke.io import sha256
 from muke.data import DEFAULT_PRESERVATION, DEMO_CORPUS
 
 ROOT = Path(__file__).resolve().parents[2]   # the repository: config/, resources/, workflow/
@@ -70,11 +71,8 @@ def digest(obj) -> str:
 
 @lru_cache(maxsize=None)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """muke.io.sha256, once per file version in this process."""
+    return sha256(path)
 
 
 BIG_FILE = 512 << 20
@@ -489,7 +487,7 @@ class Plan:
         return params, inputs
 
     def _build(self) -> None:
-        from muke.update.edit import parse_method, resolve_method
+        from muke.update.methods import parse_method, resolve_method
 
         score_params = dict(self.config["score"])
         loc_params, loc_inputs = self._locality_params()

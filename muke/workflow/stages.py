@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from muke.io import _fsync_dir, atomic_path, write_json, write_parquet
+from muke.io import atomic_path, fsync_dir, write_json, write_parquet, write_safetensors
 
 MODEL_REF = "muke_model.json"   # in a prepared model folder: where the weights are, and their provenance
 
@@ -169,7 +169,7 @@ def prepare_model(spec: dict, out: str | Path) -> Path:
     write_manifest(tmp / "manifest.json", spec)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     log(f"model ready in {out}")
     return out
 
@@ -199,13 +199,17 @@ def _optimise_many(em, requests, cfg) -> list[tuple[dict, dict, list[dict]]]:
     NumericalError gives that request a failed record."""
     import torch
 
-    from muke.engine.memory import NumericalError, encode_request, optimise_batch
+    from muke.engine.memory import encode_request, optimise_batch
+    from muke.numerics import NumericalError, check_finite
 
     seqs = [encode_request(em, r.question, r.answer, cfg) for r in requests]
     out = []
     for request, seq, res in zip(requests, seqs, optimise_batch(em, seqs, cfg)):
-        if not isinstance(res, NumericalError) and not torch.isfinite(res.z).all():
-            res = NumericalError("non-finite target memories z")
+        if not isinstance(res, NumericalError):
+            try:
+                check_finite(f"request {request.id}", target_memories_z=res.z)
+            except NumericalError as e:
+                res = e
         if isinstance(res, NumericalError):
             log(f"request {request.id}: failed ({res})")
             out.append(({}, {"id": request.id, "failed": True, "error": str(res)}, []))
@@ -256,7 +260,6 @@ def optimize_memories(spec: dict, model: str | Path, requests: str | Path, shard
 
     from muke.data import model_problems
     from muke.engine.memory import MemoryConfig
-    from muke.update.stats import save_safetensors_atomic
 
     p, out = spec["params"], Path(out)
     skipped = []
@@ -286,7 +289,7 @@ def optimize_memories(spec: dict, model: str | Path, requests: str | Path, shard
         log(f"request{'s' * (len(group) > 1)} {names}: optimising {cfg.objective} memories at layer {cfg.layer}")
         for i, (t, record, trace_rows) in zip(group, _optimise_many(em, [chosen[i] for i in group], cfg)):
             part_meta = {"identity": spec["identity"], "record": record, "trace": trace_rows}
-            save_safetensors_atomic(t or {"empty": torch.zeros(0)}, parts / f"{i:05d}.safetensors",
+            write_safetensors(parts / f"{i:05d}.safetensors", t or {"empty": torch.zeros(0)},
                                     {"muke": json.dumps(part_meta)})
             done[i] = (t, record, trace_rows)
     tensors, records, rows = {}, [], []
@@ -298,7 +301,7 @@ def optimize_memories(spec: dict, model: str | Path, requests: str | Path, shard
     write_parquet(pd.DataFrame(rows, columns=None if rows else ["id", "window", "step", "loss"]), trace)
     meta = {"format": "muke.memories/1", "identity": spec["identity"], "shard": shard, "requests": records,
             "skipped": skipped}
-    save_safetensors_atomic(tensors or {"empty": torch.zeros(0)}, out, {"muke": json.dumps(meta)})
+    write_safetensors(out, tensors or {"empty": torch.zeros(0)}, {"muke": json.dumps(meta)})
     write_manifest(out.parent / "manifest.json", spec)
     shutil.rmtree(parts, ignore_errors=True)
     return out
@@ -319,7 +322,7 @@ def read_memories(path: str | Path) -> tuple[dict, dict]:
 def _targets(path: str | Path) -> tuple[list, list[tuple[str, str]]]:
     """(update.Target of each optimised request, (id, reason) of each failed or skipped request) of a
     memories shard."""
-    from muke.update.edit import Target
+    from muke.update.keys import Target
     from muke.engine.windows import EditSequence
 
     meta, t = read_memories(path)
@@ -342,15 +345,16 @@ def update_weights(spec: dict, model: str | Path, memories: str | Path, out: str
     """Weight updates ΔW of a shard, one file per edit batch (one request per batch by default).
 
     `out` (Parquet, one row per batch): batch, file, request_ids (JSON list), failed, seconds, reason;
-    the muke.update.WeightUpdate files lie in the folder named like `out` without its suffix. A request
+    the muke.update.weights.WeightUpdate files lie in the folder named like `out` without its suffix. A request
     whose δ optimisation failed or that was skipped gets a row of its own (batch -1, no file); a batch
     whose update is not finite (NumericalError) gets a failed row and the other batches go on.
     """
     import pandas as pd
 
-    from muke.engine.memory import NumericalError
+    from muke.numerics import NumericalError
     from muke.update.stats import StatsError, load_stats
-    from muke.update.edit import WeightUpdate, compute_update
+    from muke.update.weights import WeightUpdate
+    from muke.update.edit import compute_update
 
     p, out = spec["params"], Path(out)
     options = dict(p["options"])
@@ -453,7 +457,7 @@ def generate(spec: dict, model: str | Path, requests: str | Path, shard: int, ou
     import pandas as pd
 
     from muke.eval.generate import edited_generation_rows, n_questions
-    from muke.update.edit import WeightUpdate
+    from muke.update.weights import WeightUpdate
 
     p, out = spec["params"], Path(out)
     g = p["generation"]
@@ -555,7 +559,7 @@ def locality(spec: dict, model: str | Path, out: str | Path, updates: list[str |
     import pandas as pd
 
     from muke.eval.locality import aggregate, evaluate
-    from muke.update.edit import WeightUpdate, apply
+    from muke.update.weights import WeightUpdate, apply
 
     p = spec["params"]
     em = load_model(model, p["dtype"], device)

@@ -1,0 +1,127 @@
+"""The weight update ΔW of one edit batch: low-rank factors (MEMIT family) or parameter differences
+(UnKE); apply it and revert it bit-exactly, save and load it, export a fully edited model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from muke.data import DataError
+from muke.model import EditableModel, ModelError
+from muke.io import write_safetensors
+
+from muke.update.keys import preserved
+from muke.update.memit import add_low_rank
+
+
+@dataclass
+class WeightUpdate:
+    """The weight change of one edit batch.
+
+    factors[l] = (U (d_model, r), V (d_ff, r)): ΔW_l = U Vᵀ on layer l's down-projection (MEMIT family);
+    params[name] = new - old value of a parameter, fp32 (UnKE: every parameter of the edited blocks).
+    """
+
+    method: str
+    backend: str
+    layers: list[int]
+    request_ids: list[str]
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def dense(self, layer: int) -> torch.Tensor:
+        """ΔW of a factored layer: (d_model, d_ff)."""
+        U, V = self.factors[layer]
+        return U @ V.T
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file: layer{l}.U / layer{l}.V, param.{name}, and the JSON metadata "muke"."""
+        tensors = {}
+        for layer, (U, V) in self.factors.items():
+            tensors[f"layer{layer}.U"], tensors[f"layer{layer}.V"] = U, V
+        tensors.update({f"param.{name}": d for name, d in self.params.items()})
+        meta = {"format": "muke.update/1", "method": self.method, "backend": self.backend, "layers": self.layers,
+                "request_ids": self.request_ids, "info": self.info}
+        write_safetensors(path, tensors, {"muke": json.dumps(meta)})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> WeightUpdate:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(path, "weight update file not found")
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("muke")
+            if meta is None:
+                raise DataError(path, "not a muke weight update (no 'muke' metadata)")
+            meta = json.loads(meta)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        factors = {layer: (tensors[f"layer{layer}.U"], tensors[f"layer{layer}.V"]) for layer in meta["layers"]
+                   if f"layer{layer}.U" in tensors}
+        params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+        return cls(meta["method"], meta["backend"], meta["layers"], meta["request_ids"], factors, params, meta["info"])
+
+
+def _parameter(em: EditableModel, name: str) -> nn.Parameter:
+    try:
+        return em.model.get_parameter(name)
+    except AttributeError:
+        raise ModelError(f"the weight update changes parameter {name!r}, which this model does not have") from None
+
+
+def touched(em: EditableModel, update: WeightUpdate) -> list[torch.Tensor]:
+    """The parameters ΔW changes."""
+    return [em.down_proj(l).weight for l in update.factors] + [_parameter(em, n) for n in update.params]
+
+
+@torch.no_grad()
+def add(em: EditableModel, update: WeightUpdate) -> None:
+    """Add ΔW to the model's weights in place (no way back: use `apply` to revert)."""
+    for layer, (U, V) in update.factors.items():
+        add_low_rank(em, layer, U, V)
+    for name, diff in update.params.items():
+        p = _parameter(em, name)
+        if p.shape != diff.shape:
+            raise ModelError(f"parameter {name!r}: ΔW of shape {tuple(diff.shape)} for {tuple(p.shape)}")
+        p.copy_((p.float() + diff.to(p.device)).to(p.dtype))
+
+
+@contextmanager
+def apply(em: EditableModel, updates: WeightUpdate | Sequence[WeightUpdate]) -> Iterator[EditableModel]:
+    """Edited weights inside the block; on exit every touched parameter is restored bit-exactly."""
+    updates = [updates] if isinstance(updates, WeightUpdate) else list(updates)
+    with preserved(p for d in updates for p in touched(em, d)):
+        for d in updates:
+            add(em, d)
+        yield em
+
+
+def export_edited(em: EditableModel, updates: WeightUpdate | Sequence[WeightUpdate], out_dir: str | Path) -> Path:
+    """Write the edited model (save_pretrained + tokenizer) to out_dir, loadable by plain transformers.
+
+    Only down-projections / edited blocks change; tied embeddings stay tied. The folder appears
+    complete or not at all (written beside it, then renamed).
+    """
+    updates = [updates] if isinstance(updates, WeightUpdate) else list(updates)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with apply(em, updates):
+        em.model.save_pretrained(tmp, safe_serialization=True)
+    em.tokenizer.save_pretrained(tmp)
+    record = {"source_model": str(em.model.config._name_or_path),
+              "edits": [{"method": d.method, "backend": d.backend, "layers": d.layers,
+                         "request_ids": d.request_ids} for d in updates]}
+    (tmp / "muke_edit.json").write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
