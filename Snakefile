@@ -5,14 +5,16 @@
 #   snakemake --profile workflow/profiles/slurm --configfile config/experiments/table1-qwen2.5-7b.yaml
 #
 # A --configfile replaces config/config.yaml (it is not merged into it). Every output path carries the
-# identity of its stage's parameters, inputs and code (muke/workflow/plan.py): change a value and only what it
-# reaches reruns; set it back and the earlier results are found again.
+# identity of its stage's parameters, inputs and code (muke/workflow/plan.py, muke/workflow/identity.py):
+# change a value and only what it reaches reruns; set it back and the earlier results are found again.
 
 from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
-from muke.workflow.plan import Plan, check_config, freeze_code_identities
+from muke.workflow.config import check_config
+from muke.workflow.identity import freeze_code_identities
+from muke.workflow.plan import Plan
 
 min_version("9.0")
 

@@ -1,9 +1,9 @@
-"""Answering many single-request edits: one batch with per-row low-rank deltas vs edit-generate-revert
+"""Answering many single-request edits: one batch with per-row low-rank updates vs edit-generate-revert
 one request at a time (not a test; CI does not time it).
 
     python benchmarks/bench_generate.py --model ~/.cache/muke/models/SmolLM2-135M-Instruct --n 16
 
-Deltas are real: plain MEMIT (one δ at the last question token, layers 4-8, statistics of the demo
+Updates are real: plain MEMIT (one δ at the last question token, layers 4-8, statistics of the demo
 corpus), saved under --cache and reused by later runs. Both arms answer the same questions greedily;
 the benchmark prints the seconds of each arm (summed over --repeats runs in ABBA order), how many
 answers differ between them (0 expected: the per-row path computes W x + U (Vᵀ x) where the
@@ -31,7 +31,7 @@ from muke.update.weights import WeightUpdate, apply
 from muke.update.edit import edit
 
 
-def deltas_for(em, requests, cache: Path, steps: int) -> list[WeightUpdate]:
+def updates_for(em, requests, cache: Path, steps: int) -> list[WeightUpdate]:
     preset = {"v_num_grad_steps": steps}
     stats = None
     out = []
@@ -42,9 +42,9 @@ def deltas_for(em, requests, cache: Path, steps: int) -> list[WeightUpdate]:
                 stats = cached_stats(em, StatsConfig(layers=(4, 5, 6, 7, 8), corpus="resources/demo_corpus.txt"),
                                      progress=False)
             start = time.perf_counter()
-            delta, _ = edit(em, [r], "memit", preset, stats)
-            delta.save(path)
-            print(f"{r.id}: MEMIT delta in {time.perf_counter() - start:.1f} s", flush=True)
+            update, _ = edit(em, [r], "memit", preset, stats)
+            update.save(path)
+            print(f"{r.id}: MEMIT update in {time.perf_counter() - start:.1f} s", flush=True)
         out.append(WeightUpdate.load(path))
     return out
 
@@ -69,18 +69,18 @@ def main() -> None:
     requests = load_requests(args.requests, "jsonl")[: args.n]
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    deltas = deltas_for(em, requests, cache, args.steps)
+    updates = updates_for(em, requests, cache, args.steps)
     kwargs = dict(kinds=args.kinds, max_new_tokens=args.max_new_tokens)
 
     def sequential():
         rows = []
-        for delta, r in zip(deltas, requests):
-            with apply(em, delta):
+        for update, r in zip(updates, requests):
+            with apply(em, update):
                 rows += generation_rows(em, [r], batch_size=8, **kwargs)
         return rows
 
     def batched():
-        edits = [(d, [r]) for d, r in zip(deltas, requests)]
+        edits = [(u, [r]) for u, r in zip(updates, requests)]
         return [row for rows in edited_generation_rows(em, edits, batch_size=args.batch_size, **kwargs) for row in rows]
 
     # ABBA order over the repeats, so that a load that drifts on a shared machine hits both arms alike
@@ -99,7 +99,7 @@ def main() -> None:
     print(f"threads={torch.get_num_threads()} requests={len(requests)} answers={len(batched)} kinds={args.kinds} "
           f"max_new_tokens={args.max_new_tokens} batch_size={args.batch_size} generated tokens={tokens} "
           f"repeats={args.repeats}")
-    print(f"sequential edit-generate-revert: {seq_s:.1f} s; batched per-row deltas: {batch_s:.1f} s")
+    print(f"sequential edit-generate-revert: {seq_s:.1f} s; batched per-row updates: {batch_s:.1f} s")
     print(f"answers that differ between the arms: {differ}/{len(batched)}")
     print(f"speedup: {seq_s / batch_s:.2f}")
 

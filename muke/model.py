@@ -70,6 +70,20 @@ def context_length(config, tokenizer) -> int | None:
     return min(limits) if limits else None
 
 
+def pad(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (batch, longest): each sequence padded with pad_id on `side`."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
 def _get(root: nn.Module, dotted: str) -> nn.Module:
     return root.get_submodule(dotted)
 
@@ -101,6 +115,12 @@ class EditableModel:
     @property
     def context_length(self) -> int | None:
         return context_length(self.model.config, self.tokenizer)
+
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's pad token id, else 0: padded positions are masked out, so any id serves."""
+        pad_id = self.tokenizer.pad_token_id
+        return pad_id if pad_id is not None else 0
 
     @property
     def device(self) -> torch.device:

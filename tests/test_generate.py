@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from muke.data import EditRequest
-from muke.eval.generate import answer_length, edited_generation_rows, generation_rows, greedy, left_pad, row_updates
-from muke.model import load
+from muke.eval.generate import answer_length, edited_generation_rows, generation_rows, greedy, row_updates
+from muke.model import load, pad
 from muke.tiny import build_tiny_model
 from muke.engine.windows import render_prompt
 
@@ -31,10 +31,13 @@ def first_greedy_token(em, question: str) -> int:
         return em.model(ids.input_ids).logits[0, -1].argmax().item()
 
 
-def test_left_pad():
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+def test_pad_left_and_right():
+    ids, mask = pad([[5, 6, 7], [8]], pad_id=0, side="left")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 def test_answer_length_counts_the_stop_token():
@@ -111,7 +114,7 @@ def stats(em, tmp_path_factory, request):
 
 @pytest.fixture(scope="module")
 def edits(em, stats):
-    """Real deltas, one request each: MEMIT (rank 1 per layer) and μKE-MEMIT (rank = windows) alternate."""
+    """Real updates, one request each: MEMIT (rank 1 per layer) and μKE-MEMIT (rank = windows) alternate."""
     from muke.update.edit import edit
 
     methods = ["memit", "muke-memit", "memit", "muke-memit"]
@@ -123,8 +126,8 @@ def sequential_rows(em, edits, **kwargs):
     from muke.update.weights import apply
 
     out = []
-    for delta, requests in edits:
-        with apply(em, delta) if delta is not None else nullcontext():
+    for update, requests in edits:
+        with apply(em, update) if update is not None else nullcontext():
             out.append(generation_rows(em, requests, **kwargs))
     return out
 
@@ -149,23 +152,23 @@ def test_batched_edits_answer_as_editing_one_request_at_a_time(em, edits):
 
 
 @pytest.mark.parametrize("merged", [False, True])
-def test_row_deltas_logits_match_merged_weights(em, edits, merged):
+def test_row_updates_logits_match_merged_weights(em, edits, merged):
     """Same prompt in every row, row r under edit r: fp32 logits equal apply(edit r) up to rounding."""
     from muke.update.weights import apply
 
     ids = em.tokenizer(render_prompt(em.tokenizer, FACTS[0][0]), add_special_tokens=False,
                        return_tensors="pt").input_ids
-    deltas = [d for d, _ in edits] + [None]
+    updates = [u for u, _ in edits] + [None]
     with torch.no_grad():
-        with row_updates(em, deltas, merged=merged):
-            rows = em.model(input_ids=ids.expand(len(deltas), -1)).logits
-        for r, delta in enumerate(deltas):
-            with apply(em, delta) if delta is not None else nullcontext():
+        with row_updates(em, updates, merged=merged):
+            rows = em.model(input_ids=ids.expand(len(updates), -1)).logits
+        for r, update in enumerate(updates):
+            with apply(em, update) if update is not None else nullcontext():
                 reference = em.model(input_ids=ids).logits[0]
             diff = (rows[r] - reference).abs().max().item()
-            print(f"\nmerged={merged} row {r}: max |logit(row deltas) - logit(apply)| = {diff:.2e}")
+            print(f"\nmerged={merged} row {r}: max |logit(row updates) - logit(apply)| = {diff:.2e}")
             assert diff < 1e-4 * reference.abs().max().item()
-            if delta is None:
+            if update is None:
                 assert diff == 0
 
 
@@ -181,21 +184,21 @@ def test_bf16_rows_use_the_merged_weights_of_the_protocol(edits, tiny_qwen2_path
     half = load(tiny_qwen2_path, dtype="bfloat16")
     ids = half.tokenizer(render_prompt(half.tokenizer, FACTS[0][0]), add_special_tokens=False,
                          return_tensors="pt").input_ids
-    deltas = [d for d, _ in edits]
+    updates = [u for u, _ in edits]
     with torch.no_grad():
         logits = {}
         for merged in (True, False):
-            with row_updates(half, deltas, merged=merged):
-                logits[merged] = half.model(input_ids=ids.expand(len(deltas), -1)).logits.float()
-        for r, delta in enumerate(deltas):
-            with apply(half, delta):
+            with row_updates(half, updates, merged=merged):
+                logits[merged] = half.model(input_ids=ids.expand(len(updates), -1)).logits.float()
+        for r, update in enumerate(updates):
+            with apply(half, update):
                 reference = half.model(input_ids=ids).logits[0].float()
             exact, low_rank = ((logits[m][r] - reference).abs().max().item() for m in (True, False))
             print(f"\nbf16 row {r}: max |Δlogit| vs apply: merged rows {exact:.2e}, low-rank rows {low_rank:.2e}")
             assert exact <= low_rank
 
 
-def test_block_deltas_fall_back_to_apply_and_revert(em, edits):
+def test_block_updates_fall_back_to_apply_and_revert(em, edits):
     from muke.update.edit import edit
 
     unke, _ = edit(em, [EDIT_REQUESTS[1]], "unke", TINY_PRESET)
@@ -208,7 +211,7 @@ def test_block_deltas_fall_back_to_apply_and_revert(em, edits):
     assert answers(edited_generation_rows(em, mixed, **kwargs)) == answers(sequential_rows(em, mixed, **kwargs))
 
 
-def test_row_deltas_refuse_a_batch_of_another_size(em, edits):
+def test_row_updates_refuse_a_batch_of_another_size(em, edits):
     with pytest.raises(RuntimeError, match="holds 2 rows"):
         with row_updates(em, [edits[0][0], edits[1][0]]), torch.no_grad():
             em.model(input_ids=torch.tensor([[5, 6, 7]]))
@@ -220,7 +223,7 @@ def test_row_deltas_refuse_a_batch_of_another_size(em, edits):
 def shard(em, stats, tmp_path, monkeypatch):
     """A generate spec for the first 3 demo requests (one shard; 5 answers each, batch_size 8: one
     generate batch per request), a model folder, and a function writing an update index whose listed
-    requests get real MEMIT deltas and whose others are failed edits."""
+    requests get real MEMIT updates and whose others are failed edits."""
     import json
     from pathlib import Path
 
@@ -249,8 +252,8 @@ def shard(em, stats, tmp_path, monkeypatch):
         rows = [{"batch": -1, "file": None, "request_ids": json.dumps([r.id]), "failed": True, "seconds": 0.0}
                 for r in requests if r.id not in edited]
         for b, r in enumerate(r for r in requests if r.id in edited):
-            delta, _ = edit(em, [r], "memit", {**TINY_PRESET, "v_num_grad_steps": 4}, stats)
-            delta.save(folder / f"{b:04d}.safetensors")
+            update, _ = edit(em, [r], "memit", {**TINY_PRESET, "v_num_grad_steps": 4}, stats)
+            update.save(folder / f"{b:04d}.safetensors")
             rows.append({"batch": b, "file": f"{b:04d}.safetensors", "request_ids": json.dumps([r.id]),
                          "failed": False, "seconds": 0.0})
         return write_parquet(pd.DataFrame(rows), tmp_path / "update" / "shard0.parquet")
@@ -311,7 +314,7 @@ def test_generate_stage_answers_failed_edits_with_the_unedited_model(shard, tmp_
 
 
 def test_generation_groups_fill_batches_without_splitting_an_edit():
-    from muke.workflow.stages import generation_groups
+    from muke.workflow.stages.generate import generation_groups
 
     assert generation_groups([5, 5, 2, 1, 9, 3], 8) == [(0, 1), (1, 4), (4, 5), (5, 6)]
     assert generation_groups([], 8) == [] and generation_groups([0, 0], 1) == [(0, 2)]

@@ -10,6 +10,7 @@ recorded as failed, the others go on), 5. determinism (same config and seed, sam
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import re
@@ -27,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 import muke.cli as cli
 import muke.workflow.stages as stages
+from muke.workflow.stages.common import shard_requests
+from muke.workflow.stages.update_weights import targets as shard_targets
 from muke.data import DataError, load_requests_checked, model_problems
 from muke.numerics import NumericalError
 from muke.model import load
@@ -85,10 +88,10 @@ def run_chain(plan, model) -> dict:
            **plan.score_paths(run)}
     out["trace"] = out["memories"].with_suffix(".trace.parquet")
     stages.optimize_memories(spec(run.memories), model, DEMO, 0, out["memories"], out["trace"], "cpu")
-    stages.collect_stats(spec(run.stats), model, plan.stats_corpus(run.stats), out["stats"], "cpu")
+    stages.collect_stats(spec(run.stats), model, plan.stats_corpus(run.stats), out["stats"], device="cpu")
     stages.update_weights(spec(run.update), model, out["memories"], out["update"], stats=out["stats"], device="cpu")
     stages.generate(spec(run.generate), model, DEMO, 0, out["generate"], out["update"], "cpu")
-    stages.score(spec(run.score), [out["generate"]], out["samples"], out["summary"], model, "cpu")
+    stages.score(spec(run.score), [out["generate"]], out["samples"], out["summary"], model, device="cpu")
     return out
 
 
@@ -169,7 +172,7 @@ def test_on_bad_record_skip_lists_each_skipped_record_in_exactly_one_shard(work,
     listed = []
     for shard in range(dataset.n_shards):
         skipped = []
-        chosen = stages._shard_requests(path, selection, shard, skipped)
+        chosen = shard_requests(path, selection, shard, skipped)
         assert [r.id for r in chosen] == [["a", "c"], ["e", "f"]][shard]
         listed += [(s["record"], s["line"], s["id"], s["field"]) for s in skipped]
         assert all(s["check"] == "file" and s["reason"] and str(path) in s["message"] for s in skipped)
@@ -178,7 +181,7 @@ def test_on_bad_record_skip_lists_each_skipped_record_in_exactly_one_shard(work,
     # with a limit, the records after the last one used are not listed
     limited = {**selection, "limit": 3}
     skipped = []
-    assert [r.id for r in stages._shard_requests(path, limited, 1, skipped)] == ["e"]
+    assert [r.id for r in shard_requests(path, limited, 1, skipped)] == ["e"]
     assert [s["record"] for s in skipped] == [3]
 
 
@@ -202,7 +205,8 @@ def test_requests_a_model_cannot_take_are_named_before_any_model_work(work, clea
 
     # the stage: on_bad_record error stops before the first δ optimisation ...
     calls = []
-    monkeypatch.setattr(stages, "_optimise_many", lambda *a: calls.append(a) or pytest.fail("optimised"))
+    monkeypatch.setattr(importlib.import_module("muke.workflow.stages.optimize_memories"), "_optimise_many",
+                        lambda *a: calls.append(a) or pytest.fail("optimised"))
     plan = Plan(config(datasets={"demo": {"path": str(path), "limit": None}}))
     run = the_run(plan)
     out = tmp_path / "d" / "shard0.safetensors"
@@ -403,12 +407,12 @@ def test_killed_collect_stats_resumes_and_matches_an_uninterrupted_run(work, mon
     rows, real = [], muke.update.stats.accumulate                      # the rerun, counting the documents it reads
     monkeypatch.setattr(muke.update.stats, "accumulate", lambda em, layers, ids, mask, *a: (rows.append(len(ids)),
                                                                                        real(em, layers, ids, mask, *a)))
-    stages.collect_stats(spec(run.stats), model, corpus, out, "cpu", checkpoint_every=8)
+    stages.collect_stats(spec(run.stats), model, corpus, out, device="cpu", checkpoint_every=8)
     assert 0 < sum(rows) <= n_docs - done and not partial.exists()
 
     monkeypatch.undo()
     ref = root / "results/ref-stats/stats.safetensors"
-    stages.collect_stats(spec(run.stats), model, corpus, ref, "cpu", checkpoint_every=8)
+    stages.collect_stats(spec(run.stats), model, corpus, ref, device="cpu", checkpoint_every=8)
     same_tensors(out, ref)
 
 
@@ -435,19 +439,19 @@ def test_killed_generate_resumes_and_matches_an_uninterrupted_run(work, capfd):
 # ---------------------------------------------------------------------------- 4. non-finite numbers
 
 def test_nan_in_delta_optimisation_fails_that_request_and_the_rest_goes_on(work, clean, monkeypatch):
-    import muke.engine.memory
+    from muke.engine.forward import CachedShiftedLM             # the fast path: the default config
 
     root, model = work
     plan, reference = clean
     run = the_run(plan)
     first = load_requests_checked(DEMO, "jsonl")[0][0]
-    real = muke.engine.memory.ShiftedLM.logprobs
+    real = CachedShiftedLM.logprobs
 
     def poisoned(self, *args, **kwargs):                       # NaN log-probs for the first request only
         lp = real(self, *args, **kwargs)
         return lp * float("nan") if first.question in self.seq.prompt else lp
 
-    monkeypatch.setattr(muke.engine.memory.ShiftedLM, "logprobs", poisoned)
+    monkeypatch.setattr(CachedShiftedLM, "logprobs", poisoned)
     out = root / "results/nan-memories/shard0.safetensors"
     stages.optimize_memories(spec(run.memories), model, DEMO, 0, out, out.with_suffix(".trace.parquet"), "cpu")
     meta, tensors = stages.read_memories(out)
@@ -475,7 +479,7 @@ def test_nan_statistics_raise_a_numerical_error_naming_the_layer(work, clean, tm
     forged = tmp_path / "nan.safetensors"
     save_file(tensors, forged, metadata={"muke": json.dumps(meta)})
     em = load(stages.model_path(model))
-    targets, _ = stages._targets(reference["memories"])
+    targets, _ = shard_targets(reference["memories"])
     options = dict(run.update.params["options"])
     layers, keys = options.pop("layers"), options.pop("keys")
     before = em.down_proj(1).weight.clone()
@@ -490,7 +494,7 @@ def test_nan_in_unke_block_fitting_raises_a_numerical_error_naming_the_layer(wor
 
     root, model = work
     em = load(stages.model_path(model))
-    targets, _ = stages._targets(clean[1]["memories"])
+    targets, _ = shard_targets(clean[1]["memories"])
     real = muke.update.unke._mse
     monkeypatch.setattr(muke.update.unke, "_mse", lambda *a, **kw: real(*a, **kw) * float("nan"))
     before = {n: p.clone() for n, p in em.model.named_parameters()}
@@ -608,7 +612,7 @@ def test_statistics_of_another_model_layer_corpus_or_tokenizer_are_refused(work,
     other = Plan(config(results="results/other-corpus", stats={"corpus": str(corpus)}))
     other_run = the_run(other)
     other_stats = root / other.stats_path(other_run.model, other_run.stats)
-    stages.collect_stats(spec(other_run.stats), model, str(corpus), other_stats, "cpu")
+    stages.collect_stats(spec(other_run.stats), model, str(corpus), other_stats, device="cpu")
     with pytest.raises(StatsError, match=r"statistics were collected by another statistics job .*corpus "
                                          rf"'{re.escape(str(corpus))}'"):
         stages.update_weights(spec(run.update), model, reference["memories"], root / "results/x/shard0.parquet",

@@ -81,7 +81,7 @@ def report(tmp_path_factory):
     edit = _edit_metrics()
     edit.loc[edit["method"] == "anyedit-memit", "method"] = "anyedit-memit <b>"   # must be escaped
     path = build_report(edit, _locality(), root / "out", config=config,
-                        stage_identities={"deltas": {"hash": "abc123", "v_lr": 0.5}, "stats": "L4-8-ffee"},
+                        stage_identities={"memories": {"hash": "abc123", "v_lr": 0.5}, "stats": "L4-8-ffee"},
                         inputs=inputs, benchmarks_dir=bench, traces=_traces(), failures=failures,
                         per_sample=_per_sample(), title="test report")
     return path, path.read_text(), inputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,10 @@ import torch
 import yaml
 
 import muke.workflow.stages as stages
+from muke.io import atomic_path, write_json, write_parquet
 from muke.workflow.plan import Plan
+
+MEMORIES = importlib.import_module("muke.workflow.stages.optimize_memories")   # stages.optimize_memories: the function
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
@@ -36,9 +40,9 @@ def spec(s):
 
 def test_atomic_writes_leave_no_partial_file(tmp_path):
     target = tmp_path / "out.json"
-    stages.write_json(target, {"a": 1})
+    write_json(target, {"a": 1})
     with pytest.raises(RuntimeError):
-        with stages.atomic_path(target) as tmp:
+        with atomic_path(target) as tmp:
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert json.loads(target.read_text()) == {"a": 1}
@@ -56,9 +60,9 @@ def test_prepare_model_references_a_local_folder(tmp_path, tiny_qwen2_path, monk
 def test_optimize_memories_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_path, monkeypatch):
     run = next(r for r in plan.runs if r.method == "muke-memit")
     model_dir = tmp_path / "model"
-    stages.write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
+    write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
     out, trace = Path(plan.memories_path(run, 0)), Path(plan.memories_path(run, 0)).with_suffix(".trace.parquet")
-    calls, real = [], stages._optimise_many
+    calls, real = [], MEMORIES._optimise_many
 
     def killed_after_one(em, requests, cfg):
         if calls:
@@ -66,13 +70,13 @@ def test_optimize_memories_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_pat
         calls.extend(r.id for r in requests)
         return real(em, requests, cfg)
 
-    monkeypatch.setattr(stages, "_optimise_many", killed_after_one)
+    monkeypatch.setattr(MEMORIES, "_optimise_many", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         stages.optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, out, trace, "cpu")
     assert not out.exists() and len(list(out.with_name("shard0.parts").iterdir())) == 1
 
     calls.clear()
-    monkeypatch.setattr(stages, "_optimise_many",
+    monkeypatch.setattr(MEMORIES, "_optimise_many",
                         lambda em, requests, cfg: (calls.extend(r.id for r in requests), real(em, requests, cfg))[1])
     stages.optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, out, trace, "cpu")
     assert calls == ["demo-01"]                        # demo-00 came from its part file
@@ -82,11 +86,11 @@ def test_optimize_memories_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_pat
 
     # a part file of another identity (other settings) is not trusted
     other = {**spec(run.memories), "identity": "0000000000"}
-    assert stages._read_part(out.with_name("x.safetensors"), other["identity"]) is None
+    assert MEMORIES._read_part(out.with_name("x.safetensors"), other["identity"]) is None
 
     # the update stage resumes per batch too
     stats_path = Path(plan.stats_path(run.model, run.stats))
-    stages.collect_stats(spec(run.stats), model_dir, plan.stats_corpus(run.stats), stats_path, "cpu")
+    stages.collect_stats(spec(run.stats), model_dir, plan.stats_corpus(run.stats), stats_path, device="cpu")
     index = Path(plan.update_path(run, 0))
     stages.update_weights(spec(run.update), model_dir, out, index, stats=stats_path, device="cpu")
     first = {p.name: p.stat().st_mtime_ns for p in index.with_suffix("").iterdir()}
@@ -104,9 +108,9 @@ def test_optimize_memories_in_batches_equals_one_by_one(tiny_qwen2_path, tmp_pat
     runs = sorted((r for r in plan.runs if r.method == "muke-memit"), key=lambda r: r.memories.params["batch"])
     assert [r.memories.params["batch"] for r in runs] == [1, 2] and runs[0].memories.identity != runs[1].memories.identity
     model_dir = tmp_path / "model"
-    stages.write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
-    sizes, real = [], stages._optimise_many
-    monkeypatch.setattr(stages, "_optimise_many",
+    write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
+    sizes, real = [], MEMORIES._optimise_many
+    monkeypatch.setattr(MEMORIES, "_optimise_many",
                         lambda em, requests, cfg: (sizes.append(len(requests)), real(em, requests, cfg))[1])
     results = []
     for run in runs:
@@ -134,12 +138,12 @@ def test_stages_compute_what_update_edit_computes(plan, tiny_qwen2_path, tmp_pat
 
     run = next(r for r in plan.runs if r.method == "muke-memit")
     model_dir = tmp_path / "model"
-    stages.write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
+    write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
     memories = Path(plan.memories_path(run, 0))
     stages.optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, memories,
                            memories.with_suffix(".trace.parquet"), "cpu")
     stats_path = Path(plan.stats_path(run.model, run.stats))
-    stages.collect_stats(spec(run.stats), model_dir, plan.stats_corpus(run.stats), stats_path, "cpu")
+    stages.collect_stats(spec(run.stats), model_dir, plan.stats_corpus(run.stats), stats_path, device="cpu")
     index = Path(plan.update_path(run, 0))
     stages.update_weights(spec(run.update), model_dir, memories, index, stats=stats_path, device="cpu")
     staged = WeightUpdate.load(stages.read_update_index(index)[0]["path"])
@@ -167,11 +171,11 @@ def _report_inputs(plan, model_dir, families=("paper",)):
                      target=r.answer, tokens=8, seconds=0.1, edit_failed=False, shard=0)
                 for i, r in enumerate(requests) for kind in ("question", "para_question")]
         generations = Path(plan.generate_path(run, 0))
-        stages.write_parquet(pd.DataFrame(rows), generations)
+        write_parquet(pd.DataFrame(rows), generations)
         score_spec = spec(run.score)
         score_spec["params"]["families"] = list(families)
         paths = plan.score_paths(run)
-        stages.score(score_spec, [generations], paths["samples"], paths["summary"], model_dir, "cpu")
+        stages.score(score_spec, [generations], paths["samples"], paths["summary"], model_dir, device="cpu")
         if run.memories is None:
             continue
         records = [{"index": 0, "id": "demo-00", "failed": False},
@@ -181,9 +185,9 @@ def _report_inputs(plan, model_dir, families=("paper",)):
         skipped = [{"record": 7, "line": 8, "id": None, "field": "answer", "reason": "missing",
                     "message": "demo_edits.jsonl record 7: answer is missing", "check": "file"}]
         save_file({"empty": torch.zeros(0)}, memories, {"muke": json.dumps({"requests": records, "skipped": skipped})})
-        stages.write_parquet(pd.DataFrame([{"id": "demo-00", "window": w, "step": s, "loss": 4.0 * 0.7 ** s + w}
+        write_parquet(pd.DataFrame([{"id": "demo-00", "window": w, "step": s, "loss": 4.0 * 0.7 ** s + w}
                                            for w in range(2) for s in range(6)]), plan.trace_path(run, 0))
-        stages.write_parquet(pd.DataFrame([
+        write_parquet(pd.DataFrame([
             {"batch": -1, "file": None, "request_ids": '["demo-01"]', "failed": True, "seconds": 0.0,
              "reason": "δ loss is NaN at step 3"},
             {"batch": 0, "file": "0000.safetensors", "request_ids": '["demo-00"]', "failed": False, "seconds": 1.0,
@@ -192,7 +196,7 @@ def _report_inputs(plan, model_dir, families=("paper",)):
     localities = [(plan.locality_path(r), "edited", 0.5) for r in plan.runs if r.locality is not None]
     localities += [(plan.locality_path(None, plan.models["tiny"]), "pre-edit", 0.6)]
     for path, state, value in localities:
-        stages.write_parquet(pd.DataFrame([{"model_state": state, "request_id": None, "task": "muke_mmlu_demo",
+        write_parquet(pd.DataFrame([{"model_state": state, "request_id": None, "task": "muke_mmlu_demo",
                                             "metric": "acc", "value": value, "stderr": 0.01, "n": 1}]), path)
     bench = Path(plan.results) / "benchmarks" / "generate"
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
@@ -211,7 +215,7 @@ def test_report_stage_writes_tables_and_the_full_report(tmp_path, monkeypatch, t
 
     plan = tiny_plan(tmp_path, monkeypatch, sweep={"v_num_grad_steps": [2, 4]})
     model_dir = tmp_path / "model"
-    stages.write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
+    write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
     _report_inputs(plan, model_dir)
 
     samples = pd.read_parquet(plan.score_paths(plan.runs[0])["samples"])
@@ -244,3 +248,27 @@ def test_report_stage_writes_tables_and_the_full_report(tmp_path, monkeypatch, t
     assert hashlib.sha256((REPO / "resources" / "demo_edits.jsonl").read_bytes()).hexdigest() in repro
     assert "12.50" in repro and "99.00" not in repro          # benchmarks of this plan's jobs only
     assert (html.parent / "stage_identities.csv").is_file()
+
+
+def test_stage_commands_take_their_options_from_the_stage_signatures():
+    """`muke stage <name>`: one subcommand per stage function, its parameters the options (as the rules pass them)."""
+    from muke.cli import build_parser
+
+    parse = build_parser().parse_args
+    args = parse(["stage", "update-weights", "--spec", '{"a": 1}', "--model", "m", "--memories", "z", "--out", "o",
+                  "--stats", "s", "--cache-dir", "c", "--threads", "2"])
+    assert args.stage_function is stages.update_weights and args.spec == {"a": 1}
+    assert (args.stats, args.preservation, args.cache_dir, args.device, args.threads) == ("s", None, "c", "auto", 2)
+    args = parse(["stage", "score", "--spec", "{}", "--generations", "a", "b", "--samples", "x", "--summary", "y",
+                  "--model", "m"])
+    assert args.generations == ["a", "b"] and args.stage_function is stages.score
+    args = parse(["stage", "locality", "--spec", "{}", "--model", "m", "--out", "o", "--updates"])
+    assert list(args.updates) == []
+    args = parse(["stage", "collect-stats", "--spec", "{}", "--model", "m", "--corpus", "c", "--out", "o",
+                  "--checkpoint-every", "8"])
+    assert args.checkpoint_every == 8
+    args = parse(["stage", "optimize-memories", "--spec", "{}", "--model", "m", "--requests", "r", "--shard", "1",
+                  "--out", "o", "--trace", "t"])
+    assert args.shard == 1
+    with pytest.raises(SystemExit):
+        parse(["stage", "report", "--spec", "{}", "--metrics", "m.parquet"])         # --locality, --html missing

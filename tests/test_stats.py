@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 from muke.engine import hooks
 from muke.data import DataError
 from muke.model import load
-from muke.update.stats import (StatsConfig, StatsError, accumulate, add_gram, batches, chunk_batches, collect_stats,
-                        load_corpus, load_stats, mirror, pack, packed_inputs, read_metadata)
+from muke.update.corpus import batches, chunk_batches, load_corpus, pack, packed_inputs
+from muke.update.stats import (StatsConfig, StatsError, accumulate, add_gram, collect_stats, load_stats, mirror,
+                               read_metadata)
 
 DOCS = [
     "Velmora is a port city on the southern coast of the island of Castaran.",

@@ -103,9 +103,9 @@ def test_unke_lowers_its_edit_loss_and_keeps_preservation_loss_small(em):
     assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())    # model untouched
 
 
-# ---- the delta: apply / revert / save / export ----
+# ---- the update ΔW: apply / revert / save / export ----
 
-def random_delta(em, g) -> WeightUpdate:
+def random_update(em, g) -> WeightUpdate:
     d_ff = em.down_proj_weight(0).shape[1]
     factors = {l: (torch.randn(em.hidden_size, 2, generator=g), torch.randn(d_ff, 2, generator=g) * 0.1)
                for l in (0, 2)}
@@ -115,30 +115,30 @@ def random_delta(em, g) -> WeightUpdate:
 
 
 def test_apply_reverts_every_parameter_bit_exactly(em):
-    delta = random_delta(em, torch.Generator().manual_seed(0))
+    update = random_update(em, torch.Generator().manual_seed(0))
     before = {n: p.clone() for n, p in em.model.named_parameters()}
     ids = torch.tensor([[5, 6, 7, 8]])
     logits = em.model(input_ids=ids).logits
-    with apply(em, delta):
+    with apply(em, update):
         changed = {n for n, p in em.model.named_parameters() if not torch.equal(p, before[n])}
         assert not torch.allclose(em.model(input_ids=ids).logits, logits)
         torch.testing.assert_close(em.down_proj_weight(2) - before["model.layers.2.mlp.down_proj.weight"],
-                                   delta.dense(2), rtol=1e-4, atol=1e-5)
-    assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"} | set(delta.params)
+                                   update.dense(2), rtol=1e-4, atol=1e-5)
+    assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"} | set(update.params)
     assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())
     with pytest.raises(RuntimeError, match="inside"):
-        with apply(em, [delta, delta]):
+        with apply(em, [update, update]):
             raise RuntimeError("inside")
     assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())
 
 
-def test_delta_save_load_roundtrip_and_refusal(em, tmp_path, tiny_llama_path):
-    delta = random_delta(em, torch.Generator().manual_seed(1))
-    loaded = WeightUpdate.load(delta.save(tmp_path / "d.safetensors"))
+def test_update_save_load_roundtrip_and_refusal(em, tmp_path, tiny_llama_path):
+    update = random_update(em, torch.Generator().manual_seed(1))
+    loaded = WeightUpdate.load(update.save(tmp_path / "d.safetensors"))
     assert (loaded.method, loaded.backend, loaded.layers, loaded.request_ids, loaded.info) == \
-        (delta.method, delta.backend, delta.layers, delta.request_ids, delta.info)
-    assert all(torch.equal(a, b) for l in delta.factors for a, b in zip(delta.factors[l], loaded.factors[l]))
-    assert all(torch.equal(delta.params[n], loaded.params[n]) for n in delta.params)
+        (update.method, update.backend, update.layers, update.request_ids, update.info)
+    assert all(torch.equal(a, b) for l in update.factors for a, b in zip(update.factors[l], loaded.factors[l]))
+    assert all(torch.equal(update.params[n], loaded.params[n]) for n in update.params)
     llama = load(tiny_llama_path)
     wide = WeightUpdate("t", "memit", [0], [], {0: (torch.zeros(64, 1), torch.zeros(344, 1))})
     with pytest.raises(ModelError, match="another model"):
@@ -148,10 +148,10 @@ def test_delta_save_load_roundtrip_and_refusal(em, tmp_path, tiny_llama_path):
 
 def test_export_loads_with_plain_transformers(tiny_llama_path, tmp_path):
     em = load(tiny_llama_path)                                   # tied embeddings
-    delta = random_delta(em, torch.Generator().manual_seed(2))
-    out = export_edited(em, [delta], tmp_path / "edited")
+    update = random_update(em, torch.Generator().manual_seed(2))
+    out = export_edited(em, [update], tmp_path / "edited")
     ids = torch.tensor([[5, 6, 7, 8, 9]])
-    with apply(em, delta):
+    with apply(em, update):
         expected = em.model(input_ids=ids).logits
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -198,9 +198,9 @@ def test_single_layer_update_moves_working_memory_to_z(em, stats, backend):
     _, H = read_layer(em, 2, 2, ids)
     z = H[[p]].cpu() + 0.3 * torch.randn(1, em.hidden_size, generator=torch.Generator().manual_seed(0))
     options = {"mom2_update_weight": 1e-4} if backend == "memit" else {"l2": 1e-6, "threshold": 1e9}
-    delta = compute_update(em, [Target("r", seq, z)], backend, [2], keys="last", stats=stats, **options)
-    assert delta.factors[2][0].shape == (em.hidden_size, 1)
-    with apply(em, delta):
+    update = compute_update(em, [Target("r", seq, z)], backend, [2], keys="last", stats=stats, **options)
+    assert update.factors[2][0].shape == (em.hidden_size, 1)
+    with apply(em, update):
         _, H_after = read_layer(em, 2, 2, ids)
     gap_before, gap_after = (z - H[[p]].cpu()).norm(), (z - H_after[[p]].cpu()).norm()
     assert gap_after < 1e-2 * gap_before, (gap_before, gap_after)
@@ -227,18 +227,18 @@ def test_end_to_end_edit_lowers_target_nll_and_stays_local(em, stats, method):
     before = {n: p.clone() for n, p in em.model.named_parameters()}
     nll_before, p_edit, p_unrel = target_nll(em, seq), next_token_logprobs(em, seq), next_token_logprobs(em, unrelated)
 
-    delta, results = edit(em, [request], method, TINY_PRESET, stats)
+    update, results = edit(em, [request], method, TINY_PRESET, stats)
     assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())
-    with apply(em, delta):
+    with apply(em, update):
         nll_after = target_nll(em, seq)
         kl_edit, kl_unrel = kl(p_edit, next_token_logprobs(em, seq)), kl(p_unrel, next_token_logprobs(em, unrelated))
     print(f"\n{method}: target NLL {nll_before:.3f} -> {nll_after:.3f}; KL edited {kl_edit:.4f}, "
-          f"unrelated {kl_unrel:.5f}; {delta.info['seconds']:.1f} s update, {delta.info['memory_seconds']:.1f} s δ")
+          f"unrelated {kl_unrel:.5f}; {update.info['seconds']:.1f} s update, {update.info['memory_seconds']:.1f} s δ")
     assert nll_after < nll_before - 0.5
     assert kl_unrel < 0.5 * kl_edit
     windows = encode(em.tokenizer, QUESTION, ANSWER, em.end_of_turn, TINY_PRESET["window"]).n_windows
-    assert delta.request_ids == ["velmora"] and len(results[0].positions) == windows > 1
-    assert all(U.shape[1] == V.shape[1] == windows for U, V in delta.factors.values())   # rank ≤ n keys
+    assert update.request_ids == ["velmora"] and len(results[0].positions) == windows > 1
+    assert all(U.shape[1] == V.shape[1] == windows for U, V in update.factors.values())   # rank ≤ n keys
 
 
 @pytest.fixture(scope="module")
@@ -267,8 +267,8 @@ def test_update_makes_greedy_generation_reproduce_a_demo_target(pretrained_tiny,
     target = em.tokenizer.decode(seq.target_ids, skip_special_tokens=True).strip()
     assert greedy(em, [request.question], max_new_tokens=len(seq.target_ids) + 8)[0].text != target
 
-    delta = compute_update(em, [Target(request.id, seq, memories.z)], backend, [1], stats=pretrained_stats, **options)
-    with apply(em, delta):
+    update = compute_update(em, [Target(request.id, seq, memories.z)], backend, [1], stats=pretrained_stats, **options)
+    with apply(em, update):
         answer = greedy(em, [request.question], max_new_tokens=len(seq.target_ids) + 8)[0].text
         kl_edit, kl_unrel = kl(p_edit, next_token_logprobs(em, seq)), kl(p_unrel, next_token_logprobs(em, unrelated))
     print(f"\nmuke+{backend}: {len(seq.target_ids)}-token target reproduced: {answer == target}; "

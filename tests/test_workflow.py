@@ -24,7 +24,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from muke.workflow.plan import ConfigError, Plan, check_config, code_identity
+from muke.workflow.config import ConfigError, check_config, check_preset, load_yaml
+from muke.workflow.identity import STAGES, code_identity, module_closure
+from muke.workflow.plan import Plan
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -173,8 +175,6 @@ def test_schema_knows_every_hyperparameter_of_resolve_method():
 
 def test_presets_and_experiment_configs_are_valid(tmp_path, monkeypatch):
     for preset in (REPO / "config" / "models").glob("*.yaml"):
-        from muke.workflow.plan import check_preset, load_yaml
-
         check_preset(load_yaml(preset), preset)
     for path in [REPO / "config" / "config.yaml", *(REPO / "config" / "experiments").glob("*.yaml")]:
         check_config(yaml.safe_load(path.read_text()))
@@ -213,18 +213,75 @@ def test_plan_identities_follow_the_stage_graph(tmp_path, monkeypatch):
     assert {r.memories.identity for r in listed.runs if r.memories} == {r.memories.identity for r in sweep.runs if r.memories}
 
 
-def test_code_identity_ignores_comments_but_not_code(tmp_path):
+def copied_package(tmp_path) -> Path:
+    """A copy of the muke package to edit (code identities of the copy, not of the repository)."""
     package = tmp_path / "muke"
     shutil.copytree(REPO / "muke", package, ignore=shutil.ignore_patterns("__pycache__"))
-    before = {stage: code_identity(stage, package) for stage in ("score", "generate", "optimize_memories")}
-    metrics = package / "eval" / "metrics.py"
-    metrics.write_text(metrics.read_text().replace('"""Scores', '"""Scores (reworded)', 1) + "\n# a comment\n")
+    return package
+
+
+def edit(path: Path, new: str, old: str | None = None) -> None:
+    """Append `new` to the file (or replace `old` by it); a later mtime, so no cache keeps the old tree."""
+    text = path.read_text()
+    path.write_text(text + new if old is None else text.replace(old, new, 1))
     time.sleep(0.01)
-    assert {stage: code_identity(stage, package) for stage in before} == before
-    metrics.write_text(metrics.read_text() + "\nEXTRA = 1\n")
-    after = {stage: code_identity(stage, package) for stage in before}
+
+
+def identities(package: Path, stages=STAGES) -> dict:
+    return {stage: code_identity(stage, package) for stage in stages}
+
+
+def test_code_identity_ignores_comments_but_not_code(tmp_path):
+    package = copied_package(tmp_path)
+    before = identities(package, ("score", "generate", "optimize_memories"))
+    metrics = package / "eval" / "metrics.py"
+    edit(metrics, '"""Scores (reworded)', '"""Scores')
+    edit(metrics, "\n# a comment\n")
+    assert identities(package, before) == before
+    edit(metrics, "\nEXTRA = 1\n")
+    after = identities(package, before)
     assert after["score"] != before["score"]
     assert after["generate"] == before["generate"] and after["optimize_memories"] == before["optimize_memories"]
+
+
+def test_code_identity_follows_indirect_imports(tmp_path):
+    """A helper added to a module that a stage reaches only through another module (the δ stage:
+    stages.optimize_memories → engine.memory → engine.objectives) moves that stage's identity, not an
+    unrelated one's; a comment or docstring there moves nothing."""
+    package = copied_package(tmp_path)
+    assert "muke.engine.objectives" in module_closure("muke.workflow.stages.optimize_memories", package)
+    stage_source = (package / "workflow" / "stages" / "optimize_memories.py").read_text()
+    assert "objectives" not in stage_source                          # reached indirectly only
+    before = identities(package)
+    objectives = package / "engine" / "objectives.py"
+    edit(objectives, "\n# a note\n")
+    edit(objectives, '"""Reworded. ', '"""')                           # the module docstring
+    assert identities(package) == before
+    edit(objectives, "\n\ndef _new_helper(x):\n    return 2 * x\n")
+    after = identities(package)
+    assert after["optimize_memories"] != before["optimize_memories"]
+    assert after["score"] == before["score"] and after["prepare_model"] == before["prepare_model"]
+
+
+def test_code_identity_covers_a_new_module_a_stage_imports(tmp_path):
+    """A module created for a stage (imported inside a function, relatively or not) is covered from
+    the first import on, and so is what it imports in turn."""
+    package = copied_package(tmp_path)
+    before = identities(package)
+    (package / "eval" / "rescale.py").write_text('"""New."""\nfrom .page import fmt\n\nFACTOR = 1.0\n')
+    assert identities(package) == before      # not imported yet
+    score = package / "workflow" / "stages" / "score.py"
+    edit(score, "    from muke.eval import rescale  # noqa: F401\n    import pandas as pd\n", "    import pandas as pd\n")
+    covered = module_closure("muke.workflow.stages.score", package)
+    assert {"muke.eval.rescale", "muke.eval.page"} <= covered.keys()     # and rescale's relative import
+    middle = code_identity("score", package)
+    assert middle != before["score"]
+    edit(package / "eval" / "rescale.py", "FACTOR = 2.0\n", "FACTOR = 1.0\n")
+    second = code_identity("score", package)
+    assert second not in (middle, before["score"])
+    edit(package / "eval" / "page.py", "\nNEW = 1\n")
+    after = identities(package)
+    assert after["score"] != second and after["generate"] == before["generate"]
 
 
 # ---------------------------------------------------------------------------- (b, c) the real tiny run

@@ -32,16 +32,19 @@ def shift(hidden: torch.Tensor, positions: Sequence[int], deltas: Sequence[torch
 
 
 @contextmanager
-def shifts(layer: nn.Module, positions: Sequence[int], deltas: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Add δ_k at token position p_k of `layer`'s output for every forward pass inside the block."""
-    def hook(_module, _inputs, output):
-        return with_hidden(output, shift(hidden_of(output), positions, deltas))
-
-    handle = layer.register_forward_hook(hook)
+def forward_hook(module: nn.Module, hook: Callable, pre: bool = False, **options) -> Iterator[None]:
+    """`hook` registered on `module` (a forward hook, or with pre=True a forward pre-hook) inside the block."""
+    register = module.register_forward_pre_hook if pre else module.register_forward_hook
+    handle = register(hook, **options)
     try:
         yield
     finally:
         handle.remove()
+
+
+def shifts(layer: nn.Module, positions: Sequence[int], deltas: Sequence[torch.Tensor]):
+    """Add δ_k at token position p_k of `layer`'s output for every forward pass inside the block."""
+    return forward_hook(layer, lambda _module, _inputs, output: with_hidden(output, shift(hidden_of(output), positions, deltas)))
 
 
 @contextmanager
@@ -61,11 +64,8 @@ def capture(module: nn.Module, what: str = "output", sink: Callable[[torch.Tenso
         x = inputs[0] if what == "input" else hidden_of(output)
         keep(x.detach() if detach else x)
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hook(module, hook):
         yield seen
-    finally:
-        handle.remove()
 
 
 class _StopForward(Exception):
@@ -81,13 +81,11 @@ def stop_after(module: nn.Module, outputs: list | None = None) -> Iterator[None]
             outputs.append(output)
         raise _StopForward
 
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
+    with forward_hook(module, hook):
+        try:
+            yield
+        except _StopForward:
+            pass
 
 
 @contextmanager

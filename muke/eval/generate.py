@@ -3,7 +3,7 @@
 Evaluating many single-request edits: the protocol edits a fresh model per request, answers its questions
 and reverts. For low-rank (MEMIT-family) updates the same answers come from ONE batch holding the questions
 of many requests, each row running its own request's edit (`row_updates`, multi-adapter style), so the
-weights are never touched. Deltas that change whole blocks (UnKE) are applied, answered and reverted one
+weights are never touched. Updates that change whole blocks (UnKE) are applied, answered and reverted one
 at a time.
 
 Numerics. In fp32 every edited down-projection computes y_r = W x_r + U_r (V_rᵀ x_r) for batch row r:
@@ -22,7 +22,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from muke.model import ModelError
+from muke.engine import hooks
+from muke.model import ModelError, pad
 from muke.update.weights import WeightUpdate, apply
 from muke.engine.windows import render_prompt
 
@@ -47,24 +48,13 @@ def stop_ids(em) -> list[int]:
     return sorted(ids)
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (batch, longest), padded on the left."""
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
-    return ids, mask
-
-
 def answer_length(new_ids: list[int], stops: set[int]) -> int:
     """Generated tokens up to and including the first stop token (all of them if none)."""
     return next((i + 1 for i, t in enumerate(new_ids) if t in stops), len(new_ids))
 
 
 def is_low_rank(update: WeightUpdate | None) -> bool:
-    """Whether a update can run per batch row: only factored down-projection updates (or no edit)."""
+    """Whether an update can run per batch row: only factored down-projection updates (or no edit)."""
     return update is None or not update.params
 
 
@@ -79,19 +69,19 @@ def row_updates(em, updates: Sequence[WeightUpdate | None], merged: bool | None 
     dtype). None: merged unless the model is fp32 (see the module docstring). The model's weights are
     not touched; the batch size must stay len(updates).
     """
-    for d in updates:
-        if not is_low_rank(d):
-            raise ValueError(f"update of {d.request_ids} changes whole parameters ({d.backend}): it cannot be "
+    for u in updates:
+        if not is_low_rank(u):
+            raise ValueError(f"update of {u.request_ids} changes whole parameters ({u.backend}): it cannot be "
                              "applied per batch row; apply it with muke.update.weights.apply")
     merged = em.dtype != torch.float32 if merged is None else merged
     with ExitStack() as stack:
-        for layer in sorted({l for d in updates if d is not None for l in d.factors}):
+        for layer in sorted({l for u in updates if u is not None for l in u.factors}):
             W = em.down_proj_weight(layer)
-            for d in updates:
-                if d is not None and layer in d.factors:
-                    U, V = d.factors[layer]
+            for u in updates:
+                if u is not None and layer in u.factors:
+                    U, V = u.factors[layer]
                     if (U.shape[0], V.shape[0]) != tuple(W.shape):
-                        raise ModelError(f"layer {layer}: a update of shape {(U.shape[0], V.shape[0])} does not "
+                        raise ModelError(f"layer {layer}: an update of shape {(U.shape[0], V.shape[0])} does not "
                                          f"fit the down-projection {tuple(W.shape)}: it was made for another model")
             hook = _merged_hook(em, layer, updates) if merged else _low_rank_hook(layer, updates, W)
             stack.enter_context(_hooked(em.down_proj(layer), hook, len(updates)))
@@ -99,7 +89,7 @@ def row_updates(em, updates: Sequence[WeightUpdate | None], merged: bool | None 
 
 
 def _low_rank_hook(layer: int, updates, W: torch.Tensor):
-    edited = [(r, d.factors[layer]) for r, d in enumerate(updates) if d is not None and layer in d.factors]
+    edited = [(r, u.factors[layer]) for r, u in enumerate(updates) if u is not None and layer in u.factors]
     rank = max(U.shape[1] for _, (U, _) in edited)
     Us = torch.zeros(len(updates), W.shape[0], rank, device=W.device)     # (batch, d_model, rank)
     Vs = torch.zeros(len(updates), W.shape[1], rank, device=W.device)     # (batch, d_ff, rank)
@@ -116,11 +106,11 @@ def _merged_hook(em, layer: int, updates):
     module = em.down_proj(layer)
     bias = getattr(module, "bias", None)
     groups = []                                         # (rows, merged weight (d_model, d_ff))
-    for d in {id(d): d for d in updates if d is not None and layer in d.factors}.values():
-        single = WeightUpdate(d.method, d.backend, [layer], d.request_ids, {layer: d.factors[layer]})
+    for u in {id(u): u for u in updates if u is not None and layer in u.factors}.values():
+        single = WeightUpdate(u.method, u.backend, [layer], u.request_ids, {layer: u.factors[layer]})
         with apply(em, single):
             weight = em.down_proj_weight(layer).detach().clone()
-        rows = torch.tensor([r for r, other in enumerate(updates) if other is d], device=weight.device)
+        rows = torch.tensor([r for r, other in enumerate(updates) if other is u], device=weight.device)
         groups.append((rows, weight))
 
     def hook(x, output):
@@ -131,8 +121,7 @@ def _merged_hook(em, layer: int, updates):
     return hook
 
 
-@contextmanager
-def _hooked(module, compute, n_rows: int) -> Iterator[None]:
+def _hooked(module, compute, n_rows: int):
     """Replace the module's output by compute(input, output) in every forward pass inside the block."""
     def hook(_module, inputs, output):
         x = inputs[0]                                       # (batch, T, d_ff)
@@ -140,18 +129,14 @@ def _hooked(module, compute, n_rows: int) -> Iterator[None]:
             raise RuntimeError(f"row_updates holds {n_rows} rows, the forward pass has {x.shape[0]}")
         return compute(x, output)
 
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return hooks.forward_hook(module, hook)
 
 
 @torch.no_grad()
 def _generate_batch(em, prompts: list[str], gen_kwargs: dict) -> list[Generation]:
     tok = em.tokenizer
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    ids, mask = left_pad(encoded, gen_kwargs["pad_token_id"])
+    ids, mask = pad(encoded, gen_kwargs["pad_token_id"], side="left")
     start = time.perf_counter()
     out = em.model.generate(input_ids=ids.to(em.device), attention_mask=mask.to(em.device), **gen_kwargs)
     seconds = (time.perf_counter() - start) / len(prompts)
@@ -185,7 +170,7 @@ def greedy(em, questions: list[str], max_new_tokens: int = 512, system_prompt: s
     results = []
     for i in range(0, len(prompts), batch_size):
         rows = slice(i, i + batch_size)
-        edited = updates is not None and any(d is not None for d in updates[rows])
+        edited = updates is not None and any(u is not None for u in updates[rows])
         with row_updates(em, updates[rows]) if edited else nullcontext():
             results += _generate_batch(em, prompts[rows], gen_kwargs)
     return results
@@ -249,7 +234,7 @@ def edited_generation_rows(em, edits: Sequence[tuple[WeightUpdate | None, Sequen
         else:
             with apply(em, update):
                 out[e] = generation_rows(em, requests, kinds, **greedy_kwargs)
-    outputs = greedy(em, [key[3] for _, _, key in shared], updates=[d for _, d, _ in shared], **greedy_kwargs)
+    outputs = greedy(em, [key[3] for _, _, key in shared], updates=[u for _, u, _ in shared], **greedy_kwargs)
     for e in range(len(edits)):
         if out[e] is None:
             out[e] = []

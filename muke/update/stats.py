@@ -7,12 +7,9 @@ accumulated in fp32, checkpointed every N documents (atomically), and a killed r
 checkpoint. The file keeps the SUM and the count (as ROME's runningstats); `Stats.second_moment` divides.
 
 Documents are truncated to the model's max length, as MEMIT's statistics are. With `pack` (default)
-several documents share a row instead of each being padded to the batch's longest: every document
-restarts at position 0 and attends only to itself (a block-diagonal causal mask), so its hidden states
-are those of a forward pass of the document alone and the sums equal the padded ones up to fp rounding.
-(Packing without the per-document mask would let documents attend to the ones before them: other
-statistics.) With `dtype` the forward pass runs under autocast (e.g. bf16 matmuls accumulating in fp32);
-the sums are fp32 either way.
+several documents share a row instead of each being padded to the batch's longest, each attending only
+to itself (muke.update.corpus), so the sums equal the padded ones up to fp rounding. With `dtype` the
+forward pass runs under autocast (e.g. bf16 matmuls accumulating in fp32); the sums are fp32 either way.
 
 File: safetensors `{f"layer{l}.mom2": (d_ff, d_ff) fp32 sum, f"layer{l}.count": () int64}` and one
 metadata entry "muke", a JSON object describing the model, corpus and run.
@@ -22,9 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
-import re
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -35,9 +29,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from muke.engine import hooks
-from muke.io import sha256, write_safetensors
-from muke.data import DataError, jsonl_records
+from muke.data import DataError
+from muke.io import cache_dir, sha256, write_safetensors
 from muke.model import DTYPES, EditableModel
+from muke.update.corpus import chunk_batches, load_corpus
 
 FORMAT = "muke.stats/1"
 
@@ -76,149 +71,6 @@ def architecture(em: EditableModel) -> dict:
             "n_layers": em.n_layers}
 
 
-def default_max_length(em: EditableModel) -> int:
-    """The model's max length: the smaller of its position limit and the tokenizer's (when set)."""
-    cfg = em.model.config
-    limits = [getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None),
-              em.tokenizer.model_max_length if em.tokenizer.model_max_length < 10**7 else None]
-    limits = [x for x in limits if x]
-    if not limits:
-        raise ValueError("the model states no maximum length: pass max_length")
-    return min(limits)
-
-
-# ---------------------------------------------------------------------------- corpus
-
-def _subset(n_total: int, max_docs: int | None, seed: int) -> list[int]:
-    """All indices, or a seeded random subset of `max_docs` of them in corpus order."""
-    if max_docs is None or max_docs >= n_total:
-        return list(range(n_total))
-    return sorted(random.Random(seed).sample(range(n_total), max_docs))
-
-
-def _read_local(path: Path, text_field: str) -> list[str]:
-    """Documents of a .txt file (separated by blank lines) or a JSONL file (field `text_field`)."""
-    if path.suffix in (".jsonl", ".json"):
-        return [rec[text_field] for rec in jsonl_records(path, (text_field,))]
-    text = path.read_text(encoding="utf-8-sig")
-    return [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
-
-
-def load_corpus(corpus: str | Path, max_docs: int | None = None, seed: int = 0,
-                text_field: str = "text") -> tuple[list[str], dict]:
-    """Documents and the corpus identity {corpus, corpus_sha256, n_corpus_documents}.
-
-    `corpus`: a local .txt / .jsonl path, or "hf:NAME[:CONFIG]" for `datasets.load_dataset(NAME, CONFIG,
-    split="train")` (e.g. "hf:wikipedia:20220301.en"); its identity is the dataset's fingerprint.
-    """
-    corpus = str(corpus)
-    if corpus.startswith("hf:"):
-        import datasets
-
-        name, _, config = corpus[3:].partition(":")
-        ds = datasets.load_dataset(name, config or None, split="train")
-        index = _subset(len(ds), max_docs, seed)
-        docs = ds.select(index)[text_field]
-        ident = {"corpus": corpus, "corpus_sha256": ds._fingerprint, "n_corpus_documents": len(ds)}
-        return docs, ident
-    path = Path(corpus)
-    if not path.is_file():
-        raise DataError(path, "corpus file not found")
-    all_docs = _read_local(path, text_field)
-    if not all_docs:
-        raise DataError(path, "the corpus has no documents")
-    docs = [all_docs[i] for i in _subset(len(all_docs), max_docs, seed)]
-    return docs, {"corpus": str(path), "corpus_sha256": sha256(path), "n_corpus_documents": len(all_docs)}
-
-
-def batches(token_ids: list[list[int]], batch_tokens: int) -> list[tuple[int, int]]:
-    """Greedy [start, end) document ranges whose padded size (rows × longest) fits `batch_tokens`;
-    a longer document forms a batch of its own. A function of the documents alone, so a run resumed
-    at a batch boundary forms the same batches as an uninterrupted one."""
-    out, start, longest = [], 0, 0
-    for i, ids in enumerate(token_ids):
-        longest_with = max(longest, len(ids))
-        if i > start and longest_with * (i - start + 1) > batch_tokens:
-            out.append((start, i))
-            start, longest_with = i, len(ids)
-        longest = longest_with
-    if start < len(token_ids):
-        out.append((start, len(token_ids)))
-    return out
-
-
-def pack(lengths: list[int], width: int) -> list[list[int]]:
-    """Document indices per row: first-fit decreasing into rows of `width` tokens (every length ≤ width).
-
-    Longest documents first, each into the first row with room for it. A function of the lengths alone.
-    """
-    rows, room = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        r = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
-        if r is None:
-            rows.append([])
-            room.append(width)
-            r = len(rows) - 1
-        rows[r].append(i)
-        room[r] -= lengths[i]
-    return rows
-
-
-def packed_inputs(token_ids: list[list[int]], rows: list[list[int]], width: int, pad_id: int,
-                  additive_mask_dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(model inputs, keep) of packed rows: documents `rows[b]` of `token_ids` side by side in row b.
-
-    input_ids, position_ids: (B, width), positions restart at 0 for every document; attention_mask:
-    (B, 1, width, width), True where query and key lie in the same document and the key is not later
-    (block-diagonal causal; with `additive_mask_dtype`, 0 there and the dtype's minimum elsewhere, as
-    eager attention adds it); keep: (B, width) bool, the document tokens. The padding after a row's last
-    document is a segment of its own, so that no query sees only masked keys.
-    """
-    B = len(rows)
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    positions = torch.zeros((B, width), dtype=torch.long)
-    segment = torch.zeros((B, width), dtype=torch.long)
-    keep = torch.zeros((B, width), dtype=torch.bool)
-    for b, docs in enumerate(rows):
-        at = 0
-        for s, d in enumerate(docs):
-            n = len(token_ids[d])
-            ids[b, at:at + n] = torch.tensor(token_ids[d], dtype=torch.long)
-            positions[b, at:at + n] = torch.arange(n)
-            segment[b, at:at + n] = s
-            at += n
-        if at > width:
-            raise ValueError(f"row {b}: {at} tokens do not fit a row of {width}")
-        keep[b, :at] = True
-        positions[b, at:] = torch.arange(width - at)
-        segment[b, at:] = len(docs)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    mask = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]     # (B, 1, query, key)
-    if additive_mask_dtype is not None:
-        mask = torch.zeros(mask.shape, dtype=additive_mask_dtype).masked_fill(
-            ~mask, torch.finfo(additive_mask_dtype).min)
-    return {"input_ids": ids, "position_ids": positions, "attention_mask": mask}, keep
-
-
-def can_pack(em: EditableModel, width: int) -> bool:
-    """Whether block-diagonal masks reproduce the model's own attention for documents of ≤ width tokens:
-    not for flash-attention kernels (no 4D masks), nor beyond an active sliding window."""
-    cfg = em.model.config
-    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    return "flash" not in str(cfg._attn_implementation) and (window is None or width <= window)
-
-
-def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (batch, longest), padded on the right."""
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, :len(seq)] = 1
-    return ids, mask
-
-
 # ---------------------------------------------------------------------------- files
 
 def read_metadata(path: str | Path) -> dict:
@@ -233,7 +85,7 @@ def read_metadata(path: str | Path) -> dict:
 
 @dataclass(frozen=True)
 class StatsConfig:
-    """What to collect. max_length None → the model's max length (default_max_length)."""
+    """What to collect. max_length None → the model's max length (EditableModel.context_length)."""
 
     layers: tuple[int, ...]
     corpus: str
@@ -329,44 +181,20 @@ def accumulate(em: EditableModel, layers: list[int], inputs: dict[str, torch.Ten
             em.model(**{k: v.to(em.device) for k, v in inputs.items()}, use_cache=False)
 
 
-def chunk_batches(em: EditableModel, ids: list[list[int]], cfg: StatsConfig, pad_id: int):
-    """(documents finished, model inputs, keep) per batch of one tokenized chunk of documents.
-
-    Padded batches (`batches`) count their documents as they go; packed rows mix the chunk's documents,
-    so a packed chunk counts all of them after its last batch (a checkpoint never splits it).
-    """
-    nonempty = [i for i, x in enumerate(ids) if x]
-    width = max((len(ids[i]) for i in nonempty), default=0)
-    if cfg.pack and nonempty and can_pack(em, width):
-        rows = [[nonempty[j] for j in row] for row in pack([len(ids[i]) for i in nonempty], width)]
-        per_batch = max(1, cfg.batch_tokens // width)
-        additive = em.dtype if em.model.config._attn_implementation == "eager" else None
-        for start in range(0, len(rows), per_batch):
-            inputs, keep = packed_inputs(ids, rows[start:start + per_batch], width, pad_id, additive)
-            yield (len(ids) if start + per_batch >= len(rows) else 0), inputs, keep
-        return
-    for a, b in batches(ids, cfg.batch_tokens):
-        rows = [x for x in ids[a:b] if x]
-        if not rows:
-            yield b - a, None, None
-            continue
-        input_ids, mask = right_pad(rows, pad_id)
-        yield b - a, {"input_ids": input_ids, "attention_mask": mask}, mask.bool()
-
-
 def collect_stats(em: EditableModel, cfg: StatsConfig, out: str | Path, progress: bool = True) -> Path:
     """Collect E[k kᵀ] for cfg.layers over the corpus into `out`, resuming `out`.partial if present."""
     out = Path(out)
     layers = sorted(set(cfg.layers))
     for layer in layers:
         em.check_layer(layer)
-    max_length = cfg.max_length or default_max_length(em)
+    max_length = cfg.max_length or em.context_length
+    if not max_length:
+        raise ValueError("the model states no maximum length: pass max_length")
     docs, corpus_ident = load_corpus(cfg.corpus, cfg.max_docs, cfg.seed, cfg.text_field)
     job = _job(em, cfg, corpus_ident, len(docs), max_length)
     partial = out.with_name(out.name + ".partial")
 
     tokenizer = em.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     size = d_ff(em)
     state = _resume(partial, job, em.device)
     if state is None:
@@ -381,7 +209,7 @@ def collect_stats(em: EditableModel, cfg: StatsConfig, out: str | Path, progress
         # chunk ends at multiples of tokenize_chunk, so a resumed run forms the same batches
         end = (done // cfg.tokenize_chunk + 1) * cfg.tokenize_chunk
         ids = tokenizer(docs[done:end], truncation=True, max_length=max_length)["input_ids"]
-        for finished, inputs, keep in chunk_batches(em, ids, cfg, pad_id):
+        for finished, inputs, keep in chunk_batches(em, ids, cfg, em.pad_id):
             if inputs is not None:
                 accumulate(em, layers, inputs, keep, sums, counts, cfg.dtype)
                 n = int(keep.sum())
@@ -466,11 +294,6 @@ def load_stats(path: str | Path, em: EditableModel, layers) -> Stats:
 
 # ---------------------------------------------------------------------------- cache
 
-def cache_dir() -> Path:
-    """<$MUKE_CACHE or ~/.cache/muke>/stats."""
-    return Path(os.environ.get("MUKE_CACHE", "~/.cache/muke")).expanduser() / "stats"
-
-
 def cached_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True) -> Stats:
     """Stats for cfg, from the cache or collected into it; keyed by model weights, layers, corpus and
     every setting the sums depend on."""
@@ -479,7 +302,7 @@ def cached_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True) -> 
            "model": model_fingerprint(em), "checkpoint_every": None, "tokenize_chunk": None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     layers = "-".join(map(str, key["layers"]))
-    path = cache_dir() / f"{em.model_type}-L{layers}-{digest}.safetensors"
+    path = cache_dir() / "stats" / f"{em.model_type}-L{layers}-{digest}.safetensors"
     if not path.exists():
         collect_stats(em, cfg, path, progress)
     return load_stats(path, em, cfg.layers)

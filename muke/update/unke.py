@@ -12,12 +12,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from muke.engine import hooks
 from muke.data import DEFAULT_PRESERVATION, DataError, jsonl_records
+from muke.engine import hooks
+from muke.model import EditableModel, pad
 from muke.numerics import check_finite
-from muke.model import EditableModel
-from muke.update.stats import right_pad
-
 from muke.update.keys import Target, edit_context, preserved
 
 
@@ -78,13 +76,10 @@ def record_block(em: EditableModel, layer: int, wm_layer: int, input_ids: torch.
     def pre(_module, args, kwargs):
         calls.append((args, kwargs))
 
-    handle = em.layer(layer).register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with hooks.capture(em.layer(layer), "output") as block_out, hooks.stop_after(em.layer(wm_layer), out):
-            em.model(input_ids=input_ids.to(em.device), use_cache=False,
-                     attention_mask=None if attention_mask is None else attention_mask.to(em.device))
-    finally:
-        handle.remove()
+    with (hooks.forward_hook(em.layer(layer), pre, pre=True, with_kwargs=True),
+          hooks.capture(em.layer(layer), "output") as block_out, hooks.stop_after(em.layer(wm_layer), out)):
+        em.model(input_ids=input_ids.to(em.device), use_cache=False,
+                 attention_mask=None if attention_mask is None else attention_mask.to(em.device))
     args, kwargs = calls[0]
     call = BlockCall(_to_float(args), _to_float(kwargs), block_out[0].float())
     return call, hooks.hidden_of(out[0]).float()
@@ -143,7 +138,7 @@ def unke_update(em: EditableModel, targets: Sequence[Target], layers: list[int],
     texts = preservation_texts(em.tokenizer, load_preservation(preservation), n_preserve, rng)
     tok = em.tokenizer
     encoded = [tok(t, add_special_tokens=False, truncation=True, max_length=512)["input_ids"] for t in texts]
-    pres_ids, pres_mask = right_pad(encoded, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    pres_ids, pres_mask = pad(encoded, em.pad_id)
 
     diffs, trace = {}, []
     with preserved(p for layer in layers for p in em.layer(layer).parameters()):

@@ -48,7 +48,7 @@ class WeightUpdate:
         tensors = {}
         for layer, (U, V) in self.factors.items():
             tensors[f"layer{layer}.U"], tensors[f"layer{layer}.V"] = U, V
-        tensors.update({f"param.{name}": d for name, d in self.params.items()})
+        tensors.update({f"param.{name}": diff for name, diff in self.params.items()})
         meta = {"format": "muke.update/1", "method": self.method, "backend": self.backend, "layers": self.layers,
                 "request_ids": self.request_ids, "info": self.info}
         write_safetensors(path, tensors, {"muke": json.dumps(meta)})
@@ -99,9 +99,9 @@ def add(em: EditableModel, update: WeightUpdate) -> None:
 def apply(em: EditableModel, updates: WeightUpdate | Sequence[WeightUpdate]) -> Iterator[EditableModel]:
     """Edited weights inside the block; on exit every touched parameter is restored bit-exactly."""
     updates = [updates] if isinstance(updates, WeightUpdate) else list(updates)
-    with preserved(p for d in updates for p in touched(em, d)):
-        for d in updates:
-            add(em, d)
+    with preserved(p for u in updates for p in touched(em, u)):
+        for u in updates:
+            add(em, u)
         yield em
 
 
@@ -119,8 +119,8 @@ def export_edited(em: EditableModel, updates: WeightUpdate | Sequence[WeightUpda
         em.model.save_pretrained(tmp, safe_serialization=True)
     em.tokenizer.save_pretrained(tmp)
     record = {"source_model": str(em.model.config._name_or_path),
-              "edits": [{"method": d.method, "backend": d.backend, "layers": d.layers,
-                         "request_ids": d.request_ids} for d in updates]}
+              "edits": [{"method": u.method, "backend": u.backend, "layers": u.layers,
+                         "request_ids": u.request_ids} for u in updates]}
     (tmp / "muke_edit.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

@@ -1,4 +1,4 @@
-# Look-ups into the plan (muke/workflow/plan.py): paths, specs (the parameter identities) and resources of
+# Look-ups into the plan (muke/workflow/identity.py): paths, specs (the parameter identities) and resources of
 # every job. Rules stay thin: they name their files and call `{MUKE} <stage>`.
 
 import shlex

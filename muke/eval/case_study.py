@@ -1,0 +1,78 @@
+"""The paper's case study (App. C) as HTML: per request, the target beside the pre-edit answer and each
+method's edited answer, each answer highlighted from the first character where it leaves the target."""
+
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+
+PRE_EDIT = "pre-edit"
+# For the report's stylesheet (without it <mark> keeps the browser's yellow).
+CSS = "mark.diverge{background:#ffe08a}.case-study td{min-width:14em}"
+CAPTION = ("Answers and targets with whitespace runs collapsed to one space. Plain: the answer's prefix that "
+           "equals the target's; highlighted: from the first differing character on. Under each answer: "
+           "how many target characters it reproduced.")
+
+
+def normalise(text: str) -> str:
+    """Strip, and collapse every run of whitespace (spaces, tabs, newlines) to one space."""
+    return " ".join(text.split())
+
+
+def first_divergence(output: str, target: str) -> int:
+    """Index of the first character where normalise(output) differs from normalise(target); -1 when the
+    normalised target is a prefix of the normalised output (the whole target reproduced, anything may
+    follow). When the output stops early, the index is its normalised length. The index is the same in
+    both normalised strings, and equals the number of target characters reproduced."""
+    o, t = normalise(output), normalise(target)
+    for k, (a, b) in enumerate(zip(o, t)):
+        if a != b:
+            return k
+    return -1 if len(o) >= len(t) else len(o)
+
+
+def reproduced(output: str, target: str) -> int:
+    """Target characters (normalised) that the output reproduces from the start: the length of the common prefix."""
+    k = first_divergence(output, target)
+    return len(normalise(target)) if k == -1 else k
+
+
+def _answer_cell(output: str, target: str) -> str:
+    """Escaped normalised answer: the reproduced prefix plain, the rest in <mark class='diverge'>, and the count."""
+    o, k, n = normalise(output), reproduced(output, target), len(normalise(target))
+    tail = f"<mark class='diverge'>{html.escape(o[k:])}</mark>" if o[k:] else ""
+    return (f"<td>{html.escape(o[:k])}{tail}"
+            f"<div class='caption'>{k} / {n} target characters</div></td>")
+
+
+def _block(rid: str, group: pd.DataFrame, methods: list[str]) -> str:
+    target, question = group["target"].iloc[0], group["question"].iloc[0]
+    answers = dict(zip(group["method"], group["output"]))
+    cells = [f"<td>{html.escape(normalise(target))}</td>"]
+    cells += [_answer_cell(answers[m], target) if m in answers else "<td>—</td>" for m in methods]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["target", *methods])
+    return (f"<section class='case-study'><h3>{html.escape(str(rid))}</h3>"
+            f"<p><b>Question:</b> {html.escape(question)}</p>"
+            f"<div class='scroll'><table class='text'><thead><tr>{head}</tr></thead>"
+            f"<tbody><tr>{''.join(cells)}</tr></tbody></table></div></section>")
+
+
+def case_study_html(rows: pd.DataFrame, kind: str = "question", limit: int | None = None) -> str:
+    """HTML of the case study: CAPTION, then one <section class='case-study'> per request (first `limit`).
+
+    rows: columns id, method, output, target, question (generation_rows' `prompt` renamed to `question`)
+    and optionally kind, of which only `kind` rows are shown. The method "pre-edit" (the unedited
+    model's answers) comes first, the other methods in order of first appearance; one column each, "—"
+    where a method has no answer. Requests in order of first appearance. All text is HTML-escaped.
+    """
+    rows = rows[rows["kind"] == kind] if "kind" in rows else rows
+    duplicated = rows.duplicated(["id", "method"])
+    if duplicated.any():
+        pairs = rows[duplicated][["id", "method"]].values.tolist()
+        raise ValueError(f"several {kind!r} answers for (id, method): {pairs}")
+    methods = list(dict.fromkeys(rows["method"]))
+    methods = ([PRE_EDIT] if PRE_EDIT in methods else []) + [m for m in methods if m != PRE_EDIT]
+    ids = list(dict.fromkeys(rows["id"]))[:limit]
+    blocks = [_block(rid, rows[rows["id"] == rid], methods) for rid in ids]
+    return f"<p class='caption'>{html.escape(CAPTION)}</p>" + "".join(blocks)

@@ -1,0 +1,161 @@
+"""What a reviewer needs to reproduce the report's numbers: git commit, package versions and hardware,
+seeds, stage identities, input checksums, Snakemake benchmarks and the resolved configuration."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pandas as pd
+
+from muke.eval.page import esc, fmt, note, table
+from muke.io import sha256
+
+PACKAGES = ["muke", "torch", "transformers", "snakemake", "lm_eval", "numpy", "pandas", "matplotlib"]
+
+
+def git_info() -> dict:
+    """Commit and dirty flag of the git checkout holding muke's source, else 'unknown'."""
+    src = Path(__file__).resolve().parents[1]                 # the muke package
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=20,
+                              check=True).stdout.strip()
+    try:
+        top = Path(git("rev-parse", "--show-toplevel"))
+        if not (top / "muke").is_dir() or not (top / "muke").samefile(src):
+            raise RuntimeError("muke is not the checkout's own package")
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError, RuntimeError):
+        return {"commit": "unknown", "dirty": "unknown"}
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of a folder's files."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def checksums(inputs) -> pd.DataFrame:
+    rows = [{"path": str(p), "bytes": _size(Path(p)) if Path(p).exists() else 0,
+             "sha256": sha256(p) if Path(p).exists() else "missing"} for p in inputs]
+    return pd.DataFrame(rows, columns=["path", "bytes", "sha256"])
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def torch_info() -> dict:
+    """torch / CUDA / GPU facts and the determinism flags of this process."""
+    try:
+        import torch
+    except ImportError:
+        return {"torch": "not installed", "determinism": "unknown (no torch)"}
+    cuda = torch.cuda.is_available()
+    info = {"torch": torch.__version__, "cuda (build)": torch.version.cuda or "none",
+            "cuda available": cuda,
+            "gpus": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else "none",
+            "cudnn.deterministic": torch.backends.cudnn.deterministic,
+            "cudnn.benchmark": torch.backends.cudnn.benchmark,
+            "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+    info["determinism"] = (
+        f"GPU: torch.backends.cudnn.deterministic={info['cudnn.deterministic']}, "
+        f"torch.use_deterministic_algorithms={info['use_deterministic_algorithms']}; GPU kernels may still "
+        "differ across GPU models and library versions." if cuda else
+        "CPU only: deterministic (fixed seeds, greedy decoding, CPU kernels with reproducible reductions).")
+    return info
+
+
+def seeds(config, prefix: str = "") -> dict:
+    """Every config key naming a seed or a determinism setting, with its dotted path."""
+    out = {}
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else []
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if isinstance(value, (dict, list)):
+            out.update(seeds(value, path + "."))
+        elif "seed" in str(key).lower() or "determin" in str(key).lower():
+            out[path] = value
+    return out
+
+
+def read_benchmarks(root: str | Path | None, identities=None) -> pd.DataFrame:
+    """Snakemake benchmark files under `root`: one row per repeat, `rule` from the path. With
+    `identities`, only the files whose path names one of them (the jobs of the current plan: the
+    folder also keeps the benchmarks of earlier settings)."""
+    if root is None or not Path(root).is_dir():
+        return pd.DataFrame()
+    frames = []
+    for path in sorted(p for p in Path(root).rglob("*") if p.suffix in (".tsv", ".txt") and p.is_file()):
+        rel = path.relative_to(root)
+        if identities is not None and not any(i in str(rel) for i in identities):
+            continue
+        df = pd.read_csv(path, sep="\t")
+        if "s" not in df:
+            continue
+        frames.append(df.assign(rule=rel.parts[0] if len(rel.parts) > 1 else path.stem, job=str(rel)))
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True)
+    for col in ("s", "max_rss"):
+        df[col] = pd.to_numeric(df.get(col), errors="coerce")
+    return df
+
+
+def benchmark_summary(bench: pd.DataFrame) -> pd.DataFrame:
+    """Per rule: jobs, total and longest wall time, peak resident memory."""
+    g = bench.groupby("rule", sort=True)
+    out = pd.DataFrame({"jobs": g["job"].nunique(), "wall s (total)": g["s"].sum(),
+                        "wall s (longest job)": g["s"].max(), "peak max_rss (MB)": g["max_rss"].max()})
+    return out.map(fmt).assign(jobs=g["job"].nunique())
+
+
+def _dict_table(d: dict, key: str, value: str) -> pd.DataFrame:
+    text = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str) for k, v in d.items()}
+    return pd.DataFrame({key: list(text), value: list(text.values())})
+
+
+def _yaml(config: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def reproducibility(config, stage_identities, inputs, bench) -> tuple[list[str], dict]:
+    """The reproducibility section and its tables (for CSV)."""
+    g = git_info()
+    if not isinstance(stage_identities, pd.DataFrame):
+        stage_identities = _dict_table(stage_identities or {}, "stage", "identity")
+    tables = {"stage_identities": stage_identities,
+              "input_checksums": checksums(inputs or []),
+              "versions": _dict_table({**package_versions(), **torch_info()}, "package / fact", "value")}
+    seed_text = ", ".join(f"{k} = {v}" for k, v in seeds(config or {}).items()) or "none set in the config"
+    parts = ["<h2 id='repro'>Reproducibility</h2>",
+             f"<p>git commit <code>{esc(g['commit'])}</code>, working tree dirty: <b>{esc(g['dirty'])}</b></p>",
+             f"<p>Seeds / determinism keys: {esc(seed_text)}</p>",
+             f"<p>{esc(tables['versions'].set_index('package / fact')['value'].get('determinism'))} "
+             "(flags as seen by the report process; each stage's manifest records its own versions.)</p>",
+             "<h3>Package versions and hardware</h3>", table(tables["versions"], text=True),
+             "<h3>Stage parameter identities</h3>",
+             "<p class='caption'>Each job's identity hashes its own parameters, its inputs' identities and the "
+             "muke code it runs; the job's output folder carries it, and its manifest.json lists the "
+             "parameters.</p>", table(tables["stage_identities"], text=True),
+             "<h3>Input data checksums (sha256)</h3>", table(tables["input_checksums"], text=True),
+             "<h3>Wall time and peak memory per stage (Snakemake benchmarks)</h3>"]
+    if len(bench):
+        tables["benchmarks"] = bench
+        parts.append(table(benchmark_summary(bench)))
+    else:
+        parts.append(note("No Snakemake benchmark files found."))
+    parts += ["<h3>Resolved configuration</h3>", f"<pre>{esc(_yaml(config or {}))}</pre>"]
+    return parts, tables

@@ -1,0 +1,126 @@
+"""Locality that a small model can show: how much an edit changes what the model says and predicts
+about things it was not asked to change.
+
+SmolLM2-class models answer MMLU at chance, so an unchanged MMLU score proves little. Two measures
+that do not need a capable model:
+
+- answer retention: greedy answers to unrelated questions (resources/unrelated_questions.jsonl) after
+  the edit, scored against the model's own answers before it (`answer_retention`, `edit_retention`);
+- text shift: the per-token KL(pre ‖ post) of next-token distributions and the perplexity before and
+  after, on held-out texts (`text_shift`, texts from `held_out_texts`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from muke.data import DEMO_CORPUS, RESOURCES, jsonl_records
+from muke.eval.generate import greedy
+from muke.eval.metrics import char_bleu, word_bleu
+from muke.model import EditableModel, pad
+from muke.update.corpus import load_corpus
+from muke.update.weights import WeightUpdate, apply
+
+UNRELATED_QUESTIONS = RESOURCES / "unrelated_questions.jsonl"
+Updates = WeightUpdate | Sequence[WeightUpdate]
+
+
+def unrelated_questions(path: str | Path = UNRELATED_QUESTIONS) -> list[dict]:
+    """Records {"id", "question"} of a JSONL file; by default the project's own general-knowledge
+    questions, written to share no topic with any demo edit or preservation sample."""
+    return jsonl_records(Path(path), ("id", "question"))
+
+
+def held_out_texts(n: int = 32, path: str | Path = DEMO_CORPUS) -> list[str]:
+    """The first `n` documents of a corpus read as the statistics stage reads it (muke.update.corpus.load_corpus:
+    a .txt of blank-line separated documents, or JSONL with a "text" field).
+
+    The default, resources/demo_corpus.txt, is held out from the EDITS only: it is also the demo's
+    covariance corpus and the tiny models' pretraining text. For a real run pass texts that neither the
+    model nor the update's statistics saw.
+    """
+    return load_corpus(path)[0][:n]
+
+
+def answer_retention(pre: Sequence[str], post: Sequence[str]) -> dict:
+    """Post-edit answers scored against the pre-edit answers to the same questions, ×100.
+
+    Returns {"char_bleu": mean paper-family char BLEU, "word_bleu": mean sacrebleu BLEU, "exact_match":
+    % of pairs equal after stripping, "n": pairs, "rows": [{index, pre, post, char_bleu, word_bleu, exact}]}.
+    Means are NaN for no pairs.
+    """
+    if len(pre) != len(post):
+        raise ValueError(f"{len(pre)} pre-edit answers for {len(post)} post-edit answers")
+    rows = [dict(index=i, pre=a, post=b, char_bleu=char_bleu(b, a), word_bleu=word_bleu(b, a),
+                 exact=a.strip() == b.strip()) for i, (a, b) in enumerate(zip(pre, post))]
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows) if rows else math.nan
+
+    return {"char_bleu": mean("char_bleu"), "word_bleu": mean("word_bleu"), "exact_match": 100.0 * mean("exact"),
+            "n": len(rows), "rows": rows}
+
+
+def edit_retention(em: EditableModel, update: Updates, questions: Sequence[str] | None = None,
+                   **greedy_kwargs) -> dict:
+    """`answer_retention` of greedy answers to `questions` (default: `unrelated_questions()`) given by the
+    unedited model, then inside apply(em, update); rows also carry the question. greedy_kwargs: as
+    muke.eval.generate.greedy (max_new_tokens, batch_size, ...)."""
+    if questions is None:
+        questions = [r["question"] for r in unrelated_questions()]
+    questions = list(questions)
+    pre = [g.text for g in greedy(em, questions, **greedy_kwargs)]
+    with apply(em, update):
+        post = [g.text for g in greedy(em, questions, **greedy_kwargs)]
+    result = answer_retention(pre, post)
+    for row, question in zip(result["rows"], questions):
+        row["question"] = question
+    return result
+
+
+@torch.no_grad()
+def _log_probs(em: EditableModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """fp32 log-softmax of the next-token logits at positions 0..T-2: (batch, T-1, vocab)."""
+    logits = em.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def text_shift(em: EditableModel, texts: Sequence[str], update: Updates | None = None, batch_size: int = 4,
+               max_length: int = 256) -> dict:
+    """How much an update changes next-token predictions on `texts`.
+
+    Each text is tokenised as the statistics stage does (special tokens as the tokenizer adds them,
+    truncated to `max_length`); every position t with a real next token counts once (n_tokens in all):
+      kl       = mean over those positions of KL(p_pre ‖ p_post) = Σ_v p_pre(v) (log p_pre(v) − log p_post(v)),
+      ppl_pre  = exp(mean NLL of the next token, unedited), ppl_post the same inside apply(em, update).
+    Batches are right-padded with an attention mask and padded positions excluded, so the batch size
+    changes nothing beyond fp32 rounding. Each batch runs once unedited and once inside apply(em, update),
+    which restores the weights bit-exactly after it. update None: post = pre (kl 0, equal perplexities).
+    """
+    encoded = [x for x in em.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"] if len(x) >= 2]
+    kl = nll_pre = nll_post = 0.0
+    n_tokens = 0
+    for start in range(0, len(encoded), batch_size):
+        ids, mask = (t.to(em.device) for t in pad(encoded[start:start + batch_size], em.pad_id))
+        pre = _log_probs(em, ids, mask)                                       # (B, T-1, V)
+        if update is None:
+            post = pre
+        else:
+            with apply(em, update):
+                post = _log_probs(em, ids, mask)
+        valid = mask[:, 1:].bool()                                            # (B, T-1): next token is real
+        nexts = ids[:, 1:, None]                                              # (B, T-1, 1)
+        p = pre.exp()
+        kl += torch.where(p > 0, p * (pre - post), 0.0).sum(-1)[valid].double().sum().item()
+        nll_pre -= pre.gather(-1, nexts)[..., 0][valid].double().sum().item()
+        nll_post -= post.gather(-1, nexts)[..., 0][valid].double().sum().item()
+        n_tokens += int(valid.sum())
+    if not n_tokens:
+        return {"kl": math.nan, "ppl_pre": math.nan, "ppl_post": math.nan, "n_tokens": 0}
+    return {"kl": kl / n_tokens, "ppl_pre": math.exp(nll_pre / n_tokens), "ppl_post": math.exp(nll_post / n_tokens),
+            "n_tokens": n_tokens}

@@ -1,0 +1,133 @@
+"""The report's tables, assembled from the result files of labelled runs.
+
+A run is a dict: its labels (model, dataset, method, setting, sweep_param, sweep_value), `files`
+(summary, samples, locality: Parquet paths or None; shards: [{memories, trace, update}]) and
+`identities` ({stage: identity}). Every row of a table carries its run's labels and `run`, the name
+of the folder its file lies in. Nothing here knows how the files were made or scheduled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+LABELS = ["model", "dataset", "method", "setting", "sweep_param", "sweep_value"]
+EDIT_COLUMNS = ["kind", "family", "bleu", "rouge_l", "bertscore", "n", "n_samples", "edit_failed", "run"]
+LOCALITY_COLUMNS = ["model_state", "request_id", "task", "metric", "value", "stderr", "n", "run"]
+SAMPLE_COLUMNS = ["id", "kind", "index", "family", "bleu", "rouge_l", "bertscore", "target_tokens", "tokens",
+                  "edit_failed"]
+FAILURE_COLUMNS = ["id", "stage", "reason", *LABELS, "run", "record"]
+
+
+def _label(run: dict) -> dict:
+    return {k: run[k] for k in LABELS}
+
+
+def labelled(runs: list[dict], files) -> list[tuple[str, dict]]:
+    """(path, label) of each distinct file that `files(run)` names. A file that several runs share
+    (the δ shards of a sweep over an update setting) gets their differing label values joined by ' | '."""
+    found: dict[str, list[dict]] = {}
+    for run in runs:
+        for path in files(run):
+            found.setdefault(path, []).append(_label(run))
+    out = []
+    for path, labels in found.items():
+        label = {k: labels[0][k] if len({json.dumps(lab[k]) for lab in labels}) == 1
+                 else " | ".join(dict.fromkeys(str(lab[k]) for lab in labels)) for k in LABELS}
+        out.append((path, label))
+    return out
+
+
+def run_file(kind: str):
+    """`files` of `labelled`: a run's one file of `kind` (summary, samples, locality), if it has one."""
+    return lambda run: [run["files"][kind]] if run["files"][kind] else []
+
+
+def read_labelled(runs: list[dict], files, columns: list[str] | None = None):
+    """The files concatenated, each row labelled with its run and `run` = its folder; None without files."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    frames = []
+    for path, label in labelled(runs, files):
+        names = None if columns is None else [c for c in columns if c in pq.read_schema(path).names]
+        frames.append(pd.read_parquet(path, columns=names).assign(**label, run=Path(path).parent.name))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def edit_metrics(runs: list[dict]):
+    """One row per run × question kind × metric family (the score summaries)."""
+    import pandas as pd
+
+    edit = read_labelled(runs, run_file("summary"))
+    return pd.DataFrame(columns=LABELS + EDIT_COLUMNS) if edit is None else edit[LABELS + EDIT_COLUMNS]
+
+
+def locality(runs: list[dict]):
+    """One row per run's model state × task × metric: the pre-edit model and the mean over edited models."""
+    import pandas as pd
+
+    loc = read_labelled(runs, run_file("locality"))
+    loc = pd.DataFrame(columns=LABELS + LOCALITY_COLUMNS) if loc is None else loc
+    loc = loc[loc["request_id"].isna()]
+    return loc[LABELS + [c for c in LOCALITY_COLUMNS if c != "request_id"]].reset_index(drop=True)
+
+
+def categories(datasets: dict):
+    """(dataset, id, category) of the requests that have a category (EditEverything), else None.
+    `datasets`: {name: {"path", "format"}}."""
+    import pandas as pd
+
+    from muke.data import load_requests_checked
+
+    rows = [{"dataset": name, "id": r.id, "category": r.category} for name, d in datasets.items()
+            for r in load_requests_checked(d["path"], d["format"], on_bad_record="skip")[0] if r.category]
+    return pd.DataFrame(rows) if rows else None
+
+
+def per_sample(runs: list[dict], datasets: dict):
+    """Every scored answer of every run, with its request's category where the dataset has them."""
+    samples = read_labelled(runs, run_file("samples"), SAMPLE_COLUMNS)
+    found = categories(datasets)
+    if samples is not None and found is not None:
+        samples = samples.merge(found, on=["dataset", "id"], how="left")
+    return samples
+
+
+def traces(runs: list[dict]):
+    """The δ-loss traces (id, window, step, loss) of every shard."""
+    return read_labelled(runs, lambda r: [s["trace"] for s in r["files"]["shards"]])
+
+
+def _shard_failures(label: dict, shard: dict, memories_meta: dict, update_rows: list[dict]) -> list[dict]:
+    where = {"run": Path(shard["memories"]).parent.name, **label}
+    lost = [{"id": s["id"], "stage": "data" if s["check"] == "file" else "optimize_memories",
+             "reason": f"skipped: {s['message']}", "record": s["record"]} for s in memories_meta.get("skipped", [])]
+    lost += [{"id": r["id"], "stage": "optimize_memories", "reason": r["error"]}
+             for r in memories_meta["requests"] if r["failed"]]
+    known = {row["id"] for row in lost}
+    return [{**row, **where} for row in lost] + [
+        {"id": rid, "stage": "update_weights", "reason": row["reason"], **label, "run": Path(shard["update"]).parent.name}
+        for row in update_rows if row["failed"] for rid in row["request_ids"] if rid not in known]
+
+
+def failures(runs: list[dict], read_shard):
+    """Requests each run lost: records left out (memories shard `skipped`: unreadable, stage "data", or
+    unfit for the model), δ optimisation failures (shard records, with the error) and updates that
+    failed for another reason (update index rows, with theirs). `read_shard(shard)`: (the memories
+    file's metadata, the update index's rows with `request_ids` as lists) of one shard."""
+    import pandas as pd
+
+    rows = [row for run in runs for shard in run["files"]["shards"]
+            for row in _shard_failures(_label(run), shard, *read_shard(shard))]
+    table = pd.DataFrame(rows, columns=FAILURE_COLUMNS)
+    return table.dropna(axis=1, how="all") if len(table) else table
+
+
+def stage_identities(runs: list[dict], stages) -> object:
+    """One row per run: its labels and the identity of each of `stages` it ran (columns no run has dropped)."""
+    import pandas as pd
+
+    table = pd.DataFrame([{**{k: r[k] for k in ("model", "dataset", "method", "setting")},
+                           **{stage: r["identities"].get(stage) for stage in stages}} for r in runs])
+    return table.replace("", None).dropna(axis=1, how="all")

@@ -1,0 +1,93 @@
+"""The workflow config and model presets: YAML loading and JSON-schema checks with readable errors.
+
+Every error is a ConfigError with one line per problem, each naming the dotted config key at fault
+("unknown config key generation.max_new_toks (allowed: ...)", "config key hparams.v_lr: ...").
+The schema's defaults are filled in as it checks.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]   # the repository: config/, resources/, workflow/
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the config key (dotted path) at fault."""
+
+
+def load_yaml(path: str | Path) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    return data if data is not None else {}
+
+
+@lru_cache(maxsize=None)
+def schema(path: str | Path | None = None) -> dict:
+    """config/schema.yaml (or the schema at `path`), read once per process."""
+    return load_yaml(path or ROOT / "config" / "schema.yaml")
+
+
+def _where(path) -> str:
+    parts = [str(p) if isinstance(p, str) else f"[{p}]" for p in path]
+    return ".".join(parts).replace(".[", "[") or "(top level)"
+
+
+def _message(error) -> str:
+    """One readable line per schema error: the dotted key, then what is wrong."""
+    where = _where(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        keys = ", ".join(f"{where}.{k}" if where != "(top level)" else k for k in extra)
+        return f"unknown config key {keys}{hint}"
+    if error.validator == "propertyNames":
+        return f"config key {where}: name {error.instance!r} is not allowed: {error.message}"
+    if error.validator in ("anyOf", "oneOf") and error.context:
+        best = min(error.context, key=lambda e: len(e.absolute_path))
+        return f"config key {where}: {error.instance!r} is not valid ({best.message})"
+    return f"config key {where}: {error.message}"
+
+
+def check(data: dict, schema: dict, what: str = "config", fill_defaults: bool = True) -> dict:
+    """Validate against a JSON schema (raising ConfigError with one line per error, each naming the
+    dotted key) and fill in the schema's defaults. Returns `data` (changed in place)."""
+    from jsonschema import Draft202012Validator, validators
+
+    base = Draft202012Validator
+
+    def set_defaults(validator, properties, instance, schema):
+        if fill_defaults and isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(key, copy.deepcopy(sub["default"]))
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    Validator = validators.extend(base, {"properties": set_defaults})
+    errors = sorted(Validator(schema).iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = list(dict.fromkeys(_message(e) for e in errors))
+        raise ConfigError(f"invalid {what}:\n  " + "\n  ".join(lines))
+    return data
+
+
+def subschema(name: str, schema_path: str | Path | None = None) -> dict:
+    """A part of the schema that can check a value on its own: "$defs/preset", "properties/generation"."""
+    full = schema(schema_path)
+    section, key = name.split("/")
+    return {**full[section][key], "$defs": full["$defs"]}
+
+
+def check_config(config: dict, schema_path: str | Path | None = None) -> dict:
+    """Validate the workflow config against config/schema.yaml and fill in defaults."""
+    return check(config, schema(schema_path), "config")
+
+
+def check_preset(preset: dict, path, schema_path: str | Path | None = None) -> dict:
+    """Validate a model preset (config/models/*.yaml) and fill in defaults."""
+    return check(preset, subschema("$defs/preset", schema_path), f"model preset {path}")

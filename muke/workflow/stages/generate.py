@@ -1,0 +1,110 @@
+"""generate: greedy answers to each request's questions, by the model edited with that request's ΔW
+(or by the unedited model). Each generate batch's rows are kept in a part file tagged with the job's
+identity, so a killed job resumes after the batches it finished."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from muke.io import write_json, write_parquet
+from muke.workflow.stages.command import command
+from muke.workflow.stages.common import load_model, log, read_update_index, shard_requests, write_manifest
+
+COLUMNS = ["id", "kind", "index", "prompt", "output", "target", "n_tokens", "seconds", "edit_failed"]
+
+
+def generation_groups(sizes: list[int], batch_size: int) -> list[tuple[int, int]]:
+    """Greedy [start, end) ranges of consecutive edits whose answers (sizes[i] each) fit one generate
+    batch of `batch_size` rows; a larger edit forms a group of its own. A function of the edits alone,
+    so a resumed job forms the same batches (hence the same outputs) as an uninterrupted one."""
+    out, start, rows = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and rows + n > batch_size:
+            out.append((start, i))
+            start, rows = i, 0
+        rows += n
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
+
+
+def _read_generation_part(path: Path, identity: str, ids: list[str]) -> list[dict] | None:
+    """Rows of a finished group of this job (same identity, same requests), else None."""
+    if not path.is_file():
+        return None
+    part = json.loads(path.read_text())
+    return part["rows"] if part.get("identity") == identity and part.get("ids") == ids else None
+
+
+def _edits(chosen: dict, update: str | Path | None) -> list[tuple[list[str], Path | None]]:
+    """(request ids, ΔW file or None) of each edit of the shard, in the shard's order (failed rows first)."""
+    if update is None:
+        return [([rid], None) for rid in chosen]
+    order = {rid: i for i, rid in enumerate(chosen)}
+    edits = [(entry["request_ids"], entry["path"]) for entry in read_update_index(update)]
+    return sorted(edits, key=lambda edit: order[edit[0][0]])
+
+
+def _answer(em, group: list, chosen: dict, edited: bool, g: dict) -> list[dict]:
+    """Rows of one generate batch: each edit's answers by the model with its ΔW (or unedited)."""
+    from muke.eval.generate import edited_generation_rows
+    from muke.update.weights import WeightUpdate
+
+    failed = [edited and path is None for _, path in group]
+    for (request_ids, _), bad in zip(group, failed):
+        if bad:
+            log(f"{request_ids}: edit failed, answering with the unedited model")
+    answers = edited_generation_rows(
+        em, [(None if path is None else WeightUpdate.load(path), [chosen[rid] for rid in request_ids])
+             for request_ids, path in group],
+        kinds=g["kinds"], max_new_tokens=g["max_new_tokens"], system_prompt=g["system_prompt"],
+        chat_template=g["chat_template"], batch_size=g["batch_size"])
+    return [{**row, "edit_failed": bad} for edit_rows, bad in zip(answers, failed) for row in edit_rows]
+
+
+@command("greedy answers of one shard, edited or not", update="update_weights index (omit: the unedited model)")
+def generate(spec: dict, model: str | Path, requests: str | Path, shard: int, out: str | Path,
+             update: str | Path | None = None, device: str = "auto") -> Path:
+    """Greedy answers to each request's questions (question, paraphrase, sub-questions).
+
+    With `update` (an update_weights index) each request is answered by the model edited with its own
+    batch's ΔW alone; without it by the unedited model (method "pre-edit"). A request whose edit
+    failed is answered by the unedited model and flagged `edit_failed`. Low-rank ΔW of several edits
+    share generate batches of `generation.batch_size` rows (muke.eval.generate.edited_generation_rows).
+    Parquet rows: id, kind, index, prompt, output, target, tokens, seconds, edit_failed, shard.
+    """
+    import pandas as pd
+
+    from muke.eval.generate import n_questions
+
+    p, out = spec["params"], Path(out)
+    g = p["generation"]
+    chosen = {r.id: r for r in shard_requests(requests, p["selection"], shard)}
+    edits = _edits(chosen, update)
+    sizes = [sum(n_questions(chosen[rid], g["kinds"]) for rid in ids) for ids, _ in edits]
+    parts = out.with_name(out.stem + ".parts")
+    em, rows = None, []
+    groups = generation_groups(sizes, g["batch_size"])
+    for k, (a, b) in enumerate(groups):
+        ids = [rid for request_ids, _ in edits[a:b] for rid in request_ids]
+        part = parts / f"{k:05d}.json"
+        done = _read_generation_part(part, spec["identity"], ids)
+        if done is None:
+            if em is None:
+                em = load_model(model, p["dtype"], device)
+            log(f"batch {k + 1}/{len(groups)}: generating for {ids}")
+            done = _answer(em, edits[a:b], chosen, update is not None, g)
+            write_json(part, {"identity": spec["identity"], "ids": ids, "rows": done})
+        else:
+            log(f"batch {k + 1}/{len(groups)} {ids}: finished earlier (part file)")
+        rows += done
+    order = {rid: i for i, rid in enumerate(chosen)}
+    df = pd.DataFrame(rows, columns=COLUMNS).rename(columns={"n_tokens": "tokens"})
+    df = df.sort_values(["id", "kind", "index"], key=lambda c: c.map(order) if c.name == "id" else c,
+                        kind="stable").assign(shard=shard)
+    write_parquet(df.reset_index(drop=True), out)
+    write_manifest(out.parent / "manifest.json", spec)
+    shutil.rmtree(parts, ignore_errors=True)
+    return out

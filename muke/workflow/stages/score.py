@@ -1,0 +1,52 @@
+"""score: per-answer metrics of both families (muke.eval.metrics) and their summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from muke.io import write_parquet
+from muke.workflow.stages.command import command
+from muke.workflow.stages.common import log, model_path, write_manifest
+
+METRICS = ["bleu", "rouge_l", "bertscore"]
+
+
+def _summary(scored):
+    """Per question kind × metric family: the mean over requests of each request's mean (the
+    paper's averaging of sub-questions); n = requests, n_samples = answers."""
+    import pandas as pd
+
+    per_request = scored.groupby(["kind", "family", "id"], sort=False)[METRICS].mean()
+    summary = per_request.groupby(level=["kind", "family"], sort=False).mean()
+    summary["n"] = per_request.groupby(level=["kind", "family"], sort=False).size()
+    summary["n_samples"] = scored.groupby(["kind", "family"], sort=False).size()
+    summary["edit_failed"] = scored.groupby(["kind", "family"], sort=False)["edit_failed"].sum()
+    return pd.DataFrame(summary).reset_index()
+
+
+@command("metrics of both families and their summary", model="prepared model folder (its tokenizer)")
+def score(spec: dict, generations: list[str | Path], samples: str | Path, summary: str | Path,
+          model: str | Path, *, device: str = "auto") -> Path:
+    """Per-answer metrics of both families (muke.eval.metrics.score_frame) and their summary. Each sample
+    also gets `target_tokens`, the target's length in the model's tokens (the x axis of the paper's
+    BLEU vs length figure)."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from muke.eval.metrics import score_frame
+
+    p = spec["params"]
+    df = pd.concat([pd.read_parquet(g) for g in generations], ignore_index=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_path(model))
+    targets = df["target"].unique().tolist()
+    lengths = dict(zip(targets, map(len, tokenizer(targets, add_special_tokens=False)["input_ids"])))
+    df["target_tokens"] = df["target"].map(lengths)
+    frame = df.rename(columns={"output": "generated"}).drop(columns=["prompt"])
+    log(f"scoring {len(frame)} answers ({', '.join(p['families'])})")
+    scored = score_frame(frame, p["families"], batch_size=p["batch_size"], num_layers=p["num_layers"],
+                         device=None if device == "auto" else device)
+    scored = scored.merge(df[["id", "kind", "index", "output", "target"]], on=["id", "kind", "index"], how="left")
+    write_parquet(scored, samples)
+    write_parquet(_summary(scored), summary)
+    write_manifest(Path(summary).parent / "manifest.json", spec)
+    return Path(summary)

@@ -1,0 +1,106 @@
+"""update_weights: weight updates ΔW of a shard, one file per edit batch (muke.update.edit)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from muke.io import write_parquet
+from muke.workflow.stages.command import command
+from muke.workflow.stages.common import check_layers, load_model, log, read_memories, write_manifest
+
+INDEX_COLUMNS = ["batch", "file", "request_ids", "failed", "seconds", "reason"]
+
+
+def targets(path: str | Path) -> tuple[list, list[tuple[str, str]]]:
+    """(update.Target of each optimised request, (id, reason) of each failed or skipped request) of a
+    memories shard."""
+    from muke.engine.windows import EditSequence
+    from muke.update.keys import Target
+
+    meta, t = read_memories(path)
+    found = []
+    failed = [(s["id"], f"skipped: {s['message']}") for s in meta.get("skipped", []) if s["check"] == "model"]
+    for rec in meta["requests"]:
+        if rec["failed"]:
+            failed.append((rec["id"], rec.get("error") or "optimize_memories failed"))
+            continue
+        i = rec["index"]
+        seq = EditSequence(rec["prompt"], tuple(t[f"{i}.prompt_ids"].tolist()), tuple(t[f"{i}.target_ids"].tolist()),
+                           tuple(map(tuple, t[f"{i}.windows"].tolist())))
+        found.append(Target(rec["id"], seq, t[f"{i}.z"]))
+    return found, failed
+
+
+def _statistics(spec: dict, stats: str | Path | None, em, layers: list[int]):
+    """The second moments a MEMIT-family update needs, refused when another statistics job wrote them."""
+    from muke.update.stats import StatsError, load_stats
+
+    if spec["params"]["backend"] == "unke":
+        return None
+    loaded = load_stats(stats, em, layers)
+    expected = spec.get("inputs", {}).get("stats")
+    if expected and loaded.meta.get("identity", expected) != expected:
+        m = loaded.meta
+        raise StatsError(f"{stats}: statistics were collected by another statistics job ({m.get('identity')}: corpus "
+                         f"{m.get('corpus')!r} sha256 {str(m.get('corpus_sha256'))[:12]}, {m.get('n_documents')} "
+                         f"documents, max_length {m.get('max_length')}); this update needs job {expected}")
+    return loaded
+
+
+def _row(batch: int, request_ids: list[str], file: str | None = None, seconds: float = 0.0,
+         reason: str | None = None) -> dict:
+    return {"batch": batch, "file": file, "request_ids": json.dumps(request_ids), "failed": file is None,
+            "seconds": seconds, "reason": reason}
+
+
+@command("weight updates ΔW of one shard", cache_dir="AlphaEdit null-space projectors")
+def update_weights(spec: dict, model: str | Path, memories: str | Path, out: str | Path, *,
+                   stats: str | Path | None = None, preservation: str | Path | None = None,
+                   device: str = "auto", cache_dir: str | Path | None = None) -> Path:
+    """Weight updates ΔW of a shard, one file per edit batch (one request per batch by default).
+
+    `out` (Parquet, one row per batch): batch, file, request_ids (JSON list), failed, seconds, reason;
+    the muke.update.weights.WeightUpdate files lie in the folder named like `out` without its suffix. A request
+    whose δ optimisation failed or that was skipped gets a row of its own (batch -1, no file); a batch
+    whose update is not finite (NumericalError) gets a failed row and the other batches go on.
+    """
+    import pandas as pd
+
+    from muke.numerics import NumericalError
+    from muke.update.edit import compute_update
+    from muke.update.weights import WeightUpdate
+
+    p, out = spec["params"], Path(out)
+    options = dict(p["options"])
+    layers, keys, backend = options.pop("layers"), options.pop("keys"), p["backend"]
+    if backend == "unke":
+        options["preservation"] = str(preservation)
+    if backend == "alphaedit" and cache_dir:
+        options["cache_dir"] = str(cache_dir)
+    em = load_model(model, p["dtype"], device)
+    check_layers(em, layers, "hparams.unke_layers" if backend == "unke" else "hparams.layers")
+    found, failed = targets(memories)
+    loaded = _statistics(spec, stats, em, layers)
+    rows = [_row(-1, [rid], reason=reason) for rid, reason in failed]
+    size = p["edit_batch_size"]
+    for b, start in enumerate(range(0, len(found), size)):
+        batch, path = found[start:start + size], out.with_suffix("") / f"{b:04d}.safetensors"
+        update = WeightUpdate.load(path) if path.is_file() else None
+        if update is None or update.info.get("identity") != spec["identity"]:
+            log(f"batch {b}: {backend} update of {[t.id for t in batch]} on layers {layers}")
+            try:
+                update = compute_update(em, batch, backend, layers, keys, stats=loaded, method=p["method"], **options)
+            except NumericalError as e:
+                log(f"batch {b}: failed ({e})")
+                rows.append(_row(b, [t.id for t in batch], reason=str(e)))
+                continue
+            update.info["identity"] = spec["identity"]
+            update.save(path)
+        else:
+            log(f"batch {b}: finished earlier ({path.name})")
+        rows.append(_row(b, update.request_ids, path.name, float(update.info.get("seconds", 0.0))))
+    frame = pd.DataFrame(rows, columns=INDEX_COLUMNS).astype({"file": "string", "reason": "string"})
+    write_parquet(frame, out)
+    write_manifest(out.parent / "manifest.json", spec)
+    return out

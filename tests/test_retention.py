@@ -1,0 +1,107 @@
+"""Retention: answers against the model's own pre-edit answers; KL and perplexity shift on held-out texts."""
+
+import math
+
+import pytest
+import torch
+
+from muke.eval.retention import answer_retention, edit_retention, held_out_texts, text_shift, unrelated_questions
+from muke.model import load
+from muke.update.weights import WeightUpdate
+
+ANSWERS = ["Paris is the capital of France and its largest city.",
+           "Water boils at one hundred degrees Celsius at sea level.",
+           "Seven pencils at three coins each cost twenty-one coins."]
+
+
+@pytest.fixture(scope="module")
+def em(tiny_qwen2_path):
+    return load(tiny_qwen2_path)
+
+
+def low_rank_update(em, layer=1, rank=2, scale=1.0, seed=0):
+    """A hand-made ΔW = U Vᵀ on one down-projection; scale 0 gives a zero update."""
+    d_model, d_ff = em.down_proj_weight(layer).shape
+    g = torch.Generator().manual_seed(seed)
+    U = scale * torch.randn(d_model, rank, generator=g)
+    V = torch.randn(d_ff, rank, generator=g) / math.sqrt(d_ff)
+    return WeightUpdate("test", "memit", [layer], ["r0"], factors={layer: (U, V)})
+
+
+def test_unrelated_questions_file():
+    records = unrelated_questions()
+    assert len(records) >= 24
+    assert len({r["id"] for r in records}) == len(records)
+    assert all(r["question"].strip().endswith("?") for r in records)
+
+
+def test_held_out_texts_are_the_first_documents():
+    texts = held_out_texts(3)
+    assert len(texts) == 3 and all(texts) and texts == held_out_texts(5)[:3]
+
+
+def test_answer_retention():
+    same = answer_retention(ANSWERS, ANSWERS)
+    assert same["char_bleu"] == pytest.approx(100) and same["word_bleu"] == pytest.approx(100)
+    assert same["exact_match"] == 100 and same["n"] == 3
+    other = answer_retention(ANSWERS, ["I like green tea.", "No.", "The river is wide and slow."])
+    assert other["char_bleu"] < 20 and other["word_bleu"] < 20 and other["exact_match"] == 0
+    half = answer_retention(ANSWERS[:2], [ANSWERS[0], "No."])
+    assert half["exact_match"] == 50 and [r["exact"] for r in half["rows"]] == [True, False]
+    assert set(half["rows"][0]) == {"index", "pre", "post", "char_bleu", "word_bleu", "exact"}
+    assert math.isnan(answer_retention([], [])["char_bleu"])
+    with pytest.raises(ValueError):
+        answer_retention(ANSWERS, ANSWERS[:1])
+
+
+def test_no_update_and_zero_update_shift_nothing(em):
+    texts = held_out_texts(3)
+    none = text_shift(em, texts)
+    zero = text_shift(em, texts, low_rank_update(em, scale=0.0))
+    for shift in (none, zero):
+        assert shift["kl"] == 0 and shift["ppl_pre"] == shift["ppl_post"] == none["ppl_pre"]
+    lengths = [len(x) for x in em.tokenizer(texts, truncation=True, max_length=256)["input_ids"]]
+    assert none["n_tokens"] == sum(n - 1 for n in lengths)
+    assert 1 < none["ppl_pre"] < 2 * em.model.config.vocab_size
+
+
+def test_a_real_update_shifts_predictions_and_is_reverted(em):
+    before = {n: p.clone() for n, p in em.model.named_parameters()}
+    shift = text_shift(em, held_out_texts(3), low_rank_update(em, scale=2.0))
+    assert shift["kl"] > 1e-3 and shift["ppl_post"] != shift["ppl_pre"]
+    assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())
+
+
+def test_padding_changes_nothing(em):
+    texts = held_out_texts(5)
+    update = low_rank_update(em, scale=2.0)
+    one = text_shift(em, texts, update, batch_size=1)
+    batched = text_shift(em, texts, update, batch_size=5)
+    assert one["n_tokens"] == batched["n_tokens"]
+    for key in ("kl", "ppl_pre", "ppl_post"):
+        assert batched[key] == pytest.approx(one[key], rel=1e-5, abs=1e-5)
+
+
+def test_edit_retention(em):
+    questions = [r["question"] for r in unrelated_questions()[:3]]
+    kept = edit_retention(em, low_rank_update(em, scale=0.0), questions, max_new_tokens=6)
+    assert kept["exact_match"] == 100 and [r["question"] for r in kept["rows"]] == questions
+    moved = edit_retention(em, low_rank_update(em, scale=20.0), questions, max_new_tokens=6)
+    assert moved["exact_match"] < 100
+
+
+def test_kl_and_perplexity_equal_a_direct_computation(em):
+    """Oracle for one text: torch's kl_div and cross_entropy on an unpadded forward pass."""
+    from muke.update.weights import apply
+
+    text, update = held_out_texts(1)[0], low_rank_update(em, scale=2.0)
+    ids = em.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        pre = torch.log_softmax(em.model(input_ids=ids).logits[0, :-1].float(), -1)
+        with apply(em, update):
+            post = torch.log_softmax(em.model(input_ids=ids).logits[0, :-1].float(), -1)
+    kl = torch.nn.functional.kl_div(post, pre, log_target=True, reduction="batchmean").item()
+    ppl = [math.exp(torch.nn.functional.nll_loss(lp, ids[0, 1:]).item()) for lp in (pre, post)]
+    shift = text_shift(em, [text], update)
+    assert shift["kl"] == pytest.approx(kl, rel=1e-5)
+    assert [shift["ppl_pre"], shift["ppl_post"]] == pytest.approx(ppl, rel=1e-5)
