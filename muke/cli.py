@@ -95,21 +95,30 @@ def _requests(args):
     return [EditRequest("cli-0", args.question, args.answer, para_question=args.para_question)]
 
 
-def _preset(args) -> dict:
-    """The per-model preset: --preset YAML, then the explicit command-line values on top."""
-    preset = {}
-    if args.preset:
-        import yaml
+def _preset(args) -> tuple[str | None, dict]:
+    """(preset path, hyperparameters) of an edit: the preset's `hparams` (--preset NAME or FILE, else the
+    shipped preset of --model, if any), then the explicit command-line values on top.
 
-        preset = yaml.safe_load(Path(args.preset).read_text()) or {}
-        if not isinstance(preset, dict):
-            raise ValueError(f"{args.preset}: a preset must be a YAML mapping")
+    --preset may also name a YAML file holding just a hyperparameter mapping; either kind is checked
+    against config/schema.yaml, so a misspelt key is an error, not a silently ignored setting."""
+    from muke.workflow.config import check, load_preset, load_yaml, preset_for_model, subschema
+
+    name = args.preset or preset_for_model(args.model)
+    hparams = {}
+    plain = name and Path(name).is_file() and not {"source", "hparams"} & set(load_yaml(name))
+    if plain:
+        hparams = check(load_yaml(name), subschema("$defs/hparams"), f"hyperparameters {name}", fill_defaults=False)
+    elif name:
+        name, preset = load_preset(name)
+        hparams = dict(preset.get("hparams", {}))
+    if name:
+        print(f"muke: hyperparameters of {name}", file=sys.stderr)
     flags = {"layers": args.layers, "unke_layers": args.unke_layers, "window": args.window,
-             "anyedit_window": args.anyedit_window, "v_num_grad_steps": args.v_steps,
-             "mom2_update_weight": args.mom2_update_weight, "unke_steps": args.unke_steps,
-             "n_preserve": args.n_preserve}
-    preset.update({k: v for k, v in flags.items() if v is not None})
-    return preset
+             "anyedit_window": args.anyedit_window, "v_lr": args.v_lr, "v_num_grad_steps": args.v_steps,
+             "clamp_norm_factor": args.clamp, "mom2_update_weight": args.mom2_update_weight,
+             "unke_steps": args.unke_steps, "n_preserve": args.n_preserve}
+    hparams.update({k: v for k, v in flags.items() if v is not None})
+    return name, hparams
 
 
 def _stats_for(em, backend: str, options: dict, args):
@@ -149,7 +158,7 @@ def cmd_edit(args) -> None:
 
     em = _load_model(args)
     requests = _requests(args)
-    preset = _preset(args)
+    preset_path, preset = _preset(args)
     memory, backend, options = resolve_method(args.method, preset)
     for layer in [memory["layer"], *options["layers"]]:
         em.check_layer(layer)
@@ -178,7 +187,8 @@ def cmd_edit(args) -> None:
             post = iter(generate(batch))
             nll_post = [target_nll(em, s) for s in seqs]
         for r, before, after in zip(batch, nll_pre, nll_post):
-            row = {"id": r.id, "method": args.method, "question": r.question, "target": r.answer}
+            row = {"id": r.id, "method": args.method, "preset": preset_path, "question": r.question,
+                   "target": r.answer}
             g_pre, g_post = next(pre), next(post)
             row.update(generated=g_post.text, **_score(g_post.text, r.answer), generated_pre=g_pre.text,
                        **{f"{k}_pre": v for k, v in _score(g_pre.text, r.answer).items()},
@@ -293,12 +303,15 @@ def _edit_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="edit only the first N requests")
     p.add_argument("--batch-size", type=int, default=1, help="requests per weight update")
     p.add_argument("--stats", help="statistics file (default: computed on the demo corpus and cached)")
-    p.add_argument("--preset", help="YAML mapping of per-model settings (layers, unke_layers, window, ...)")
+    p.add_argument("--preset", help="a model preset (name in config/models/ or .yaml path; default: the shipped "
+                                    "preset of --model, if any) or a YAML mapping of hyperparameters")
     p.add_argument("--layers", type=int, nargs="+")
     p.add_argument("--unke-layers", type=int, nargs="+")
     p.add_argument("--window", type=int)
     p.add_argument("--anyedit-window", type=int)
+    p.add_argument("--v-lr", type=float, help="δ learning rate (v_lr)")
     p.add_argument("--v-steps", type=int, help="δ optimisation steps (v_num_grad_steps)")
+    p.add_argument("--clamp", type=float, help="‖δ‖ ≤ clamp · ‖h‖ (clamp_norm_factor)")
     p.add_argument("--mom2-update-weight", type=float)
     p.add_argument("--unke-steps", type=int)
     p.add_argument("--n-preserve", type=int)
@@ -322,9 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_model_builder_parsers, _validate_data_parser, _stats_parser, _edit_parser, _export_parser):
         add(sub)
-    from muke.workflow.stages import add_stage_commands
+    import importlib
 
-    add_stage_commands(sub)
+    from muke.workflow.identity import STAGES
+    from muke.workflow.stages.command import add_commands
+
+    for stage in (*STAGES, "report"):      # importing a stage's module registers its subcommand
+        importlib.import_module(f"muke.workflow.stages.{stage}")
+    add_commands(sub)
     return parser
 
 

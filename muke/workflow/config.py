@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]   # the repository: config/, resources/, workflow/
+PRESETS = ROOT / "config" / "models"         # the shipped model presets
 
 
 class ConfigError(ValueError):
@@ -91,3 +92,30 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> dict:
 def check_preset(preset: dict, path, schema_path: str | Path | None = None) -> dict:
     """Validate a model preset (config/models/*.yaml) and fill in defaults."""
     return check(preset, subschema("$defs/preset", schema_path), f"model preset {path}")
+
+
+def load_preset(name: str, folder: str | Path = PRESETS, schema_path: str | Path | None = None) -> tuple[str, dict]:
+    """(path, checked preset) of a preset named by file stem (`folder`/NAME.yaml) or by a .yaml path."""
+    folder = Path(folder)
+    path = Path(name) if name.endswith((".yaml", ".yml")) else folder / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise ConfigError(f"no preset {name!r} ({path} not found; known: {known})")
+    return str(path), check_preset(load_yaml(path), path, schema_path)
+
+
+def preset_for_model(model: str | Path, folder: str | Path = PRESETS) -> str | None:
+    """The shipped preset of a model given as a hub id or a local folder, else None: the preset whose
+    `source` is that hub id, the SmolLM2 preset for the folder muke converts SmolLM2 into, or the preset
+    named like the folder (case-insensitive). Presets of tiny test models are never chosen this way."""
+    from muke.smollm import smollm2_dir
+
+    local = Path(model).expanduser()
+    for path in sorted(Path(folder).glob("*.yaml")):
+        source = load_yaml(path).get("source")
+        if source == str(model) or (source == "smollm2" and local.is_dir()
+                                    and local.resolve() == smollm2_dir().resolve()):
+            return str(path)
+        if source != "tiny" and local.is_dir() and local.name.lower() == path.stem:
+            return str(path)
+    return None

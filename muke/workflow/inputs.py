@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from muke.data import DEMO_CORPUS
-from muke.workflow.config import ConfigError, check_preset, load_yaml
+from muke.workflow.config import ConfigError, load_preset
 from muke.workflow.identity import Spec, digest, file_identity
 
 TINY_DEFAULTS = {"arch": "qwen2", "seed": 0, "corpus": None}
@@ -76,13 +76,12 @@ def preset_file(basedir: Path, path: str) -> str:
 
 
 def _preset(basedir: Path, name: str, schema_path) -> tuple[str, dict]:
-    folder = basedir / "config" / "models"
-    path = Path(name) if name.endswith((".yaml", ".yml")) else folder / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise ConfigError(f"config key models.*.preset: no preset {name!r} ({path} not found; known: "
-                          f"{', '.join(known)})")
-    return str(path), check_preset(load_yaml(path), path, schema_path)
+    try:
+        return load_preset(name, basedir / "config" / "models", schema_path)
+    except ConfigError as e:
+        if str(e).startswith("no preset"):
+            raise ConfigError(f"config key models.*.preset: {e}") from None
+        raise
 
 
 def _local_model_layers(name: str, config_json: Path) -> int | None:

@@ -1,0 +1,57 @@
+"""`muke edit` takes its hyperparameters from the shipped presets (issue 14 item 6)."""
+
+from pathlib import Path
+
+import pytest
+
+import muke.cli as cli
+from muke.update.methods import resolve_method
+from muke.workflow.config import ConfigError, load_yaml, preset_for_model
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "config" / "models"
+
+
+def edit_args(*extra: str, model: str = "some/model"):
+    return cli.build_parser().parse_args(["edit", "--model", model, "--method", "muke-memit", *extra])
+
+
+@pytest.mark.parametrize("preset", ["llama-3-8b-instruct", str(MODELS / "llama-3-8b-instruct.yaml")])
+def test_a_shipped_preset_by_name_or_path_sets_the_resolved_values(preset):
+    hparams = load_yaml(MODELS / "llama-3-8b-instruct.yaml")["hparams"]
+    path, resolved = cli._preset(edit_args("--preset", preset))
+    assert Path(path).resolve() == (MODELS / "llama-3-8b-instruct.yaml").resolve()
+    memory, backend, options = resolve_method("muke-memit", resolved)
+    assert options["layers"] == hparams["layers"] and memory["layer"] == hparams["layers"][-1]
+    assert memory["window"] == hparams["window"] and memory["v_num_grad_steps"] == hparams["v_num_grad_steps"]
+    assert memory["window"] != 20 and options["mom2_update_weight"] == hparams["mom2_update_weight"]
+
+
+def test_flags_override_the_preset():
+    _, resolved = cli._preset(edit_args("--preset", "llama-3-8b-instruct", "--v-lr", "2", "--clamp", "8",
+                                        "--v-steps", "7", "--layers", "3", "4"))
+    memory, _, options = resolve_method("muke-memit", resolved)
+    assert (memory["v_lr"], memory["clamp_norm_factor"], memory["v_num_grad_steps"]) == (2.0, 8.0, 7)
+    assert options["layers"] == [3, 4] and memory["layer"] == 4
+
+
+def test_the_model_finds_its_shipped_preset(tmp_path):
+    assert preset_for_model("Qwen/Qwen2.5-7B-Instruct") == str(MODELS / "qwen2.5-7b-instruct.yaml")
+    folder = tmp_path / "SmolLM2-135M-Instruct"
+    folder.mkdir()
+    assert preset_for_model(folder) == str(MODELS / "smollm2-135m-instruct.yaml")
+    (tmp_path / "tiny").mkdir()
+    assert preset_for_model(tmp_path / "tiny") is None and preset_for_model("unknown/model") is None
+    path, resolved = cli._preset(edit_args(model="meta-llama/Meta-Llama-3-8B-Instruct"))
+    assert path.endswith("llama-3-8b-instruct.yaml") and resolved["layers"] == load_yaml(path)["hparams"]["layers"]
+
+
+def test_a_hyperparameter_file_is_checked(tmp_path):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("window: 12\nv_lr: 1.5\n")
+    bad.write_text("windw: 12\n")
+    assert cli._preset(edit_args("--preset", str(good)))[1] == {"window": 12, "v_lr": 1.5}
+    with pytest.raises(ConfigError, match="windw"):
+        cli._preset(edit_args("--preset", str(bad)))
+    with pytest.raises(ConfigError, match="no preset 'nonesuch'"):
+        cli._preset(edit_args("--preset", "nonesuch"))
