@@ -230,10 +230,10 @@ def shard(em, stats, tmp_path, monkeypatch):
     import pandas as pd
     import yaml
 
-    import muke.workflow.stages as stages
     from muke.data import load_requests
-    from muke.io import write_parquet
+    from muke.io import write_json, write_parquet
     from muke.workflow.plan import Plan
+    from muke.workflow.stages.common import MODEL_REF
     from muke.update.edit import edit
 
     repo = Path(__file__).resolve().parent.parent
@@ -244,7 +244,7 @@ def shard(em, stats, tmp_path, monkeypatch):
     config["datasets"]["demo"].update(limit=3, shard_size=3)
     spec = json.loads(Plan(config).runs[0].generate.to_json())
     model_dir = tmp_path / "model"
-    stages.write_json(model_dir / stages.MODEL_REF, {"path": str(em.model.config._name_or_path)})
+    write_json(model_dir / MODEL_REF, {"path": str(em.model.config._name_or_path)})
     requests = load_requests("resources/demo_edits.jsonl", "jsonl")[:3]
 
     def index(edited: set[str]) -> Path:
@@ -265,11 +265,11 @@ def test_generate_stage_resumes_a_killed_shard(shard, tmp_path, monkeypatch, cap
     import pandas as pd
 
     import muke.eval.generate
-    import muke.workflow.stages as stages
+    from muke.workflow.stages.generate import generate
 
     spec, model_dir, make_index = shard
     index = make_index({"demo-00", "demo-01", "demo-02"})
-    run = lambda out: stages.generate(spec, model_dir, "resources/demo_edits.jsonl", 0, out, index, "cpu")  # noqa: E731
+    run = lambda out: generate(spec, model_dir, "resources/demo_edits.jsonl", 0, out, index, "cpu")  # noqa: E731
     expected = pd.read_parquet(run(tmp_path / "whole.parquet"))
     assert list(expected["id"].unique()) == ["demo-00", "demo-01", "demo-02"] and not expected["edit_failed"].any()
 
@@ -300,13 +300,13 @@ def test_generate_stage_resumes_a_killed_shard(shard, tmp_path, monkeypatch, cap
 def test_generate_stage_answers_failed_edits_with_the_unedited_model(shard, tmp_path):
     import pandas as pd
 
-    import muke.workflow.stages as stages
+    from muke.workflow.stages.generate import generate
 
     spec, model_dir, make_index = shard
-    edited = pd.read_parquet(stages.generate(spec, model_dir, "resources/demo_edits.jsonl", 0, tmp_path / "e.parquet",
-                                             make_index({"demo-00", "demo-02"}), "cpu"))
-    unedited = pd.read_parquet(stages.generate(spec, model_dir, "resources/demo_edits.jsonl", 0,
-                                               tmp_path / "pre.parquet", None, "cpu"))
+    edited = pd.read_parquet(generate(spec, model_dir, "resources/demo_edits.jsonl", 0, tmp_path / "e.parquet",
+                                      make_index({"demo-00", "demo-02"}), "cpu"))
+    unedited = pd.read_parquet(generate(spec, model_dir, "resources/demo_edits.jsonl", 0,
+                                        tmp_path / "pre.parquet", None, "cpu"))
     assert edited.groupby("id")["edit_failed"].all().to_dict() == {"demo-00": False, "demo-01": True, "demo-02": False}
     failed = edited["id"] == "demo-01"
     assert edited[failed]["output"].tolist() == unedited[failed]["output"].tolist()

@@ -27,9 +27,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import muke.cli as cli
-import muke.workflow.stages as stages
-from muke.workflow.stages.common import shard_requests
-from muke.workflow.stages.update_weights import targets as shard_targets
+from muke.io import write_json
+from muke.workflow.stages.collect_stats import collect_stats
+from muke.workflow.stages.common import (MODEL_REF, load_model, model_path, read_memories, read_update_index,
+                                        shard_requests)
+from muke.workflow.stages.generate import generate
+from muke.workflow.stages.optimize_memories import optimize_memories
+from muke.workflow.stages.prepare_model import prepare_model
+from muke.workflow.stages.score import score
+from muke.workflow.stages.update_weights import targets as shard_targets, update_weights
 from muke.data import DataError, load_requests_checked, model_problems
 from muke.numerics import NumericalError
 from muke.model import load
@@ -52,7 +58,7 @@ def work(tmp_path_factory, tiny_qwen2_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         model = root / "model"
-        stages.write_json(model / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
+        write_json(model / MODEL_REF, {"path": str(tiny_qwen2_path)})
         yield root, model
 
 
@@ -87,11 +93,11 @@ def run_chain(plan, model) -> dict:
            "update": Path(plan.update_path(run, 0)), "generate": Path(plan.generate_path(run, 0)),
            **plan.score_paths(run)}
     out["trace"] = out["memories"].with_suffix(".trace.parquet")
-    stages.optimize_memories(spec(run.memories), model, DEMO, 0, out["memories"], out["trace"], "cpu")
-    stages.collect_stats(spec(run.stats), model, plan.stats_corpus(run.stats), out["stats"], device="cpu")
-    stages.update_weights(spec(run.update), model, out["memories"], out["update"], stats=out["stats"], device="cpu")
-    stages.generate(spec(run.generate), model, DEMO, 0, out["generate"], out["update"], "cpu")
-    stages.score(spec(run.score), [out["generate"]], out["samples"], out["summary"], model, device="cpu")
+    optimize_memories(spec(run.memories), model, DEMO, 0, out["memories"], out["trace"], "cpu")
+    collect_stats(spec(run.stats), model, plan.stats_corpus(run.stats), out["stats"], device="cpu")
+    update_weights(spec(run.update), model, out["memories"], out["update"], stats=out["stats"], device="cpu")
+    generate(spec(run.generate), model, DEMO, 0, out["generate"], out["update"], "cpu")
+    score(spec(run.score), [out["generate"]], out["samples"], out["summary"], model, device="cpu")
     return out
 
 
@@ -104,7 +110,7 @@ def clean(work):
 
 
 def same_memories(a: Path, b: Path) -> None:
-    (meta_a, ta), (meta_b, tb) = stages.read_memories(a), stages.read_memories(b)
+    (meta_a, ta), (meta_b, tb) = read_memories(a), read_memories(b)
     for meta in (meta_a, meta_b):
         for r in meta["requests"]:
             for key in ("seconds", "affinity_seconds"):     # wall-clock times, the one thing allowed to differ
@@ -187,7 +193,7 @@ def test_on_bad_record_skip_lists_each_skipped_record_in_exactly_one_shard(work,
 
 def test_requests_a_model_cannot_take_are_named_before_any_model_work(work, clean, tmp_path, monkeypatch):
     root, model = work
-    em = load(stages.model_path(model))
+    em = load(model_path(model))
     long_answer = " ".join(["Velmora"] * 1100)
     path = write_jsonl(tmp_path / "edits.jsonl", [{"id": "ok", **GOOD}, {"id": "long", "question": "Q?",
                                                                          "answer": long_answer}])
@@ -211,20 +217,20 @@ def test_requests_a_model_cannot_take_are_named_before_any_model_work(work, clea
     run = the_run(plan)
     out = tmp_path / "d" / "shard0.safetensors"
     with pytest.raises(ValueError, match=r"record 1 \(id 'long'\): field 'answer': question \+ answer"):
-        stages.optimize_memories(spec(run.memories), model, path, 0, out, out.with_suffix(".trace.parquet"), "cpu")
+        optimize_memories(spec(run.memories), model, path, 0, out, out.with_suffix(".trace.parquet"), "cpu")
     assert not calls and not out.parent.exists()
 
     # ... and skip leaves the request out, lists it, and the update index carries it as failed
     monkeypatch.undo()
     plan = Plan(config(datasets={"demo": {"path": str(path), "limit": None, "on_bad_record": "skip"}}))
     run = the_run(plan)
-    stages.optimize_memories(spec(run.memories), model, path, 0, out, out.with_suffix(".trace.parquet"), "cpu")
-    meta, _ = stages.read_memories(out)
+    optimize_memories(spec(run.memories), model, path, 0, out, out.with_suffix(".trace.parquet"), "cpu")
+    meta, _ = read_memories(out)
     assert [r["id"] for r in meta["requests"]] == ["ok"]
     assert [(s["id"], s["field"], s["check"]) for s in meta["skipped"]] == [("long", "answer", "model")]
     index = tmp_path / "u" / "shard0.parquet"
-    stages.update_weights(spec(run.update), model, out, index, stats=clean[1]["stats"], device="cpu")
-    skipped, edited = stages.read_update_index(index)
+    update_weights(spec(run.update), model, out, index, stats=clean[1]["stats"], device="cpu")
+    skipped, edited = read_update_index(index)
     assert (skipped["request_ids"], skipped["failed"], skipped["path"]) == (["long"], True, None)
     assert skipped["reason"].startswith(f"skipped: {path}: record 1 (id 'long'): field 'answer'")
     assert edited["request_ids"] == ["ok"] and not edited["failed"]
@@ -331,11 +337,11 @@ def test_layers_the_plan_could_not_check_are_refused_by_the_first_stage(work, tm
     out = tmp_path / "shard0.safetensors"
     with pytest.raises(ModelError, match=r"config key hparams\.layers or unke_layers \(the last: the working-memory "
                                          r"layer\): layer 7 is out of range: the model has layers 0\.\.3"):
-        stages.optimize_memories(job, model, DEMO, 0, out, out.with_suffix(".trace.parquet"), "cpu")
+        optimize_memories(job, model, DEMO, 0, out, out.with_suffix(".trace.parquet"), "cpu")
     job = spec(run.update)
     job["params"]["options"]["layers"] = [3, 4]
     with pytest.raises(ModelError, match=r"config key hparams\.layers: layer 4 is out of range"):
-        stages.update_weights(job, model, out, tmp_path / "index.parquet", device="cpu")
+        update_weights(job, model, out, tmp_path / "index.parquet", device="cpu")
 
 
 # ---------------------------------------------------------------------------- 3. killed jobs
@@ -379,7 +385,7 @@ def test_killed_optimize_memories_resumes_and_matches_an_uninterrupted_run(work,
     assert not out.exists() and not trace.exists() and [p.name for p in parts.iterdir()] == ["00000.safetensors"]
 
     capfd.readouterr()
-    stages.optimize_memories(spec(run.memories), model, DEMO, 0, out, trace, "cpu")      # the rerun
+    optimize_memories(spec(run.memories), model, DEMO, 0, out, trace, "cpu")      # the rerun
     log = capfd.readouterr().err
     assert "request 1/2 demo-00: finished earlier (part file)" in log
     assert re.findall(r"request (\d)/2 \S+: optimising", log) == ["2"]
@@ -407,12 +413,12 @@ def test_killed_collect_stats_resumes_and_matches_an_uninterrupted_run(work, mon
     rows, real = [], muke.update.stats.accumulate                      # the rerun, counting the documents it reads
     monkeypatch.setattr(muke.update.stats, "accumulate", lambda em, layers, ids, mask, *a: (rows.append(len(ids)),
                                                                                        real(em, layers, ids, mask, *a)))
-    stages.collect_stats(spec(run.stats), model, corpus, out, device="cpu", checkpoint_every=8)
+    collect_stats(spec(run.stats), model, corpus, out, device="cpu", checkpoint_every=8)
     assert 0 < sum(rows) <= n_docs - done and not partial.exists()
 
     monkeypatch.undo()
     ref = root / "results/ref-stats/stats.safetensors"
-    stages.collect_stats(spec(run.stats), model, corpus, ref, device="cpu", checkpoint_every=8)
+    collect_stats(spec(run.stats), model, corpus, ref, device="cpu", checkpoint_every=8)
     same_tensors(out, ref)
 
 
@@ -427,12 +433,12 @@ def test_killed_generate_resumes_and_matches_an_uninterrupted_run(work, capfd):
     assert not out.exists()
 
     capfd.readouterr()
-    stages.generate(spec(pre.generate), model, DEMO, 0, out, None, "cpu")           # the rerun
+    generate(spec(pre.generate), model, DEMO, 0, out, None, "cpu")           # the rerun
     log = capfd.readouterr().err
     assert "finished earlier" in log and not re.search(r"batch 1/\d+: generating", log)
 
     ref = root / "results/ref-generate/shard0.parquet"
-    stages.generate(spec(pre.generate), model, DEMO, 0, ref, None, "cpu")
+    generate(spec(pre.generate), model, DEMO, 0, ref, None, "cpu")
     same_frames(out, ref)
 
 
@@ -453,16 +459,16 @@ def test_nan_in_delta_optimisation_fails_that_request_and_the_rest_goes_on(work,
 
     monkeypatch.setattr(CachedShiftedLM, "logprobs", poisoned)
     out = root / "results/nan-memories/shard0.safetensors"
-    stages.optimize_memories(spec(run.memories), model, DEMO, 0, out, out.with_suffix(".trace.parquet"), "cpu")
-    meta, tensors = stages.read_memories(out)
+    optimize_memories(spec(run.memories), model, DEMO, 0, out, out.with_suffix(".trace.parquet"), "cpu")
+    meta, tensors = read_memories(out)
     bad, good = meta["requests"]
     assert bad["failed"] and re.match(r"window 0, step 0: (loss|affinity_gradient) is not finite", bad["error"])
     assert not good["failed"] and not any(k.startswith("0.") for k in tensors)
-    assert torch.equal(tensors["1.z"], stages.read_memories(reference["memories"])[1]["1.z"])
+    assert torch.equal(tensors["1.z"], read_memories(reference["memories"])[1]["1.z"])
 
     index = root / "results/nan-update/shard0.parquet"
-    stages.update_weights(spec(run.update), model, out, index, stats=reference["stats"], device="cpu")
-    rows = stages.read_update_index(index)
+    update_weights(spec(run.update), model, out, index, stats=reference["stats"], device="cpu")
+    rows = read_update_index(index)
     assert [(r["request_ids"], r["failed"], r["path"] is None) for r in rows] == [
         (["demo-00"], True, True), (["demo-01"], False, False)]
     assert rows[0]["reason"] == bad["error"] and rows[1]["reason"] is None
@@ -478,7 +484,7 @@ def test_nan_statistics_raise_a_numerical_error_naming_the_layer(work, clean, tm
     tensors["layer1.mom2"][0, 0] = float("nan")
     forged = tmp_path / "nan.safetensors"
     save_file(tensors, forged, metadata={"muke": json.dumps(meta)})
-    em = load(stages.model_path(model))
+    em = load(model_path(model))
     targets, _ = shard_targets(reference["memories"])
     options = dict(run.update.params["options"])
     layers, keys = options.pop("layers"), options.pop("keys")
@@ -493,7 +499,7 @@ def test_nan_in_unke_block_fitting_raises_a_numerical_error_naming_the_layer(wor
     from muke.update.edit import compute_update
 
     root, model = work
-    em = load(stages.model_path(model))
+    em = load(model_path(model))
     targets, _ = shard_targets(clean[1]["memories"])
     real = muke.update.unke._mse
     monkeypatch.setattr(muke.update.unke, "_mse", lambda *a, **kw: real(*a, **kw) * float("nan"))
@@ -518,12 +524,12 @@ def test_update_weights_records_a_non_finite_batch_and_goes_on(work, clean, monk
 
     monkeypatch.setattr(muke.update.memit, "memit_solve", nan_once)
     index = root / "results/nan-batch/shard0.parquet"
-    stages.update_weights(spec(run.update), model, reference["memories"], index, stats=reference["stats"], device="cpu")
-    first, second = stages.read_update_index(index)
+    update_weights(spec(run.update), model, reference["memories"], index, stats=reference["stats"], device="cpu")
+    first, second = read_update_index(index)
     assert (first["request_ids"], first["failed"], first["path"], first["batch"]) == (["demo-00"], True, None, 0)
     assert first["reason"] == "layer 1, computed update: V is not finite"
     assert not second["failed"] and second["reason"] is None
-    clean_second = stages.read_update_index(reference["update"])[1]
+    clean_second = read_update_index(reference["update"])[1]
     same_tensors(second["path"], clean_second["path"])
     assert set(pd.read_parquet(index).columns) >= {"batch", "file", "request_ids", "failed", "seconds", "reason"}
 
@@ -539,7 +545,7 @@ def test_same_config_and_seed_give_identical_results(work, clean):
     same_memories(a["memories"], b["memories"])
     same_frames(a["trace"], b["trace"], drop=())
     same_tensors(a["stats"], b["stats"])
-    for ra, rb in zip(stages.read_update_index(a["update"]), stages.read_update_index(b["update"]), strict=True):
+    for ra, rb in zip(read_update_index(a["update"]), read_update_index(b["update"]), strict=True):
         da, db = WeightUpdate.load(ra["path"]), WeightUpdate.load(rb["path"])
         assert da.request_ids == db.request_ids and da.factors.keys() == db.factors.keys()
         assert all(torch.equal(x, y) for layer in da.factors for x, y in zip(da.factors[layer], db.factors[layer]))
@@ -574,9 +580,9 @@ def test_remote_code_runs_only_when_the_config_turns_it_on(work, tiny_qwen2_path
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
         "from transformers import PretrainedConfig\nclass EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
     model_dir = tmp_path / "prepared"
-    stages.write_json(model_dir / stages.MODEL_REF, {"path": str(folder)})    # no trust_remote_code: off
+    write_json(model_dir / MODEL_REF, {"path": str(folder)})    # no trust_remote_code: off
     with pytest.raises(Exception):
-        stages.load_model(model_dir, "float32", "cpu")
+        load_model(model_dir, "float32", "cpu")
     assert not marker.exists()
 
     # the plan passes the setting to the prepared folder, and load_model to transformers
@@ -585,9 +591,9 @@ def test_remote_code_runs_only_when_the_config_turns_it_on(work, tiny_qwen2_path
     for entry, trusted in (({}, False), ({"trust_remote_code": True}, True)):
         model = Plan(config(models={"mine": {"preset": "tiny", "source": str(tiny_qwen2_path), **entry}})).models["mine"]
         assert model.spec.params["trust_remote_code"] is trusted
-        out = stages.prepare_model(spec(model.spec), tmp_path / f"m{trusted}")
-        assert json.loads((out / stages.MODEL_REF).read_text())["trust_remote_code"] is trusted
-        stages.load_model(out, "float32", "cpu")
+        out = prepare_model(spec(model.spec), tmp_path / f"m{trusted}")
+        assert json.loads((out / MODEL_REF).read_text())["trust_remote_code"] is trusted
+        load_model(out, "float32", "cpu")
     assert seen == [False, True]
 
 
@@ -595,7 +601,7 @@ def test_statistics_of_another_model_layer_corpus_or_tokenizer_are_refused(work,
     root, model = work
     plan, reference = clean
     run = the_run(plan)
-    em = load(stages.model_path(model))
+    em = load(model_path(model))
     stats = reference["stats"]
     with pytest.raises(StatsError, match=r"statistics are for another model \(.*'n_layers': 4.*this model is"):
         load_stats(stats, load(tiny_llama_path), [1, 2])
@@ -612,8 +618,8 @@ def test_statistics_of_another_model_layer_corpus_or_tokenizer_are_refused(work,
     other = Plan(config(results="results/other-corpus", stats={"corpus": str(corpus)}))
     other_run = the_run(other)
     other_stats = root / other.stats_path(other_run.model, other_run.stats)
-    stages.collect_stats(spec(other_run.stats), model, str(corpus), other_stats, device="cpu")
+    collect_stats(spec(other_run.stats), model, str(corpus), other_stats, device="cpu")
     with pytest.raises(StatsError, match=r"statistics were collected by another statistics job .*corpus "
                                          rf"'{re.escape(str(corpus))}'"):
-        stages.update_weights(spec(run.update), model, reference["memories"], root / "results/x/shard0.parquet",
-                              stats=other_stats, device="cpu")
+        update_weights(spec(run.update), model, reference["memories"], root / "results/x/shard0.parquet",
+                       stats=other_stats, device="cpu")

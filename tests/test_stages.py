@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 from pathlib import Path
@@ -12,11 +11,16 @@ import pytest
 import torch
 import yaml
 
-import muke.workflow.stages as stages
+import muke.workflow.stages.optimize_memories as MEMORIES
 from muke.io import atomic_path, write_json, write_parquet
 from muke.workflow.plan import Plan
-
-MEMORIES = importlib.import_module("muke.workflow.stages.optimize_memories")   # stages.optimize_memories: the function
+from muke.workflow.stages.collect_stats import collect_stats
+from muke.workflow.stages.common import MODEL_REF, model_path, read_memories, read_update_index
+from muke.workflow.stages.optimize_memories import optimize_memories
+from muke.workflow.stages.prepare_model import prepare_model
+from muke.workflow.stages.report import report
+from muke.workflow.stages.score import score
+from muke.workflow.stages.update_weights import update_weights
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
@@ -52,15 +56,15 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
 def test_prepare_model_references_a_local_folder(tmp_path, tiny_qwen2_path, monkeypatch):
     plan = tiny_plan(tmp_path, monkeypatch, models={"mine": {"preset": "tiny", "source": str(tiny_qwen2_path)}})
     model = plan.models["mine"]
-    out = stages.prepare_model(spec(model.spec), tmp_path / "models" / model.id)
-    assert stages.model_path(out) == str(tiny_qwen2_path)
+    out = prepare_model(spec(model.spec), tmp_path / "models" / model.id)
+    assert model_path(out) == str(tiny_qwen2_path)
     assert json.loads((out / "manifest.json").read_text())["identity"] == model.spec.identity
 
 
 def test_optimize_memories_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_path, monkeypatch):
     run = next(r for r in plan.runs if r.method == "muke-memit")
     model_dir = tmp_path / "model"
-    write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
+    write_json(model_dir / MODEL_REF, {"path": str(tiny_qwen2_path)})
     out, trace = Path(plan.memories_path(run, 0)), Path(plan.memories_path(run, 0)).with_suffix(".trace.parquet")
     calls, real = [], MEMORIES._optimise_many
 
@@ -72,15 +76,15 @@ def test_optimize_memories_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_pat
 
     monkeypatch.setattr(MEMORIES, "_optimise_many", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
-        stages.optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, out, trace, "cpu")
+        optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, out, trace, "cpu")
     assert not out.exists() and len(list(out.with_name("shard0.parts").iterdir())) == 1
 
     calls.clear()
     monkeypatch.setattr(MEMORIES, "_optimise_many",
                         lambda em, requests, cfg: (calls.extend(r.id for r in requests), real(em, requests, cfg))[1])
-    stages.optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, out, trace, "cpu")
+    optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, out, trace, "cpu")
     assert calls == ["demo-01"]                        # demo-00 came from its part file
-    meta, tensors = stages.read_memories(out)
+    meta, tensors = read_memories(out)
     assert [r["id"] for r in meta["requests"]] == ["demo-00", "demo-01"]
     assert tensors["0.z"].shape[1] == 128 and not out.with_name("shard0.parts").exists()
 
@@ -90,15 +94,15 @@ def test_optimize_memories_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_pat
 
     # the update stage resumes per batch too
     stats_path = Path(plan.stats_path(run.model, run.stats))
-    stages.collect_stats(spec(run.stats), model_dir, plan.stats_corpus(run.stats), stats_path, device="cpu")
+    collect_stats(spec(run.stats), model_dir, plan.stats_corpus(run.stats), stats_path, device="cpu")
     index = Path(plan.update_path(run, 0))
-    stages.update_weights(spec(run.update), model_dir, out, index, stats=stats_path, device="cpu")
+    update_weights(spec(run.update), model_dir, out, index, stats=stats_path, device="cpu")
     first = {p.name: p.stat().st_mtime_ns for p in index.with_suffix("").iterdir()}
     assert sorted(first) == ["0000.safetensors", "0001.safetensors"]
     os.remove(index)
-    stages.update_weights(spec(run.update), model_dir, out, index, stats=stats_path, device="cpu")
+    update_weights(spec(run.update), model_dir, out, index, stats=stats_path, device="cpu")
     assert {p.name: p.stat().st_mtime_ns for p in index.with_suffix("").iterdir()} == first
-    rows = stages.read_update_index(index)
+    rows = read_update_index(index)
     assert [r["request_ids"] for r in rows] == [["demo-00"], ["demo-01"]]
 
 
@@ -108,16 +112,16 @@ def test_optimize_memories_in_batches_equals_one_by_one(tiny_qwen2_path, tmp_pat
     runs = sorted((r for r in plan.runs if r.method == "muke-memit"), key=lambda r: r.memories.params["batch"])
     assert [r.memories.params["batch"] for r in runs] == [1, 2] and runs[0].memories.identity != runs[1].memories.identity
     model_dir = tmp_path / "model"
-    write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
+    write_json(model_dir / MODEL_REF, {"path": str(tiny_qwen2_path)})
     sizes, real = [], MEMORIES._optimise_many
     monkeypatch.setattr(MEMORIES, "_optimise_many",
                         lambda em, requests, cfg: (sizes.append(len(requests)), real(em, requests, cfg))[1])
     results = []
     for run in runs:
         out = Path(plan.memories_path(run, 0))
-        stages.optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, out,
-                               out.with_suffix(".trace.parquet"), "cpu")
-        results.append(stages.read_memories(out))
+        optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, out,
+                          out.with_suffix(".trace.parquet"), "cpu")
+        results.append(read_memories(out))
     assert sizes == [1, 1, 2]
     (meta1, t1), (meta2, t2) = results
     assert [r["id"] for r in meta1["requests"]] == [r["id"] for r in meta2["requests"]] == ["demo-00", "demo-01"]
@@ -138,15 +142,15 @@ def test_stages_compute_what_update_edit_computes(plan, tiny_qwen2_path, tmp_pat
 
     run = next(r for r in plan.runs if r.method == "muke-memit")
     model_dir = tmp_path / "model"
-    write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
+    write_json(model_dir / MODEL_REF, {"path": str(tiny_qwen2_path)})
     memories = Path(plan.memories_path(run, 0))
-    stages.optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, memories,
-                           memories.with_suffix(".trace.parquet"), "cpu")
+    optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, memories,
+                      memories.with_suffix(".trace.parquet"), "cpu")
     stats_path = Path(plan.stats_path(run.model, run.stats))
-    stages.collect_stats(spec(run.stats), model_dir, plan.stats_corpus(run.stats), stats_path, device="cpu")
+    collect_stats(spec(run.stats), model_dir, plan.stats_corpus(run.stats), stats_path, device="cpu")
     index = Path(plan.update_path(run, 0))
-    stages.update_weights(spec(run.update), model_dir, memories, index, stats=stats_path, device="cpu")
-    staged = WeightUpdate.load(stages.read_update_index(index)[0]["path"])
+    update_weights(spec(run.update), model_dir, memories, index, stats=stats_path, device="cpu")
+    staged = WeightUpdate.load(read_update_index(index)[0]["path"])
 
     em = load(tiny_qwen2_path)
     request = load_requests_checked("resources/demo_edits.jsonl", "jsonl")[0][0]
@@ -175,7 +179,7 @@ def _report_inputs(plan, model_dir, families=("paper",)):
         score_spec = spec(run.score)
         score_spec["params"]["families"] = list(families)
         paths = plan.score_paths(run)
-        stages.score(score_spec, [generations], paths["samples"], paths["summary"], model_dir, device="cpu")
+        score(score_spec, [generations], paths["samples"], paths["summary"], model_dir, device="cpu")
         if run.memories is None:
             continue
         records = [{"index": 0, "id": "demo-00", "failed": False},
@@ -215,7 +219,7 @@ def test_report_stage_writes_tables_and_the_full_report(tmp_path, monkeypatch, t
 
     plan = tiny_plan(tmp_path, monkeypatch, sweep={"v_num_grad_steps": [2, 4]})
     model_dir = tmp_path / "model"
-    write_json(model_dir / stages.MODEL_REF, {"path": str(tiny_qwen2_path)})
+    write_json(model_dir / MODEL_REF, {"path": str(tiny_qwen2_path)})
     _report_inputs(plan, model_dir)
 
     samples = pd.read_parquet(plan.score_paths(plan.runs[0])["samples"])
@@ -224,8 +228,8 @@ def test_report_stage_writes_tables_and_the_full_report(tmp_path, monkeypatch, t
                                                  for t in samples["target"]]
 
     tables = tmp_path / "tables"
-    html = stages.report(json.loads(plan.report_spec()), tables / "edit_metrics.parquet",
-                         tables / "locality.parquet", tmp_path / "report" / "index.html")
+    html = report(json.loads(plan.report_spec()), tables / "edit_metrics.parquet",
+                  tables / "locality.parquet", tmp_path / "report" / "index.html")
     edit = pd.read_parquet(tables / "edit_metrics.parquet")
     assert len(edit) == 3 * 2 and set(edit["method"]) == {"pre-edit", "muke-memit"}      # runs × kinds, paper family
     assert set(edit["sweep_value"].dropna()) == {"2", "4"} and (edit["n"] == 2).all()
@@ -257,11 +261,11 @@ def test_stage_commands_take_their_options_from_the_stage_signatures():
     parse = build_parser().parse_args
     args = parse(["stage", "update-weights", "--spec", '{"a": 1}', "--model", "m", "--memories", "z", "--out", "o",
                   "--stats", "s", "--cache-dir", "c", "--threads", "2"])
-    assert args.stage_function is stages.update_weights and args.spec == {"a": 1}
+    assert args.stage_function is update_weights and args.spec == {"a": 1}
     assert (args.stats, args.preservation, args.cache_dir, args.device, args.threads) == ("s", None, "c", "auto", 2)
     args = parse(["stage", "score", "--spec", "{}", "--generations", "a", "b", "--samples", "x", "--summary", "y",
                   "--model", "m"])
-    assert args.generations == ["a", "b"] and args.stage_function is stages.score
+    assert args.generations == ["a", "b"] and args.stage_function is score
     args = parse(["stage", "locality", "--spec", "{}", "--model", "m", "--out", "o", "--updates"])
     assert list(args.updates) == []
     args = parse(["stage", "collect-stats", "--spec", "{}", "--model", "m", "--corpus", "c", "--out", "o",

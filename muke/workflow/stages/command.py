@@ -66,7 +66,7 @@ def _run(args) -> None:
 
 
 def add_commands(subparsers) -> None:
-    """`stage <name>` for every registered stage function (muke.workflow.stages.add_stage_commands)."""
+    """`muke stage <name>` for every registered stage function (muke.cli imports the stage modules first)."""
     parser = subparsers.add_parser("stage", help="run one workflow stage (called by the Snakemake rules)")
     sub = parser.add_subparsers(dest="stage", required=True)
     for fn, help, arg_help in COMMANDS:
