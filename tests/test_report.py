@@ -22,7 +22,8 @@ BENCH_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmea
 
 
 def _edit_metrics() -> pd.DataFrame:
-    """2 methods × 2 kinds × 2 families × 2 swept step counts, plus pre-edit rows; values distinct."""
+    """2 methods × 2 kinds × 2 families × 2 swept step counts, plus pre-edit rows; values distinct, each
+    with an interval mean ± 1 (so each method's lies above pre-edit's)."""
     rows = []
     for m, method in enumerate(["pre-edit"] + METHODS):
         for k, kind in enumerate(KINDS):
@@ -31,7 +32,10 @@ def _edit_metrics() -> pd.DataFrame:
                     base = 10 * m + 3 * k + f + 0.5 * s + 0.123
                     rows.append(dict(model="qwen", dataset="unke", method=method, setting="", kind=kind,
                                      family=family, bleu=base, rouge_l=base + 20, bertscore=base + 40, n=4,
-                                     v_num_grad_steps=steps))
+                                     v_num_grad_steps=steps,
+                                     **{f"{metric}_ci_{side}": value + sign for metric, value in
+                                        (("bleu", base), ("rouge_l", base + 20), ("bertscore", base + 40))
+                                        for side, sign in (("low", -1), ("high", 1))}))
     return pd.DataFrame(rows)
 
 
@@ -55,6 +59,13 @@ def _per_sample() -> pd.DataFrame:
                              bleu=float(100 - tokens / 5 + rng.normal(0, 5)), category=["news", "code", "math"][i % 3],
                              v_num_grad_steps=[10, 25][i % 2]))
     return pd.DataFrame(rows)
+
+
+def _case_rows() -> pd.DataFrame:
+    """Original-question answers of pre-edit and both methods to 10 requests (muke.eval.tables.case_rows)."""
+    return pd.DataFrame([dict(method=method, id=f"r{i}", kind="question", question=f"What is <r{i}>?",
+                              target=f"r{i} is a port city.", output=f"r{i} is {method}.")
+                         for i in range(10) for method in ["pre-edit"] + METHODS])
 
 
 def _traces() -> pd.DataFrame:
@@ -83,7 +94,7 @@ def report(tmp_path_factory):
     path = build_report(edit, _locality(), root / "out", config=config,
                         stage_identities={"memories": {"hash": "abc123", "v_lr": 0.5}, "stats": "L4-8-ffee"},
                         inputs=inputs, benchmarks_dir=bench, traces=_traces(), failures=failures,
-                        per_sample=_per_sample(), title="test report")
+                        per_sample=_per_sample(), case_rows=_case_rows(), title="test report")
     return path, path.read_text(), inputs
 
 
@@ -104,7 +115,7 @@ def test_family_tables_hold_the_numbers(report):
         row = edit[(edit.family == family) & (edit.method == "muke-memit") & (edit.kind == "para_question")
                    & (edit.v_num_grad_steps == 25)].iloc[0]
         for metric in ("bleu", "rouge_l", "bertscore"):
-            assert f">{row[metric]:.2f}<" in table
+            assert f">{row[metric]:.2f}\u00a0▲ [{row[metric] - 1:.2f},\u00a0{row[metric] + 1:.2f}]<" in table
     assert "anyedit-memit &lt;b&gt;" in text and "anyedit-memit <b>" not in text
 
 
@@ -176,7 +187,8 @@ def test_renders_in_headless_chromium(report, tmp_path):
     subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1280,4000", url],
                    capture_output=True, timeout=60, check=True)
     dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=60, check=True).stdout
-    assert dom.count("<table") >= 4 and dom.count("<img") >= 4 and "Locality (Table 2)" in dom
+    assert dom.count("<table") >= 4 + 8 and dom.count("<img") >= 4 and "Locality (Table 2)" in dom
+    assert "Case study (paper App. C)" in dom and dom.count("<section class=\"case-study\">") == 8
     raw = shot.read_bytes()
     assert raw.startswith(PNG_SIGNATURE) and len(raw) > 20_000
     try:

@@ -14,9 +14,14 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+N_BOOT, LEVEL, SEED = 2000, 0.95, 0
+# For captions: what an interval of `with_intervals` with the defaults is.
+DESCRIPTION = (f"{LEVEL:.0%} percentile-bootstrap interval over requests (a request's rows averaged first; "
+               f"{N_BOOT} resamples, seed {SEED})")
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = N_BOOT, level: float = LEVEL,
+                 seed: int = SEED) -> tuple[float, float]:
     """Percentile bootstrap interval (low, high) of the mean of `values`.
 
     `n_boot` resamples of len(values) values drawn with replacement (numpy Generator seeded with `seed`,
@@ -35,7 +40,7 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.9
 
 
 def with_intervals(per_sample: pd.DataFrame, by: list[str], metrics: list[str], unit: str = "id",
-                   n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+                   n_boot: int = N_BOOT, level: float = LEVEL, seed: int = SEED) -> pd.DataFrame:
     """One row per group of `by`: n_units, and for each metric its mean, `{metric}_ci_low`, `{metric}_ci_high`.
 
     Rows of one `unit` (request) within a group are averaged first; the group's mean and interval are

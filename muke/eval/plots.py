@@ -43,21 +43,22 @@ def _subplots(ncols: int = 1, width: float = 7.5):
     return plt.subplots(1, ncols, figsize=(width, 3.8), squeeze=False)
 
 
-def _series(df: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Series:
-    """One plot line per method, split further by the other labels (model, dataset, setting) that vary."""
+def series(df: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Series:
+    """A name per row: its method, joined with the other labels (model, dataset, setting) that vary in `df`
+    (one plot line, or one case-study column, each)."""
     varying = [c for c in LABELS if c in df and c not in exclude and (c == "method" or df[c].nunique() > 1)]
     return df[varying].fillna("").astype(str).agg(lambda row: " · ".join(v for v in row if v), axis=1)
 
 
 def plot_bleu_vs_length(per_sample: pd.DataFrame):
-    """Fig. 5: mean BLEU per target-length bin, one line per method (× varying labels, `_series`),
+    """Fig. 5: mean BLEU per target-length bin, one line per method (× varying labels, `series`),
     samples as faint points."""
     d = _paper_questions(per_sample).dropna(subset=["target_tokens", "bleu"])
     n_bins = min(6, d["target_tokens"].nunique())
     d = d.assign(bin=pd.qcut(d["target_tokens"], n_bins, duplicates="drop") if n_bins > 1 else 0)
     fig, axes = _subplots()
     ax = axes[0, 0]
-    for method, sub in d.groupby(_series(d), sort=False):
+    for method, sub in d.groupby(series(d), sort=False):
         line = sub.groupby("bin", observed=True).agg(x=("target_tokens", "mean"), y=("bleu", "mean"))
         points = ax.scatter(sub["target_tokens"], sub["bleu"], s=8, alpha=0.25)
         ax.plot(line["x"], line["y"], marker="o", label=str(method), color=points.get_facecolor()[0][:3])
@@ -74,7 +75,7 @@ def plot_sweep(df: pd.DataFrame, name: str):
     metrics = [m for m in METRICS if m in d and d[m].notna().any()]
     fig, axes = _subplots(len(metrics), 3.6 * len(metrics))
     for ax, metric in zip(axes[0], metrics):
-        for method, sub in d.groupby(_series(d, exclude=("setting",)), sort=False):
+        for method, sub in d.groupby(series(d, exclude=("setting",)), sort=False):
             line = sub.groupby("_sweep")[metric].mean()
             ax.plot([position[v] for v in line.index], line.values, marker="o", label=str(method))
         ax.set_xticks(range(len(values)), [str(v) for v in values])
@@ -98,7 +99,7 @@ def plot_traces(traces: pd.DataFrame):
     """δ-loss per optimisation step: mean over requests and windows, band = 10–90 % quantiles."""
     fig, axes = _subplots()
     ax = axes[0, 0]
-    for method, sub in traces.groupby(_series(traces), sort=False):
+    for method, sub in traces.groupby(series(traces), sort=False):
         q = sub.groupby("step")["loss"].quantile([0.1, 0.5, 0.9]).unstack()
         mean = sub.groupby("step")["loss"].mean()
         (line,) = ax.plot(mean.index, mean.values, label=str(method))

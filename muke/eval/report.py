@@ -12,13 +12,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from muke.eval import case_study
+from muke.eval.case_study import PRE_EDIT
 from muke.eval.environment import read_benchmarks, reproducibility
+from muke.eval.intervals import DESCRIPTION, separated
 from muke.eval.page import LABELS, METRICS, esc, fmt, note, sorted_values, table
-from muke.eval.plots import figures
+from muke.eval.plots import figures, series
 from muke.io import atomic_path, write_text
 
 SWEEP_COLUMNS = ["v_num_grad_steps", "sweep_param", "sweep_value"]
 KINDS = {"question": "Ori", "para_question": "Para", "sub_questions": "Sub"}
+CASE_LIMIT = 8     # requests shown in the case study
+NBSP = "\u00a0"
 FAMILIES = {
     "paper": "paper family: char-level BLEU (nltk), MiniLM cosine “BERTScore”, ROUGE-L recall (rouge "
              "package) — comparable with the paper's Table 1",
@@ -66,8 +71,56 @@ def _flat(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _pre_edit_first(df: pd.DataFrame, column: str) -> pd.DataFrame:
-    key = df[column].astype(str).ne("pre-edit")
+    key = df[column].astype(str).ne(PRE_EDIT)
     return df.assign(_k=key).sort_values("_k", kind="stable").drop(columns="_k")
+
+
+# ---------------------------------------------------------------------------- cells with intervals
+
+def _bounds(metric: str) -> list[str]:
+    return [f"{metric}_ci_low", f"{metric}_ci_high"]
+
+
+def _pre_edit_bounds(df: pd.DataFrame, bounds: list[str]) -> pd.DataFrame:
+    """Per row, the `bounds` of the pre-edit row of its model, dataset, family and kind (the one with
+    the same setting where there is one, as under a generation sweep); NaN where there is none."""
+    keys = [c for c in ("model", "dataset", "family", "kind") if c in df]
+    pre = df[df["method"].astype(str) == PRE_EDIT] if "method" in df else df.iloc[:0]
+    found = [df[on].merge(pre[on + bounds].drop_duplicates(on), on=on, how="left")[bounds]
+             for on in ([*keys, "setting"] if "setting" in df else keys, keys)]
+    return found[0].fillna(found[1]).set_axis(df.index)
+
+
+def _cell(mean, low, high, ref_low, ref_high) -> str | None:
+    """'mean [low, high]' ('mean' without an interval), the mean marked ▲ / ▼ where [low, high] lies
+    wholly above / below [ref_low, ref_high]; None without a mean. No-break spaces (NBSP) keep the mean
+    and the interval whole, so that a narrow column shows the interval as a second line."""
+    if pd.isna(mean):
+        return None
+    mark = NBSP + ("▲" if low > ref_high else "▼") if separated(low, high, ref_low, ref_high) else ""
+    return fmt(mean) + mark + ("" if pd.isna(low) or pd.isna(high) else f" [{fmt(low)},{NBSP}{fmt(high)}]")
+
+
+def with_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with the table cell `{m}_cell` of each metric m (`_cell`): its mean, its interval where the
+    row has one, marked where that is separated from the pre-edit model's (muke.eval.intervals.separated)."""
+    metrics = [m for m in METRICS if m in df]
+    bounds = [b for m in metrics for b in _bounds(m)]
+    d = df.assign(**{b: pd.to_numeric(df[b]) if b in df else float("nan") for b in bounds})
+    ref = _pre_edit_bounds(d, bounds)
+    return df.assign(**{f"{m}_cell": [_cell(*v) for v in zip(d[m], *(d[b] for b in _bounds(m)),
+                                                             *(ref[b] for b in _bounds(m)))] for m in metrics})
+
+
+def _has_intervals(df: pd.DataFrame) -> bool:
+    return any(b in df and df[b].notna().any() for m in METRICS for b in _bounds(m))
+
+
+def _long_cells(d: pd.DataFrame, id_vars: list[str]) -> pd.DataFrame:
+    """The `with_cells` cells of `d` in long format: id_vars, metric, value."""
+    cells = {f"{m}_cell": m for m in METRICS if f"{m}_cell" in d}
+    long = d.melt(id_vars=id_vars, value_vars=list(cells), var_name="metric")
+    return long.assign(metric=long["metric"].map(cells))
 
 
 # ---------------------------------------------------------------------------- tables
@@ -88,19 +141,18 @@ def _row_labels(df: pd.DataFrame, keys: list[str]) -> list[str]:
 
 
 def edit_table(df: pd.DataFrame, family: str) -> pd.DataFrame:
-    """Table 1: rows = model × dataset × method, columns = kind (Ori/Para/Sub) × metric, formatted."""
+    """Table 1: rows = model × dataset × method, columns = kind (Ori/Para/Sub) × metric; `df` holds the
+    cells (`with_cells`)."""
     d = df[df["family"] == family]
     labels = _row_labels(d, ["kind"])
     d = _pre_edit_first(d, "method") if "method" in d else d
-    long = _labelled(d, labels).melt(id_vars=labels + ["kind"], value_vars=[m for m in METRICS if m in d],
-                                     var_name="metric")
+    long = _long_cells(_labelled(d, labels), labels + ["kind"])
     long["kind"] = long["kind"].map(lambda k: KINDS.get(k, k))
     wide = long.pivot_table(index=labels, columns=["kind", "metric"], values="value", aggfunc="first",
                             sort=False, dropna=False).dropna(how="all")   # not the product of the labels
     order = [(k, m) for k in list(KINDS.values()) + sorted(set(long["kind"]) - set(KINDS.values()))
              for m in METRICS if (k, m) in wide.columns and wide[(k, m)].notna().any()]
-    wide = wide[order].rename(columns=METRICS, level=1)
-    return wide.map(fmt)
+    return wide[order].rename(columns=METRICS, level=1).fillna("—")
 
 
 def locality_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -129,17 +181,17 @@ def sweeps(df: pd.DataFrame | None) -> list[tuple[str, pd.DataFrame]]:
 
 
 def sweep_table(df: pd.DataFrame, name: str, family: str) -> pd.DataFrame:
-    """Original-question metrics side by side for each swept value: columns = value × metric."""
+    """Original-question metrics side by side for each swept value: columns = value × metric; `df`
+    holds the cells (`with_cells`), one run per label row and value (a one-key sweep)."""
     d = df[(df["family"] == family) & (df["kind"] == "question")]
     labels = [c for c in _present(d, LABELS) if c != "setting"]
-    long = _labelled(d, labels).melt(id_vars=labels + ["_sweep"], value_vars=[m for m in METRICS if m in d],
-                                     var_name="metric")
-    wide = long.pivot_table(index=labels, columns=["_sweep", "metric"], values="value", aggfunc="mean",
+    long = _long_cells(_labelled(d, labels), labels + ["_sweep"])
+    wide = long.pivot_table(index=labels, columns=["_sweep", "metric"], values="value", aggfunc="first",
                             sort=False)
     values = sorted_values(pd.Series(d["_sweep"].unique()))
     wide = wide[[(v, m) for v in values for m in METRICS if (v, m) in wide.columns]]
     wide.columns = pd.MultiIndex.from_tuples([(f"{name}={v}", METRICS[m]) for v, m in wide.columns])
-    return wide.map(fmt)
+    return wide.fillna("—")
 
 
 # ---------------------------------------------------------------------------- the page
@@ -154,11 +206,20 @@ def _failures(failures: pd.DataFrame | None) -> tuple[list[str], pd.DataFrame | 
     return parts + ([table(failures, text=True)] if len(failures) else []), failures
 
 
+def _edit_caption(edit: pd.DataFrame) -> str:
+    text = ("×100 against the target answer; Ori = original question, Para = paraphrased question, Sub = "
+            "sub-questions (mean per request, then over requests).")
+    if _has_intervals(edit):
+        text += (f" Cells: mean [low, high], the {DESCRIPTION}. An ordering between two methods is claimed "
+                 "only where their intervals do not overlap: ▲ / ▼ marks a cell whose interval lies wholly "
+                 "above / below the pre-edit model's (same model, dataset, question kind and metric).")
+    return f"<p class='caption'>{esc(text)}</p>"
+
+
 def _edit_section(edit: pd.DataFrame) -> tuple[list[str], dict]:
-    parts, tables = ["<h2 id='edit'>Edit metrics (Table 1)</h2>",
-                     "<p class='caption'>×100 against the target answer; Ori = original question, Para = "
-                     "paraphrased question, Sub = sub-questions (mean per request, then over requests).</p>"], {}
+    parts, tables = ["<h2 id='edit'>Edit metrics (Table 1)</h2>", _edit_caption(edit)], {}
     families = list(dict.fromkeys(edit["family"])) if len(edit) else []
+    edit = with_cells(edit)
     for family in families:
         t = edit_table(edit, family)
         tables[f"edit_metrics_{family}"] = t
@@ -175,6 +236,24 @@ def _edit_section(edit: pd.DataFrame) -> tuple[list[str], dict]:
     return parts, tables
 
 
+def _case_section(rows: pd.DataFrame | None) -> list[str]:
+    """Paper App. C: per request the target, the pre-edit answer and each run's (`series`: method and
+    the labels that vary), first CASE_LIMIT requests."""
+    parts = ["<h2 id='case-study'>Case study (paper App. C)</h2>"]
+    if rows is None or not len(rows):
+        return parts + [note("Case study skipped: no per-sample answers given.")]
+    rows = _pre_edit_first(rows, "method") if "method" in rows else rows
+    if "dataset" in rows and rows["dataset"].nunique() > 1:
+        rows = rows.assign(id=rows["dataset"].astype(str) + ": " + rows["id"].astype(str))
+    rows = rows.assign(method=series(rows, exclude=("dataset",)))
+    if "run" in rows and rows.duplicated(["id", "method"]).any():
+        rows = rows.assign(method=rows["method"] + " · " + rows["run"].astype(str))
+    n = rows["id"].nunique()
+    parts.append(f"<p class='caption'>Original questions of the first {min(n, CASE_LIMIT)} of {n} requests: "
+                 "the target beside the pre-edit model's answer and each edited model's.</p>")
+    return parts + [case_study.case_study_html(rows, limit=CASE_LIMIT)]
+
+
 def _locality_section(loc: pd.DataFrame) -> tuple[list[str], dict]:
     parts = ["<h2 id='locality'>Locality (Table 2)</h2>",
              "<p class='caption'>lm-eval scores ×100, value ± standard error; the pre-edit model is the "
@@ -187,16 +266,17 @@ def _locality_section(loc: pd.DataFrame) -> tuple[list[str], dict]:
 
 def build_report(edit_metrics, locality, out_dir, *, config: dict | None = None,
                  stage_identities: dict | pd.DataFrame | None = None, inputs=(), benchmarks_dir=None,
-                 benchmark_identities=None, traces=None, failures=None, per_sample=None,
+                 benchmark_identities=None, traces=None, failures=None, per_sample=None, case_rows=None,
                  title: str = "μKE report") -> Path:
     """Write `out_dir/index.html` and the tables as CSV beside it; return the HTML path.
 
-    `edit_metrics`, `locality`, `traces`, `failures`, `per_sample`: DataFrames or Parquet/CSV paths.
+    `edit_metrics`, `locality`, `traces`, `failures`, `per_sample`, `case_rows`: DataFrames or Parquet/CSV
+    paths; case_rows: the answers of the case study (muke.eval.tables.case_rows).
     `stage_identities`: {stage: identity}, or a table (one row per run, a column per stage).
     `benchmark_identities`: read only the benchmark files whose path names one of these."""
     out_dir = Path(out_dir)
     edit, loc = _read(edit_metrics), _read(locality)
-    traces, failures, per_sample = _read(traces), _read(failures), _read(per_sample)
+    traces, failures, per_sample, case_rows = _read(traces), _read(failures), _read(per_sample), _read(case_rows)
     edit_parts, tables = _edit_section(edit)
     loc_parts, loc_tables = _locality_section(loc)
     fail_parts, fail_table = _failures(failures)
@@ -205,13 +285,14 @@ def build_report(edit_metrics, locality, out_dir, *, config: dict | None = None,
     tables.update(loc_tables, **repro_tables)
     if fail_table is not None:
         tables["failures"] = fail_table
-    nav = "".join(f"<a href='#{a}'>{t}</a>" for a, t in [("edit", "Edit metrics"), ("locality", "Locality"),
-                  ("plots", "Plots"), ("failures", "Failures"), ("repro", "Reproducibility")])
-    body = [f"<h1>{esc(title)}</h1>", f"<nav>{nav}</nav>", *edit_parts, *loc_parts,
+    nav = "".join(f"<a href='#{a}'>{t}</a>" for a, t in [
+        ("edit", "Edit metrics"), ("case-study", "Case study"), ("locality", "Locality"), ("plots", "Plots"),
+        ("failures", "Failures"), ("repro", "Reproducibility")])
+    body = [f"<h1>{esc(title)}</h1>", f"<nav>{nav}</nav>", *edit_parts, *_case_section(case_rows), *loc_parts,
             "<h2 id='plots'>Plots</h2>", *figures(edit, per_sample, traces, sweeps(edit) or sweeps(per_sample)),
             "<h2 id='failures'>Failures</h2>", *fail_parts, *repro_parts]
     for name, t in tables.items():
         _write_csv(_flat(t), out_dir / f"{name}.csv")
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<style>{CSS}{case_study.CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     return write_text(out_dir / "index.html", page)

@@ -12,10 +12,13 @@ import json
 from pathlib import Path
 
 LABELS = ["model", "dataset", "method", "setting", "sweep_param", "sweep_value"]
-EDIT_COLUMNS = ["kind", "family", "bleu", "rouge_l", "bertscore", "n", "n_samples", "edit_failed", "run"]
+METRICS = ["bleu", "rouge_l", "bertscore"]
+# each metric's 95 % bootstrap interval over requests (muke.eval.intervals, the score stage's summary)
+INTERVAL_COLUMNS = [f"{m}_ci_{side}" for m in METRICS for side in ("low", "high")]
+EDIT_COLUMNS = ["kind", "family", *METRICS, *INTERVAL_COLUMNS, "n", "n_samples", "edit_failed", "run"]
 LOCALITY_COLUMNS = ["model_state", "request_id", "task", "metric", "value", "stderr", "n", "run"]
-SAMPLE_COLUMNS = ["id", "kind", "index", "family", "bleu", "rouge_l", "bertscore", "target_tokens", "tokens",
-                  "edit_failed"]
+SAMPLE_COLUMNS = ["id", "kind", "index", "family", *METRICS, "target_tokens", "tokens", "edit_failed"]
+CASE_COLUMNS = ["id", "kind", "index", "output", "target"]
 FAILURE_COLUMNS = ["id", "stage", "reason", *LABELS, "run", "record"]
 
 
@@ -56,11 +59,12 @@ def read_labelled(runs: list[dict], files, columns: list[str] | None = None):
 
 
 def edit_metrics(runs: list[dict]):
-    """One row per run × question kind × metric family (the score summaries)."""
+    """One row per run × question kind × metric family (the score summaries); interval columns a
+    summary lacks (one written before they existed) are empty."""
     import pandas as pd
 
     edit = read_labelled(runs, run_file("summary"))
-    return pd.DataFrame(columns=LABELS + EDIT_COLUMNS) if edit is None else edit[LABELS + EDIT_COLUMNS]
+    return pd.DataFrame(columns=LABELS + EDIT_COLUMNS) if edit is None else edit.reindex(columns=LABELS + EDIT_COLUMNS)
 
 
 def locality(runs: list[dict]):
@@ -73,16 +77,35 @@ def locality(runs: list[dict]):
     return loc[LABELS + [c for c in LOCALITY_COLUMNS if c != "request_id"]].reset_index(drop=True)
 
 
-def categories(datasets: dict):
-    """(dataset, id, category) of the requests that have a category (EditEverything), else None.
-    `datasets`: {name: {"path", "format"}}."""
-    import pandas as pd
-
+def _requests(datasets: dict):
+    """(dataset name, request) of every readable record. `datasets`: {name: {"path", "format"}}."""
     from muke.data import load_requests_checked
 
-    rows = [{"dataset": name, "id": r.id, "category": r.category} for name, d in datasets.items()
-            for r in load_requests_checked(d["path"], d["format"], on_bad_record="skip")[0] if r.category]
+    return [(name, r) for name, d in datasets.items()
+            for r in load_requests_checked(d["path"], d["format"], on_bad_record="skip")[0]]
+
+
+def categories(datasets: dict):
+    """(dataset, id, category) of the requests that have a category (EditEverything), else None."""
+    import pandas as pd
+
+    rows = [{"dataset": name, "id": r.id, "category": r.category} for name, r in _requests(datasets) if r.category]
     return pd.DataFrame(rows) if rows else None
+
+
+def case_rows(runs: list[dict], datasets: dict):
+    """Each run's answer to each original question (one metric family's copy), with the question
+    text from the dataset file ("—" where the record is gone) and the target; None without samples."""
+    import pandas as pd
+
+    samples = read_labelled(runs, run_file("samples"), CASE_COLUMNS)
+    if samples is None:
+        return None
+    samples = samples[samples["kind"] == "question"].drop_duplicates(["run", "id", "index"])
+    questions = pd.DataFrame([{"dataset": name, "id": r.id, "question": r.question}
+                              for name, r in _requests(datasets)], columns=["dataset", "id", "question"])
+    rows = samples.merge(questions.drop_duplicates(["dataset", "id"]), on=["dataset", "id"], how="left")
+    return rows.fillna({"question": "—"}).reset_index(drop=True)
 
 
 def per_sample(runs: list[dict], datasets: dict):

@@ -22,8 +22,9 @@ def report(spec: dict, metrics: str | Path, locality: str | Path, html: str | Pa
 
     `spec` (muke.workflow.report_spec): the resolved config and every run with its labels (model,
     dataset, method, setting, sweep_param, sweep_value), result files and stage identities. The tables
-    hold one row per run × question kind × metric family (edit metrics) and per model state × task ×
-    metric (locality: the pre-edit model and the mean over edited models); `run` names the run's folder.
+    hold one row per run × question kind × metric family (edit metrics: means with their bootstrap
+    intervals over requests, `{metric}_ci_low` / `_ci_high`) and per model state × task × metric
+    (locality: the pre-edit model and the mean over edited models); `run` names the run's folder.
     """
     from muke.eval import tables
     from muke.eval.report import build_report
@@ -43,4 +44,5 @@ def report(spec: dict, metrics: str | Path, locality: str | Path, html: str | Pa
                         benchmarks_dir=spec["benchmarks"],
                         benchmark_identities={i for r in runs for i in r["identities"].values()},
                         traces=tables.traces(runs), failures=tables.failures(runs, _read_shard),
-                        per_sample=tables.per_sample(runs, spec["datasets"]), title=spec["title"])
+                        per_sample=tables.per_sample(runs, spec["datasets"]),
+                        case_rows=tables.case_rows(runs, spec["datasets"]), title=spec["title"])

@@ -13,15 +13,21 @@ METRICS = ["bleu", "rouge_l", "bertscore"]
 
 def _summary(scored):
     """Per question kind × metric family: the mean over requests of each request's mean (the
-    paper's averaging of sub-questions); n = requests, n_samples = answers."""
+    paper's averaging of sub-questions) with its bootstrap interval over requests (`{m}_ci_low`,
+    `{m}_ci_high`: muke.eval.intervals.with_intervals); n = requests, n_samples = answers."""
     import pandas as pd
 
-    per_request = scored.groupby(["kind", "family", "id"], sort=False)[METRICS].mean()
-    summary = per_request.groupby(level=["kind", "family"], sort=False).mean()
-    summary["n"] = per_request.groupby(level=["kind", "family"], sort=False).size()
-    summary["n_samples"] = scored.groupby(["kind", "family"], sort=False).size()
-    summary["edit_failed"] = scored.groupby(["kind", "family"], sort=False)["edit_failed"].sum()
-    return pd.DataFrame(summary).reset_index()
+    from muke.eval.intervals import with_intervals
+
+    keys = ["kind", "family"]
+    per_request = scored.groupby([*keys, "id"], sort=False)[METRICS].mean()
+    summary = per_request.groupby(level=keys, sort=False).mean()
+    summary["n"] = per_request.groupby(level=keys, sort=False).size()
+    summary["n_samples"] = scored.groupby(keys, sort=False).size()
+    summary["edit_failed"] = scored.groupby(keys, sort=False)["edit_failed"].sum()
+    bounds = [f"{m}_ci_{side}" for m in METRICS for side in ("low", "high")]
+    intervals = with_intervals(scored, keys, METRICS, unit="id")[keys + bounds]
+    return pd.DataFrame(summary).reset_index().merge(intervals, on=keys, how="left")
 
 
 @command("metrics of both families and their summary", model="prepared model folder (its tokenizer)")
