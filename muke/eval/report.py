@@ -43,6 +43,9 @@ figure{margin:1em 0 2em}figure img{max-width:100%;border:1px solid #ddd}figcapti
 """
 
 
+UNSCALED_TASK = "text_shift"      # muke.eval.retention: KL (nats/token) and perplexity, not fractions
+
+
 # ---------------------------------------------------------------------------- small helpers
 
 def _read(frame) -> pd.DataFrame | None:
@@ -156,11 +159,13 @@ def edit_table(df: pd.DataFrame, family: str) -> pd.DataFrame:
 
 
 def locality_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Table 2: rows = model state (pre-edit first), columns = task / metric, cells 'value ± stderr' ×100."""
+    """Table 2: rows = model state (pre-edit first), columns = task / metric, cells 'value ± stderr', ×100
+    except the text shift (KL in nats per token, perplexity), which is shown as it is."""
     d = _pre_edit_first(df, "model_state")
     labels = _row_labels(d, ["model_state", "task", "metric"]) + ["model_state"]
     err = d["stderr"] if "stderr" in d else pd.Series(float("nan"), index=d.index)
-    cell = [fmt(100 * v) + ("" if pd.isna(e) else f" ± {100 * e:.2f}") for v, e in zip(d["value"], err)]
+    scale = d["task"].map(lambda task: 1.0 if task == UNSCALED_TASK else 100.0)
+    cell = [fmt(s * v) + ("" if pd.isna(e) else f" ± {s * e:.2f}") for v, e, s in zip(d["value"], err, scale)]
     wide = _labelled(d, labels).assign(cell=cell).pivot_table(
         index=labels, columns=["task", "metric"], values="cell", aggfunc="first", sort=False)
     return wide.fillna("—")
@@ -257,7 +262,9 @@ def _case_section(rows: pd.DataFrame | None) -> list[str]:
 def _locality_section(loc: pd.DataFrame) -> tuple[list[str], dict]:
     parts = ["<h2 id='locality'>Locality (Table 2)</h2>",
              "<p class='caption'>lm-eval scores ×100, value ± standard error; the pre-edit model is the "
-             "reference row.</p>"]
+             "reference row. <code>retention</code>: the unrelated questions' answers after the edit scored "
+             "against the unedited model's (×100, 100 = unchanged); <code>text_shift</code>: KL(pre ‖ post) "
+             "of the next-token distributions on held-out text (nats per token) and the perplexity.</p>"]
     if loc is None or not len(loc):
         return parts + [note("No locality results.")], {}
     t = locality_table(loc)

@@ -8,12 +8,17 @@ that do not need a capable model:
   the edit, scored against the model's own answers before it (`answer_retention`, `edit_retention`);
 - text shift: the per-token KL(pre ‖ post) of next-token distributions and the perplexity before and
   after, on held-out texts (`text_shift`, texts from `held_out_texts`).
+
+The locality stage uses both through `reference` (the unedited model's answers, once per job) and
+`locality_rows` (one model state's rows in the layout of muke.eval.locality, plus per-question samples).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +32,8 @@ from muke.update.weights import WeightUpdate, apply
 
 UNRELATED_QUESTIONS = RESOURCES / "unrelated_questions.jsonl"
 Updates = WeightUpdate | Sequence[WeightUpdate]
+# answer_retention's per-pair key -> the metric name of a locality row (task "retention")
+ANSWER_METRICS = {"char_bleu": "answer_char_bleu", "word_bleu": "answer_word_bleu", "exact": "answer_exact_match"}
 
 
 def unrelated_questions(path: str | Path = UNRELATED_QUESTIONS) -> list[dict]:
@@ -124,3 +131,66 @@ def text_shift(em: EditableModel, texts: Sequence[str], update: Updates | None =
         return {"kl": math.nan, "ppl_pre": math.nan, "ppl_post": math.nan, "n_tokens": 0}
     return {"kl": kl / n_tokens, "ppl_pre": math.exp(nll_pre / n_tokens), "ppl_post": math.exp(nll_post / n_tokens),
             "n_tokens": n_tokens}
+
+
+# ---------------------------------------------------------------------------- the locality stage's rows
+
+@dataclass
+class Reference:
+    """What every model state of one locality job is compared with: the unedited model's answers."""
+
+    settings: dict          # the config's locality.retention
+    ids: list[str]          # question ids
+    questions: list[str]
+    answers: list[str]      # the unedited model's greedy answers
+    texts: list[str]        # held-out texts of the text shift
+
+
+def _answers(em: EditableModel, questions: list[str], settings: dict) -> list[str]:
+    return [g.text for g in greedy(em, questions, max_new_tokens=settings["max_new_tokens"],
+                                   batch_size=settings["batch_size"])]
+
+
+def reference(em: EditableModel, settings: dict) -> Reference:
+    """Questions, texts and the unedited model's answers (em must be unedited) for `settings` =
+    {questions, n_questions, max_new_tokens, batch_size, texts, text_file, ...}; a null file is muke's own."""
+    records = unrelated_questions(settings["questions"] or UNRELATED_QUESTIONS)[:settings["n_questions"]]
+    questions = [r["question"] for r in records]
+    texts = held_out_texts(settings["texts"], settings["text_file"] or DEMO_CORPUS)
+    return Reference(settings, [r["id"] for r in records], questions, _answers(em, questions, settings), texts)
+
+
+def _score_row(metric: str, values: list[float], scale: float) -> dict:
+    """Mean of per-question scores (×scale) ± their standard error."""
+    n = len(values)
+    return dict(task="retention", metric=metric, value=statistics.fmean(values) * scale if n else math.nan,
+                stderr=statistics.stdev(values) / math.sqrt(n) * scale if n > 1 else None, n=n)
+
+
+def locality_rows(em: EditableModel, ref: Reference, model_state: str, request_id: str | None = None,
+                  update: Updates | None = None) -> tuple[list[dict], list[dict]]:
+    """(rows, samples) of one model state: the unedited model (update None, the reference itself: scores
+    1, kl 0) or the model inside apply(em, update).
+
+    rows {model_state, request_id, task, metric, value, stderr, n}: task "retention", metrics
+    answer_char_bleu / answer_word_bleu / answer_exact_match as fractions 0–1 like lm-eval's acc (the
+    report shows ×100), stderr over questions, n questions; task "text_shift", metrics kl (nats per
+    token) and ppl (the state's perplexity), n tokens. samples: one per question {model_state,
+    request_id, id, question, pre, post, char_bleu, word_bleu, exact}.
+    """
+    s = ref.settings
+    if update is None:
+        post = list(ref.answers)
+    else:
+        with apply(em, update):
+            post = _answers(em, ref.questions, s)
+    result = answer_retention(ref.answers, post)
+    shift = text_shift(em, ref.texts, update, batch_size=s["text_batch_size"], max_length=s["max_length"])
+    state = dict(model_state=model_state, request_id=request_id)
+    rows = [{**state, **_score_row(metric, [float(r[key]) for r in result["rows"]], 1 / 100 if key != "exact" else 1)}
+            for key, metric in ANSWER_METRICS.items()]
+    rows += [{**state, "task": "text_shift", "metric": metric, "value": shift[key], "stderr": None,
+              "n": shift["n_tokens"]} for metric, key in (("kl", "kl"), ("ppl", "ppl_post"))]
+    samples = [{**state, "id": i, "question": q, **{k: r[k] for k in ("pre", "post", *ANSWER_METRICS)}}
+               for i, q, r in zip(ref.ids, ref.questions, result["rows"])]
+    return rows, samples

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from muke.data import DEMO_CORPUS
+from muke.data import DEMO_CORPUS, RESOURCES
 from muke.workflow.config import ConfigError, load_preset
 from muke.workflow.identity import Spec, digest, file_identity
 
 TINY_DEFAULTS = {"arch": "qwen2", "seed": 0, "corpus": None}
+UNRELATED_QUESTIONS = RESOURCES / "unrelated_questions.jsonl"   # = muke.eval.retention's (not imported: transformers)
 
 
 @dataclass
@@ -150,3 +151,17 @@ def dataset(name: str, entry: dict) -> Dataset:
               file=sys.stderr)
     return Dataset(name, path, entry["format"], entry.get("limit"), entry["shard_size"], list(ids), identity,
                    on_bad_record)
+
+
+def locality_retention(settings: dict) -> tuple[dict, dict]:
+    """(params, input identities) of the config's locality.retention: off, nothing but `enabled` (so its
+    other values move no identity); on, its values, and the question and text files by content (a null
+    file is muke's own: resources/unrelated_questions.jsonl, the demo corpus)."""
+    if not settings["enabled"]:
+        return {"enabled": False}, {}
+    files = {"questions": settings["questions"] or UNRELATED_QUESTIONS, "text_file": settings["text_file"] or DEMO_CORPUS}
+    for key, path in files.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"config key locality.retention.{key}: file {str(path)!r} not found "
+                              f"(relative paths are taken from the working directory {os.getcwd()})")
+    return dict(settings), {f"retention.{key}": file_identity(path) for key, path in files.items()}

@@ -19,7 +19,7 @@ from muke.data import DEFAULT_PRESERVATION
 from muke.workflow import hparams as hp
 from muke.workflow.config import ROOT, ConfigError, check_config
 from muke.workflow.identity import Spec, file_identity
-from muke.workflow.inputs import Dataset, Model, dataset, model, preset_file
+from muke.workflow.inputs import Dataset, Model, dataset, locality_retention, model, preset_file
 
 PRE_EDIT = "pre-edit"
 STATS_DEFAULTS = {"max_docs": None, "max_length": None, "seed": 0, "text_field": "text", "batch_tokens": 8192}
@@ -208,7 +208,9 @@ class Plan:
                 if p and not Path(p).exists():
                     raise ConfigError(f"config key locality.{key}: {p!r} not found "
                                       f"(relative paths are taken from the working directory {os.getcwd()})")
-        return params, {p: file_identity(p) for p in [loc["include_path"], *loc["data"]] if p}
+        inputs = {p: file_identity(p) for p in [loc["include_path"], *loc["data"]] if p}
+        params["retention"], retention_inputs = locality_retention(loc["retention"])
+        return params, {**inputs, **retention_inputs}
 
     def _register(self, run: Run) -> None:
         key = (run.model.name, run.dataset.name)
