@@ -53,13 +53,20 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=20)
     ap.add_argument("--objective", default="matryoshka")
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--target-tokens", type=int, default=None,
-                    help="cut every target to this many tokens (answer + end-of-turn): request i's answer "
-                         "followed by the next requests' answers")
+    ap.add_argument(
+        "--target-tokens",
+        type=int,
+        default=None,
+        help="cut every target to this many tokens (answer + end-of-turn): request i's answer "
+        "followed by the next requests' answers",
+    )
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch", action="store_true",
-                    help="the fast arm optimises the --n requests in one batch (memory.optimise_batch); "
-                         "the straightforward arm always runs them one at a time")
+    ap.add_argument(
+        "--batch",
+        action="store_true",
+        help="the fast arm optimises the --n requests in one batch (memory.optimise_batch); "
+        "the straightforward arm always runs them one at a time",
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -67,16 +74,20 @@ def main() -> None:
     every = load_requests(args.requests, "jsonl")
     requests = every[: args.n]
     if args.target_tokens:
-        requests = [EditRequest(r.id, r.question, long_answer(em, [a.answer for a in every[i:] + every[:i]],
-                                                              args.target_tokens))
-                    for i, r in enumerate(requests)]
+        requests = [
+            EditRequest(
+                r.id, r.question, long_answer(em, [a.answer for a in every[i:] + every[:i]], args.target_tokens)
+            )
+            for i, r in enumerate(requests)
+        ]
 
     def config(fast):
-        return MemoryConfig(layer=args.layer, objective=args.objective, window=args.window,
-                            v_num_grad_steps=args.steps, fast=fast)
+        return MemoryConfig(
+            layer=args.layer, objective=args.objective, window=args.window, v_num_grad_steps=args.steps, fast=fast
+        )
 
     seqs = [encode_request(em, r.question, r.answer, config(True)) for r in requests]
-    seconds, affinity, z = {}, {}, {}           # affinity: the part of `seconds` spent on the affinity λ
+    seconds, affinity, z = {}, {}, {}  # affinity: the part of `seconds` spent on the affinity λ
     start = time.perf_counter()
     if args.batch:
         results = optimise_batch(em, seqs, config(True))
@@ -95,18 +106,25 @@ def main() -> None:
         seconds[False] += res.seconds
         affinity[False] += res.affinity_seconds
         z[False].append(res.z)
-        print(f"{r.id}: {len(seq.target_ids)} target tokens, {seq.n_windows} windows: straightforward "
-              f"{res.seconds:.1f} s", flush=True)
+        print(
+            f"{r.id}: {len(seq.target_ids)} target tokens, {seq.n_windows} windows: straightforward "
+            f"{res.seconds:.1f} s",
+            flush=True,
+        )
     worst = max(((a - b).norm() / b.norm()).item() for a, b in zip(z[True], z[False]))
     n = len(requests)
-    print(f"threads={torch.get_num_threads()} objective={args.objective} layer={args.layer} requests={n} "
-          f"fast arm {'batched (optimise_batch)' if args.batch else 'one request at a time'}")
+    print(
+        f"threads={torch.get_num_threads()} objective={args.objective} layer={args.layer} requests={n} "
+        f"fast arm {'batched (optimise_batch)' if args.batch else 'one request at a time'}"
+    )
     print(f"straightforward: {seconds[False] / n:.1f} s/request; fast: {seconds[True] / n:.1f} s/request")
     steps = {fast: seconds[fast] - affinity[fast] for fast in seconds}
     if affinity[False]:
-        print(f"affinity λ: straightforward {affinity[False] / n:.1f} s, fast {affinity[True] / n:.1f} s "
-              f"({affinity[False] / affinity[True]:.2f}x); δ steps and the rest: straightforward {steps[False] / n:.1f} s, "
-              f"fast {steps[True] / n:.1f} s ({steps[False] / steps[True]:.2f}x)")
+        print(
+            f"affinity λ: straightforward {affinity[False] / n:.1f} s, fast {affinity[True] / n:.1f} s "
+            f"({affinity[False] / affinity[True]:.2f}x); δ steps and the rest: straightforward {steps[False] / n:.1f} s, "
+            f"fast {steps[True] / n:.1f} s ({steps[False] / steps[True]:.2f}x)"
+        )
     print(f"max relative |z_fast - z_straightforward|: {worst:.2e}")
     print(f"speedup: {seconds[False] / seconds[True]:.2f}")
 

@@ -26,9 +26,9 @@ import torch
 from muke.data import load_requests
 from muke.eval.generate import KINDS, edited_generation_rows, generation_rows
 from muke.model import load
+from muke.update.edit import edit
 from muke.update.stats import StatsConfig, cached_stats
 from muke.update.weights import WeightUpdate, apply
-from muke.update.edit import edit
 
 
 def updates_for(em, requests, cache: Path, steps: int) -> list[WeightUpdate]:
@@ -39,8 +39,9 @@ def updates_for(em, requests, cache: Path, steps: int) -> list[WeightUpdate]:
         path = cache / f"{r.id}-memit-{steps}.safetensors"
         if not path.exists():
             if stats is None:
-                stats = cached_stats(em, StatsConfig(layers=(4, 5, 6, 7, 8), corpus="resources/demo_corpus.txt"),
-                                     progress=False)
+                stats = cached_stats(
+                    em, StatsConfig(layers=(4, 5, 6, 7, 8), corpus="resources/demo_corpus.txt"), progress=False
+                )
             start = time.perf_counter()
             update, _ = edit(em, [r], "memit", preset, stats)
             update.save(path)
@@ -56,8 +57,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--kinds", nargs="+", default=list(KINDS))
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=128,
-                    help="rows per generate call of the batched arm (default: all 78 answers of 16 demo requests in one)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="rows per generate call of the batched arm (default: all 78 answers of 16 demo requests in one)",
+    )
     ap.add_argument("--steps", type=int, default=25, help="δ steps of the MEMIT edits")
     ap.add_argument("--cache", default=str(Path("~/.cache/muke/bench_generate").expanduser()))
     ap.add_argument("--threads", type=int, default=1)
@@ -87,7 +92,7 @@ def main() -> None:
     arms = {"sequential": sequential, "batched": batched}
     seconds, outputs = {name: 0.0 for name in arms}, {}
     for rep in range(args.repeats):
-        for name in (("sequential", "batched") if rep % 2 == 0 else ("batched", "sequential")):
+        for name in ("sequential", "batched") if rep % 2 == 0 else ("batched", "sequential"):
             start = time.perf_counter()
             outputs[name] = arms[name]()
             seconds[name] += time.perf_counter() - start
@@ -96,9 +101,11 @@ def main() -> None:
 
     differ = sum((a["output"], a["n_tokens"]) != (b["output"], b["n_tokens"]) for a, b in zip(sequential, batched))
     tokens = sum(row["n_tokens"] for row in batched)
-    print(f"threads={torch.get_num_threads()} requests={len(requests)} answers={len(batched)} kinds={args.kinds} "
-          f"max_new_tokens={args.max_new_tokens} batch_size={args.batch_size} generated tokens={tokens} "
-          f"repeats={args.repeats}")
+    print(
+        f"threads={torch.get_num_threads()} requests={len(requests)} answers={len(batched)} kinds={args.kinds} "
+        f"max_new_tokens={args.max_new_tokens} batch_size={args.batch_size} generated tokens={tokens} "
+        f"repeats={args.repeats}"
+    )
     print(f"sequential edit-generate-revert: {seq_s:.1f} s; batched per-row updates: {batch_s:.1f} s")
     print(f"answers that differ between the arms: {differ}/{len(batched)}")
     print(f"speedup: {seq_s / batch_s:.2f}")

@@ -34,8 +34,8 @@ def rss_bytes() -> int:
 def one(args) -> dict:
     """Optimise one request of args.one target tokens in this process; a JSON line of the result."""
     import torch
-
     from bench_deltas import long_answer
+
     from muke.data import load_requests
     from muke.engine.memory import MemoryConfig, optimise_request
     from muke.model import load
@@ -43,10 +43,15 @@ def one(args) -> dict:
     torch.set_num_threads(args.threads)
     em = load(args.model, device=args.device)
     answer = long_answer(em, [r.answer for r in load_requests(args.requests, "jsonl")], args.one)
-    cfg = MemoryConfig(layer=args.layer, objective=args.objective, window=args.window,
-                       v_num_grad_steps=args.steps, affinity_steps=args.affinity_steps)
+    cfg = MemoryConfig(
+        layer=args.layer,
+        objective=args.objective,
+        window=args.window,
+        v_num_grad_steps=args.steps,
+        affinity_steps=args.affinity_steps,
+    )
     cuda = em.device.type == "cuda"
-    with torch.no_grad():           # touch every weight page (safetensors are memory-mapped) before the baseline
+    with torch.no_grad():  # touch every weight page (safetensors are memory-mapped) before the baseline
         em.model(input_ids=torch.tensor([[0] * 8], device=em.device))
     peak, stop = [0], threading.Event()
     if cuda:
@@ -60,6 +65,7 @@ def one(args) -> dict:
             while not stop.is_set():
                 peak[0] = max(peak[0], rss_bytes())
                 time.sleep(0.005)
+
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
     start = time.perf_counter()
@@ -72,12 +78,21 @@ def one(args) -> dict:
         stop.set()
         sampler.join()
         peak_bytes = max(peak[0], rss_bytes()) - base
-    return {"target_tokens": len(seq.target_ids), "prompt_tokens": len(seq.prompt_ids), "windows": seq.n_windows,
-            "seconds": round(seconds, 2), "peak_mb": round(peak_bytes / 2**20, 1),
-            "memory": "cuda allocated" if cuda else "cpu rss", "steps": args.steps,
-            "affinity_steps": args.affinity_steps,
-            "objective": args.objective, "layer": args.layer, "window": args.window, "threads": args.threads,
-            "device": str(em.device)}
+    return {
+        "target_tokens": len(seq.target_ids),
+        "prompt_tokens": len(seq.prompt_ids),
+        "windows": seq.n_windows,
+        "seconds": round(seconds, 2),
+        "peak_mb": round(peak_bytes / 2**20, 1),
+        "memory": "cuda allocated" if cuda else "cpu rss",
+        "steps": args.steps,
+        "affinity_steps": args.affinity_steps,
+        "objective": args.objective,
+        "layer": args.layer,
+        "window": args.window,
+        "threads": args.threads,
+        "device": str(em.device),
+    }
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -93,8 +108,11 @@ def plot(rows: list[dict], path: Path) -> None:
     ax2.plot(tokens, [r["peak_mb"] for r in rows], "o-", color="C1")
     ax2.set(xlabel="target tokens", ylabel=f"peak MB ({rows[0]['memory']})", title="peak memory")
     r = rows[0]
-    fig.suptitle(f"{r['objective']}, layer {r['layer']}, W={r['window']}, {r['steps']} steps, "
-                 f"T_aff={r['affinity_steps']}, {r['device']}, {r['threads']} thread(s)", fontsize=9)
+    fig.suptitle(
+        f"{r['objective']}, layer {r['layer']}, W={r['window']}, {r['steps']} steps, "
+        f"T_aff={r['affinity_steps']}, {r['device']}, {r['threads']} thread(s)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -128,9 +146,12 @@ def main() -> None:
             sys.exit(f"length {n} failed:\n{child.stderr[-3000:]}")
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{r['target_tokens']:>4} target tokens, {r['windows']:>2} windows: {r['seconds']:8.1f} s, "
-              f"peak {r['peak_mb']:7.1f} MB", flush=True)
-        with open(out.with_suffix(".csv"), "w", newline="") as f:      # rewritten after every length
+        print(
+            f"{r['target_tokens']:>4} target tokens, {r['windows']:>2} windows: {r['seconds']:8.1f} s, "
+            f"peak {r['peak_mb']:7.1f} MB",
+            flush=True,
+        )
+        with open(out.with_suffix(".csv"), "w", newline="") as f:  # rewritten after every length
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
@@ -138,8 +159,10 @@ def main() -> None:
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
     first, last = rows[0], rows[-1]
     per_token = [r["seconds"] / r["target_tokens"] for r in (first, last)]
-    print(f"seconds per target token: {per_token[0]:.3f} at {first['target_tokens']}, "
-          f"{per_token[1]:.3f} at {last['target_tokens']}")
+    print(
+        f"seconds per target token: {per_token[0]:.3f} at {first['target_tokens']}, "
+        f"{per_token[1]:.3f} at {last['target_tokens']}"
+    )
     print(f"speedup: {per_token[0] / per_token[1]:.2f}")
 
 

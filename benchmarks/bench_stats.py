@@ -52,28 +52,40 @@ def main() -> None:
             return timed(em, StatsConfig(layers=tuple(args.layers), **base), tmp / "joint.safetensors")
 
         def per_layer(pack):
-            runs = [timed(em, StatsConfig(layers=(l,), pack=pack, **base), tmp / f"layer{l}.safetensors")
-                    for l in args.layers]
+            runs = [
+                timed(em, StatsConfig(layers=(l,), pack=pack, **base), tmp / f"layer{l}.safetensors")
+                for l in args.layers
+            ]
             return sum(s for s, _ in runs), {l: stats for l, (_, stats) in zip(args.layers, runs)}
 
         # rotating order over the repeats, so that a load drifting on a shared machine hits every arm alike
-        arms = {"one pass": one_pass, "per layer": lambda: per_layer(True),
-                "per layer padded": lambda: per_layer(False)}
+        arms = {
+            "one pass": one_pass,
+            "per layer": lambda: per_layer(True),
+            "per layer padded": lambda: per_layer(False),
+        }
         names = list(arms)
         seconds, results = {name: 0.0 for name in arms}, {}
         for rep in range(args.repeats):
-            for name in names[rep % 3:] + names[:rep % 3]:
+            for name in names[rep % 3 :] + names[: rep % 3]:
                 took, results[name] = arms[name]()
                 seconds[name] += took
         joint = results["one pass"]
-        worst = max(((results[arm][l].mom2[l] - joint.mom2[l]).norm() / joint.mom2[l].norm()).item()
-                    for arm in ("per layer", "per layer padded") for l in args.layers)
+        worst = max(
+            ((results[arm][l].mom2[l] - joint.mom2[l]).norm() / joint.mom2[l].norm()).item()
+            for arm in ("per layer", "per layer padded")
+            for l in args.layers
+        )
     one_s, per_s, padded_s = (seconds[name] / args.repeats for name in names)
     tokens = joint.meta["tokens"]
-    print(f"threads={torch.get_num_threads()} layers={args.layers} documents={joint.meta['n_documents']} tokens={tokens} "
-          f"repeats={args.repeats}")
-    print(f"one pass packed: {one_s:.1f} s ({tokens / one_s:.0f} tokens/s); per layer packed: {per_s:.1f} s; "
-          f"per layer padded: {padded_s:.1f} s")
+    print(
+        f"threads={torch.get_num_threads()} layers={args.layers} documents={joint.meta['n_documents']} tokens={tokens} "
+        f"repeats={args.repeats}"
+    )
+    print(
+        f"one pass packed: {one_s:.1f} s ({tokens / one_s:.0f} tokens/s); per layer packed: {per_s:.1f} s; "
+        f"per layer padded: {padded_s:.1f} s"
+    )
     print(f"max relative |sum(one pass) - sum(per layer)|: {worst:.2e}")
     print(f"one pass alone (like for like, both packed): {per_s / one_s:.2f}x")
     print("below: per layer padded (the authors' layer_stats) time / one pass packed (muke's default) time")

@@ -13,8 +13,8 @@ import torch
 
 from muke.data import load_requests
 from muke.engine.memory import MemoryConfig, decode_with_shifts, optimise_request
-from muke.model import load
 from muke.engine.objectives import OBJECTIVES
+from muke.model import load
 
 
 def main() -> None:
@@ -32,12 +32,15 @@ def main() -> None:
 
     em = load(args.model)
     requests = load_requests(args.requests, args.format)[: args.n]
-    print(f"model={args.model} layer={args.layer} window={args.window} lr={args.v_lr} steps={args.steps} "
-          f"requests={len(requests)} threads={torch.get_num_threads()}")
+    print(
+        f"model={args.model} layer={args.layer} window={args.window} lr={args.v_lr} steps={args.steps} "
+        f"requests={len(requests)} threads={torch.get_num_threads()}"
+    )
     print(f"{'objective':<20}{'exact':>8}{'token acc':>11}{'s/request':>11}")
     for objective in args.objectives:
-        cfg = MemoryConfig(layer=args.layer, objective=objective, window=args.window, v_lr=args.v_lr,
-                           v_num_grad_steps=args.steps)
+        cfg = MemoryConfig(
+            layer=args.layer, objective=objective, window=args.window, v_lr=args.v_lr, v_num_grad_steps=args.steps
+        )
         exact, acc, secs = 0, 0.0, 0.0
         for r in requests:
             start = time.perf_counter()

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from muke.model import load
-from muke.update.stats import StatsConfig, collect_stats, load_stats
-from muke.update.memit import memit_solve
-from muke.update.keys import read_layer
 from muke.engine.windows import encode
+from muke.model import load
+from muke.update.keys import read_layer
+from muke.update.memit import memit_solve
+from muke.update.stats import StatsConfig, collect_stats, load_stats
 
 
 def collect(em, cfg, out):
@@ -51,13 +51,15 @@ def main() -> None:
     print(f"seconds: fp32 {ref_s:.1f}, bf16 autocast {auto_s:.1f}, bf16 model {half_s:.1f}")
     for layer in args.layers:
         C = ref.second_moment(layer).double()
-        Ks = read_layer(em, layer, layer, seq.input_ids)[0].T                 # (d_ff, n) keys of the question
+        Ks = read_layer(em, layer, layer, seq.input_ids)[0].T  # (d_ff, n) keys of the question
         A = memit_solve(C, Ks, Ks[:, :0], 15000.0, torch.float64)
         for name, other in (("bf16 autocast", auto), ("bf16 model", half)):
             Co = other.second_moment(layer).double()
             Ao = memit_solve(Co, Ks, Ks[:, :0], 15000.0, torch.float64)
-            print(f"layer {layer} {name:>13}: |ΔC|/|C| = {((Co - C).norm() / C.norm()).item():.2e}, "
-                  f"|ΔA|/|A| = {((Ao - A).norm() / A.norm()).item():.2e}")
+            print(
+                f"layer {layer} {name:>13}: |ΔC|/|C| = {((Co - C).norm() / C.norm()).item():.2e}, "
+                f"|ΔA|/|A| = {((Ao - A).norm() / A.norm()).item():.2e}"
+            )
     print(f"speedup: {ref_s / auto_s:.2f}")
 
 

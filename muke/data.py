@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 FORMATS = ("unkebench", "akew-counterfact", "akew-mquake", "editeverything", "jsonl")
-RESOURCES = Path(__file__).resolve().parent.parent / "resources"   # the project's own small files
-DEMO_CORPUS = RESOURCES / "demo_corpus.txt"            # statistics corpus of the demo and of tiny models
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"  # the project's own small files
+DEMO_CORPUS = RESOURCES / "demo_corpus.txt"  # statistics corpus of the demo and of tiny models
 DEFAULT_PRESERVATION = RESOURCES / "preservation.jsonl"  # UnKE's preservation samples unless a config names others
 N_SUB_TRIPLETS = 5  # AKEW: sub-questions come from the first 5 unsfact_triplets_GPT (authors' code)
 
@@ -64,8 +64,7 @@ class DataError(ValueError):
 
     def to_dict(self) -> dict:
         """{record, line, id, field, reason, message}: one row of a skipped-records table."""
-        return {"record": self.record, "line": self.line, "id": self.id, "field": self.field,
-                "reason": self.reason, "message": str(self)}
+        return {**{k: getattr(self, k) for k in ("record", "line", "id", "field", "reason")}, "message": str(self)}
 
 
 class _Fail(Exception):
@@ -77,6 +76,7 @@ class _Fail(Exception):
 
 
 # ---------------------------------------------------------------------------- field helpers
+
 
 def _get(obj, key, field):
     if not isinstance(obj, dict):
@@ -146,10 +146,23 @@ def _triplets(rw, prefix):
 
 # ---------------------------------------------------------------------------- formats
 
+
+def _long_form(r, sub_keys: tuple[str, str]):
+    """The fields of UnKEBench and of plain JSONL records, which differ only in the sub-question keys."""
+    qs, ans = _subs(r, *sub_keys)
+    return dict(
+        id=_id(r, "id"),
+        question=_text(r, "question"),
+        answer=_text(r, "answer"),
+        para_question=_text(r, "para_question", optional=True),
+        sub_questions=qs,
+        sub_answers=ans,
+        category=_text(r, "category", optional=True),
+    )
+
+
 def _unkebench(r):
-    qs, ans = _subs(r, "sub_question", "sub_answer")
-    return dict(id=_id(r, "id"), question=_text(r, "question"), answer=_text(r, "answer"),
-                para_question=_text(r, "para_question", optional=True), sub_questions=qs, sub_answers=ans)
+    return _long_form(r, ("sub_question", "sub_answer"))
 
 
 def _akew_counterfact(r):
@@ -161,9 +174,14 @@ def _akew_counterfact(r):
     if not isinstance(para, str) or not para.strip():
         raise _Fail("paraphrase_prompts[0]", "must be a non-empty string")
     qs, ans = _triplets(rw, "requested_rewrite")
-    return dict(id=_id(r, "case_id"), question=_text(rw, "prompt_full", "requested_rewrite.prompt_full"),
-                answer=_text(rw, "fact_new_uns", "requested_rewrite.fact_new_uns"),
-                para_question=para, sub_questions=qs, sub_answers=ans)
+    return dict(
+        id=_id(r, "case_id"),
+        question=_text(rw, "prompt_full", "requested_rewrite.prompt_full"),
+        answer=_text(rw, "fact_new_uns", "requested_rewrite.fact_new_uns"),
+        para_question=para,
+        sub_questions=qs,
+        sub_answers=ans,
+    )
 
 
 def _akew_mquake(r):
@@ -174,28 +192,37 @@ def _akew_mquake(r):
     if not isinstance(rw, dict):
         raise _Fail(p, "must be a JSON object")
     qs, ans = _triplets(rw, p)
-    return dict(id=_id(r, "case_id"), question=_text(rw, "question", p + ".question"),
-                answer=_text(rw, "fact_new_uns", p + ".fact_new_uns"), sub_questions=qs, sub_answers=ans)
+    return dict(
+        id=_id(r, "case_id"),
+        question=_text(rw, "question", p + ".question"),
+        answer=_text(rw, "fact_new_uns", p + ".fact_new_uns"),
+        sub_questions=qs,
+        sub_answers=ans,
+    )
 
 
 def _editeverything(r):
-    return dict(id=_id(r, "id"), question=_text(r, "question"), answer=_text(r, "answer"),
-                category=_text(r, "category"))
+    return dict(
+        id=_id(r, "id"), question=_text(r, "question"), answer=_text(r, "answer"), category=_text(r, "category")
+    )
 
 
 def _jsonl(r):
-    qs, ans = _subs(r, "sub_questions", "sub_answers")
-    return dict(id=_id(r, "id"), question=_text(r, "question"), answer=_text(r, "answer"),
-                para_question=_text(r, "para_question", optional=True), sub_questions=qs, sub_answers=ans,
-                category=_text(r, "category", optional=True))
+    return _long_form(r, ("sub_questions", "sub_answers"))
 
 
-_CONVERT = {"unkebench": _unkebench, "akew-counterfact": _akew_counterfact, "akew-mquake": _akew_mquake,
-            "editeverything": _editeverything, "jsonl": _jsonl}
+_CONVERT = {
+    "unkebench": _unkebench,
+    "akew-counterfact": _akew_counterfact,
+    "akew-mquake": _akew_mquake,
+    "editeverything": _editeverything,
+    "jsonl": _jsonl,
+}
 _ID_KEY = {"akew-counterfact": "case_id", "akew-mquake": "case_id"}
 
 
 # ---------------------------------------------------------------------------- reading
+
 
 def jsonl_records(path: Path, text_fields: tuple[str, ...]) -> list[dict]:
     """The records of a JSONL file of objects whose `text_fields` are strings; the first bad line raises a
@@ -276,8 +303,16 @@ def load_requests_checked(path, fmt: str, on_bad_record: str = "error") -> tuple
             reject(DataError(path, f.message, record=index, id=rid, field=f.field, line=line))
             continue
         if fields["id"] in seen:
-            reject(DataError(path, f"duplicate id (first used by record {seen[fields['id']]})",
-                             record=index, id=rid, field=id_key, line=line))
+            reject(
+                DataError(
+                    path,
+                    f"duplicate id (first used by record {seen[fields['id']]})",
+                    record=index,
+                    id=rid,
+                    field=id_key,
+                    line=line,
+                )
+            )
             continue
         seen[fields["id"]] = index
         requests.append(EditRequest(**fields, source=f"{path.name}:{index}"))
@@ -291,8 +326,10 @@ def load_requests(path, fmt: str) -> list[EditRequest]:
 
 # ---------------------------------------------------------------------------- checks against a model
 
-def model_problems(requests, tokenizer, context_length: int, path, system_prompt: str | None = None,
-                   chat_template: bool = True) -> list[DataError]:
+
+def model_problems(
+    requests, tokenizer, context_length: int, path, system_prompt: str | None = None, chat_template: bool = True
+) -> list[DataError]:
     """What a model's tokenizer and context make of each request, before any model work: a question
     (or paraphrase, sub-question) that templates to no tokens, and an edit sequence (templated question
     + answer + end-of-turn) longer than the model's context. One DataError per problem."""
@@ -303,7 +340,8 @@ def model_problems(requests, tokenizer, context_length: int, path, system_prompt
 
     problems = []
     for r in requests:
-        def fail(field, message):
+
+        def fail(field, message, r=r):
             problems.append(DataError(path, message, record=r.record, id=r.id, field=field))
 
         questions = [("question", r.question), ("para_question", r.para_question)]
@@ -316,6 +354,8 @@ def model_problems(requests, tokenizer, context_length: int, path, system_prompt
                     fail(field, "templates to no tokens")
         n = prompt_tokens["question"] + n_tokens(r.answer + (tokenizer.eos_token or "")) - 1
         if n > context_length:
-            fail("answer", f"question + answer are {n} tokens, longer than the model's context of "
-                           f"{context_length} tokens")
+            fail(
+                "answer",
+                f"question + answer are {n} tokens, longer than the model's context of {context_length} tokens",
+            )
     return problems

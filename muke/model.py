@@ -32,8 +32,9 @@ class Adapter:
 
 
 LLAMA_LIKE = Adapter(layers="model.layers", down_proj="mlp.down_proj", final_norm="model.norm")
-GPT2_LIKE = Adapter(layers="transformer.h", down_proj="mlp.c_proj", final_norm="transformer.ln_f",
-                    down_proj_transposed=True)
+GPT2_LIKE = Adapter(
+    layers="transformer.h", down_proj="mlp.c_proj", final_norm="transformer.ln_f", down_proj_transposed=True
+)
 
 ADAPTERS = {
     "llama": LLAMA_LIKE,
@@ -64,8 +65,10 @@ def num_layers(config) -> int | None:
 
 def context_length(config, tokenizer) -> int | None:
     """The longest sequence the model takes: its position limit, or the tokenizer's if smaller."""
-    limits = [getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
-              tokenizer.model_max_length if tokenizer.model_max_length < 10**7 else None]
+    limits = [
+        getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
+        tokenizer.model_max_length if tokenizer.model_max_length < 10**7 else None,
+    ]
     limits = [x for x in limits if x]
     return min(limits) if limits else None
 
@@ -184,8 +187,9 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
-def load(path: str | Path, dtype: str = "float32", device: str | None = None,
-         trust_remote_code: bool = False) -> EditableModel:
+def load(
+    path: str | Path, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False
+) -> EditableModel:
     """Load a model and tokenizer from a local folder or hub id with `from_pretrained`.
 
     `trust_remote_code` runs Python code shipped with the checkpoint: off unless a config turns it on.
@@ -195,8 +199,7 @@ def load(path: str | Path, dtype: str = "float32", device: str | None = None,
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype],
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     model.to(resolve_device(device)).eval()
     model.requires_grad_(False)
     if tokenizer.pad_token is None:

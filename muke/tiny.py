@@ -79,14 +79,18 @@ def training_text(corpus_path: Path, tokenizer) -> torch.Tensor:
     if DEFAULT_PRESERVATION.exists():
         for line in DEFAULT_PRESERVATION.read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
-            messages = [{"role": "user", "content": rec["instruction"]}, {"role": "assistant", "content": rec["output"]}]
+            messages = [
+                {"role": "user", "content": rec["instruction"]},
+                {"role": "assistant", "content": rec["output"]},
+            ]
             chats.append(tokenizer.apply_chat_template(messages, tokenize=False))
     text = "<|endoftext|>".join(docs + chats)
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def pretrain(model, ids: torch.Tensor, steps: int, seed: int, seq_len: int = 128, batch: int = 16,
-             lr: float = 3e-3) -> list[float]:
+def pretrain(
+    model, ids: torch.Tensor, steps: int, seed: int, seq_len: int = 128, batch: int = 16, lr: float = 3e-3
+) -> list[float]:
     """A short seeded AdamW language-model pretraining on random windows of `ids`; returns the losses.
 
     A randomly initialised model has near-uniform logits and no attention pattern worth steering;
@@ -99,7 +103,7 @@ def pretrain(model, ids: torch.Tensor, steps: int, seed: int, seq_len: int = 128
     losses = []
     for _ in range(steps):
         starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
-        x = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+        x = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad()
         loss.backward()
@@ -110,8 +114,9 @@ def pretrain(model, ids: torch.Tensor, steps: int, seed: int, seq_len: int = 128
     return losses
 
 
-def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, corpus_path: str | Path | None = None,
-                     pretrain_steps: int = 0) -> Path:
+def build_tiny_model(
+    arch: str, out_dir: str | Path, seed: int = 0, corpus_path: str | Path | None = None, pretrain_steps: int = 0
+) -> Path:
     """Build a tiny model + tokenizer and save them to out_dir (replaced atomically): randomly
     initialised, then optionally pretrained for `pretrain_steps` on the corpus.
 
@@ -124,9 +129,7 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, corpus_path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if pretrain_steps:
         pretrain(model, training_text(Path(corpus_path or DEMO_CORPUS), tokenizer), pretrain_steps, seed)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -41,8 +41,7 @@ def pretrained_tiny(pretrained_tiny_path):
 
 @pytest.fixture(scope="session")
 def demo_requests():
-    from muke.data import load_requests
-    from muke.data import RESOURCES
+    from muke.data import RESOURCES, load_requests
 
     return load_requests(RESOURCES / "demo_edits.jsonl", "jsonl")
 
@@ -64,8 +63,10 @@ def one_token_memories(pretrained_tiny, demo_requests):
         if (objective, i) not in done:
             request = demo_requests[i]
             cfg = MemoryConfig(layer=1, window=1, objective=objective)
-            done[objective, i] = (request, *optimise_request(pretrained_tiny, request.question,
-                                                             first_words(request.answer), cfg))
+            done[objective, i] = (
+                request,
+                *optimise_request(pretrained_tiny, request.question, first_words(request.answer), cfg),
+            )
         return done[objective, i]
 
     return memories

@@ -8,17 +8,20 @@ import pytest
 from muke.eval.case_study import case_study_html, first_divergence, reproduced
 
 
-@pytest.mark.parametrize("output, target, expected", [
-    ("Paris is the capital.", "Paris is the capital.", -1),     # identical
-    ("Paris is the capital. It is large.", "Paris is the capital.", -1),   # target reproduced, more follows
-    ("Paris is big.", "Paris is the capital.", 9),               # differs at "b"
-    ("Paris", "Paris is the capital.", 5),                       # stops early
-    ("", "Paris", 0),
-    ("", "", -1),
-    ("anything", "", -1),
-    ("  Paris\n is \tthe  capital. ", "Paris is the capital.", -1),  # whitespace runs collapse
-    ("Paris  is big", "Paris is\nthe capital", 9),               # index in the normalised strings
-])
+@pytest.mark.parametrize(
+    "output, target, expected",
+    [
+        ("Paris is the capital.", "Paris is the capital.", -1),  # identical
+        ("Paris is the capital. It is large.", "Paris is the capital.", -1),  # target reproduced, more follows
+        ("Paris is big.", "Paris is the capital.", 9),  # differs at "b"
+        ("Paris", "Paris is the capital.", 5),  # stops early
+        ("", "Paris", 0),
+        ("", "", -1),
+        ("anything", "", -1),
+        ("  Paris\n is \tthe  capital. ", "Paris is the capital.", -1),  # whitespace runs collapse
+        ("Paris  is big", "Paris is\nthe capital", 9),  # index in the normalised strings
+    ],
+)
 def test_first_divergence(output, target, expected):
     assert first_divergence(output, target) == expected
 
@@ -29,12 +32,19 @@ def test_reproduced():
 
 
 def rows():
-    data = [("r1", "pre-edit", "I do not know.", "Velmora is a port city.", "What is Velmora?"),
-            ("r1", "memit", "Velmora is a town.", "Velmora is a port city.", "What is Velmora?"),
-            ("r1", "muke-memit", "Velmora is a port city. <script>alert(1)</script>",
-             "Velmora is a port city.", "What is Velmora?"),
-            ("r2", "memit", "<b>bold</b>", "A <tag> & more", "Is <script>x</script> safe?"),
-            ("r2", "pre-edit", "No idea", "A <tag> & more", "Is <script>x</script> safe?")]
+    data = [
+        ("r1", "pre-edit", "I do not know.", "Velmora is a port city.", "What is Velmora?"),
+        ("r1", "memit", "Velmora is a town.", "Velmora is a port city.", "What is Velmora?"),
+        (
+            "r1",
+            "muke-memit",
+            "Velmora is a port city. <script>alert(1)</script>",
+            "Velmora is a port city.",
+            "What is Velmora?",
+        ),
+        ("r2", "memit", "<b>bold</b>", "A <tag> & more", "Is <script>x</script> safe?"),
+        ("r2", "pre-edit", "No idea", "A <tag> & more", "Is <script>x</script> safe?"),
+    ]
     df = pd.DataFrame(data, columns=["id", "method", "output", "target", "question"])
     return df.assign(kind="question")
 
@@ -45,8 +55,8 @@ def test_one_block_per_request_with_a_column_per_method():
     assert len(blocks) == 2 and ">r1</h3>" in blocks[0] and ">r2</h3>" in blocks[1]
     for block in blocks:
         assert re.findall(r"<th>(.*?)</th>", block) == ["target", "pre-edit", "memit", "muke-memit"]
-    assert blocks[1].count("<td>—</td>") == 1                    # r2 has no muke-memit answer
-    assert "23 / 23 target characters" in blocks[0]             # muke-memit reproduced all of it
+    assert blocks[1].count("<td>—</td>") == 1  # r2 has no muke-memit answer
+    assert "23 / 23 target characters" in blocks[0]  # muke-memit reproduced all of it
 
 
 def test_mark_starts_at_the_first_divergent_character():

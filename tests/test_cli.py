@@ -7,11 +7,28 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import muke.cli as cli
-from muke.update.stats import load_stats
 from muke.model import load
+from muke.update.stats import load_stats
 
-SMALL = ["--layers", "1", "2", "--unke-layers", "1", "--window", "4", "--v-steps", "3", "--unke-steps", "5",
-         "--n-preserve", "3", "--max-new-tokens", "4", "--mom2-update-weight", "100"]
+SMALL = [
+    "--layers",
+    "1",
+    "2",
+    "--unke-layers",
+    "1",
+    "--window",
+    "4",
+    "--v-steps",
+    "3",
+    "--unke-steps",
+    "5",
+    "--n-preserve",
+    "3",
+    "--max-new-tokens",
+    "4",
+    "--mom2-update-weight",
+    "100",
+]
 REQUEST = ["--question", "What is the city of Velmora known for?", "--answer", "Velmora is a port city."]
 
 
@@ -25,8 +42,26 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stats_file(tiny_qwen2_path, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("stats") / "s.safetensors"
-    assert cli.main(["stats", "--model", str(tiny_qwen2_path), "--layers", "1", "2", "--corpus", str(corpus),
-                     "--out", str(out), "--max-docs", "3", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "stats",
+                "--model",
+                str(tiny_qwen2_path),
+                "--layers",
+                "1",
+                "2",
+                "--corpus",
+                str(corpus),
+                "--out",
+                str(out),
+                "--max-docs",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -41,8 +76,27 @@ def test_stats_command_writes_a_loadable_file(stats_file, tiny_qwen2_path):
 
 def test_stats_command_no_pack_gives_the_same_moments(stats_file, tiny_qwen2_path, corpus, tmp_path):
     out = tmp_path / "unpacked.safetensors"
-    assert cli.main(["stats", "--model", str(tiny_qwen2_path), "--layers", "1", "2", "--corpus", str(corpus),
-                     "--out", str(out), "--max-docs", "3", "--no-pack", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "stats",
+                "--model",
+                str(tiny_qwen2_path),
+                "--layers",
+                "1",
+                "2",
+                "--corpus",
+                str(corpus),
+                "--out",
+                str(out),
+                "--max-docs",
+                "3",
+                "--no-pack",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     em = load(tiny_qwen2_path)
     packed, unpacked = load_stats(stats_file, em, [1, 2]), load_stats(out, em, [1, 2])
     assert packed.meta["pack"] is True and unpacked.meta["pack"] is False
@@ -52,13 +106,40 @@ def test_stats_command_no_pack_gives_the_same_moments(stats_file, tiny_qwen2_pat
 
 
 def test_edit_json_with_stats_file(tiny_qwen2_path, stats_file, capsys, tmp_path):
-    code = cli.main(["edit", "--model", str(tiny_qwen2_path), "--method", "muke-memit", *REQUEST,
-                     "--para-question", "Why is Velmora notable?", "--stats", str(stats_file), *SMALL,
-                     "--json", "--out", str(tmp_path / "run")])
+    code = cli.main(
+        [
+            "edit",
+            "--model",
+            str(tiny_qwen2_path),
+            "--method",
+            "muke-memit",
+            *REQUEST,
+            "--para-question",
+            "Why is Velmora notable?",
+            "--stats",
+            str(stats_file),
+            *SMALL,
+            "--json",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 0
     (row,) = json_rows(capsys.readouterr().out)
-    for key in ("id", "method", "generated", "target", "bleu", "rouge_l", "seconds", "generated_pre",
-                "nll_pre", "nll_post", "para_generated", "para_rouge_l"):
+    for key in (
+        "id",
+        "method",
+        "generated",
+        "target",
+        "bleu",
+        "rouge_l",
+        "seconds",
+        "generated_pre",
+        "nll_pre",
+        "nll_post",
+        "para_generated",
+        "para_rouge_l",
+    ):
         assert key in row, key
     assert row["method"] == "muke-memit" and row["target"] == "Velmora is a port city."
     assert row["nll_post"] < row["nll_pre"]
@@ -66,8 +147,20 @@ def test_edit_json_with_stats_file(tiny_qwen2_path, stats_file, capsys, tmp_path
     assert json_rows((tmp_path / "run" / "results.jsonl").read_text())[0]["id"] == "cli-0"
 
     out = tmp_path / "exported"
-    assert cli.main(["export", "--model", str(tiny_qwen2_path), "--updates",
-                     str(tmp_path / "run" / "updates" / "cli-0.safetensors"), "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "--model",
+                str(tiny_qwen2_path),
+                "--updates",
+                str(tmp_path / "run" / "updates" / "cli-0.safetensors"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     AutoModelForCausalLM.from_pretrained(out)
 
 
@@ -75,26 +168,43 @@ def test_edit_requests_file_text_output_and_default_stats_cache(tiny_qwen2_path,
     monkeypatch.setenv("MUKE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(cli, "DEMO_CORPUS", corpus)
     requests = tmp_path / "r.jsonl"
-    requests.write_text(json.dumps({"id": "a", "question": "Who founded Velmora?", "answer": "Salt traders."}) + "\n"
-                        + json.dumps({"id": "b", "question": "What is the Copper Bridge?", "answer": "A bridge."}) + "\n")
-    args = ["edit", "--model", str(tiny_qwen2_path), "--method", "memit", "--requests", str(requests),
-            "--format", "jsonl", *SMALL]
+    requests.write_text(
+        json.dumps({"id": "a", "question": "Who founded Velmora?", "answer": "Salt traders."})
+        + "\n"
+        + json.dumps({"id": "b", "question": "What is the Copper Bridge?", "answer": "A bridge."})
+        + "\n"
+    )
+    args = [
+        "edit",
+        "--model",
+        str(tiny_qwen2_path),
+        "--method",
+        "memit",
+        "--requests",
+        str(requests),
+        "--format",
+        "jsonl",
+        *SMALL,
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "[a] memit" in out and "[b] memit" in out and "post-edit" in out and "ROUGE-L" in out
     cached = list((tmp_path / "cache" / "stats").glob("*.safetensors"))
     assert len(cached) == 1
-    assert cli.main(args + ["--method", "unke", "--json", "--limit", "1"]) == 0   # UnKE needs no statistics
+    assert cli.main(args + ["--method", "unke", "--json", "--limit", "1"]) == 0  # UnKE needs no statistics
     assert [r["id"] for r in json_rows(capsys.readouterr().out)] == ["a"]
     assert list((tmp_path / "cache" / "stats").glob("*.safetensors")) == cached
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "rome", *REQUEST], "unknown method 'rome'"),
-    (["--method", "memit", "--requests", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
-    (["--method", "memit", "--question", "only a question"], "--answer"),
-    (["--method", "muke-memit", *REQUEST, "--layers", "1", "9"], "layer 9 is out of range"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "rome", *REQUEST], "unknown method 'rome'"),
+        (["--method", "memit", "--requests", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
+        (["--method", "memit", "--question", "only a question"], "--answer"),
+        (["--method", "muke-memit", *REQUEST, "--layers", "1", "9"], "layer 9 is out of range"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tiny_qwen2_path, capsys, args, message):
     assert cli.main(["edit", "--model", str(tiny_qwen2_path), *args, "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -102,18 +212,38 @@ def test_bad_input_is_one_line_exit_2(tiny_qwen2_path, capsys, args, message):
 
 
 def test_stats_for_other_layers_is_refused(tiny_qwen2_path, stats_file, capsys):
-    code = cli.main(["edit", "--model", str(tiny_qwen2_path), "--method", "muke-memit", *REQUEST, *SMALL,
-                     "--layers", "0", "1", "--stats", str(stats_file)])
+    code = cli.main(
+        [
+            "edit",
+            "--model",
+            str(tiny_qwen2_path),
+            "--method",
+            "muke-memit",
+            *REQUEST,
+            *SMALL,
+            "--layers",
+            "0",
+            "1",
+            "--stats",
+            str(stats_file),
+        ]
+    )
     assert code == 2
     assert "not the requested layers [0]" in capsys.readouterr().err
 
 
 def test_tiny_model_and_prepare_commands_are_wired(monkeypatch, capsys, tmp_path):
     calls = []
-    monkeypatch.setattr("muke.tiny.build_tiny_model",
-                        lambda arch, out, seed, corpus_path, pretrain_steps: calls.append((arch, seed, pretrain_steps)) or out)
+    monkeypatch.setattr(
+        "muke.tiny.build_tiny_model",
+        lambda arch, out, seed, corpus_path, pretrain_steps: calls.append((arch, seed, pretrain_steps)) or out,
+    )
     monkeypatch.setattr("muke.smollm.prepare_smollm2", lambda out, wheel_dir: calls.append(("smollm2", out)) or out)
-    assert cli.main(["tiny-model", "--arch", "llama", "--out", str(tmp_path / "m"), "--seed", "3",
-                     "--pretrain-steps", "5"]) == 0
+    assert (
+        cli.main(
+            ["tiny-model", "--arch", "llama", "--out", str(tmp_path / "m"), "--seed", "3", "--pretrain-steps", "5"]
+        )
+        == 0
+    )
     assert cli.main(["prepare-smollm2", "--out", str(tmp_path / "s")]) == 0
     assert calls == [("llama", 3, 5), ("smollm2", str(tmp_path / "s"))]

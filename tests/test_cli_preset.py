@@ -28,8 +28,11 @@ def test_a_shipped_preset_by_name_or_path_sets_the_resolved_values(preset):
 
 
 def test_flags_override_the_preset():
-    _, resolved = cli._preset(edit_args("--preset", "llama-3-8b-instruct", "--v-lr", "2", "--clamp", "8",
-                                        "--v-steps", "7", "--layers", "3", "4"))
+    _, resolved = cli._preset(
+        edit_args(
+            "--preset", "llama-3-8b-instruct", "--v-lr", "2", "--clamp", "8", "--v-steps", "7", "--layers", "3", "4"
+        )
+    )
     memory, _, options = resolve_method("muke-memit", resolved)
     assert (memory["v_lr"], memory["clamp_norm_factor"], memory["v_num_grad_steps"]) == (2.0, 8.0, 7)
     assert options["layers"] == [3, 4] and memory["layer"] == 4

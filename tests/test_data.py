@@ -25,6 +25,7 @@ def words(text):
 
 # ---------------------------------------------------------------------------- real samples
 
+
 def test_unkebench_sample():
     reqs = load_requests(shared("unkebench/unkebench_v2_sample100.json"), "unkebench")
     raw = json.loads(shared("unkebench/unkebench_v2_sample100.json").read_text())[0]
@@ -69,20 +70,32 @@ def test_wrong_format_names_the_fix():
 
 
 def test_akew_counterfact_mapping(tmp_path):
-    rec = {"case_id": 8, "paraphrase_prompts": ["Wellington's twin city is", "other"],
-           "requested_rewrite": {"prompt_full": "What is the twin city of Wellington? It is",
-                                 "fact_new_uns": "Sheffield, a city in South Yorkshire, England, ...",
-                                 "unsfact_triplets_GPT": [{"subject": "Sheffield", "prompt": "{} is located in",
-                                                           "target": "South Yorkshire"}] * 7}}
+    rec = {
+        "case_id": 8,
+        "paraphrase_prompts": ["Wellington's twin city is", "other"],
+        "requested_rewrite": {
+            "prompt_full": "What is the twin city of Wellington? It is",
+            "fact_new_uns": "Sheffield, a city in South Yorkshire, England, ...",
+            "unsfact_triplets_GPT": [
+                {"subject": "Sheffield", "prompt": "{} is located in", "target": "South Yorkshire"}
+            ]
+            * 7,
+        },
+    }
     path = tmp_path / "cf.json"
     path.write_text(json.dumps([rec]))
     (r,) = load_requests(path, "akew-counterfact")
-    assert r.id == "8" and r.question.startswith("What is the twin city") and r.para_question == "Wellington's twin city is"
+    assert (
+        r.id == "8"
+        and r.question.startswith("What is the twin city")
+        and r.para_question == "Wellington's twin city is"
+    )
     assert r.answer.startswith("Sheffield") and r.sub_questions == ("Sheffield is located in",) * 5
     assert r.sub_answers == ("South Yorkshire",) * 5
 
 
 # ---------------------------------------------------------------------------- project resources
+
 
 def test_demo_edits():
     reqs = load_requests(ROOT / "resources" / "demo_edits.jsonl", "jsonl")
@@ -132,20 +145,33 @@ def write_jsonl(tmp_path, rows, name="edits.jsonl"):
     return path
 
 
-@pytest.mark.parametrize("bad, where", [
-    (b'{"id": "b", "question": "Q?", "answer": \n', "record 1 (line 2): invalid JSON"),
-    (b'{"id": "b", "question": "Q\xff?", "answer": "x"}\n', "record 1 (line 2): not UTF-8"),
-    ({"id": "b", "answer": "x"}, "record 1 (line 2) (id 'b'): field 'question': missing"),
-    ({"id": "b", "question": "Q?", "answer": "  "}, "record 1 (line 2) (id 'b'): field 'answer': must be a non-empty string"),
-    ({"id": "b", "question": "Q?", "answer": 3}, "record 1 (line 2) (id 'b'): field 'answer': must be a non-empty string"),
-    ({"id": "a", "question": "Q?", "answer": "x"}, "record 1 (line 2) (id 'a'): field 'id': duplicate id"),
-    ({"id": "b", "question": "Q?", "answer": "x", "sub_questions": ["s1", "s2"], "sub_answers": ["t1"]},
-     "record 1 (line 2) (id 'b'): field 'sub_answers': has 1 entries but 'sub_questions' has 2"),
-    ({"id": "b", "question": "Q?", "answer": "x", "sub_questions": ["s1", ""], "sub_answers": ["t1", "t2"]},
-     "record 1 (line 2) (id 'b'): field 'sub_questions[1]'"),
-    ({"id": ["b"], "question": "Q?", "answer": "x"}, "record 1 (line 2): field 'id'"),
-    ([1, 2], "record 1 (line 2): must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        (b'{"id": "b", "question": "Q?", "answer": \n', "record 1 (line 2): invalid JSON"),
+        (b'{"id": "b", "question": "Q\xff?", "answer": "x"}\n', "record 1 (line 2): not UTF-8"),
+        ({"id": "b", "answer": "x"}, "record 1 (line 2) (id 'b'): field 'question': missing"),
+        (
+            {"id": "b", "question": "Q?", "answer": "  "},
+            "record 1 (line 2) (id 'b'): field 'answer': must be a non-empty string",
+        ),
+        (
+            {"id": "b", "question": "Q?", "answer": 3},
+            "record 1 (line 2) (id 'b'): field 'answer': must be a non-empty string",
+        ),
+        ({"id": "a", "question": "Q?", "answer": "x"}, "record 1 (line 2) (id 'a'): field 'id': duplicate id"),
+        (
+            {"id": "b", "question": "Q?", "answer": "x", "sub_questions": ["s1", "s2"], "sub_answers": ["t1"]},
+            "record 1 (line 2) (id 'b'): field 'sub_answers': has 1 entries but 'sub_questions' has 2",
+        ),
+        (
+            {"id": "b", "question": "Q?", "answer": "x", "sub_questions": ["s1", ""], "sub_answers": ["t1", "t2"]},
+            "record 1 (line 2) (id 'b'): field 'sub_questions[1]'",
+        ),
+        ({"id": ["b"], "question": "Q?", "answer": "x"}, "record 1 (line 2): field 'id'"),
+        ([1, 2], "record 1 (line 2): must be a JSON object"),
+    ],
+)
 def test_jsonl_faults(tmp_path, bad, where):
     path = write_jsonl(tmp_path, [GOOD, bad, {**GOOD, "id": "c"}])
     with pytest.raises(DataError) as e:
@@ -169,8 +195,16 @@ def test_json_list_faults(tmp_path):
 
 
 def test_nested_field_paths_and_skip(tmp_path):
-    good = {"case_id": 1, "requested_rewrite": [{"question": "Q?", "fact_new_uns": "A.",
-                                                 "unsfact_triplets_GPT": [{"subject": "S", "prompt": "{} is", "target": "T"}]}]}
+    good = {
+        "case_id": 1,
+        "requested_rewrite": [
+            {
+                "question": "Q?",
+                "fact_new_uns": "A.",
+                "unsfact_triplets_GPT": [{"subject": "S", "prompt": "{} is", "target": "T"}],
+            }
+        ],
+    }
     bad = json.loads(json.dumps(good).replace('"T"', '""').replace(": 1,", ": 2,"))
     path = tmp_path / "mq.json"
     path.write_text(json.dumps([good, bad, {**good, "case_id": 1}]))
@@ -180,8 +214,10 @@ def test_nested_field_paths_and_skip(tmp_path):
     assert "mq.json: record 1 (id '2'): field 'requested_rewrite[0].unsfact_triplets_GPT[0].target'" in msg
     good_reqs, skipped = load_requests_checked(path, "akew-mquake", "skip")
     assert [r.id for r in good_reqs] == ["1"]
-    assert [(s.record, s.field) for s in skipped] == [(1, "requested_rewrite[0].unsfact_triplets_GPT[0].target"),
-                                                     (2, "case_id")]
+    assert [(s.record, s.field) for s in skipped] == [
+        (1, "requested_rewrite[0].unsfact_triplets_GPT[0].target"),
+        (2, "case_id"),
+    ]
 
 
 def test_unknown_format_and_mode(tmp_path):

@@ -5,25 +5,24 @@ import copy
 import pytest
 import torch
 
-from muke.engine import affinity, hooks
-
-from muke.engine import memory
-from muke.numerics import NumericalError
+from muke.engine import affinity, hooks, memory
 from muke.engine.affinity import figure_gradients, initial_figure_gradients
 from muke.engine.forward import CachedShiftedLM, PlainShiftedLM
 from muke.engine.memory import MemoryConfig, decode_with_shifts, optimise, optimise_request
-from muke.model import EditableModel, load
 from muke.engine.objectives import affinity_lambdas, figure_coefficients, token_coefficients
 from muke.engine.windows import EditSequence, encode, split_windows
+from muke.model import EditableModel, load
+from muke.numerics import NumericalError
 
 QUESTION = "What is the Velmora tide clock?"
-ANSWER = ("The Velmora tide clock is a bronze machine in the harbour tower that has measured the tides "
-          "since the winter of the great flood, and its keepers still wind it every morning at dawn.")
+ANSWER = (
+    "The Velmora tide clock is a bronze machine in the harbour tower that has measured the tides "
+    "since the winter of the great flood, and its keepers still wind it every morning at dawn."
+)
 
 
 def synthetic_sequence(n_target: int, window: int, n_prompt: int = 5) -> EditSequence:
-    return EditSequence("p", tuple(range(n_prompt)), tuple(range(100, 100 + n_target)),
-                        split_windows(n_target, window))
+    return EditSequence("p", tuple(range(n_prompt)), tuple(range(100, 100 + n_target)), split_windows(n_target, window))
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +36,7 @@ def cfg(**kw) -> MemoryConfig:
 
 
 # ---- windows and hook positions (ALGORITHM §2) ----
+
 
 def test_windows_cover_target_without_overlap():
     assert split_windows(45, 20) == ((0, 20), (20, 40), (40, 45))
@@ -63,16 +63,17 @@ def test_encode_appends_end_of_turn_and_uses_chat_template(tiny):
 
 # ---- token coefficients (ALGORITHM §3) ----
 
+
 def test_matryoshka_vanilla_coefficients_are_nested_figure_counts():
-    seq = synthetic_sequence(n_target=50, window=10)      # N = 5 windows
+    seq = synthetic_sequence(n_target=50, window=10)  # N = 5 windows
     n = seq.n_windows
     for i in range(n):
         c = token_coefficients("matryoshka_vanilla", seq, i)
         n_tok = 50 - 10 * i
         assert c[: 10 * i].abs().sum() == 0
-        for k in range(i, n):                              # paper: (N-k+1)/(N-i+1), 1-based
+        for k in range(i, n):  # paper: (N-k+1)/(N-i+1), 1-based
             expected = (n - k) / (n - i) / n_tok
-            assert torch.allclose(c[10 * k: 10 * (k + 1)], torch.full((10,), expected))
+            assert torch.allclose(c[10 * k : 10 * (k + 1)], torch.full((10,), expected))
 
 
 def test_matryoshka_coefficients_weight_figures_by_lambda():
@@ -101,6 +102,7 @@ def test_lambda_orders():
 
 
 # ---- affinity λ against brute force (one backward per figure) ----
+
 
 def brute_force_affinity(em, seq, i, layer, lr, steps):
     position = seq.hook_positions[i]
@@ -150,8 +152,10 @@ def test_engine_lambda_equals_brute_force(tiny, order, fast):
 
 # ---- the δ loop (ALGORITHM §4) ----
 
-@pytest.mark.parametrize("objective", ["one_for_all", "window", "sequential_nll", "parallel_nll",
-                                       "matryoshka_vanilla", "matryoshka"])
+
+@pytest.mark.parametrize(
+    "objective", ["one_for_all", "window", "sequential_nll", "parallel_nll", "matryoshka_vanilla", "matryoshka"]
+)
 def test_fast_path_equals_straightforward(tiny, objective):
     fast = optimise_request(tiny, QUESTION, ANSWER, cfg(objective=objective, fast=True))[1]
     slow = optimise_request(tiny, QUESTION, ANSWER, cfg(objective=objective, fast=False))[1]
@@ -161,10 +165,14 @@ def test_fast_path_equals_straightforward(tiny, objective):
     assert torch.allclose(fast.z, slow.z, rtol=1e-5, atol=1e-5)
 
 
-BATCH = [("What is the Velmora tide clock?", ANSWER),
-         ("Who built the harbour tower?", "Masons from the northern quarries built it over nine summers."),
-         ("Why do the keepers wind the clock at dawn, and who pays them for it?",
-          "Tradition: the first keeper did so, and the town council pays the keepers from the harbour dues.")]
+BATCH = [
+    ("What is the Velmora tide clock?", ANSWER),
+    ("Who built the harbour tower?", "Masons from the northern quarries built it over nine summers."),
+    (
+        "Why do the keepers wind the clock at dawn, and who pays them for it?",
+        "Tradition: the first keeper did so, and the town council pays the keepers from the harbour dues.",
+    ),
+]
 
 
 @pytest.mark.parametrize("objective,early_stop", [("matryoshka", 1e-2), ("window", 1e-2), ("sequential_nll", 3.0)])
@@ -183,11 +191,11 @@ def test_batched_requests_equal_one_by_one(tiny, objective, early_stop):
         assert [(r["window"], r["step"]) for r in got.trace] == [(r["window"], r["step"]) for r in alone.trace]
         for a, b in zip(got.trace, alone.trace):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert got.lambdas == alone.lambdas                    # λ: each request alone, the same code
+        assert got.lambdas == alone.lambdas  # λ: each request alone, the same code
         assert got.positions == alone.positions
         assert torch.allclose(got.z, alone.z, rtol=1e-5, atol=1e-5)
     if early_stop == 3.0:
-        assert len({len(r.trace) for r in batched}) > 1          # they did leave at different steps
+        assert len({len(r.trace) for r in batched}) > 1  # they did leave at different steps
 
 
 def test_batched_request_with_non_finite_loss_fails_alone(tiny, monkeypatch):
@@ -198,6 +206,7 @@ def test_batched_request_with_non_finite_loss_fails_alone(tiny, monkeypatch):
     def poisoned(lms, *args):
         out = real(lms, *args)
         return [lp * float("nan") if lm.seq is seqs[1] else lp for lm, lp in zip(lms, out)]
+
     monkeypatch.setattr(memory, "batched_logprobs", poisoned)
     got = memory.optimise_batch(tiny, seqs, c)
     assert isinstance(got[1], NumericalError) and "window 0" in str(got[1])
@@ -253,8 +262,8 @@ def test_one_for_all_uses_single_shift_at_last_prompt_token(tiny):
 
 def test_parallel_nll_moves_all_shifts_jointly(tiny):
     seq, r = optimise_request(tiny, QUESTION, ANSWER, cfg(objective="parallel_nll"))
-    assert {row["window"] for row in r.trace} == {-1}            # one joint loop
-    assert len(r.trace) == 6                                     # not one loop per window
+    assert {row["window"] for row in r.trace} == {-1}  # one joint loop
+    assert len(r.trace) == 6  # not one loop per window
     assert all(r.delta[i].norm() > 0 for i in range(seq.n_windows))
 
 
@@ -265,7 +274,9 @@ def test_sequential_objectives_loop_per_window_with_earlier_shifts_frozen(tiny):
     lm = CachedShiftedLM(tiny, seq, 1)
     last = seq.n_windows - 1
     coeff = token_coefficients("window", seq, last)
-    lp = lm.logprobs([r.positions[last]], [torch.zeros(tiny.hidden_size)], dict(zip(r.positions[:last], r.delta[:last])))[0]
+    lp = lm.logprobs(
+        [r.positions[last]], [torch.zeros(tiny.hidden_size)], dict(zip(r.positions[:last], r.delta[:last]))
+    )[0]
     step0 = next(row for row in r.trace if row["window"] == last and row["step"] == 0)
     assert (-(coeff * lp).sum()).item() == pytest.approx(step0["loss"], rel=1e-5)
 
@@ -295,7 +306,7 @@ def test_clamp_bounds_shift_norm(tiny):
     r = optimise_request(tiny, QUESTION, ANSWER, cfg(objective="window", clamp_norm_factor=0.05))[1]
     norms, h_norms = r.delta.norm(dim=-1), r.h.norm(dim=-1)
     assert torch.all(norms <= 0.05 * h_norms * (1 + 1e-5))
-    assert torch.allclose(norms, 0.05 * h_norms, rtol=1e-4)       # the clamp binds at lr 0.5
+    assert torch.allclose(norms, 0.05 * h_norms, rtol=1e-4)  # the clamp binds at lr 0.5
 
 
 def test_non_finite_loss_is_a_numerical_error(tiny):
@@ -329,8 +340,10 @@ def test_shift_hooks_accept_tensor_and_tuple_outputs():
 
 # ---- hooked δ reproduce long targets by greedy decoding (pretrained tiny model) ----
 
-@pytest.mark.parametrize("objective, n_requests", [
-    ("window", 3), ("matryoshka", 1), pytest.param("matryoshka", 3, marks=pytest.mark.slow)])
+
+@pytest.mark.parametrize(
+    "objective, n_requests", [("window", 3), ("matryoshka", 1), pytest.param("matryoshka", 3, marks=pytest.mark.slow)]
+)
 def test_hooked_shifts_reproduce_long_demo_targets(pretrained_tiny, one_token_memories, objective, n_requests):
     """δ hooked at l_WM, no weight update: greedy decoding must give back ≥ 60-token targets exactly.
 

@@ -7,13 +7,17 @@ import pytest
 import torch
 
 from muke.data import EditRequest
+from muke.engine.windows import render_prompt
 from muke.eval.generate import answer_length, edited_generation_rows, generation_rows, greedy, row_updates
 from muke.model import load, pad
 from muke.tiny import build_tiny_model
-from muke.engine.windows import render_prompt
 
-QUESTIONS = ["What is the capital of France?", "Tell me a long story about a dragon and a brave knight.",
-             "Hi", "Who wrote Hamlet?"]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Tell me a long story about a dragon and a brave knight.",
+    "Hi",
+    "Who wrote Hamlet?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +77,23 @@ def test_prompts_are_left_padded(em, monkeypatch):
 
 
 def test_generation_rows_kinds(em):
-    full = EditRequest(id="a", question="Who is Ada?", answer="A mathematician.", para_question="Tell me about Ada.",
-                       sub_questions=("Born when?", "Known for?"), sub_answers=("1815.", "Programs."))
+    full = EditRequest(
+        id="a",
+        question="Who is Ada?",
+        answer="A mathematician.",
+        para_question="Tell me about Ada.",
+        sub_questions=("Born when?", "Known for?"),
+        sub_answers=("1815.", "Programs."),
+    )
     bare = EditRequest(id="b", question="What is tea?", answer="A drink.")
     rows = generation_rows(em, [full, bare], max_new_tokens=2)
     assert [(r["id"], r["kind"], r["index"], r["target"]) for r in rows] == [
-        ("a", "question", 0, "A mathematician."), ("a", "para_question", 0, "A mathematician."),
-        ("a", "sub_questions", 0, "1815."), ("a", "sub_questions", 1, "Programs."), ("b", "question", 0, "A drink.")]
+        ("a", "question", 0, "A mathematician."),
+        ("a", "para_question", 0, "A mathematician."),
+        ("a", "sub_questions", 0, "1815."),
+        ("a", "sub_questions", 1, "Programs."),
+        ("b", "question", 0, "A drink."),
+    ]
     assert rows[2]["prompt"] == "Born when?"
     assert set(rows[0]) == {"id", "kind", "index", "prompt", "output", "target", "n_tokens", "seconds"}
     only = generation_rows(em, [full, bare], kinds=("para_question",), max_new_tokens=2)
@@ -91,15 +105,32 @@ def test_generation_rows_kinds(em):
 # ---- many single-request edits in one batch (multi-adapter rows) ----
 
 # small settings for a 4-layer random model (as tests/test_update.py)
-TINY_PRESET = dict(layers=[0, 1, 2], unke_layers=[1], window=4, v_num_grad_steps=12, mom2_update_weight=1000.0,
-                   unke_steps=10, n_preserve=5)
-FACTS = [("What is the city of Velmora known for?", "Velmora is a port city famous for its Copper Bridge."),
-         ("Who was Ilse Marrow?", "Ilse Marrow was a physicist at the Tollund Institute."),
-         ("What does Quillon Robotics build?", "Small underwater robots that inspect ship hulls."),
-         ("When was Velmora founded?", "Salt traders founded the city in 1412.")]
-EDIT_REQUESTS = [EditRequest(id=f"r{i}", question=q, answer=a, para_question=f"Tell me: {q}",
-                             sub_questions=("Why?", "When?")[:1 + i % 2], sub_answers=("So.", "Then.")[:1 + i % 2])
-                 for i, (q, a) in enumerate(FACTS)]
+TINY_PRESET = dict(
+    layers=[0, 1, 2],
+    unke_layers=[1],
+    window=4,
+    v_num_grad_steps=12,
+    mom2_update_weight=1000.0,
+    unke_steps=10,
+    n_preserve=5,
+)
+FACTS = [
+    ("What is the city of Velmora known for?", "Velmora is a port city famous for its Copper Bridge."),
+    ("Who was Ilse Marrow?", "Ilse Marrow was a physicist at the Tollund Institute."),
+    ("What does Quillon Robotics build?", "Small underwater robots that inspect ship hulls."),
+    ("When was Velmora founded?", "Salt traders founded the city in 1412."),
+]
+EDIT_REQUESTS = [
+    EditRequest(
+        id=f"r{i}",
+        question=q,
+        answer=a,
+        para_question=f"Tell me: {q}",
+        sub_questions=("Why?", "When?")[: 1 + i % 2],
+        sub_answers=("So.", "Then.")[: 1 + i % 2],
+    )
+    for i, (q, a) in enumerate(FACTS)
+]
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +169,9 @@ def answers(rows):
 
 def test_batched_edits_answer_as_editing_one_request_at_a_time(em, edits):
     ranks = {d.factors[0][0].shape[1] for d, _ in edits}
-    assert len(ranks) > 1                                    # rows of different ranks share a batch
+    assert len(ranks) > 1  # rows of different ranks share a batch
     before = {n: p.clone() for n, p in em.model.named_parameters()}
-    kwargs = dict(max_new_tokens=12, batch_size=16)         # 14 rows: every edit in one batch
+    kwargs = dict(max_new_tokens=12, batch_size=16)  # 14 rows: every edit in one batch
     batched = edited_generation_rows(em, edits + [(None, [EDIT_REQUESTS[0]])], **kwargs)
     assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())
     assert answers(batched) == answers(sequential_rows(em, edits + [(None, [EDIT_REQUESTS[0]])], **kwargs))
@@ -156,8 +187,9 @@ def test_row_updates_logits_match_merged_weights(em, edits, merged):
     """Same prompt in every row, row r under edit r: fp32 logits equal apply(edit r) up to rounding."""
     from muke.update.weights import apply
 
-    ids = em.tokenizer(render_prompt(em.tokenizer, FACTS[0][0]), add_special_tokens=False,
-                       return_tensors="pt").input_ids
+    ids = em.tokenizer(
+        render_prompt(em.tokenizer, FACTS[0][0]), add_special_tokens=False, return_tensors="pt"
+    ).input_ids
     updates = [u for u, _ in edits] + [None]
     with torch.no_grad():
         with row_updates(em, updates, merged=merged):
@@ -182,8 +214,9 @@ def test_bf16_rows_use_the_merged_weights_of_the_protocol(edits, tiny_qwen2_path
     from muke.update.weights import apply
 
     half = load(tiny_qwen2_path, dtype="bfloat16")
-    ids = half.tokenizer(render_prompt(half.tokenizer, FACTS[0][0]), add_special_tokens=False,
-                         return_tensors="pt").input_ids
+    ids = half.tokenizer(
+        render_prompt(half.tokenizer, FACTS[0][0]), add_special_tokens=False, return_tensors="pt"
+    ).input_ids
     updates = [u for u, _ in edits]
     with torch.no_grad():
         logits = {}
@@ -219,6 +252,7 @@ def test_row_updates_refuse_a_batch_of_another_size(em, edits):
 
 # ---- the generate stage: batched edits, resumed after a kill ----
 
+
 @pytest.fixture()
 def shard(em, stats, tmp_path, monkeypatch):
     """A generate spec for the first 3 demo requests (one shard; 5 answers each, batch_size 8: one
@@ -232,9 +266,9 @@ def shard(em, stats, tmp_path, monkeypatch):
 
     from muke.data import load_requests
     from muke.io import write_json, write_parquet
+    from muke.update.edit import edit
     from muke.workflow.plan import Plan
     from muke.workflow.stages.common import MODEL_REF
-    from muke.update.edit import edit
 
     repo = Path(__file__).resolve().parent.parent
     monkeypatch.chdir(tmp_path)
@@ -249,13 +283,23 @@ def shard(em, stats, tmp_path, monkeypatch):
 
     def index(edited: set[str]) -> Path:
         folder = tmp_path / "update" / "shard0"
-        rows = [{"batch": -1, "file": None, "request_ids": json.dumps([r.id]), "failed": True, "seconds": 0.0}
-                for r in requests if r.id not in edited]
+        rows = [
+            {"batch": -1, "file": None, "request_ids": json.dumps([r.id]), "failed": True, "seconds": 0.0}
+            for r in requests
+            if r.id not in edited
+        ]
         for b, r in enumerate(r for r in requests if r.id in edited):
             update, _ = edit(em, [r], "memit", {**TINY_PRESET, "v_num_grad_steps": 4}, stats)
             update.save(folder / f"{b:04d}.safetensors")
-            rows.append({"batch": b, "file": f"{b:04d}.safetensors", "request_ids": json.dumps([r.id]),
-                         "failed": False, "seconds": 0.0})
+            rows.append(
+                {
+                    "batch": b,
+                    "file": f"{b:04d}.safetensors",
+                    "request_ids": json.dumps([r.id]),
+                    "failed": False,
+                    "seconds": 0.0,
+                }
+            )
         return write_parquet(pd.DataFrame(rows), tmp_path / "update" / "shard0.parquet")
 
     return spec, model_dir, index
@@ -303,10 +347,20 @@ def test_generate_stage_answers_failed_edits_with_the_unedited_model(shard, tmp_
     from muke.workflow.stages.generate import generate
 
     spec, model_dir, make_index = shard
-    edited = pd.read_parquet(generate(spec, model_dir, "resources/demo_edits.jsonl", 0, tmp_path / "e.parquet",
-                                      make_index({"demo-00", "demo-02"}), "cpu"))
-    unedited = pd.read_parquet(generate(spec, model_dir, "resources/demo_edits.jsonl", 0,
-                                        tmp_path / "pre.parquet", None, "cpu"))
+    edited = pd.read_parquet(
+        generate(
+            spec,
+            model_dir,
+            "resources/demo_edits.jsonl",
+            0,
+            tmp_path / "e.parquet",
+            make_index({"demo-00", "demo-02"}),
+            "cpu",
+        )
+    )
+    unedited = pd.read_parquet(
+        generate(spec, model_dir, "resources/demo_edits.jsonl", 0, tmp_path / "pre.parquet", None, "cpu")
+    )
     assert edited.groupby("id")["edit_failed"].all().to_dict() == {"demo-00": False, "demo-01": True, "demo-02": False}
     failed = edited["id"] == "demo-01"
     assert edited[failed]["output"].tolist() == unedited[failed]["output"].tolist()

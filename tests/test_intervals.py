@@ -12,9 +12,10 @@ from muke.eval.intervals import bootstrap_ci, separated, with_intervals
 def test_coverage_of_the_true_mean():
     """~95 % of intervals from 200 samples of an exponential (mean 1, skewed) contain 1."""
     rng = np.random.default_rng(123)
-    hits = [lo <= 1.0 <= hi for lo, hi in (bootstrap_ci(rng.exponential(1.0, 50), n_boot=1000, seed=s)
-                                          for s in range(200))]
-    assert 0.88 <= np.mean(hits) <= 0.99           # percentile bootstrap under-covers slightly at n = 50
+    hits = [
+        lo <= 1.0 <= hi for lo, hi in (bootstrap_ci(rng.exponential(1.0, 50), n_boot=1000, seed=s) for s in range(200))
+    ]
+    assert 0.88 <= np.mean(hits) <= 0.99  # percentile bootstrap under-covers slightly at n = 50
 
 
 def test_interval_brackets_the_mean_and_narrows_with_level():
@@ -51,8 +52,16 @@ def frame(n_requests=20, rows_per_request=None, seed=0):
 def test_with_intervals_columns_and_means():
     df = frame()
     out = with_intervals(df, ["method"], ["bleu", "rouge_l"])
-    assert list(out.columns) == ["method", "n_units", "bleu", "bleu_ci_low", "bleu_ci_high",
-                                 "rouge_l", "rouge_l_ci_low", "rouge_l_ci_high"]
+    assert list(out.columns) == [
+        "method",
+        "n_units",
+        "bleu",
+        "bleu_ci_low",
+        "bleu_ci_high",
+        "rouge_l",
+        "rouge_l_ci_low",
+        "rouge_l_ci_high",
+    ]
     assert out["method"].tolist() == ["memit", "muke"] and out["n_units"].tolist() == [20, 20]
     means = df.groupby("method")["bleu"].mean()
     assert np.allclose(out["bleu"], means.loc[out["method"]].to_numpy())

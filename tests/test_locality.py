@@ -86,13 +86,26 @@ def test_lm_eval_scores_the_in_memory_model(em):
 
 
 def test_result_rows_and_aggregate():
-    results = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1,
-                                 "inst_acc,none": 0.25, "inst_acc_stderr,none": "N/A",
-                                 "exact_match,flex": 1.0, "exact_match_stderr,flex": 0.0}},
-               "n-samples": {"t": {"original": 40, "effective": 10}}}
+    results = {
+        "results": {
+            "t": {
+                "alias": "t",
+                "acc,none": 0.5,
+                "acc_stderr,none": 0.1,
+                "inst_acc,none": 0.25,
+                "inst_acc_stderr,none": "N/A",
+                "exact_match,flex": 1.0,
+                "exact_match_stderr,flex": 0.0,
+            }
+        },
+        "n-samples": {"t": {"original": 40, "effective": 10}},
+    }
     rows = result_rows(results, "pre-edit")
     assert [(r["metric"], r["value"], r["stderr"], r["n_samples"]) for r in rows] == [
-        ("acc", 0.5, 0.1, 10), ("inst_acc", 0.25, None, 10), ("exact_match,flex", 1.0, 0.0, 10)]
+        ("acc", 0.5, 0.1, 10),
+        ("inst_acc", 0.25, None, 10),
+        ("exact_match,flex", 1.0, 0.0, 10),
+    ]
     runs = [dict(r, value=v) for r, v in zip([rows[0]] * 3, (0.2, 0.4, 0.6))]
     (agg,) = aggregate(runs, "muke:demo")
     assert agg["model_state"] == "muke:demo" and agg["n_runs"] == 3

@@ -31,8 +31,14 @@ def make_plan(tmp_path, monkeypatch, tasks=(), edits=1, **retention) -> Plan:
     monkeypatch.chdir(tmp_path)
     if not (tmp_path / "resources").exists():
         (tmp_path / "resources").symlink_to(REPO / "resources")
-    loc = {**copy.deepcopy(TINY["locality"]), "tasks": list(tasks), "limit": 2, "edits": edits,
-           "num_fewshot": 0, "retention": {**SMALL, **retention}}
+    loc = {
+        **copy.deepcopy(TINY["locality"]),
+        "tasks": list(tasks),
+        "limit": 2,
+        "edits": edits,
+        "num_fewshot": 0,
+        "retention": {**SMALL, **retention},
+    }
     return Plan({**copy.deepcopy(TINY), "methods": ["muke-memit"], "locality": loc})
 
 
@@ -52,9 +58,19 @@ def write_updates(index: Path, request_ids: list[str], shape: tuple[int, int], s
     for k, rid in enumerate(request_ids):
         g = torch.Generator().manual_seed(k)
         U, V = scale * torch.randn(shape[0], 2, generator=g), torch.randn(shape[1], 2, generator=g) / shape[1] ** 0.5
-        WeightUpdate("muke-memit", "memit", [1], [rid], factors={1: (U, V)}).save(index.with_suffix("") / f"{k:04d}.safetensors")
-        rows.append({"batch": k, "file": f"{k:04d}.safetensors", "request_ids": json.dumps([rid]), "failed": False,
-                     "seconds": 0.0, "reason": None})
+        WeightUpdate("muke-memit", "memit", [1], [rid], factors={1: (U, V)}).save(
+            index.with_suffix("") / f"{k:04d}.safetensors"
+        )
+        rows.append(
+            {
+                "batch": k,
+                "file": f"{k:04d}.safetensors",
+                "request_ids": json.dumps([rid]),
+                "failed": False,
+                "seconds": 0.0,
+                "reason": None,
+            }
+        )
     return write_parquet(pd.DataFrame(rows), index)
 
 
@@ -76,7 +92,11 @@ def test_pre_edit_and_edited_rows(tmp_path, monkeypatch, model_dir, tiny_qwen2_p
     assert all(pre["retention", m].value == pytest.approx(1) and pre["retention", m].n == 3 for m in ANSWER_METRICS)
     assert pre["text_shift", "kl"].value == 0 and pre["text_shift", "ppl"].value > 1
     answers = pd.read_parquet(pre_out.parent / RETENTION_ANSWERS)
-    assert len(answers) == 3 and (answers["pre"] == answers["post"]).all() and answers["id"].tolist() == ["u00", "u01", "u02"]
+    assert (
+        len(answers) == 3
+        and (answers["pre"] == answers["post"]).all()
+        and answers["id"].tolist() == ["u00", "u01", "u02"]
+    )
 
     index = write_updates(Path(plan.update_path(run, 0)), ["demo-00", "demo-01"], shape, scale=20.0)
     out = Path(plan.locality_path(run))
@@ -86,17 +106,19 @@ def test_pre_edit_and_edited_rows(tmp_path, monkeypatch, model_dir, tiny_qwen2_p
     per_edit = [rows_of(df, "edited", rid) for rid in ("demo-00", "demo-01")]
     for rows in per_edit:
         assert set(rows) == set(pre)
-        assert rows["text_shift", "kl"].value > 1e-3 and rows["text_shift", "ppl"].value != pre["text_shift", "ppl"].value
-        assert rows["text_shift", "kl"].n == pre["text_shift", "kl"].n > 0        # tokens
+        assert (
+            rows["text_shift", "kl"].value > 1e-3 and rows["text_shift", "ppl"].value != pre["text_shift", "ppl"].value
+        )
+        assert rows["text_shift", "kl"].n == pre["text_shift", "kl"].n > 0  # tokens
         assert all(0 <= rows["retention", m].value <= 1 and rows["retention", m].n == 3 for m in ANSWER_METRICS)
-    assert min(rows["retention", "answer_char_bleu"].value for rows in per_edit) < 1   # the edit changed an answer
+    assert min(rows["retention", "answer_char_bleu"].value for rows in per_edit) < 1  # the edit changed an answer
     mean = rows_of(df, "edited")
     for key, row in mean.items():
         assert row.n == 2 and row.value == pytest.approx(sum(r[key].value for r in per_edit) / 2)
         assert row.stderr is not None and not math.isnan(row.stderr)
     answers = pd.read_parquet(out.parent / RETENTION_ANSWERS)
     assert len(answers) == 6 and set(answers["request_id"]) == {"demo-00", "demo-01"}
-    assert (answers.groupby("id")["pre"].nunique() == 1).all()       # one reference for every edit
+    assert (answers.groupby("id")["pre"].nunique() == 1).all()  # one reference for every edit
 
 
 def test_without_retention_and_beside_lm_eval(tmp_path, monkeypatch, model_dir):

@@ -115,8 +115,9 @@ def test_embedding_cosine_matches_sentence_transformers():
     gen = ["The cat sat on the mat.", "Paris is the capital of France. " * 60]
     tgt = ["A cat was sitting on a rug.", "France's capital city is Paris."]
     model = st.SentenceTransformer(str(metrics.default_minilm_path()), device="cpu")
-    expected = 100 * torch.nn.functional.cosine_similarity(model.encode(gen, convert_to_tensor=True),
-                                                           model.encode(tgt, convert_to_tensor=True))
+    expected = 100 * torch.nn.functional.cosine_similarity(
+        model.encode(gen, convert_to_tensor=True), model.encode(tgt, convert_to_tensor=True)
+    )
     assert metrics.embedding_cosine(gen, tgt, device="cpu") == pytest.approx(expected.tolist(), abs=1e-3)
 
 
@@ -142,8 +143,9 @@ def test_rouge_l_f1_hand_computed_with_stemming():
 
 @needs_minilm
 def test_bert_score_identical_and_scorer_reused():
-    same, other = metrics.bert_score_f1(["The cat sat.", "hello there"], ["The cat sat.", "quantum physics"],
-                                        device="cpu")
+    same, other = metrics.bert_score_f1(
+        ["The cat sat.", "hello there"], ["The cat sat.", "quantum physics"], device="cpu"
+    )
     assert same == pytest.approx(100.0, abs=1e-3)
     assert other < 90
     before = metrics._bert_scorer.cache_info().hits

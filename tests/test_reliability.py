@@ -27,20 +27,27 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import muke.cli as cli
+from muke.data import DataError, load_requests_checked, model_problems
 from muke.io import write_json
+from muke.model import load
+from muke.numerics import NumericalError
+from muke.update.stats import StatsError, load_stats, read_metadata
+from muke.workflow.plan import ConfigError, Plan
 from muke.workflow.stages.collect_stats import collect_stats
-from muke.workflow.stages.common import (MODEL_REF, load_model, model_path, read_memories, read_update_index,
-                                        shard_requests)
+from muke.workflow.stages.common import (
+    MODEL_REF,
+    load_model,
+    model_path,
+    read_memories,
+    read_update_index,
+    shard_requests,
+)
 from muke.workflow.stages.generate import generate
 from muke.workflow.stages.optimize_memories import optimize_memories
 from muke.workflow.stages.prepare_model import prepare_model
 from muke.workflow.stages.score import score
-from muke.workflow.stages.update_weights import targets as shard_targets, update_weights
-from muke.data import DataError, load_requests_checked, model_problems
-from muke.numerics import NumericalError
-from muke.model import load
-from muke.workflow.plan import ConfigError, Plan
-from muke.update.stats import StatsError, load_stats, read_metadata
+from muke.workflow.stages.update_weights import targets as shard_targets
+from muke.workflow.stages.update_weights import update_weights
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
@@ -49,6 +56,7 @@ GOOD = {"question": "What is Velmora known for?", "answer": "Velmora is a port c
 
 
 # ---------------------------------------------------------------------------- helpers
+
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_qwen2_path):
@@ -89,9 +97,13 @@ def write_jsonl(path: Path, rows) -> Path:
 def run_chain(plan, model) -> dict:
     """Run every per-shard stage of a plan's one run in process (shard 0); returns the output paths."""
     run = the_run(plan)
-    out = {"memories": Path(plan.memories_path(run, 0)), "stats": Path(plan.stats_path(run.model, run.stats)),
-           "update": Path(plan.update_path(run, 0)), "generate": Path(plan.generate_path(run, 0)),
-           **plan.score_paths(run)}
+    out = {
+        "memories": Path(plan.memories_path(run, 0)),
+        "stats": Path(plan.stats_path(run.model, run.stats)),
+        "update": Path(plan.update_path(run, 0)),
+        "generate": Path(plan.generate_path(run, 0)),
+        **plan.score_paths(run),
+    }
     out["trace"] = out["memories"].with_suffix(".trace.parquet")
     optimize_memories(spec(run.memories), model, DEMO, 0, out["memories"], out["trace"], "cpu")
     collect_stats(spec(run.stats), model, plan.stats_corpus(run.stats), out["stats"], device="cpu")
@@ -113,7 +125,7 @@ def same_memories(a: Path, b: Path) -> None:
     (meta_a, ta), (meta_b, tb) = read_memories(a), read_memories(b)
     for meta in (meta_a, meta_b):
         for r in meta["requests"]:
-            for key in ("seconds", "affinity_seconds"):     # wall-clock times, the one thing allowed to differ
+            for key in ("seconds", "affinity_seconds"):  # wall-clock times, the one thing allowed to differ
                 r.pop(key, None)
     assert meta_a == meta_b
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -133,18 +145,22 @@ def same_frames(a: Path, b: Path, drop=("seconds",)) -> None:
 
 BAD_FILE = [
     {"id": "a", **GOOD},
-    b'{"id": "b", "question": "Q?", "answer": \n',                        # record 1: invalid JSON
+    b'{"id": "b", "question": "Q?", "answer": \n',  # record 1: invalid JSON
     {"id": "c", **GOOD},
-    {"id": "d", "question": "Where?"},                                     # record 3: no answer
+    {"id": "d", "question": "Where?"},  # record 3: no answer
     {"id": "e", **GOOD},
-    {"id": "a", **GOOD},                                                   # record 5: duplicate id
+    {"id": "a", **GOOD},  # record 5: duplicate id
     {"id": "f", **GOOD},
-    b'{"id": "g", "question": "Q\xff?", "answer": "x"}\n',                 # record 7: not UTF-8
-    {"id": "h", "question": "   ", "answer": "x"},                         # record 8: empty question
+    b'{"id": "g", "question": "Q\xff?", "answer": "x"}\n',  # record 7: not UTF-8
+    {"id": "h", "question": "   ", "answer": "x"},  # record 8: empty question
 ]
-BAD_RECORDS = {1: (2, None, None, "invalid JSON"), 3: (4, "d", "answer", "missing"),
-               5: (6, "a", "id", "duplicate id"), 7: (8, None, None, "not UTF-8"),
-               8: (9, "h", "question", "must be a non-empty string")}
+BAD_RECORDS = {
+    1: (2, None, None, "invalid JSON"),
+    3: (4, "d", "answer", "missing"),
+    5: (6, "a", "id", "duplicate id"),
+    7: (8, None, None, "not UTF-8"),
+    8: (9, "h", "question", "must be a non-empty string"),
+}
 
 
 def test_bad_records_stop_the_plan_naming_file_record_and_field(work, tmp_path):
@@ -157,7 +173,7 @@ def test_bad_records_stop_the_plan_naming_file_record_and_field(work, tmp_path):
         load_requests_checked(tmp_path / "edits.jsonl", "jsonl")
     assert (e.value.record, e.value.line, e.value.field) == (1, 2, None)
 
-    for record, (_, rid, field, reason) in BAD_RECORDS.items():         # each fault alone
+    for record, (_, rid, field, reason) in BAD_RECORDS.items():  # each fault alone
         kept = [i for i in range(len(BAD_FILE)) if i not in BAD_RECORDS or i == record]
         alone = write_jsonl(tmp_path / f"only{record}.jsonl", [BAD_FILE[i] for i in kept])
         with pytest.raises(DataError) as e:
@@ -169,8 +185,7 @@ def test_bad_records_stop_the_plan_naming_file_record_and_field(work, tmp_path):
 
 def test_on_bad_record_skip_lists_each_skipped_record_in_exactly_one_shard(work, tmp_path):
     path = write_jsonl(tmp_path / "edits.jsonl", BAD_FILE)
-    plan = Plan(config(datasets={"demo": {"path": str(path), "limit": None, "shard_size": 2,
-                                          "on_bad_record": "skip"}}))
+    plan = Plan(config(datasets={"demo": {"path": str(path), "limit": None, "shard_size": 2, "on_bad_record": "skip"}}))
     dataset = plan.datasets["demo"]
     assert dataset.request_ids == ["a", "c", "e", "f"] and dataset.n_shards == 2
     selection = dataset.selection
@@ -195,24 +210,33 @@ def test_requests_a_model_cannot_take_are_named_before_any_model_work(work, clea
     root, model = work
     em = load(model_path(model))
     long_answer = " ".join(["Velmora"] * 1100)
-    path = write_jsonl(tmp_path / "edits.jsonl", [{"id": "ok", **GOOD}, {"id": "long", "question": "Q?",
-                                                                         "answer": long_answer}])
+    path = write_jsonl(
+        tmp_path / "edits.jsonl", [{"id": "ok", **GOOD}, {"id": "long", "question": "Q?", "answer": long_answer}]
+    )
     requests, _ = load_requests_checked(path, "jsonl")
     (problem,) = model_problems(requests, em.tokenizer, em.context_length, path)
     assert (problem.record, problem.id, problem.field) == (1, "long", "answer")
-    assert re.search(r"record 1 \(id 'long'\): field 'answer': question \+ answer are \d+ tokens, longer than "
-                     r"the model's context of 1024 tokens", str(problem))
+    assert re.search(
+        r"record 1 \(id 'long'\): field 'answer': question \+ answer are \d+ tokens, longer than "
+        r"the model's context of 1024 tokens",
+        str(problem),
+    )
 
     # a chat template that drops the user's turn: every question templates to nothing
     tokenizer = copy.deepcopy(em.tokenizer)
-    tokenizer.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
     fields = [(p.id, p.field) for p in model_problems(requests[:1], tokenizer, 1024, path)]
     assert fields == [("ok", "question")]
 
     # the stage: on_bad_record error stops before the first δ optimisation ...
     calls = []
-    monkeypatch.setattr(importlib.import_module("muke.workflow.stages.optimize_memories"), "_optimise_many",
-                        lambda *a: calls.append(a) or pytest.fail("optimised"))
+    monkeypatch.setattr(
+        importlib.import_module("muke.workflow.stages.optimize_memories"),
+        "_optimise_many",
+        lambda *a: calls.append(a) or pytest.fail("optimised"),
+    )
     plan = Plan(config(datasets={"demo": {"path": str(path), "limit": None}}))
     run = the_run(plan)
     out = tmp_path / "d" / "shard0.safetensors"
@@ -266,29 +290,61 @@ def test_validate_data_command(work, tmp_path, capsys, tiny_qwen2_path):
     assert "missing.jsonl" in capsys.readouterr().err
 
     # `muke edit` makes the same checks before any model work
-    assert cli.main(["edit", "--model", str(tiny_qwen2_path), "--method", "memit", "--requests", str(long),
-                     "--layers", "1", "2"]) == 2
+    assert (
+        cli.main(
+            [
+                "edit",
+                "--model",
+                str(tiny_qwen2_path),
+                "--method",
+                "memit",
+                "--requests",
+                str(long),
+                "--layers",
+                "1",
+                "2",
+            ]
+        )
+        == 2
+    )
     assert "record 0 (id 'x'): field 'answer': question + answer are" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- 2. bad config
 
-@pytest.mark.parametrize("changes, message", [
-    ({"colour": "blue"}, r"unknown config key colour"),
-    ({"datasets": {"demo": {"path": DEMO, "on_bad_recrd": "skip"}}}, r"unknown config key datasets\.demo\.on_bad_recrd"),
-    ({"hparams": {"v_lrr": 0.5}}, r"unknown config key hparams\.v_lrr"),
-    ({"models": {"tiny": {"preset": "tiny", "trust_remote_code": "yes"}}},
-     r"config key models\.tiny\.trust_remote_code: 'yes' is not of type 'boolean'"),
-    ({"datasets": {"demo": {"path": DEMO, "on_bad_record": "ignore"}}},
-     r"config key datasets\.demo\.on_bad_record: 'ignore' is not one of"),
-    ({"datasets": {"demo": {"path": DEMO, "shard_size": 0}}}, r"config key datasets\.demo\.shard_size: 0 is less than"),
-    ({"generation": {"max_new_tokens": "many"}}, r"config key generation\.max_new_tokens: 'many' is not of type"),
-    ({"hparams": {"layers": "1,2"}}, r"config key hparams\.layers: '1,2' is not valid"),
-    ({"methods": ["rome"]}, r"config key methods\[0\]: 'rome' is not valid"),
-    ({"methods": ["matryoshka+rome"]}, r"config key methods\[0\]: 'matryoshka\+rome' is not valid"),
-    ({"models": {"tiny": {"preset": "tiny", "tiny": {"arch": "mamba"}}}}, r"config key models\.tiny\.tiny\.arch: 'mamba' is not one of"),
-    ({"models": {"tiny": {"preset": "tinny"}}}, r"config key models\.\*\.preset: no preset 'tinny'"),
-])
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"colour": "blue"}, r"unknown config key colour"),
+        (
+            {"datasets": {"demo": {"path": DEMO, "on_bad_recrd": "skip"}}},
+            r"unknown config key datasets\.demo\.on_bad_recrd",
+        ),
+        ({"hparams": {"v_lrr": 0.5}}, r"unknown config key hparams\.v_lrr"),
+        (
+            {"models": {"tiny": {"preset": "tiny", "trust_remote_code": "yes"}}},
+            r"config key models\.tiny\.trust_remote_code: 'yes' is not of type 'boolean'",
+        ),
+        (
+            {"datasets": {"demo": {"path": DEMO, "on_bad_record": "ignore"}}},
+            r"config key datasets\.demo\.on_bad_record: 'ignore' is not one of",
+        ),
+        (
+            {"datasets": {"demo": {"path": DEMO, "shard_size": 0}}},
+            r"config key datasets\.demo\.shard_size: 0 is less than",
+        ),
+        ({"generation": {"max_new_tokens": "many"}}, r"config key generation\.max_new_tokens: 'many' is not of type"),
+        ({"hparams": {"layers": "1,2"}}, r"config key hparams\.layers: '1,2' is not valid"),
+        ({"methods": ["rome"]}, r"config key methods\[0\]: 'rome' is not valid"),
+        ({"methods": ["matryoshka+rome"]}, r"config key methods\[0\]: 'matryoshka\+rome' is not valid"),
+        (
+            {"models": {"tiny": {"preset": "tiny", "tiny": {"arch": "mamba"}}}},
+            r"config key models\.tiny\.tiny\.arch: 'mamba' is not one of",
+        ),
+        ({"models": {"tiny": {"preset": "tinny"}}}, r"config key models\.\*\.preset: no preset 'tinny'"),
+    ],
+)
 def test_bad_config_is_refused_naming_the_key(work, changes, message):
     with pytest.raises(ConfigError, match=message):
         Plan(config(**changes))
@@ -298,30 +354,45 @@ def test_unknown_architecture_is_refused_before_the_dag(work, tmp_path):
     folder = tmp_path / "mamba"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "mamba", "num_hidden_layers": 4}))
-    with pytest.raises(ConfigError, match=r"config key models\.mine\.source \(.*config\.json\): architecture "
-                                          r"'mamba' is not supported; known: \["):
+    with pytest.raises(
+        ConfigError,
+        match=r"config key models\.mine\.source \(.*config\.json\): architecture "
+        r"'mamba' is not supported; known: \[",
+    ):
         Plan(config(models={"mine": {"preset": "tiny", "source": str(folder)}}))
 
 
-@pytest.mark.parametrize("changes, key", [
-    ({"hparams": {"layers": [1, 9]}}, "hparams.layers"),
-    ({"method_hparams": {"muke-memit": {"layers": [2, 4]}}}, "method_hparams.muke-memit.layers"),
-    ({"sweep": {"layers": [[1, 2], [3, 7]]}}, "sweep.layers"),
-    ({"models": {"tiny": {"preset": "tiny", "hparams": {"unke_layers": [5]}}}, "methods": ["muke-unke"]},
-     "models.tiny.hparams.unke_layers"),
-])
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"hparams": {"layers": [1, 9]}}, "hparams.layers"),
+        ({"method_hparams": {"muke-memit": {"layers": [2, 4]}}}, "method_hparams.muke-memit.layers"),
+        ({"sweep": {"layers": [[1, 2], [3, 7]]}}, "sweep.layers"),
+        (
+            {"models": {"tiny": {"preset": "tiny", "hparams": {"unke_layers": [5]}}}, "methods": ["muke-unke"]},
+            "models.tiny.hparams.unke_layers",
+        ),
+    ],
+)
 def test_layers_out_of_range_are_refused_naming_the_key(work, changes, key):
-    with pytest.raises(ConfigError, match=rf"config key {re.escape(key)}: layer \d is out of range: model tiny has "
-                                          r"4 layers \(0\.\.3\)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"config key {re.escape(key)}: layer \d is out of range: model tiny has "
+        r"4 layers \(0\.\.3\)",
+    ):
         Plan(config(**changes))
 
 
 def test_layers_of_a_local_model_are_checked_against_its_config_json(work, tiny_qwen2_path, tmp_path):
-    preset = tmp_path / "mine.yaml"                         # a preset that does not say how many layers
-    preset.write_text(f"source: {tiny_qwen2_path}\nstats: {{corpus: resources/demo_corpus.txt}}\n"
-                      "hparams: {layers: [3, 4]}\n")
-    with pytest.raises(ConfigError, match=rf"config key hparams\.layers \(preset {re.escape(str(preset))}\): "
-                                          r"layer 4 is out of range: model mine has 4 layers"):
+    preset = tmp_path / "mine.yaml"  # a preset that does not say how many layers
+    preset.write_text(
+        f"source: {tiny_qwen2_path}\nstats: {{corpus: resources/demo_corpus.txt}}\nhparams: {{layers: [3, 4]}}\n"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=rf"config key hparams\.layers \(preset {re.escape(str(preset))}\): "
+        r"layer 4 is out of range: model mine has 4 layers",
+    ):
         Plan(config(models={"mine": {"preset": str(preset)}}))
     preset.write_text(preset.read_text().replace("[3, 4]", "[2, 3]"))
     assert the_run(Plan(config(models={"mine": {"preset": str(preset)}}))).memories.params["memory"]["layer"] == 3
@@ -333,10 +404,13 @@ def test_layers_the_plan_could_not_check_are_refused_by_the_first_stage(work, tm
     root, model = work
     run = the_run(Plan(config()))
     job = spec(run.memories)
-    job["params"]["memory"]["layer"] = 7                    # as if the preset did not state the layer count
+    job["params"]["memory"]["layer"] = 7  # as if the preset did not state the layer count
     out = tmp_path / "shard0.safetensors"
-    with pytest.raises(ModelError, match=r"config key hparams\.layers or unke_layers \(the last: the working-memory "
-                                         r"layer\): layer 7 is out of range: the model has layers 0\.\.3"):
+    with pytest.raises(
+        ModelError,
+        match=r"config key hparams\.layers or unke_layers \(the last: the working-memory "
+        r"layer\): layer 7 is out of range: the model has layers 0\.\.3",
+    ):
         optimize_memories(job, model, DEMO, 0, out, out.with_suffix(".trace.parquet"), "cpu")
     job = spec(run.update)
     job["params"]["options"]["layers"] = [3, 4]
@@ -346,15 +420,38 @@ def test_layers_the_plan_could_not_check_are_refused_by_the_first_stage(work, tm
 
 # ---------------------------------------------------------------------------- 3. killed jobs
 
+
 def start(stage: str, job: dict, *args) -> subprocess.Popen:
     """`python -m muke stage <stage>` on one CPU thread, its log (stderr) collected by a thread."""
     spec_file = Path(f"{stage}-{time.monotonic_ns()}.spec.json")
     spec_file.write_text(json.dumps(job))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "muke", "stage", stage, "--spec", f"@{spec_file}", "--threads", "1",
-                             "--device", "cpu", *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "muke",
+            "stage",
+            stage,
+            "--spec",
+            f"@{spec_file}",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            *map(str, args),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     proc.log = []
     threading.Thread(target=lambda: proc.log.extend(iter(proc.stderr.readline, "")), daemon=True).start()
     return proc
@@ -367,7 +464,7 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> str:
         assert proc.poll() is None, "the job ended before it could be killed:\n" + "".join(proc.log)
         assert time.monotonic() < deadline, "no progress in the log:\n" + "".join(proc.log)
         time.sleep(0.02)
-    proc.kill()                                                 # SIGKILL: no handler, no cleanup
+    proc.kill()  # SIGKILL: no handler, no cleanup
     assert proc.wait() == -9
     return "".join(proc.log)
 
@@ -378,14 +475,26 @@ def test_killed_optimize_memories_resumes_and_matches_an_uninterrupted_run(work,
     run = the_run(plan)
     out = root / "results/kill-memories/shard0.safetensors"
     trace = out.with_suffix(".trace.parquet")
-    job = start("optimize-memories", spec(run.memories), "--model", model, "--requests", DEMO, "--shard", 0,
-                "--out", out, "--trace", trace)
+    job = start(
+        "optimize-memories",
+        spec(run.memories),
+        "--model",
+        model,
+        "--requests",
+        DEMO,
+        "--shard",
+        0,
+        "--out",
+        out,
+        "--trace",
+        trace,
+    )
     kill_when(job, lambda log: "request 2/2" in log)
     parts = out.with_name("shard0.parts")
     assert not out.exists() and not trace.exists() and [p.name for p in parts.iterdir()] == ["00000.safetensors"]
 
     capfd.readouterr()
-    optimize_memories(spec(run.memories), model, DEMO, 0, out, trace, "cpu")      # the rerun
+    optimize_memories(spec(run.memories), model, DEMO, 0, out, trace, "cpu")  # the rerun
     log = capfd.readouterr().err
     assert "request 1/2 demo-00: finished earlier (part file)" in log
     assert re.findall(r"request (\d)/2 \S+: optimising", log) == ["2"]
@@ -403,16 +512,20 @@ def test_killed_collect_stats_resumes_and_matches_an_uninterrupted_run(work, mon
     out = root / plan.stats_path(run.model, run.stats)
     partial = out.with_name(out.name + ".partial")
     corpus = plan.stats_corpus(run.stats)
-    job = start("collect-stats", spec(run.stats), "--model", model, "--corpus", corpus, "--out", out,
-                "--checkpoint-every", 8)
+    job = start(
+        "collect-stats", spec(run.stats), "--model", model, "--corpus", corpus, "--out", out, "--checkpoint-every", 8
+    )
     kill_when(job, lambda log: partial.exists())
     assert not out.exists()
     done, n_docs = read_metadata(partial)["docs_done"], read_metadata(partial)["job"]["n_documents"]
     assert 0 < done < n_docs
 
-    rows, real = [], muke.update.stats.accumulate                      # the rerun, counting the documents it reads
-    monkeypatch.setattr(muke.update.stats, "accumulate", lambda em, layers, ids, mask, *a: (rows.append(len(ids)),
-                                                                                       real(em, layers, ids, mask, *a)))
+    rows, real = [], muke.update.stats.accumulate  # the rerun, counting the documents it reads
+    monkeypatch.setattr(
+        muke.update.stats,
+        "accumulate",
+        lambda em, layers, ids, mask, *a: (rows.append(len(ids)), real(em, layers, ids, mask, *a)),
+    )
     collect_stats(spec(run.stats), model, corpus, out, device="cpu", checkpoint_every=8)
     assert 0 < sum(rows) <= n_docs - done and not partial.exists()
 
@@ -424,8 +537,13 @@ def test_killed_collect_stats_resumes_and_matches_an_uninterrupted_run(work, mon
 
 def test_killed_generate_resumes_and_matches_an_uninterrupted_run(work, capfd):
     root, model = work
-    plan = Plan(config(results="results/kill-generate", datasets={"demo": {"path": DEMO, "limit": 3, "shard_size": 3}},
-                       generation={"max_new_tokens": 16, "batch_size": 1}))
+    plan = Plan(
+        config(
+            results="results/kill-generate",
+            datasets={"demo": {"path": DEMO, "limit": 3, "shard_size": 3}},
+            generation={"max_new_tokens": 16, "batch_size": 1},
+        )
+    )
     pre = next(r for r in plan.runs if r.method == "pre-edit")
     out = root / plan.generate_path(pre, 0)
     job = start("generate", spec(pre.generate), "--model", model, "--requests", DEMO, "--shard", 0, "--out", out)
@@ -433,7 +551,7 @@ def test_killed_generate_resumes_and_matches_an_uninterrupted_run(work, capfd):
     assert not out.exists()
 
     capfd.readouterr()
-    generate(spec(pre.generate), model, DEMO, 0, out, None, "cpu")           # the rerun
+    generate(spec(pre.generate), model, DEMO, 0, out, None, "cpu")  # the rerun
     log = capfd.readouterr().err
     assert "finished earlier" in log and not re.search(r"batch 1/\d+: generating", log)
 
@@ -444,8 +562,9 @@ def test_killed_generate_resumes_and_matches_an_uninterrupted_run(work, capfd):
 
 # ---------------------------------------------------------------------------- 4. non-finite numbers
 
+
 def test_nan_in_delta_optimisation_fails_that_request_and_the_rest_goes_on(work, clean, monkeypatch):
-    from muke.engine.forward import CachedShiftedLM             # the fast path: the default config
+    from muke.engine.forward import CachedShiftedLM  # the fast path: the default config
 
     root, model = work
     plan, reference = clean
@@ -453,7 +572,7 @@ def test_nan_in_delta_optimisation_fails_that_request_and_the_rest_goes_on(work,
     first = load_requests_checked(DEMO, "jsonl")[0][0]
     real = CachedShiftedLM.logprobs
 
-    def poisoned(self, *args, **kwargs):                       # NaN log-probs for the first request only
+    def poisoned(self, *args, **kwargs):  # NaN log-probs for the first request only
         lp = real(self, *args, **kwargs)
         return lp * float("nan") if first.question in self.seq.prompt else lp
 
@@ -470,7 +589,9 @@ def test_nan_in_delta_optimisation_fails_that_request_and_the_rest_goes_on(work,
     update_weights(spec(run.update), model, out, index, stats=reference["stats"], device="cpu")
     rows = read_update_index(index)
     assert [(r["request_ids"], r["failed"], r["path"] is None) for r in rows] == [
-        (["demo-00"], True, True), (["demo-01"], False, False)]
+        (["demo-00"], True, True),
+        (["demo-01"], False, False),
+    ]
     assert rows[0]["reason"] == bad["error"] and rows[1]["reason"] is None
 
 
@@ -491,7 +612,7 @@ def test_nan_statistics_raise_a_numerical_error_naming_the_layer(work, clean, tm
     before = em.down_proj(1).weight.clone()
     with pytest.raises(NumericalError, match=r"layer 1, computed update: V is not finite"):
         compute_update(em, targets[:1], "memit", layers, keys, stats=load_stats(forged, em, layers), **options)
-    assert torch.equal(em.down_proj(1).weight, before)            # the model is left as it was
+    assert torch.equal(em.down_proj(1).weight, before)  # the model is left as it was
 
 
 def test_nan_in_unke_block_fitting_raises_a_numerical_error_naming_the_layer(work, clean, monkeypatch):
@@ -517,7 +638,7 @@ def test_update_weights_records_a_non_finite_batch_and_goes_on(work, clean, monk
     run = the_run(plan)
     calls, real = [], muke.update.memit.memit_solve
 
-    def nan_once(*args, **kwargs):                              # the first batch's first layer only
+    def nan_once(*args, **kwargs):  # the first batch's first layer only
         calls.append(1)
         out = real(*args, **kwargs)
         return out * float("nan") if len(calls) == 1 else out
@@ -535,6 +656,7 @@ def test_update_weights_records_a_non_finite_batch_and_goes_on(work, clean, monk
 
 
 # ---------------------------------------------------------------------------- 5. determinism
+
 
 def test_same_config_and_seed_give_identical_results(work, clean):
     from muke.update.weights import WeightUpdate
@@ -556,12 +678,13 @@ def test_same_config_and_seed_give_identical_results(work, clean):
 
 # ---------------------------------------------------------------------------- 6. safety
 
+
 def test_no_pickle_loading_in_the_package():
     sources = [*(REPO / "muke").rglob("*.py"), *(REPO / "workflow").rglob("*.smk"), REPO / "Snakefile"]
     for path in sources:
         text = path.read_text()
         for call in re.finditer(r"torch\.load\(", text):
-            args = text[call.end():text.index(")", call.end())]
+            args = text[call.end() : text.index(")", call.end())]
             assert "weights_only=True" in args, f"{path}: torch.load without weights_only=True"
         assert not re.search(r"^\s*import pickle|^\s*from pickle", text, re.M), f"{path} imports pickle"
         assert "trust_remote_code=True" not in text, f"{path} turns remote code on by itself"
@@ -573,15 +696,24 @@ def test_remote_code_runs_only_when_the_config_turns_it_on(work, tiny_qwen2_path
     folder.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).write_bytes((tiny_qwen2_path / name).read_bytes())
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
-                                           "AutoModelForCausalLM": "configuration_evil.EvilConfig"}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil",
+                "auto_map": {
+                    "AutoConfig": "configuration_evil.EvilConfig",
+                    "AutoModelForCausalLM": "configuration_evil.EvilConfig",
+                },
+            }
+        )
+    )
     (folder / "configuration_evil.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-        "from transformers import PretrainedConfig\nclass EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
+        "from transformers import PretrainedConfig\nclass EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+    )
     model_dir = tmp_path / "prepared"
-    write_json(model_dir / MODEL_REF, {"path": str(folder)})    # no trust_remote_code: off
-    with pytest.raises(Exception):
+    write_json(model_dir / MODEL_REF, {"path": str(folder)})  # no trust_remote_code: off
+    with pytest.raises(Exception):  # noqa: B017 - the error type of refused remote code differs across transformers versions
         load_model(model_dir, "float32", "cpu")
     assert not marker.exists()
 
@@ -589,7 +721,9 @@ def test_remote_code_runs_only_when_the_config_turns_it_on(work, tiny_qwen2_path
     seen = []
     monkeypatch.setattr("muke.model.load", lambda path, **kw: seen.append(kw["trust_remote_code"]))
     for entry, trusted in (({}, False), ({"trust_remote_code": True}, True)):
-        model = Plan(config(models={"mine": {"preset": "tiny", "source": str(tiny_qwen2_path), **entry}})).models["mine"]
+        model = Plan(config(models={"mine": {"preset": "tiny", "source": str(tiny_qwen2_path), **entry}})).models[
+            "mine"
+        ]
         assert model.spec.params["trust_remote_code"] is trusted
         out = prepare_model(spec(model.spec), tmp_path / f"m{trusted}")
         assert json.loads((out / MODEL_REF).read_text())["trust_remote_code"] is trusted
@@ -613,13 +747,22 @@ def test_statistics_of_another_model_layer_corpus_or_tokenizer_are_refused(work,
     with pytest.raises(StatsError, match="collected with another tokenizer"):
         load_stats(forged, em, [1, 2])
 
-    corpus = tmp_path / "other.txt"                            # the same job on another corpus
+    corpus = tmp_path / "other.txt"  # the same job on another corpus
     corpus.write_text("Velmora is a port city.\n\nThe Copper Bridge has seven arches.\n")
     other = Plan(config(results="results/other-corpus", stats={"corpus": str(corpus)}))
     other_run = the_run(other)
     other_stats = root / other.stats_path(other_run.model, other_run.stats)
     collect_stats(spec(other_run.stats), model, str(corpus), other_stats, device="cpu")
-    with pytest.raises(StatsError, match=r"statistics were collected by another statistics job .*corpus "
-                                         rf"'{re.escape(str(corpus))}'"):
-        update_weights(spec(run.update), model, reference["memories"], root / "results/x/shard0.parquet",
-                       stats=other_stats, device="cpu")
+    with pytest.raises(
+        StatsError,
+        match=r"statistics were collected by another statistics job .*corpus "
+        rf"'{re.escape(str(corpus))}'",
+    ):
+        update_weights(
+            spec(run.update),
+            model,
+            reference["memories"],
+            root / "results/x/shard0.parquet",
+            stats=other_stats,
+            device="cpu",
+        )

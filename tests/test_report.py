@@ -30,22 +30,52 @@ def _edit_metrics() -> pd.DataFrame:
             for f, family in enumerate(FAMILIES):
                 for s, steps in enumerate([10, 25]):
                     base = 10 * m + 3 * k + f + 0.5 * s + 0.123
-                    rows.append(dict(model="qwen", dataset="unke", method=method, setting="", kind=kind,
-                                     family=family, bleu=base, rouge_l=base + 20, bertscore=base + 40, n=4,
-                                     v_num_grad_steps=steps,
-                                     **{f"{metric}_ci_{side}": value + sign for metric, value in
-                                        (("bleu", base), ("rouge_l", base + 20), ("bertscore", base + 40))
-                                        for side, sign in (("low", -1), ("high", 1))}))
+                    rows.append(
+                        dict(
+                            model="qwen",
+                            dataset="unke",
+                            method=method,
+                            setting="",
+                            kind=kind,
+                            family=family,
+                            bleu=base,
+                            rouge_l=base + 20,
+                            bertscore=base + 40,
+                            n=4,
+                            v_num_grad_steps=steps,
+                            **{
+                                f"{metric}_ci_{side}": value + sign
+                                for metric, value in (("bleu", base), ("rouge_l", base + 20), ("bertscore", base + 40))
+                                for side, sign in (("low", -1), ("high", 1))
+                            },
+                        )
+                    )
     return pd.DataFrame(rows)
 
 
 def _locality() -> pd.DataFrame:
     rows = []
     for state, method, shift in [("edited", "muke-memit", -0.002), ("pre-edit", "pre-edit", 0.0)]:
-        rows += [dict(model="qwen", method=method, model_state=state, task="mmlu", metric="acc",
-                      value=0.7345 + shift, stderr=0.0035),
-                 dict(model="qwen", method=method, model_state=state, task="ifeval",
-                      metric="prompt_level_strict_acc", value=0.7024 + shift, stderr=0.0197)]
+        rows += [
+            dict(
+                model="qwen",
+                method=method,
+                model_state=state,
+                task="mmlu",
+                metric="acc",
+                value=0.7345 + shift,
+                stderr=0.0035,
+            ),
+            dict(
+                model="qwen",
+                method=method,
+                model_state=state,
+                task="ifeval",
+                metric="prompt_level_strict_acc",
+                value=0.7024 + shift,
+                stderr=0.0197,
+            ),
+        ]
     return pd.DataFrame(rows)
 
 
@@ -55,22 +85,49 @@ def _per_sample() -> pd.DataFrame:
     for method in METHODS:
         for i in range(40):
             tokens = int(rng.integers(20, 400))
-            rows.append(dict(method=method, id=f"r{i}", target_tokens=tokens, family="paper", kind="question",
-                             bleu=float(100 - tokens / 5 + rng.normal(0, 5)), category=["news", "code", "math"][i % 3],
-                             v_num_grad_steps=[10, 25][i % 2]))
+            rows.append(
+                dict(
+                    method=method,
+                    id=f"r{i}",
+                    target_tokens=tokens,
+                    family="paper",
+                    kind="question",
+                    bleu=float(100 - tokens / 5 + rng.normal(0, 5)),
+                    category=["news", "code", "math"][i % 3],
+                    v_num_grad_steps=[10, 25][i % 2],
+                )
+            )
     return pd.DataFrame(rows)
 
 
 def _case_rows() -> pd.DataFrame:
     """Original-question answers of pre-edit and both methods to 10 requests (muke.eval.tables.case_rows)."""
-    return pd.DataFrame([dict(method=method, id=f"r{i}", kind="question", question=f"What is <r{i}>?",
-                              target=f"r{i} is a port city.", output=f"r{i} is {method}.")
-                         for i in range(10) for method in ["pre-edit"] + METHODS])
+    return pd.DataFrame(
+        [
+            dict(
+                method=method,
+                id=f"r{i}",
+                kind="question",
+                question=f"What is <r{i}>?",
+                target=f"r{i} is a port city.",
+                output=f"r{i} is {method}.",
+            )
+            for i in range(10)
+            for method in ["pre-edit"] + METHODS
+        ]
+    )
 
 
 def _traces() -> pd.DataFrame:
-    return pd.DataFrame([dict(method=method, id=f"r{i}", window=w, step=s, loss=(5 + i) * 0.8 ** s * (1 + m))
-                         for m, method in enumerate(METHODS) for i in range(3) for w in range(2) for s in range(25)])
+    return pd.DataFrame(
+        [
+            dict(method=method, id=f"r{i}", window=w, step=s, loss=(5 + i) * 0.8**s * (1 + m))
+            for m, method in enumerate(METHODS)
+            for i in range(3)
+            for w in range(2)
+            for s in range(25)
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,25 +140,40 @@ def report(tmp_path_factory):
     bench = root / "benchmarks"
     (bench / "generate" / "qwen").mkdir(parents=True)
     (bench / "generate" / "qwen" / "shard0.tsv").write_text(
-        BENCH_HEADER + "12.50\t0:00:12\t2048.25\t4096.00\t1900.00\t1950.00\t1.00\t2.00\t95.00\t11.80\n")
+        BENCH_HEADER + "12.50\t0:00:12\t2048.25\t4096.00\t1900.00\t1950.00\t1.00\t2.00\t95.00\t11.80\n"
+    )
     (bench / "report.tsv").write_text(
-        BENCH_HEADER + "1.51\t0:00:01\t107.61\t325.11\t53.91\t74.48\t0.00\t0.01\t22.29\t0.70\n")
+        BENCH_HEADER + "1.51\t0:00:01\t107.61\t325.11\t53.91\t74.48\t0.00\t0.01\t22.29\t0.70\n"
+    )
     failures = pd.DataFrame([dict(id="r7<script>", stage="optimize_memories", reason="NaN loss")])
-    config = {"seed": 1234, "models": {"qwen": {"preset": "qwen2.5-7b-instruct"}},
-              "sweep": {"v_num_grad_steps": [10, 25]}}
+    config = {
+        "seed": 1234,
+        "models": {"qwen": {"preset": "qwen2.5-7b-instruct"}},
+        "sweep": {"v_num_grad_steps": [10, 25]},
+    }
     edit = _edit_metrics()
-    edit.loc[edit["method"] == "anyedit-memit", "method"] = "anyedit-memit <b>"   # must be escaped
-    path = build_report(edit, _locality(), root / "out", config=config,
-                        stage_identities={"memories": {"hash": "abc123", "v_lr": 0.5}, "stats": "L4-8-ffee"},
-                        inputs=inputs, benchmarks_dir=bench, traces=_traces(), failures=failures,
-                        per_sample=_per_sample(), case_rows=_case_rows(), title="test report")
+    edit.loc[edit["method"] == "anyedit-memit", "method"] = "anyedit-memit <b>"  # must be escaped
+    path = build_report(
+        edit,
+        _locality(),
+        root / "out",
+        config=config,
+        stage_identities={"memories": {"hash": "abc123", "v_lr": 0.5}, "stats": "L4-8-ffee"},
+        inputs=inputs,
+        benchmarks_dir=bench,
+        traces=_traces(),
+        failures=failures,
+        per_sample=_per_sample(),
+        case_rows=_case_rows(),
+        title="test report",
+    )
     return path, path.read_text(), inputs
 
 
 def _section(text: str, heading: str) -> str:
     start = text.index(heading)
     end = text.find("<h3>", start + len(heading))
-    return text[start:end if end > 0 else None]
+    return text[start : end if end > 0 else None]
 
 
 def test_family_tables_hold_the_numbers(report):
@@ -112,8 +184,12 @@ def test_family_tables_hold_the_numbers(report):
         table = _section(text, f"<h3>{family} family</h3>")
         for col in ("Ori", "Para", "BLEU", "BERTScore", "ROUGE-L"):
             assert f">{col}<" in table
-        row = edit[(edit.family == family) & (edit.method == "muke-memit") & (edit.kind == "para_question")
-                   & (edit.v_num_grad_steps == 25)].iloc[0]
+        row = edit[
+            (edit.family == family)
+            & (edit.method == "muke-memit")
+            & (edit.kind == "para_question")
+            & (edit.v_num_grad_steps == 25)
+        ].iloc[0]
         for metric in ("bleu", "rouge_l", "bertscore"):
             assert f">{row[metric]:.2f}\u00a0▲ [{row[metric] - 1:.2f},\u00a0{row[metric] + 1:.2f}]<" in table
     assert "anyedit-memit &lt;b&gt;" in text and "anyedit-memit <b>" not in text
@@ -122,16 +198,23 @@ def test_family_tables_hold_the_numbers(report):
 def test_sweep_table_and_csvs(report):
     path, text, _ = report
     assert "v_num_grad_steps=10" in text and "v_num_grad_steps=25" in text
-    for name in ("edit_metrics_paper", "edit_metrics_standard", "locality", "input_checksums",
-                 "sweep_v_num_grad_steps_paper", "failures", "benchmarks"):
+    for name in (
+        "edit_metrics_paper",
+        "edit_metrics_standard",
+        "locality",
+        "input_checksums",
+        "sweep_v_num_grad_steps_paper",
+        "failures",
+        "benchmarks",
+    ):
         assert (path.parent / f"{name}.csv").stat().st_size > 0
     paper = pd.read_csv(path.parent / "edit_metrics_paper.csv")
-    assert "Ori BLEU" in paper.columns and len(paper) == 6    # 3 methods × 2 step counts
+    assert "Ori BLEU" in paper.columns and len(paper) == 6  # 3 methods × 2 step counts
 
 
 def test_locality_table_pre_edit_first(report):
     _, text, _ = report
-    table = text[text.index("id='locality'"):text.index("id='plots'")]
+    table = text[text.index("id='locality'") : text.index("id='plots'")]
     assert "73.45 ± 0.35" in table and "73.25 ± 0.35" in table and "70.24 ± 1.97" in table
     assert table.index("pre-edit") < table.index("edited")
 
@@ -139,7 +222,7 @@ def test_locality_table_pre_edit_first(report):
 def test_plots_are_embedded_pngs(report):
     _, text, _ = report
     images = re.findall(r"<img [^>]*src='data:image/png;base64,([A-Za-z0-9+/=]+)'", text)
-    assert len(images) >= 4     # length, sweep, categories, traces
+    assert len(images) >= 4  # length, sweep, categories, traces
     for data in images:
         raw = base64.b64decode(data)
         assert raw.startswith(PNG_SIGNATURE)
@@ -161,8 +244,18 @@ def test_failures_and_reproducibility(report):
 
 def test_skipped_plots_are_noted(tmp_path):
     edit = _edit_metrics().drop(columns="v_num_grad_steps").drop_duplicates(["method", "kind", "family"])
-    text = build_report(edit, _locality(), tmp_path, config={}, stage_identities={}, inputs=[],
-                        benchmarks_dir=None, traces=None, failures=None, per_sample=None).read_text()
+    text = build_report(
+        edit,
+        _locality(),
+        tmp_path,
+        config={},
+        stage_identities={},
+        inputs=[],
+        benchmarks_dir=None,
+        traces=None,
+        failures=None,
+        per_sample=None,
+    ).read_text()
     assert text.count("class='note'") >= 4 and "<img" not in text
 
 
@@ -179,16 +272,26 @@ def test_renders_in_headless_chromium(report, tmp_path):
     if chromium is None:
         pytest.skip("chromium not installed (set MUKE_INSTALL_CHROMIUM=1 as root to install it)")
     path, _, _ = report
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     url = path.resolve().as_uri()
     shot = tmp_path / "page.png"
-    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1280,4000", url],
-                   capture_output=True, timeout=60, check=True)
+    subprocess.run(
+        flags + [f"--screenshot={shot}", "--window-size=1280,4000", url], capture_output=True, timeout=60, check=True
+    )
     dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=60, check=True).stdout
     assert dom.count("<table") >= 4 + 8 and dom.count("<img") >= 4 and "Locality (Table 2)" in dom
-    assert "Case study (paper App. C)" in dom and dom.count("<section class=\"case-study\">") == 8
+    assert "Case study (paper App. C)" in dom and dom.count('<section class="case-study">') == 8
     raw = shot.read_bytes()
     assert raw.startswith(PNG_SIGNATURE) and len(raw) > 20_000
     try:

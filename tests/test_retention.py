@@ -9,9 +9,11 @@ from muke.eval.retention import answer_retention, edit_retention, held_out_texts
 from muke.model import load
 from muke.update.weights import WeightUpdate
 
-ANSWERS = ["Paris is the capital of France and its largest city.",
-           "Water boils at one hundred degrees Celsius at sea level.",
-           "Seven pencils at three coins each cost twenty-one coins."]
+ANSWERS = [
+    "Paris is the capital of France and its largest city.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "Seven pencils at three coins each cost twenty-one coins.",
+]
 
 
 @pytest.fixture(scope="module")

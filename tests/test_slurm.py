@@ -18,7 +18,6 @@ import time
 import pandas as pd
 import pytest
 import yaml
-
 from test_workflow import REPO, SNAKEMAKE, TINY, env, make_workdir, snakemake, snapshot
 
 SETUP = REPO / ".ci" / "slurm-setup.sh"
@@ -67,12 +66,32 @@ def test_tiny_workflow_through_slurm(cluster, tmp_path):
 
     remote = make_workdir(tmp_path / "slurm", repo)
     (remote / "config.yaml").write_text(yaml.safe_dump(CONFIG))
-    cmd = [str(SNAKEMAKE), "-s", str(repo / "Snakefile"), "-d", str(remote), "--configfile", str(remote / "config.yaml"),
-           "--profile", str(repo / "workflow" / "profiles" / "slurm"),
-           # this cluster: no accounting database (squeue for status), one partition, fast polling
-           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2", "--slurm-no-account",
-           "--default-resources", "slurm_partition=debug", "mem_mb=1000", "runtime=30",
-           "--latency-wait", "5", "--jobs", "4", "--verbose"]
+    cmd = [
+        str(SNAKEMAKE),
+        "-s",
+        str(repo / "Snakefile"),
+        "-d",
+        str(remote),
+        "--configfile",
+        str(remote / "config.yaml"),
+        "--profile",
+        str(repo / "workflow" / "profiles" / "slurm"),
+        # this cluster: no accounting database (squeue for status), one partition, fast polling
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--slurm-no-account",
+        "--default-resources",
+        "slurm_partition=debug",
+        "mem_mb=1000",
+        "runtime=30",
+        "--latency-wait",
+        "5",
+        "--jobs",
+        "4",
+        "--verbose",
+    ]
     began = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env(repo, slurm=True))
     slurm_seconds = time.perf_counter() - began
@@ -86,11 +105,18 @@ def test_tiny_workflow_through_slurm(cluster, tmp_path):
     rules = [re.search(r"--comment '?rule_(\w+?)(?:_wildcards_|'|\s)", c).group(1) for c in calls]
     # prepare 1, stats 1, memories 2, update 2, generate 2 + 2 (pre-edit), score 1 + 1, locality 1
     assert len(submitted) == len(calls) == 13, (submitted, rules)
-    assert set(rules) == {"prepare_model", "collect_stats", "optimize_memories", "update_weights", "generate",
-                          "score", "locality"}
+    assert set(rules) == {
+        "prepare_model",
+        "collect_stats",
+        "optimize_memories",
+        "update_weights",
+        "generate",
+        "score",
+        "locality",
+    }
     assert all(job.isdigit() for job in submitted)
     logs = {p.stem for p in (remote / ".snakemake" / "slurm_logs").rglob("*.log")}
-    assert set(submitted) <= logs, (submitted, logs)     # one SLURM log per job id (kept by the profile)
+    assert set(submitted) <= logs, (submitted, logs)  # one SLURM log per job id (kept by the profile)
 
     # GPU rules ask for --gpus; the others do not
     for rule, call in zip(rules, calls):

@@ -52,7 +52,9 @@ def test_chat_template_inserts_default_system_prompt(smollm):
 
 def test_answers_paris(smollm):
     _, model, tok = smollm
-    ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
     out = model.generate(ids, max_new_tokens=20, do_sample=False)
-    answer = tok.decode(out[0, ids.shape[1]:])
+    answer = tok.decode(out[0, ids.shape[1] :])
     assert "Paris" in answer and answer.endswith("<|im_end|>")

@@ -80,10 +80,13 @@ def test_optimize_memories_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_pat
     assert not out.exists() and len(list(out.with_name("shard0.parts").iterdir())) == 1
 
     calls.clear()
-    monkeypatch.setattr(MEMORIES, "_optimise_many",
-                        lambda em, requests, cfg: (calls.extend(r.id for r in requests), real(em, requests, cfg))[1])
+    monkeypatch.setattr(
+        MEMORIES,
+        "_optimise_many",
+        lambda em, requests, cfg: (calls.extend(r.id for r in requests), real(em, requests, cfg))[1],
+    )
     optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, out, trace, "cpu")
-    assert calls == ["demo-01"]                        # demo-00 came from its part file
+    assert calls == ["demo-01"]  # demo-00 came from its part file
     meta, tensors = read_memories(out)
     assert [r["id"] for r in meta["requests"]] == ["demo-00", "demo-01"]
     assert tensors["0.z"].shape[1] == 128 and not out.with_name("shard0.parts").exists()
@@ -110,17 +113,27 @@ def test_optimize_memories_in_batches_equals_one_by_one(tiny_qwen2_path, tmp_pat
     """hparams.delta_batch_size 2: the shard's two requests share their δ loops' passes; same memories."""
     plan = tiny_plan(tmp_path, monkeypatch, sweep={"delta_batch_size": [1, 2]})
     runs = sorted((r for r in plan.runs if r.method == "muke-memit"), key=lambda r: r.memories.params["batch"])
-    assert [r.memories.params["batch"] for r in runs] == [1, 2] and runs[0].memories.identity != runs[1].memories.identity
+    assert [r.memories.params["batch"] for r in runs] == [1, 2] and runs[0].memories.identity != runs[
+        1
+    ].memories.identity
     model_dir = tmp_path / "model"
     write_json(model_dir / MODEL_REF, {"path": str(tiny_qwen2_path)})
     sizes, real = [], MEMORIES._optimise_many
-    monkeypatch.setattr(MEMORIES, "_optimise_many",
-                        lambda em, requests, cfg: (sizes.append(len(requests)), real(em, requests, cfg))[1])
+    monkeypatch.setattr(
+        MEMORIES, "_optimise_many", lambda em, requests, cfg: (sizes.append(len(requests)), real(em, requests, cfg))[1]
+    )
     results = []
     for run in runs:
         out = Path(plan.memories_path(run, 0))
-        optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, out,
-                          out.with_suffix(".trace.parquet"), "cpu")
+        optimize_memories(
+            spec(run.memories),
+            model_dir,
+            "resources/demo_edits.jsonl",
+            0,
+            out,
+            out.with_suffix(".trace.parquet"),
+            "cpu",
+        )
         results.append(read_memories(out))
     assert sizes == [1, 1, 2]
     (meta1, t1), (meta2, t2) = results
@@ -136,16 +149,23 @@ def test_stages_compute_what_update_edit_computes(plan, tiny_qwen2_path, tmp_pat
 
     from muke.data import load_requests_checked
     from muke.model import load
+    from muke.update.edit import edit
     from muke.update.stats import load_stats
     from muke.update.weights import WeightUpdate
-    from muke.update.edit import edit
 
     run = next(r for r in plan.runs if r.method == "muke-memit")
     model_dir = tmp_path / "model"
     write_json(model_dir / MODEL_REF, {"path": str(tiny_qwen2_path)})
     memories = Path(plan.memories_path(run, 0))
-    optimize_memories(spec(run.memories), model_dir, "resources/demo_edits.jsonl", 0, memories,
-                      memories.with_suffix(".trace.parquet"), "cpu")
+    optimize_memories(
+        spec(run.memories),
+        model_dir,
+        "resources/demo_edits.jsonl",
+        0,
+        memories,
+        memories.with_suffix(".trace.parquet"),
+        "cpu",
+    )
     stats_path = Path(plan.stats_path(run.model, run.stats))
     collect_stats(spec(run.stats), model_dir, plan.stats_corpus(run.stats), stats_path, device="cpu")
     index = Path(plan.update_path(run, 0))
@@ -154,7 +174,9 @@ def test_stages_compute_what_update_edit_computes(plan, tiny_qwen2_path, tmp_pat
 
     em = load(tiny_qwen2_path)
     request = load_requests_checked("resources/demo_edits.jsonl", "jsonl")[0][0]
-    direct, _ = edit(em, [request], "muke-memit", run.hparams, load_stats(stats_path, em, run.update.params["options"]["layers"]))
+    direct, _ = edit(
+        em, [request], "muke-memit", run.hparams, load_stats(stats_path, em, run.update.params["options"]["layers"])
+    )
     assert staged.request_ids == direct.request_ids == [request.id]
     for layer in direct.factors:
         torch.testing.assert_close(staged.dense(layer), direct.dense(layer), rtol=1e-4, atol=1e-6)
@@ -171,9 +193,22 @@ def _report_inputs(plan, model_dir, families=("paper",)):
 
     requests = load_requests_checked("resources/demo_edits.jsonl", "jsonl")[0][:2]
     for k, run in enumerate(plan.runs):
-        rows = [dict(id=r.id, kind=kind, index=0, prompt=r.question, output=r.answer[:20 * (k + i + 1)],
-                     target=r.answer, tokens=8, seconds=0.1, edit_failed=False, shard=0)
-                for i, r in enumerate(requests) for kind in ("question", "para_question")]
+        rows = [
+            dict(
+                id=r.id,
+                kind=kind,
+                index=0,
+                prompt=r.question,
+                output=r.answer[: 20 * (k + i + 1)],
+                target=r.answer,
+                tokens=8,
+                seconds=0.1,
+                edit_failed=False,
+                shard=0,
+            )
+            for i, r in enumerate(requests)
+            for kind in ("question", "para_question")
+        ]
         generations = Path(plan.generate_path(run, 0))
         write_parquet(pd.DataFrame(rows), generations)
         score_spec = spec(run.score)
@@ -182,26 +217,76 @@ def _report_inputs(plan, model_dir, families=("paper",)):
         score(score_spec, [generations], paths["samples"], paths["summary"], model_dir, device="cpu")
         if run.memories is None:
             continue
-        records = [{"index": 0, "id": "demo-00", "failed": False},
-                   {"index": 1, "id": "demo-01", "failed": True, "error": "δ loss is NaN at step 3"}]
+        records = [
+            {"index": 0, "id": "demo-00", "failed": False},
+            {"index": 1, "id": "demo-01", "failed": True, "error": "δ loss is NaN at step 3"},
+        ]
         memories = Path(plan.memories_path(run, 0))
         memories.parent.mkdir(parents=True, exist_ok=True)
-        skipped = [{"record": 7, "line": 8, "id": None, "field": "answer", "reason": "missing",
-                    "message": "demo_edits.jsonl record 7: answer is missing", "check": "file"}]
+        skipped = [
+            {
+                "record": 7,
+                "line": 8,
+                "id": None,
+                "field": "answer",
+                "reason": "missing",
+                "message": "demo_edits.jsonl record 7: answer is missing",
+                "check": "file",
+            }
+        ]
         save_file({"empty": torch.zeros(0)}, memories, {"muke": json.dumps({"requests": records, "skipped": skipped})})
-        write_parquet(pd.DataFrame([{"id": "demo-00", "window": w, "step": s, "loss": 4.0 * 0.7 ** s + w}
-                                           for w in range(2) for s in range(6)]), plan.trace_path(run, 0))
-        write_parquet(pd.DataFrame([
-            {"batch": -1, "file": None, "request_ids": '["demo-01"]', "failed": True, "seconds": 0.0,
-             "reason": "δ loss is NaN at step 3"},
-            {"batch": 0, "file": "0000.safetensors", "request_ids": '["demo-00"]', "failed": False, "seconds": 1.0,
-             "reason": None}]),
-            plan.update_path(run, 0))
+        write_parquet(
+            pd.DataFrame(
+                [
+                    {"id": "demo-00", "window": w, "step": s, "loss": 4.0 * 0.7**s + w}
+                    for w in range(2)
+                    for s in range(6)
+                ]
+            ),
+            plan.trace_path(run, 0),
+        )
+        write_parquet(
+            pd.DataFrame(
+                [
+                    {
+                        "batch": -1,
+                        "file": None,
+                        "request_ids": '["demo-01"]',
+                        "failed": True,
+                        "seconds": 0.0,
+                        "reason": "δ loss is NaN at step 3",
+                    },
+                    {
+                        "batch": 0,
+                        "file": "0000.safetensors",
+                        "request_ids": '["demo-00"]',
+                        "failed": False,
+                        "seconds": 1.0,
+                        "reason": None,
+                    },
+                ]
+            ),
+            plan.update_path(run, 0),
+        )
     localities = [(plan.locality_path(r), "edited", 0.5) for r in plan.runs if r.locality is not None]
     localities += [(plan.locality_path(None, plan.models["tiny"]), "pre-edit", 0.6)]
     for path, state, value in localities:
-        write_parquet(pd.DataFrame([{"model_state": state, "request_id": None, "task": "muke_mmlu_demo",
-                                            "metric": "acc", "value": value, "stderr": 0.01, "n": 1}]), path)
+        write_parquet(
+            pd.DataFrame(
+                [
+                    {
+                        "model_state": state,
+                        "request_id": None,
+                        "task": "muke_mmlu_demo",
+                        "metric": "acc",
+                        "value": value,
+                        "stderr": 0.01,
+                        "n": 1,
+                    }
+                ]
+            ),
+            path,
+        )
     bench = Path(plan.results) / "benchmarks" / "generate"
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     for name, seconds in ((Path(plan.generate_path(plan.runs[0], 0)).parent.name, 12.5), ("pre-edit-0000000000", 99.0)):
@@ -224,14 +309,19 @@ def test_report_stage_writes_tables_and_the_full_report(tmp_path, monkeypatch, t
 
     samples = pd.read_parquet(plan.score_paths(plan.runs[0])["samples"])
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_path)
-    assert samples["target_tokens"].tolist() == [len(tokenizer(t, add_special_tokens=False)["input_ids"])
-                                                 for t in samples["target"]]
+    assert samples["target_tokens"].tolist() == [
+        len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in samples["target"]
+    ]
 
     tables = tmp_path / "tables"
-    html = report(json.loads(plan.report_spec()), tables / "edit_metrics.parquet",
-                  tables / "locality.parquet", tmp_path / "report" / "index.html")
+    html = report(
+        json.loads(plan.report_spec()),
+        tables / "edit_metrics.parquet",
+        tables / "locality.parquet",
+        tmp_path / "report" / "index.html",
+    )
     edit = pd.read_parquet(tables / "edit_metrics.parquet")
-    assert len(edit) == 3 * 2 and set(edit["method"]) == {"pre-edit", "muke-memit"}      # runs × kinds, paper family
+    assert len(edit) == 3 * 2 and set(edit["method"]) == {"pre-edit", "muke-memit"}  # runs × kinds, paper family
     assert set(edit["sweep_value"].dropna()) == {"2", "4"} and (edit["n"] == 2).all()
     assert len(pd.read_csv(tables / "edit_metrics.csv")) == len(edit)
     locality = pd.read_parquet(tables / "locality.parquet")
@@ -242,15 +332,15 @@ def test_report_stage_writes_tables_and_the_full_report(tmp_path, monkeypatch, t
     assert "<img alt='BLEU vs target length (paper Fig. 5)'" in text
     assert "<img alt='Metrics vs v_num_grad_steps (paper Fig. 6)'" in text and "v_num_grad_steps=4" in text
     assert "<img alt='δ-loss traces'" in text
-    failures = pd.read_csv(html.parent / "failures.csv")           # per swept run: demo-01 and a skipped record
+    failures = pd.read_csv(html.parent / "failures.csv")  # per swept run: demo-01 and a skipped record
     assert sorted(failures["stage"]) == ["data", "data", "optimize_memories", "optimize_memories"]
     assert "Failed requests: <b>4</b>" in text and "δ loss is NaN at step 3" in text and "answer is missing" in text
-    repro = text[text.index("id='repro'"):]
+    repro = text[text.index("id='repro'") :]
     assert "git commit" in repro and "v_num_grad_steps" in repro
     for run in plan.runs:
         assert run.score.identity in repro and run.generate.identity in repro
     assert hashlib.sha256((REPO / "resources" / "demo_edits.jsonl").read_bytes()).hexdigest() in repro
-    assert "12.50" in repro and "99.00" not in repro          # benchmarks of this plan's jobs only
+    assert "12.50" in repro and "99.00" not in repro  # benchmarks of this plan's jobs only
     assert (html.parent / "stage_identities.csv").is_file()
 
 
@@ -259,20 +349,83 @@ def test_stage_commands_take_their_options_from_the_stage_signatures():
     from muke.cli import build_parser
 
     parse = build_parser().parse_args
-    args = parse(["stage", "update-weights", "--spec", '{"a": 1}', "--model", "m", "--memories", "z", "--out", "o",
-                  "--stats", "s", "--cache-dir", "c", "--threads", "2"])
+    args = parse(
+        [
+            "stage",
+            "update-weights",
+            "--spec",
+            '{"a": 1}',
+            "--model",
+            "m",
+            "--memories",
+            "z",
+            "--out",
+            "o",
+            "--stats",
+            "s",
+            "--cache-dir",
+            "c",
+            "--threads",
+            "2",
+        ]
+    )
     assert args.stage_function is update_weights and args.spec == {"a": 1}
     assert (args.stats, args.preservation, args.cache_dir, args.device, args.threads) == ("s", None, "c", "auto", 2)
-    args = parse(["stage", "score", "--spec", "{}", "--generations", "a", "b", "--samples", "x", "--summary", "y",
-                  "--model", "m"])
+    args = parse(
+        [
+            "stage",
+            "score",
+            "--spec",
+            "{}",
+            "--generations",
+            "a",
+            "b",
+            "--samples",
+            "x",
+            "--summary",
+            "y",
+            "--model",
+            "m",
+        ]
+    )
     assert args.generations == ["a", "b"] and args.stage_function is score
     args = parse(["stage", "locality", "--spec", "{}", "--model", "m", "--out", "o", "--updates"])
     assert list(args.updates) == []
-    args = parse(["stage", "collect-stats", "--spec", "{}", "--model", "m", "--corpus", "c", "--out", "o",
-                  "--checkpoint-every", "8"])
+    args = parse(
+        [
+            "stage",
+            "collect-stats",
+            "--spec",
+            "{}",
+            "--model",
+            "m",
+            "--corpus",
+            "c",
+            "--out",
+            "o",
+            "--checkpoint-every",
+            "8",
+        ]
+    )
     assert args.checkpoint_every == 8
-    args = parse(["stage", "optimize-memories", "--spec", "{}", "--model", "m", "--requests", "r", "--shard", "1",
-                  "--out", "o", "--trace", "t"])
+    args = parse(
+        [
+            "stage",
+            "optimize-memories",
+            "--spec",
+            "{}",
+            "--model",
+            "m",
+            "--requests",
+            "r",
+            "--shard",
+            "1",
+            "--out",
+            "o",
+            "--trace",
+            "t",
+        ]
+    )
     assert args.shard == 1
     with pytest.raises(SystemExit):
-        parse(["stage", "report", "--spec", "{}", "--metrics", "m.parquet"])         # --locality, --html missing
+        parse(["stage", "report", "--spec", "{}", "--metrics", "m.parquet"])  # --locality, --html missing

@@ -8,12 +8,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from muke.engine import hooks
 from muke.data import DataError
+from muke.engine import hooks
 from muke.model import load
 from muke.update.corpus import batches, chunk_batches, load_corpus, pack, packed_inputs
-from muke.update.stats import (StatsConfig, StatsError, accumulate, add_gram, collect_stats, load_stats, mirror,
-                               read_metadata)
+from muke.update.stats import (
+    StatsConfig,
+    StatsError,
+    accumulate,
+    add_gram,
+    collect_stats,
+    load_stats,
+    mirror,
+    read_metadata,
+)
 
 DOCS = [
     "Velmora is a port city on the southern coast of the island of Castaran.",
@@ -64,8 +72,9 @@ def test_joint_pass_equals_per_layer_passes_and_direct_computation(em, corpus, t
     joint = load_stats(collect_stats(em, config(corpus, [0, 2]), tmp_path / "joint.safetensors", False), em, [0, 2])
     direct, count = direct_second_moments(em, DOCS, [0, 2], max_length=1024)
     for layer in (0, 2):
-        single = load_stats(collect_stats(em, config(corpus, [layer]), tmp_path / f"l{layer}.safetensors", False),
-                            em, [layer])
+        single = load_stats(
+            collect_stats(em, config(corpus, [layer]), tmp_path / f"l{layer}.safetensors", False), em, [layer]
+        )
         assert torch.allclose(joint.mom2[layer], single.mom2[layer], rtol=1e-5, atol=1e-9)
         assert joint.count[layer] == single.count[layer] == count
         scale = np.abs(direct[layer]).max()
@@ -92,8 +101,9 @@ class Killed(Exception):
 def test_resume_after_interrupt_gives_identical_result(em, corpus, tmp_path, packed):
     cfg = config(corpus, [0, 1], pack=packed)
     whole = load_file(collect_stats(em, cfg, tmp_path / "whole.safetensors", False))
-    n_batches = sum(len(list(chunk_batches(em, em.tokenizer(DOCS[i:i + 3])["input_ids"], cfg, 0)))
-                    for i in range(0, len(DOCS), 3))
+    n_batches = sum(
+        len(list(chunk_batches(em, em.tokenizer(DOCS[i : i + 3])["input_ids"], cfg, 0))) for i in range(0, len(DOCS), 3)
+    )
 
     out = tmp_path / "resumed.safetensors"
     calls = []
@@ -121,7 +131,7 @@ def test_resume_after_interrupt_gives_identical_result(em, corpus, tmp_path, pac
         collect_stats(em, cfg, out, False)
     finally:
         del em.model.forward
-    assert 0 < len(calls) < n_batches                        # continued, did not restart
+    assert 0 < len(calls) < n_batches  # continued, did not restart
     resumed = load_file(out)
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
     assert not partial.exists()
@@ -159,7 +169,7 @@ def test_corpus_formats_and_seeded_subset(tmp_path, monkeypatch):
     assert docs == DOCS and ident["n_corpus_documents"] == len(DOCS)
     sub, _ = load_corpus(jsonl, max_docs=3, seed=1)
     assert len(sub) == 3 and sub == load_corpus(jsonl, max_docs=3, seed=1)[0]
-    assert sub == [d for d in DOCS if d in sub]              # corpus order kept
+    assert sub == [d for d in DOCS if d in sub]  # corpus order kept
     jsonl.write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(DataError, match="line 2.*'text'"):
         load_corpus(jsonl)
@@ -186,12 +196,13 @@ def test_batches_fit_the_token_budget():
 
 # ---- packing: several documents per row, each attending to itself only ----
 
+
 def test_pack_places_every_document_once_within_the_width():
     lengths = [5, 3, 9, 1, 4, 4, 2, 9]
     rows = pack(lengths, 9)
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= 9 for row in rows)
-    assert len(rows) == 5 == -(-sum(lengths) // 9)          # first-fit decreasing: no row wasted here
+    assert len(rows) == 5 == -(-sum(lengths) // 9)  # first-fit decreasing: no row wasted here
 
 
 def test_packed_inputs_restart_positions_and_mask_other_documents():
@@ -200,8 +211,14 @@ def test_packed_inputs_restart_positions_and_mask_other_documents():
     assert inputs["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
     assert keep.tolist() == [[True] * 5 + [False]]
     mask = inputs["attention_mask"][0, 0].int().tolist()
-    assert mask == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
-                    [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
+    assert mask == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]
     additive, _ = packed_inputs([[7, 8, 9], [4, 5]], [[0, 1]], 6, 0, torch.float32)
     assert additive["attention_mask"].dtype == torch.float32
     assert torch.equal(additive["attention_mask"] == 0, inputs["attention_mask"])
@@ -217,8 +234,12 @@ def test_packed_statistics_equal_padded_statistics(arch, attention, corpus, tmp_
         stats[packed] = load_stats(collect_stats(em, cfg, tmp_path / f"{packed}.safetensors", False), em, [0, 2])
     for layer in (0, 2):
         assert stats[True].count[layer] == stats[False].count[layer]
-        torch.testing.assert_close(stats[True].mom2[layer], stats[False].mom2[layer], rtol=1e-5,
-                                   atol=1e-5 * stats[False].mom2[layer].abs().max().item())
+        torch.testing.assert_close(
+            stats[True].mom2[layer],
+            stats[False].mom2[layer],
+            rtol=1e-5,
+            atol=1e-5 * stats[False].mom2[layer].abs().max().item(),
+        )
     assert stats[True].meta["pack"] and not stats[False].meta["pack"]
     # fewer rows than documents: packing did pack
     ids = em.tokenizer(DOCS)["input_ids"]
@@ -242,8 +263,9 @@ def test_packing_without_document_masks_would_change_the_statistics(em):
 def test_bf16_forward_accumulates_in_fp32_close_to_fp32(em, corpus, tmp_path):
     layers = [0, 2]
     full = load_stats(collect_stats(em, config(corpus, layers), tmp_path / "fp32.safetensors", False), em, layers)
-    half = load_stats(collect_stats(em, config(corpus, layers, dtype="bfloat16"), tmp_path / "bf16.safetensors",
-                                    False), em, layers)
+    half = load_stats(
+        collect_stats(em, config(corpus, layers, dtype="bfloat16"), tmp_path / "bf16.safetensors", False), em, layers
+    )
     assert half.meta["forward_dtype"] == "bfloat16" and full.meta["forward_dtype"] == "float32"
     for layer in layers:
         assert half.mom2[layer].dtype == torch.float32 and half.count[layer] == full.count[layer]
@@ -256,7 +278,7 @@ def test_bf16_forward_accumulates_in_fp32_close_to_fp32(em, corpus, tmp_path):
 def test_upper_triangle_gram_mirrored_equals_the_full_product(size):
     torch.manual_seed(0)
     total = torch.zeros(size, size)
-    for n in (37, 64):                      # two batches: the sums accumulate
+    for n in (37, 64):  # two batches: the sums accumulate
         add_gram(total, torch.randn(n, size))
     torch.manual_seed(0)
     k = torch.cat([torch.randn(37, size), torch.randn(64, size)])

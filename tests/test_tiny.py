@@ -21,7 +21,10 @@ def built(tmp_path_factory):
     """(arch, seed, copy) -> model folder; each built once per module."""
     root = tmp_path_factory.mktemp("tiny")
     specs = [("qwen2", 0, "a"), ("qwen2", 0, "b"), ("qwen2", 1, "a"), ("llama", 0, "a")]
-    return {(arch, seed, copy): build_tiny_model(arch, root / f"{arch}-{seed}-{copy}", seed=seed) for arch, seed, copy in specs}
+    return {
+        (arch, seed, copy): build_tiny_model(arch, root / f"{arch}-{seed}-{copy}", seed=seed)
+        for arch, seed, copy in specs
+    }
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -5,17 +5,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from muke.data import EditRequest
+from muke.engine.windows import encode
 from muke.eval.generate import greedy
 from muke.model import ModelError, load
-from muke.update.stats import StatsConfig, collect_stats, load_stats
-from muke.update.keys import Target, read_layer
-from muke.update.weights import WeightUpdate, apply, export_edited
 from muke.update.alphaedit import alphaedit_solve, null_space_projector
 from muke.update.edit import compute_update, edit, target_nll
+from muke.update.keys import Target, read_layer
 from muke.update.memit import memit_solve
 from muke.update.methods import resolve_method
+from muke.update.stats import StatsConfig, collect_stats, load_stats
 from muke.update.unke import unke_update
-from muke.engine.windows import encode
+from muke.update.weights import WeightUpdate, apply, export_edited
 
 DEMO_CORPUS = "resources/demo_corpus.txt"
 QUESTION = "What is the city of Velmora known for?"
@@ -23,8 +23,16 @@ ANSWER = "Velmora is a port city famous for its Copper Bridge."
 UNRELATED_Q = "Give three tips for staying healthy."
 UNRELATED_A = "Eat a balanced diet with plenty of vegetables, fruit and whole grains. Stay active every day."
 # small settings for a 4-layer random model (d_ff 344: mom2_update_weight scaled down from 15000)
-TINY_PRESET = dict(layers=[0, 1, 2], unke_layers=[1], window=2, anyedit_window=4, v_num_grad_steps=12,
-                   mom2_update_weight=1000.0, unke_steps=30, n_preserve=5)
+TINY_PRESET = dict(
+    layers=[0, 1, 2],
+    unke_layers=[1],
+    window=2,
+    anyedit_window=4,
+    v_num_grad_steps=12,
+    mom2_update_weight=1000.0,
+    unke_steps=30,
+    n_preserve=5,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +58,13 @@ def random_spd(n, generator, low=1e-3, high=1.0, n_low=None):
 
 # ---- the solves (ALGORITHM §5) ----
 
+
 def test_memit_solve_equals_lstsq_of_the_normal_equations():
     g = torch.Generator().manual_seed(0)
     d_ff, n, m = 40, 3, 12
     C, _, _ = random_spd(d_ff, g, low=0.05)
     Ks, Kp = torch.randn(d_ff, n, generator=g), torch.randn(d_ff, m, generator=g)
-    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-6)):   # result is fp32
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-6)):  # result is fp32
         A = memit_solve(C, Ks, Kp, mom2_update_weight=15.0, dtype=dtype)
         M = 15.0 * C + Kp.double() @ Kp.double().T + Ks.double() @ Ks.double().T
         expected = torch.linalg.lstsq(M, Ks.double()).solution
@@ -78,7 +87,7 @@ def test_alphaedit_leaves_keys_in_the_preserved_subspace_unchanged():
     Ks, Kp = torch.randn(d_ff, n, generator=g), torch.randn(d_ff, 10, generator=g)
     R = torch.randn(d_model, n, generator=g)
     V = alphaedit_solve(P, Ks, Kp, l2=10.0)
-    dW = R @ V.T                                                    # ΔW = R Vᵀ: (d_model, d_ff)
+    dW = R @ V.T  # ΔW = R Vᵀ: (d_model, d_ff)
     k0 = (Q[:, lam >= 2e-2] @ torch.randn(int((lam >= 2e-2).sum()), 5, generator=g, dtype=torch.float64)).float()
     rel = (dW @ k0).norm() / (dW.norm() * k0.norm())
     assert rel < 1e-4, rel
@@ -88,6 +97,7 @@ def test_alphaedit_leaves_keys_in_the_preserved_subspace_unchanged():
 
 # ---- UnKE ----
 
+
 def test_unke_lowers_its_edit_loss_and_keeps_preservation_loss_small(em):
     seq = encode(em.tokenizer, QUESTION, ANSWER, em.end_of_turn, window=4)
     _, H = read_layer(em, 1, 1, seq.input_ids)
@@ -96,21 +106,26 @@ def test_unke_lowers_its_edit_loss_and_keeps_preservation_loss_small(em):
     before = {n: p.clone() for n, p in em.model.named_parameters()}
     diffs, trace = unke_update(em, [Target("r", seq, z)], layers=[1], lr=1e-3, steps=20, n_preserve=4)
     first, last = trace[0], trace[-1]
-    print(f"\nunke loss edit {first['edit']:.3e} -> {last['edit']:.3e}, preserve {first['preserve']:.1e} -> {last['preserve']:.1e}")
+    print(
+        f"\nunke loss edit {first['edit']:.3e} -> {last['edit']:.3e}, preserve {first['preserve']:.1e} -> {last['preserve']:.1e}"
+    )
     assert first["preserve"] == 0.0 and last["edit"] < 0.2 * first["edit"]
     assert last["preserve"] < 0.2 * first["edit"]
     assert set(diffs) == {f"model.layers.1.{n}" for n, _ in em.layer(1).named_parameters()}
-    assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())    # model untouched
+    assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())  # model untouched
 
 
 # ---- the update ΔW: apply / revert / save / export ----
 
+
 def random_update(em, g) -> WeightUpdate:
     d_ff = em.down_proj_weight(0).shape[1]
-    factors = {l: (torch.randn(em.hidden_size, 2, generator=g), torch.randn(d_ff, 2, generator=g) * 0.1)
-               for l in (0, 2)}
-    params = {f"model.layers.1.{n}": torch.randn(p.shape, generator=g) * 0.01
-              for n, p in em.layer(1).named_parameters()}
+    factors = {
+        l: (torch.randn(em.hidden_size, 2, generator=g), torch.randn(d_ff, 2, generator=g) * 0.1) for l in (0, 2)
+    }
+    params = {
+        f"model.layers.1.{n}": torch.randn(p.shape, generator=g) * 0.01 for n, p in em.layer(1).named_parameters()
+    }
     return WeightUpdate("test", "mixed", [0, 1, 2], ["a", "b"], factors, params, {"note": "random"})
 
 
@@ -122,9 +137,15 @@ def test_apply_reverts_every_parameter_bit_exactly(em):
     with apply(em, update):
         changed = {n for n, p in em.model.named_parameters() if not torch.equal(p, before[n])}
         assert not torch.allclose(em.model(input_ids=ids).logits, logits)
-        torch.testing.assert_close(em.down_proj_weight(2) - before["model.layers.2.mlp.down_proj.weight"],
-                                   update.dense(2), rtol=1e-4, atol=1e-5)
-    assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"} | set(update.params)
+        torch.testing.assert_close(
+            em.down_proj_weight(2) - before["model.layers.2.mlp.down_proj.weight"],
+            update.dense(2),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"} | set(
+        update.params
+    )
     assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())
     with pytest.raises(RuntimeError, match="inside"):
         with apply(em, [update, update]):
@@ -135,8 +156,13 @@ def test_apply_reverts_every_parameter_bit_exactly(em):
 def test_update_save_load_roundtrip_and_refusal(em, tmp_path, tiny_llama_path):
     update = random_update(em, torch.Generator().manual_seed(1))
     loaded = WeightUpdate.load(update.save(tmp_path / "d.safetensors"))
-    assert (loaded.method, loaded.backend, loaded.layers, loaded.request_ids, loaded.info) == \
-        (update.method, update.backend, update.layers, update.request_ids, update.info)
+    assert (loaded.method, loaded.backend, loaded.layers, loaded.request_ids, loaded.info) == (
+        update.method,
+        update.backend,
+        update.layers,
+        update.request_ids,
+        update.info,
+    )
     assert all(torch.equal(a, b) for l in update.factors for a, b in zip(update.factors[l], loaded.factors[l]))
     assert all(torch.equal(update.params[n], loaded.params[n]) for n in update.params)
     llama = load(tiny_llama_path)
@@ -147,7 +173,7 @@ def test_update_save_load_roundtrip_and_refusal(em, tmp_path, tiny_llama_path):
 
 
 def test_export_loads_with_plain_transformers(tiny_llama_path, tmp_path):
-    em = load(tiny_llama_path)                                   # tied embeddings
+    em = load(tiny_llama_path)  # tied embeddings
     update = random_update(em, torch.Generator().manual_seed(2))
     out = export_edited(em, [update], tmp_path / "edited")
     ids = torch.tensor([[5, 6, 7, 8, 9]])
@@ -161,16 +187,20 @@ def test_export_loads_with_plain_transformers(tiny_llama_path, tmp_path):
 
 # ---- method registry ----
 
-@pytest.mark.parametrize("name, objective, backend, keys, layer, window, early_stop", [
-    ("muke-memit", "matryoshka", "memit", "sequence", 8, 20, 1e-2),
-    ("muke-unke", "matryoshka", "unke", "sequence", 7, 20, 5e-3),
-    ("anyedit-memit", "window", "memit", "sequence", 8, 50, 1e-2),
-    ("anyedit-unke", "window", "unke", "sequence", 7, 50, 5e-3),
-    ("memit", "one_for_all", "memit", "last", 8, 20, 1e-2),
-    ("alphaedit", "one_for_all", "alphaedit", "last", 8, 20, 1e-2),
-    ("unke", "one_for_all", "unke", "last", 7, 20, 5e-3),
-    ("sequential_nll+memit", "sequential_nll", "memit", "sequence", 8, 20, 1e-2),
-])
+
+@pytest.mark.parametrize(
+    "name, objective, backend, keys, layer, window, early_stop",
+    [
+        ("muke-memit", "matryoshka", "memit", "sequence", 8, 20, 1e-2),
+        ("muke-unke", "matryoshka", "unke", "sequence", 7, 20, 5e-3),
+        ("anyedit-memit", "window", "memit", "sequence", 8, 50, 1e-2),
+        ("anyedit-unke", "window", "unke", "sequence", 7, 50, 5e-3),
+        ("memit", "one_for_all", "memit", "last", 8, 20, 1e-2),
+        ("alphaedit", "one_for_all", "alphaedit", "last", 8, 20, 1e-2),
+        ("unke", "one_for_all", "unke", "last", 7, 20, 5e-3),
+        ("sequential_nll+memit", "sequential_nll", "memit", "sequence", 8, 20, 1e-2),
+    ],
+)
 def test_resolve_method(name, objective, backend, keys, layer, window, early_stop):
     memory, got_backend, options = resolve_method(name, {"v_num_grad_steps": 5, "unke_steps": 70, "irrelevant": 1})
     assert (memory["objective"], got_backend, options["keys"]) == (objective, backend, keys)
@@ -190,6 +220,7 @@ def test_resolve_method_rejects_unknown_names():
 
 # ---- MEMIT reaches its targets ----
 
+
 @pytest.mark.parametrize("backend", ["memit", "alphaedit"])
 def test_single_layer_update_moves_working_memory_to_z(em, stats, backend):
     """keys='last', one layer = l_WM, almost no regularisation: the residual at l_WM becomes z."""
@@ -208,10 +239,11 @@ def test_single_layer_update_moves_working_memory_to_z(em, stats, backend):
 
 # ---- end to end on a tiny model ----
 
+
 def next_token_logprobs(em, seq):
     """log p(· | prefix) at every target position: (len(target), vocab)."""
     with torch.no_grad():
-        logits = em.model(input_ids=seq.input_ids).logits[0, len(seq.prompt_ids) - 1:]
+        logits = em.model(input_ids=seq.input_ids).logits[0, len(seq.prompt_ids) - 1 :]
     return logits.float().log_softmax(-1)
 
 
@@ -232,13 +264,15 @@ def test_end_to_end_edit_lowers_target_nll_and_stays_local(em, stats, method):
     with apply(em, update):
         nll_after = target_nll(em, seq)
         kl_edit, kl_unrel = kl(p_edit, next_token_logprobs(em, seq)), kl(p_unrel, next_token_logprobs(em, unrelated))
-    print(f"\n{method}: target NLL {nll_before:.3f} -> {nll_after:.3f}; KL edited {kl_edit:.4f}, "
-          f"unrelated {kl_unrel:.5f}; {update.info['seconds']:.1f} s update, {update.info['memory_seconds']:.1f} s δ")
+    print(
+        f"\n{method}: target NLL {nll_before:.3f} -> {nll_after:.3f}; KL edited {kl_edit:.4f}, "
+        f"unrelated {kl_unrel:.5f}; {update.info['seconds']:.1f} s update, {update.info['memory_seconds']:.1f} s δ"
+    )
     assert nll_after < nll_before - 0.5
     assert kl_unrel < 0.5 * kl_edit
     windows = encode(em.tokenizer, QUESTION, ANSWER, em.end_of_turn, TINY_PRESET["window"]).n_windows
     assert update.request_ids == ["velmora"] and len(results[0].positions) == windows > 1
-    assert all(U.shape[1] == V.shape[1] == windows for U, V in update.factors.values())   # rank ≤ n keys
+    assert all(U.shape[1] == V.shape[1] == windows for U, V in update.factors.values())  # rank ≤ n keys
 
 
 @pytest.fixture(scope="module")
@@ -251,12 +285,16 @@ def pretrained_stats(pretrained_tiny, tmp_path_factory, request):
 # MEMIT writes 66 one-token memories into one 344-wide layer of a 4-layer model: the weight that still
 # reproduces the target (10; 100 does not) cannot protect an unrelated prompt much (measured KL 1.95 vs
 # 2.71; with 1000, 0.28 vs 1.42 but no exact answer). UnKE's preservation term does (0.08 vs 2.75).
-@pytest.mark.parametrize("backend, options, kl_ratio", [
-    ("memit", {"mom2_update_weight": 10.0}, 0.8),
-    ("unke", {"lr": 5e-3, "steps": 50, "n_preserve": 20}, 0.1),
-])
-def test_update_makes_greedy_generation_reproduce_a_demo_target(pretrained_tiny, one_token_memories,
-                                                                pretrained_stats, backend, options, kl_ratio):
+@pytest.mark.parametrize(
+    "backend, options, kl_ratio",
+    [
+        ("memit", {"mom2_update_weight": 10.0}, 0.8),
+        ("unke", {"lr": 5e-3, "steps": 50, "n_preserve": 20}, 0.1),
+    ],
+)
+def test_update_makes_greedy_generation_reproduce_a_demo_target(
+    pretrained_tiny, one_token_memories, pretrained_stats, backend, options, kl_ratio
+):
     """μKE memories (one-token windows, l_WM = 1, see test_engine) written into the weights of layer 1:
     the edited model's greedy answer is the ≥ 60-token target, while an unrelated prompt's next-token
     distribution moves less than the edited one's."""
@@ -271,7 +309,9 @@ def test_update_makes_greedy_generation_reproduce_a_demo_target(pretrained_tiny,
     with apply(em, update):
         answer = greedy(em, [request.question], max_new_tokens=len(seq.target_ids) + 8)[0].text
         kl_edit, kl_unrel = kl(p_edit, next_token_logprobs(em, seq)), kl(p_unrel, next_token_logprobs(em, unrelated))
-    print(f"\nmuke+{backend}: {len(seq.target_ids)}-token target reproduced: {answer == target}; "
-          f"KL edited {kl_edit:.3f}, unrelated {kl_unrel:.4f}")
+    print(
+        f"\nmuke+{backend}: {len(seq.target_ids)}-token target reproduced: {answer == target}; "
+        f"KL edited {kl_edit:.3f}, unrelated {kl_unrel:.4f}"
+    )
     assert answer == target
     assert kl_unrel < kl_ratio * kl_edit

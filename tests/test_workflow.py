@@ -50,8 +50,13 @@ def env(extra_path: Path | None = None, slurm: bool = False) -> dict:
     path = [str(SNAKEMAKE.parent), os.environ.get("PATH", "")]
     if not slurm:
         path.insert(0, str(NO_SLURM))
-    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             PATH=os.pathsep.join(path))
+    e = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PATH=os.pathsep.join(path),
+    )
     if extra_path is not None and extra_path != REPO:
         e["PYTHONPATH"] = f"{extra_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     return e
@@ -68,8 +73,21 @@ def make_workdir(path: Path, repo: Path = REPO) -> Path:
 def snapshot(dest: Path) -> Path:
     """A copy of the workflow and the muke package: a run sees one version of the code even while
     the repository is being edited (code identities would move under it)."""
-    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(".venv", ".git", "results", ".snakemake", "__pycache__",
-                                                              "*.egg-info", ".pytest_cache", "tests", "benchmarks"))
+    shutil.copytree(
+        REPO,
+        dest,
+        ignore=shutil.ignore_patterns(
+            ".venv",
+            ".git",
+            "results",
+            ".snakemake",
+            "__pycache__",
+            "*.egg-info",
+            ".pytest_cache",
+            "tests",
+            "benchmarks",
+        ),
+    )
     return dest
 
 
@@ -78,8 +96,20 @@ def snakemake(workdir: Path, config: dict, *args, repo: Path = REPO, check=True,
     `muke` imported by the Snakefile and the jobs is `repo`'s."""
     cfg = workdir / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    cmd = [str(SNAKEMAKE), "-s", str(repo / "Snakefile"), "-d", str(workdir), "--configfile", str(cfg),
-           "--profile", str(repo / "workflow" / "profiles" / "default"), "--cores", "2", *args]
+    cmd = [
+        str(SNAKEMAKE),
+        "-s",
+        str(repo / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(cfg),
+        "--profile",
+        str(repo / "workflow" / "profiles" / "default"),
+        "--cores",
+        "2",
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(repo))
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -115,6 +145,7 @@ def changed(**paths) -> dict:
 
 
 # ---------------------------------------------------------------------------- (a) config checking
+
 
 def test_schema_refuses_unknown_keys_naming_them():
     config = changed(generation={"max_new_toks": 8})
@@ -170,7 +201,7 @@ def test_schema_knows_every_hyperparameter_of_resolve_method():
     schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
     known = set(schema["$defs"]["hparams"]["properties"])
     wanted = set(DEFAULT_PRESET) | set(MEMORY_OPTIONS) | {k for o in BACKEND_OPTIONS.values() for k in o}
-    assert wanted - {"null_space_cache"} <= known   # the projector cache is a runtime folder, not a setting
+    assert wanted - {"null_space_cache"} <= known  # the projector cache is a runtime folder, not a setting
 
 
 def test_presets_and_experiment_configs_are_valid(tmp_path, monkeypatch):
@@ -206,11 +237,13 @@ def test_plan_identities_follow_the_stage_graph(tmp_path, monkeypatch):
     assert moved(changed(stats={"max_docs": 32})) == {"stats", "update", "generate", "score", "locality"}
     assert moved(changed(locality={"limit": 2})) == {"locality"}
     assert moved(changed(score={"families": ["paper"]})) == {"score"}
-    assert ids(changed(hparams={"v_lr": 0.5})) == base          # the preset's value, written out
+    assert ids(changed(hparams={"v_lr": 0.5})) == base  # the preset's value, written out
     sweep = Plan(changed(sweep={"v_lr": [0.5, 1.0]}))
     assert sorted(r.setting.get("v_lr") for r in sweep.runs if r.method == "muke-memit") == [0.5, 1.0]
     listed = Plan(changed(hparams={"v_lr": [0.5, 1.0]}))
-    assert {r.memories.identity for r in listed.runs if r.memories} == {r.memories.identity for r in sweep.runs if r.memories}
+    assert {r.memories.identity for r in listed.runs if r.memories} == {
+        r.memories.identity for r in sweep.runs if r.memories
+    }
 
 
 def copied_package(tmp_path) -> Path:
@@ -251,11 +284,11 @@ def test_code_identity_follows_indirect_imports(tmp_path):
     package = copied_package(tmp_path)
     assert "muke.engine.objectives" in module_closure("muke.workflow.stages.optimize_memories", package)
     stage_source = (package / "workflow" / "stages" / "optimize_memories.py").read_text()
-    assert "objectives" not in stage_source                          # reached indirectly only
+    assert "objectives" not in stage_source  # reached indirectly only
     before = identities(package)
     objectives = package / "engine" / "objectives.py"
     edit(objectives, "\n# a note\n")
-    edit(objectives, '"""Reworded. ', '"""')                           # the module docstring
+    edit(objectives, '"""Reworded. ', '"""')  # the module docstring
     assert identities(package) == before
     edit(objectives, "\n\ndef _new_helper(x):\n    return 2 * x\n")
     after = identities(package)
@@ -269,11 +302,13 @@ def test_code_identity_covers_a_new_module_a_stage_imports(tmp_path):
     package = copied_package(tmp_path)
     before = identities(package)
     (package / "eval" / "rescale.py").write_text('"""New."""\nfrom .page import fmt\n\nFACTOR = 1.0\n')
-    assert identities(package) == before      # not imported yet
+    assert identities(package) == before  # not imported yet
     score = package / "workflow" / "stages" / "score.py"
-    edit(score, "    from muke.eval import rescale  # noqa: F401\n    import pandas as pd\n", "    import pandas as pd\n")
+    edit(
+        score, "    from muke.eval import rescale  # noqa: F401\n    import pandas as pd\n", "    import pandas as pd\n"
+    )
     covered = module_closure("muke.workflow.stages.score", package)
-    assert {"muke.eval.rescale", "muke.eval.page"} <= covered.keys()     # and rescale's relative import
+    assert {"muke.eval.rescale", "muke.eval.page"} <= covered.keys()  # and rescale's relative import
     middle = code_identity("score", package)
     assert middle != before["score"]
     edit(package / "eval" / "rescale.py", "FACTOR = 2.0\n", "FACTOR = 1.0\n")
@@ -285,6 +320,7 @@ def test_code_identity_covers_a_new_module_a_stage_imports(tmp_path):
 
 
 # ---------------------------------------------------------------------------- (b, c) the real tiny run
+
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
@@ -335,14 +371,14 @@ def test_tiny_run_writes_the_full_report(tiny_run):
     assert "Locality (Table 2)" in html and "muke_ifeval_demo" in html
     assert "<img alt='BLEU vs target length (paper Fig. 5)'" in html and "<img alt='δ-loss traces'" in html
     assert "Failed requests: <b>0</b>" in html
-    repro = html[html.index("id='repro'"):]
+    repro = html[html.index("id='repro'") :]
     assert "git commit" in repro and "muke_cmd: python -m muke stage" in repro
     spec = json.loads((report / "spec.json").read_text())
     for run in spec["runs"]:
         assert all(identity in repro for identity in run["identities"].values())
     demo = tiny_run / "resources" / "demo_edits.jsonl"
     assert hashlib.sha256(demo.read_bytes()).hexdigest() in repro
-    assert re.search(r"<th>optimize_memories</th>\s*<td>2</td>", repro)       # benchmarks: 2 jobs of this plan
+    assert re.search(r"<th>optimize_memories</th>\s*<td>2</td>", repro)  # benchmarks: 2 jobs of this plan
     assert (report / "stage_identities.csv").is_file() and (report / "benchmarks.csv").is_file()
 
 
@@ -364,13 +400,21 @@ BELOW_DELTAS = dict(update_weights=2, generate=2, score=2, locality=2, report=1)
 
 
 @needs_snakemake
-@pytest.mark.parametrize("change, reruns", [
-    (dict(generation={"max_new_tokens": 6}), dict(generate=3, score=3, report=1)),
-    (dict(hparams={"v_lr": 1.0}), dict(optimize_memories=2, **BELOW_DELTAS)),
-    (dict(hparams={"mom2_update_weight": 200}), BELOW_DELTAS),
-    (dict(stats={"max_docs": 32}), dict(collect_stats=1, **BELOW_DELTAS)),
-], ids=["generation-reruns-generate-score-report", "v_lr-reruns-memories-and-below-not-stats",
-        "mom2-reruns-update-and-below-not-memories", "stats-reruns-stats-and-updates"])
+@pytest.mark.parametrize(
+    "change, reruns",
+    [
+        (dict(generation={"max_new_tokens": 6}), dict(generate=3, score=3, report=1)),
+        (dict(hparams={"v_lr": 1.0}), dict(optimize_memories=2, **BELOW_DELTAS)),
+        (dict(hparams={"mom2_update_weight": 200}), BELOW_DELTAS),
+        (dict(stats={"max_docs": 32}), dict(collect_stats=1, **BELOW_DELTAS)),
+    ],
+    ids=[
+        "generation-reruns-generate-score-report",
+        "v_lr-reruns-memories-and-below-not-stats",
+        "mom2-reruns-update-and-below-not-memories",
+        "stats-reruns-stats-and-updates",
+    ],
+)
 def test_a_change_reruns_only_the_stages_it_reaches(tiny_run, repo, change, reruns):
     assert planned(tiny_run, changed(**change), repo) == Counter(reruns)
 

@@ -22,21 +22,27 @@ from muke.numerics import check_finite
 if TYPE_CHECKING:
     from muke.engine.memory import MemoryConfig
 
-MIN_CHUNK = 64      # positions per chunk of a shared affinity pass; shorter ones re-read the weights too often
+MIN_CHUNK = 64  # positions per chunk of a shared affinity pass; shorter ones re-read the weights too often
 
 
 def chunk_cuts(seq: EditSequence, first: int) -> list[int]:
     """Window hooks after window `first`'s that split a pass into chunks of ≥ MIN_CHUNK positions."""
     cuts, last = [], seq.hook_positions[first]
-    for p in seq.hook_positions[first + 1:]:
+    for p in seq.hook_positions[first + 1 :]:
         if p - last >= MIN_CHUNK:
             cuts.append(p)
             last = p
     return cuts
 
 
-def weighted_gradients(lm: ShiftedLM, first: int, free: list[int], deltas: list[torch.Tensor],
-                       weights: torch.Tensor, inputs: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
+def weighted_gradients(
+    lm: ShiftedLM,
+    first: int,
+    free: list[int],
+    deltas: list[torch.Tensor],
+    weights: torch.Tensor,
+    inputs: list[list[torch.Tensor]],
+) -> list[tuple[torch.Tensor, ...]]:
     """For each row w of `weights` (R, n_target) of coefficients over target tokens, ∇ of Σ_t w_t · NLL_t
     w.r.t. the shifts in inputs[row], with `deltas` at the `free` positions (window `first` on).
 
@@ -45,18 +51,19 @@ def weighted_gradients(lm: ShiftedLM, first: int, free: list[int], deltas: list[
     weighted token only.
     """
     chunks = lm.target_states(free, deltas, chunk_cuts(lm.seq, first))
-    upstream = [lm.nll_gradients(states, position) for states, position in chunks]     # [(1, n_c, d)]
+    upstream = [lm.nll_gradients(states, position) for states, position in chunks]  # [(1, n_c, d)]
     out = []
     for k, w in enumerate(weights):
-        last = lm.position_of(n_needed(w) - 1)                 # sequence position of its last weighted token
+        last = lm.position_of(n_needed(w) - 1)  # sequence position of its last weighted token
         used = [c for c, (_, position) in enumerate(chunks) if position <= last]
         grads = []
         for c in used:
             states, position = chunks[c]
             t0 = lm.target_index(position)
-            grads.append(w[t0:t0 + states.shape[1]].to(upstream[c])[None, :, None] * upstream[c])   # (1, n_c, d)
-        out.append(torch.autograd.grad([chunks[c][0] for c in used], inputs[k], grads,
-                                       retain_graph=k < len(weights) - 1))
+            grads.append(w[t0 : t0 + states.shape[1]].to(upstream[c])[None, :, None] * upstream[c])  # (1, n_c, d)
+        out.append(
+            torch.autograd.grad([chunks[c][0] for c in used], inputs[k], grads, retain_graph=k < len(weights) - 1)
+        )
     return out
 
 
@@ -67,7 +74,7 @@ def figure_gradients(lm: ShiftedLM, i: int, delta: torch.Tensor, shared: bool) -
     forward/backward per figure (the straightforward path).
     """
     position = lm.seq.hook_positions[i]
-    figures = figure_coefficients(lm.seq, i).to(lm.em.device)      # (N - i, n_target)
+    figures = figure_coefficients(lm.seq, i).to(lm.em.device)  # (N - i, n_target)
     if shared:
         d = delta.detach().clone().requires_grad_(True)
         return torch.stack([g[0] for g in weighted_gradients(lm, i, [position], [d], figures, [[d]] * len(figures))])
@@ -92,12 +99,13 @@ def initial_figure_gradients(lm: ShiftedLM) -> list[torch.Tensor]:
     windows = range(seq.n_windows - 1)
     zeros = [torch.zeros(lm.em.hidden_size, device=lm.em.device, requires_grad=True) for _ in windows]
     masks = torch.stack([seq.window_mask(0, j).float() for j in range(seq.n_windows)]).to(lm.em.device)  # (N, n_target)
-    summed = weighted_gradients(lm, 0, [seq.hook_positions[i] for i in windows], zeros, masks,
-                                [zeros[:j + 1] for j in range(seq.n_windows)])       # summed[j][i] = ∇δ_i S_j
+    summed = weighted_gradients(
+        lm, 0, [seq.hook_positions[i] for i in windows], zeros, masks, [zeros[: j + 1] for j in range(seq.n_windows)]
+    )  # summed[j][i] = ∇δ_i S_j
     out = []
     for i in windows:
-        scale = figure_coefficients(seq, i)[:, seq.windows[i][0]].to(lm.em.device)   # (N - i,): c_ij
-        grads = torch.stack([scale[j - i] * summed[j][i] for j in range(i, seq.n_windows)])    # (N - i, d)
+        scale = figure_coefficients(seq, i)[:, seq.windows[i][0]].to(lm.em.device)  # (N - i,): c_ij
+        grads = torch.stack([scale[j - i] * summed[j][i] for j in range(i, seq.n_windows)])  # (N - i, d)
         check_finite(f"window {i}, step 0", affinity_gradient=grads)
         out.append(grads)
     return out
@@ -113,7 +121,7 @@ def window_affinity(lm: ShiftedLM, i: int, cfg: MemoryConfig, first: torch.Tenso
         if step == 0 and first is not None:
             grads = first
         else:
-            grads = figure_gradients(lm, i, delta, shared=cfg.fast)        # (N - i, d)
+            grads = figure_gradients(lm, i, delta, shared=cfg.fast)  # (N - i, d)
             check_finite(f"window {i}, step {step}", affinity_gradient=grads)
         g_first.append(grads[0])
         g_figs.append(grads)

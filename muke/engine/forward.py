@@ -37,7 +37,7 @@ def sync_skipped_layers(cache: DynamicCache, top: int) -> None:
     attention mask and the positions from layer 0's entry: point them at the first upper layer's entry
     (which they never read)."""
     above = cache.layers[top + 1]
-    for entry in cache.layers[:top + 1]:
+    for entry in cache.layers[: top + 1]:
         entry.keys, entry.values, entry.is_initialized = above.keys, above.values, True
 
 
@@ -55,13 +55,13 @@ class ShiftedLM:
 
     def __init__(self, em: EditableModel, seq: EditSequence, layer: int):
         self.em, self.seq, self.layer = em, seq, layer
-        self.input_ids = seq.input_ids.to(em.device)                     # (1, T)
-        self.targets = torch.tensor(seq.target_ids, device=em.device)     # (n_target,)
+        self.input_ids = seq.input_ids.to(em.device)  # (1, T)
+        self.targets = torch.tensor(seq.target_ids, device=em.device)  # (n_target,)
         self.first_target = len(seq.prompt_ids) - 1
         seen = []
         with torch.no_grad(), hooks.stop_after(em.layer(layer), seen):
             em.model(input_ids=self.input_ids, use_cache=False)
-        self.hidden = hooks.hidden_of(seen[0])    # (1, T, d): unshifted output of layer l_WM
+        self.hidden = hooks.hidden_of(seen[0])  # (1, T, d): unshifted output of layer l_WM
         self._as_tuple = isinstance(seen[0], tuple)
 
     # ---- coordinate conversions (module docstring)
@@ -84,7 +84,7 @@ class ShiftedLM:
 
     def predicted_targets(self, start: int, end: int) -> torch.Tensor:
         """The targets predicted by sequence positions [start, end), from the first predicting one: (n,)."""
-        return self.targets[self.target_index(self.first_predicting(start)):self.target_index(end)]
+        return self.targets[self.target_index(self.first_predicting(start)) : self.target_index(end)]
 
     def end(self, upto: int | None) -> int:
         """End of a pass that needs targets [0, upto) only (None: all): positions after the one predicting
@@ -99,8 +99,8 @@ class ShiftedLM:
 
     def target_logprobs(self, logits: torch.Tensor, first: int) -> torch.Tensor:
         """log p of the targets predicted by `logits` rows, row 0 at sequence position `first`: (B, n)."""
-        logp = logits.float().log_softmax(-1)                               # (B, n, vocab)
-        targets = self.predicted_targets(first, first + logp.shape[1]).expand(logp.shape[0], -1)     # (B, n)
+        logp = logits.float().log_softmax(-1)  # (B, n, vocab)
+        targets = self.predicted_targets(first, first + logp.shape[1]).expand(logp.shape[0], -1)  # (B, n)
         return logp.gather(-1, targets[..., None])[..., 0]
 
     def nll_gradients(self, states: torch.Tensor, first: int) -> torch.Tensor:
@@ -113,14 +113,20 @@ class ShiftedLM:
 
     # ---- the interface
 
-    def logprobs(self, free: list[int], deltas: list[torch.Tensor], fixed: dict[int, torch.Tensor] | None = None,
-                 upto: int | None = None) -> torch.Tensor:
+    def logprobs(
+        self,
+        free: list[int],
+        deltas: list[torch.Tensor],
+        fixed: dict[int, torch.Tensor] | None = None,
+        upto: int | None = None,
+    ) -> torch.Tensor:
         """log p(target_t) with the shifts applied: (1, n_target), or (1, ≥ upto) when only targets
         [0, upto) are needed."""
         raise NotImplementedError
 
-    def target_states(self, free: list[int], deltas: list[torch.Tensor],
-                      cuts: list[int] = ()) -> list[tuple[torch.Tensor, int]]:
+    def target_states(
+        self, free: list[int], deltas: list[torch.Tensor], cuts: list[int] = ()
+    ) -> list[tuple[torch.Tensor, int]]:
         """The LM head's input (the final norm's output), kept in the autograd graph, at the positions that
         predict targets, with `deltas` at the `free` positions: [((1, n, d), sequence position of row 0)],
         one entry per chunk, chunks in order. `cuts`: sequence positions at which the pass may be split, so
@@ -142,7 +148,7 @@ class PlainShiftedLM(ShiftedLM):
     def target_states(self, free, deltas, cuts=()):
         with hooks.capture(self.em.final_norm, "output", detach=False) as seen:
             self._forward(free, deltas, {}, logits_to_keep=1)
-        return [(seen[0][:, self.first_target:], self.first_target)]
+        return [(seen[0][:, self.first_target :], self.first_target)]
 
 
 class CachedShiftedLM(ShiftedLM):
@@ -164,7 +170,7 @@ class CachedShiftedLM(ShiftedLM):
         if self._prefix_key != key:
             with hooks.shifts(self.em.layer(self.layer), list(fixed), list(fixed.values())):
                 out = self.em.model(input_ids=self.input_ids[:, :start], use_cache=True)
-            lp = self.target_logprobs(out.logits[:, self.first_target:], self.first_target)
+            lp = self.target_logprobs(out.logits[:, self.first_target :], self.first_target)
             self._prefix_key, self._prefix = key, (getattr(out, cache_arg(self.em.model)), lp)
         return self._prefix
 
@@ -179,18 +185,24 @@ class CachedShiftedLM(ShiftedLM):
         """Sequence positions [start, end) through the layers above l_WM on `cache` (positions [0, start)),
         the free shifts inside the range added at their pass offsets."""
         inside = [k for k, p in enumerate(free) if start <= p < end]
-        with hooks.shifts(self.em.layer(self.layer), [free[k] - start for k in inside], [deltas[k] for k in inside]), \
-                hooks.replay_lower_layers(self.em.layers, self.layer, self.hidden[:, start:end], self._as_tuple):
-            return self.em.model(input_ids=self.input_ids[:, start:end], use_cache=cache is not None,
-                                 **{cache_arg(self.em.model): cache}, **kwargs)
+        with (
+            hooks.shifts(self.em.layer(self.layer), [free[k] - start for k in inside], [deltas[k] for k in inside]),
+            hooks.replay_lower_layers(self.em.layers, self.layer, self.hidden[:, start:end], self._as_tuple),
+        ):
+            return self.em.model(
+                input_ids=self.input_ids[:, start:end],
+                use_cache=cache is not None,
+                **{cache_arg(self.em.model): cache},
+                **kwargs,
+            )
 
     def logprobs(self, free, deltas, fixed=None, upto=None):
         fixed = fixed or {}
         start, cache = self._start(free, fixed)
-        logits = self.suffix(start, self.end(upto), free, deltas, cache).logits    # (1, end - start, vocab)
-        if self.lead(start):                       # no slice when none: no full-size gradient copy
-            logits = logits[:, self.lead(start):]
-        lp = self.target_logprobs(logits, self.first_predicting(start))            # (1, n)
+        logits = self.suffix(start, self.end(upto), free, deltas, cache).logits  # (1, end - start, vocab)
+        if self.lead(start):  # no slice when none: no full-size gradient copy
+            logits = logits[:, self.lead(start) :]
+        lp = self.target_logprobs(logits, self.first_predicting(start))  # (1, n)
         return torch.cat([self.prefix(start, fixed)[1], lp], dim=1) if start > 0 else lp
 
     def target_states(self, free, deltas, cuts=()):
@@ -198,13 +210,13 @@ class CachedShiftedLM(ShiftedLM):
         chunked = bool(cuts) and start > 0 and self._chunkable
         bounds = [start] + ([c for c in cuts if c > start] if chunked else []) + [self.input_ids.shape[1]]
         chunks = []
-        for a, b in zip(bounds, bounds[1:]):       # each chunk on the KV cache of the chunks before it
+        for a, b in zip(bounds, bounds[1:]):  # each chunk on the KV cache of the chunks before it
             if chunked:
                 sync_skipped_layers(cache, self.layer)
             with hooks.capture(self.em.final_norm, "output", detach=False) as seen:
                 out = self.suffix(a, b, free, deltas, cache, logits_to_keep=1)
             cache = getattr(out, cache_arg(self.em.model))
-            chunks.append((seen[0][:, self.lead(a):], self.first_predicting(a)))     # (1, n, d)
+            chunks.append((seen[0][:, self.lead(a) :], self.first_predicting(a)))  # (1, n, d)
         return chunks
 
     @property

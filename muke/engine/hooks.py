@@ -6,8 +6,8 @@ here accepts both and returns the same kind it received.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -44,12 +44,15 @@ def forward_hook(module: nn.Module, hook: Callable, pre: bool = False, **options
 
 def shifts(layer: nn.Module, positions: Sequence[int], deltas: Sequence[torch.Tensor]):
     """Add δ_k at token position p_k of `layer`'s output for every forward pass inside the block."""
-    return forward_hook(layer, lambda _module, _inputs, output: with_hidden(output, shift(hidden_of(output), positions, deltas)))
+    return forward_hook(
+        layer, lambda _module, _inputs, output: with_hidden(output, shift(hidden_of(output), positions, deltas))
+    )
 
 
 @contextmanager
-def capture(module: nn.Module, what: str = "output", sink: Callable[[torch.Tensor], None] | None = None,
-            detach: bool = True) -> Iterator[list[torch.Tensor]]:
+def capture(
+    module: nn.Module, what: str = "output", sink: Callable[[torch.Tensor], None] | None = None, detach: bool = True
+) -> Iterator[list[torch.Tensor]]:
     """Record the module's first input ("input") or its (hidden) output ("output") on each call.
 
     With `sink`, each captured tensor is passed to it instead of being kept (for streaming statistics);
@@ -76,6 +79,7 @@ class _StopForward(Exception):
 def stop_after(module: nn.Module, outputs: list | None = None) -> Iterator[None]:
     """End the forward pass inside the block right after `module` runs, appending its raw output
     (tensor or tuple) to `outputs`; the layers above it never run."""
+
     def hook(_module, _inputs, output):
         if outputs is not None:
             outputs.append(output)
@@ -89,8 +93,9 @@ def stop_after(module: nn.Module, outputs: list | None = None) -> Iterator[None]
 
 
 @contextmanager
-def replay_lower_layers(layers: nn.ModuleList, top: int, hidden: torch.Tensor,
-                        as_tuple: bool = False) -> Iterator[None]:
+def replay_lower_layers(
+    layers: nn.ModuleList, top: int, hidden: torch.Tensor, as_tuple: bool = False
+) -> Iterator[None]:
     """Skip decoder layers 0..top: layer `top` returns the recorded `hidden` (its output, which no
     memory shift changes), the layers below it pass their input through untouched.
 

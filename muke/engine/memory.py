@@ -30,19 +30,19 @@ from muke.numerics import NumericalError, check_finite
 class MemoryConfig:
     """Hyperparameters of the δ loop; defaults are the authors' (ALGORITHM §4)."""
 
-    layer: int                      # l_WM: δ is added to this decoder layer's output
+    layer: int  # l_WM: δ is added to this decoder layer's output
     objective: str = "matryoshka"
-    window: int | None = 20         # W tokens per window; ignored by one_for_all
+    window: int | None = 20  # W tokens per window; ignored by one_for_all
     lambda_order: str = "reference"
-    affinity_steps: int = 3         # T_aff
+    affinity_steps: int = 3  # T_aff
     v_lr: float = 0.5
     v_num_grad_steps: int = 25
     v_weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
-    early_stop: float = 1e-2        # 5e-3 for UnKE-based edits
+    early_stop: float = 1e-2  # 5e-3 for UnKE-based edits
     system_prompt: str | None = None
     chat_template: bool = True
-    fast: bool = True               # CachedShiftedLM and shared affinity passes; False: PlainShiftedLM
+    fast: bool = True  # CachedShiftedLM and shared affinity passes; False: PlainShiftedLM
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -70,16 +70,30 @@ class MemoryResult:
 
 # ---------------------------------------------------------------------------- the δ loop (ALGORITHM §4)
 
-def step_loss(coeff: torch.Tensor, logp: torch.Tensor, deltas: list[torch.Tensor], h_norms: list[torch.Tensor],
-              cfg: MemoryConfig, label: int, step: int) -> tuple[torch.Tensor, dict]:
+
+def step_loss(
+    coeff: torch.Tensor,
+    logp: torch.Tensor,
+    deltas: list[torch.Tensor],
+    h_norms: list[torch.Tensor],
+    cfg: MemoryConfig,
+    label: int,
+    step: int,
+) -> tuple[torch.Tensor, dict]:
     """One request's δ-loop loss -Σ c_t lp_t + wd · Σ ‖δ_k‖ / ‖h_k‖², checked finite, and its trace row."""
-    nll = -(coeff[:len(logp)] * logp).sum()
-    decay = sum(cfg.v_weight_decay * d.norm() / h ** 2 for d, h in zip(deltas, h_norms))
+    nll = -(coeff[: len(logp)] * logp).sum()
+    decay = sum(cfg.v_weight_decay * d.norm() / h**2 for d, h in zip(deltas, h_norms))
     loss = nll + decay
     check_finite(f"window {label}, step {step}", loss=loss)
-    return loss, {"window": label, "step": step, "loss": loss.item(), "nll": nll.item(),
-                  "weight_decay": decay.item(), "delta_norm": max(d.norm().item() for d in deltas),
-                  "h_norm": max(h.item() for h in h_norms)}
+    return loss, {
+        "window": label,
+        "step": step,
+        "loss": loss.item(),
+        "nll": nll.item(),
+        "weight_decay": decay.item(),
+        "delta_norm": max(d.norm().item() for d in deltas),
+        "h_norm": max(h.item() for h in h_norms),
+    }
 
 
 def finished(loss: torch.Tensor, step: int, cfg: MemoryConfig) -> bool:
@@ -104,8 +118,15 @@ def new_shifts(lms: list[ShiftedLM], free: list[int], cfg: MemoryConfig):
     return deltas, h_norms, torch.optim.Adam(deltas, lr=cfg.v_lr)
 
 
-def optimise_shifts(lm: ShiftedLM, coeff: torch.Tensor, free: list[int], fixed: dict[int, torch.Tensor],
-                    cfg: MemoryConfig, trace: list[dict], label: int) -> dict[int, torch.Tensor]:
+def optimise_shifts(
+    lm: ShiftedLM,
+    coeff: torch.Tensor,
+    free: list[int],
+    fixed: dict[int, torch.Tensor],
+    cfg: MemoryConfig,
+    trace: list[dict],
+    label: int,
+) -> dict[int, torch.Tensor]:
     """The δ loop over the shifts at the `free` positions, `fixed` ones applied: loss `step_loss`,
     stop when `finished`, after each Adam update `clamp_`."""
     coeff = coeff.to(lm.em.device)
@@ -124,9 +145,15 @@ def optimise_shifts(lm: ShiftedLM, coeff: torch.Tensor, free: list[int], fixed: 
     return {p: d.detach() for p, d in zip(free, deltas)}
 
 
-def optimise_shifts_batched(lms: list[CachedShiftedLM], coeffs: list[torch.Tensor], free: list[int],
-                            fixed: list[dict[int, torch.Tensor]], cfg: MemoryConfig, traces: list[list[dict]],
-                            label: int) -> list[torch.Tensor | NumericalError]:
+def optimise_shifts_batched(
+    lms: list[CachedShiftedLM],
+    coeffs: list[torch.Tensor],
+    free: list[int],
+    fixed: list[dict[int, torch.Tensor]],
+    cfg: MemoryConfig,
+    traces: list[list[dict]],
+    label: int,
+) -> list[torch.Tensor | NumericalError]:
     """`optimise_shifts` of one free shift per request, the requests' forward/backward passes batched
     (`batched_logprobs`). Exactly the per-request loop: each δ_r is its own Adam parameter (a request that
     stops early, or fails, leaves the batch and gets no further update), with its own clamp and trace.
@@ -137,9 +164,13 @@ def optimise_shifts_batched(lms: list[CachedShiftedLM], coeffs: list[torch.Tenso
     out: list = [None] * len(lms)
     active = list(range(len(lms)))
     for step in range(cfg.v_num_grad_steps):
-        logps = batched_logprobs([lms[r] for r in active], [free[r] for r in active],
-                                 torch.stack([deltas[r] for r in active]), [fixed[r] for r in active],
-                                 [upto[r] for r in active])
+        logps = batched_logprobs(
+            [lms[r] for r in active],
+            [free[r] for r in active],
+            torch.stack([deltas[r] for r in active]),
+            [fixed[r] for r in active],
+            [upto[r] for r in active],
+        )
         going = []
         for r, logp in zip(active, logps):
             try:
@@ -154,7 +185,7 @@ def optimise_shifts_batched(lms: list[CachedShiftedLM], coeffs: list[torch.Tenso
                 going.append((r, loss))
         if not going:
             break
-        opt.zero_grad(set_to_none=True)             # rows that left the batch keep grad None: Adam skips them
+        opt.zero_grad(set_to_none=True)  # rows that left the batch keep grad None: Adam skips them
         torch.stack([loss for _, loss in going]).sum().backward()
         opt.step()
         clamp_([deltas[r] for r, _ in going], [h_norms[r] for r, _ in going], cfg)
@@ -164,16 +195,18 @@ def optimise_shifts_batched(lms: list[CachedShiftedLM], coeffs: list[torch.Tenso
 
 # ---------------------------------------------------------------------------- requests
 
+
 def window_coefficients(seq: EditSequence, i: int, cfg: MemoryConfig, lambdas: list[list[float]]) -> torch.Tensor:
     """Token coefficients of window i's loss under the configured objective (λ for matryoshka)."""
     return token_coefficients(cfg.objective, seq, i, torch.tensor(lambdas[i]) if lambdas else None)
 
 
-def _result(lm: ShiftedLM, shifts: dict[int, torch.Tensor], lambdas, affinities, trace, seconds: float,
-            affinity_seconds: float) -> MemoryResult:
+def _result(
+    lm: ShiftedLM, shifts: dict[int, torch.Tensor], lambdas, affinities, trace, seconds: float, affinity_seconds: float
+) -> MemoryResult:
     positions = lm.seq.hook_positions
-    h = lm.h(positions).cpu()                                     # (n, d)
-    delta = torch.stack([shifts[p] for p in positions]).cpu()     # (n, d)
+    h = lm.h(positions).cpu()  # (n, d)
+    delta = torch.stack([shifts[p] for p in positions]).cpu()  # (n, d)
     return MemoryResult(positions, h, delta, h + delta, lambdas, affinities, trace, seconds, affinity_seconds)
 
 
@@ -214,8 +247,9 @@ def _one_by_one(em: EditableModel, seqs: list[EditSequence], cfg: MemoryConfig) 
     return out
 
 
-def optimise_batch(em: EditableModel, seqs: list[EditSequence],
-                   cfg: MemoryConfig) -> list[MemoryResult | NumericalError]:
+def optimise_batch(
+    em: EditableModel, seqs: list[EditSequence], cfg: MemoryConfig
+) -> list[MemoryResult | NumericalError]:
     """`optimise` of several requests, their δ loops batched window by window (`optimise_shifts_batched`):
     window i of every request that has one is optimised in the same forward/backward passes. The affinity
     λ of a window depends on no other shift (Eq. 12), so each request's λ are computed first, alone.
@@ -246,16 +280,25 @@ def optimise_batch(em: EditableModel, seqs: list[EditSequence],
         if not rows:
             break
         coeffs = [window_coefficients(seqs[r], i, cfg, lambdas[r]) for r in rows]
-        got = optimise_shifts_batched([lms[r] for r in rows], coeffs, [seqs[r].hook_positions[i] for r in rows],
-                                      [dict(shifts[r]) for r in rows], cfg, [traces[r] for r in rows], label=i)
+        got = optimise_shifts_batched(
+            [lms[r] for r in rows],
+            coeffs,
+            [seqs[r].hook_positions[i] for r in rows],
+            [dict(shifts[r]) for r in rows],
+            cfg,
+            [traces[r] for r in rows],
+            label=i,
+        )
         for r, delta in zip(rows, got):
             if isinstance(delta, NumericalError):
                 failed[r] = delta
             else:
                 shifts[r][seqs[r].hook_positions[i]] = delta
     seconds = (time.perf_counter() - start) / len(seqs)
-    return [failed[r] or _result(lm, shifts[r], lambdas[r], affinities[r], traces[r], seconds, affinity_seconds[r])
-            for r, lm in enumerate(lms)]
+    return [
+        failed[r] or _result(lm, shifts[r], lambdas[r], affinities[r], traces[r], seconds, affinity_seconds[r])
+        for r, lm in enumerate(lms)
+    ]
 
 
 def encode_request(em: EditableModel, question: str, answer: str, cfg: MemoryConfig) -> EditSequence:
@@ -264,15 +307,18 @@ def encode_request(em: EditableModel, question: str, answer: str, cfg: MemoryCon
     return encode(em.tokenizer, question, answer, em.end_of_turn, window, cfg.system_prompt, cfg.chat_template)
 
 
-def optimise_request(em: EditableModel, question: str, answer: str, cfg: MemoryConfig) -> tuple[EditSequence, MemoryResult]:
+def optimise_request(
+    em: EditableModel, question: str, answer: str, cfg: MemoryConfig
+) -> tuple[EditSequence, MemoryResult]:
     """Encode a request for this model and objective, then optimise its memories."""
     seq = encode_request(em, question, answer, cfg)
     return seq, optimise(em, seq, cfg)
 
 
 @torch.no_grad()
-def decode_with_shifts(em: EditableModel, seq: EditSequence, layer: int, result: MemoryResult,
-                       max_new_tokens: int | None = None) -> list[int]:
+def decode_with_shifts(
+    em: EditableModel, seq: EditSequence, layer: int, result: MemoryResult, max_new_tokens: int | None = None
+) -> list[int]:
     """Greedy continuation of the prompt with the memory shifts hooked in at their sequence positions
     (no weight update): the direct check that the target memories carry the answer.
 
@@ -281,7 +327,7 @@ def decode_with_shifts(em: EditableModel, seq: EditSequence, layer: int, result:
     """
     max_new_tokens = max_new_tokens or len(seq.target_ids)
     eos = em.tokenizer.convert_tokens_to_ids(em.end_of_turn)
-    ids = torch.tensor([seq.prompt_ids], device=em.device)          # (1, T)
+    ids = torch.tensor([seq.prompt_ids], device=em.device)  # (1, T)
     shifts = {p: d.to(em.device) for p, d in zip(result.positions, result.delta)}
     name = cache_arg(em.model)
     past, start, out = None, 0, []

@@ -44,8 +44,7 @@ def matryoshka_coefficients(seq: EditSequence, i: int, lambdas: torch.Tensor) ->
     return coeff / n_fig / n_tok
 
 
-def token_coefficients(objective: str, seq: EditSequence, i: int,
-                       lambdas: torch.Tensor | None = None) -> torch.Tensor:
+def token_coefficients(objective: str, seq: EditSequence, i: int, lambdas: torch.Tensor | None = None) -> torch.Tensor:
     """Coefficient vector c of window i's loss for a sequential objective: (len(target),)."""
     if objective in ("one_for_all", "window"):
         return mean_over(seq.window_mask(i))

@@ -48,7 +48,7 @@ class EditSequence:
         """Bool mask over target tokens of windows i..j inclusive (j defaults to i): (len(target),)."""
         j = i if j is None else j
         mask = torch.zeros(len(self.target_ids), dtype=torch.bool)
-        mask[self.windows[i][0]:self.windows[j][1]] = True
+        mask[self.windows[i][0] : self.windows[j][1]] = True
         return mask
 
 
@@ -63,18 +63,24 @@ def split_windows(n_tokens: int, window: int | None) -> tuple[tuple[int, int], .
     return tuple((s, min(s + window, n_tokens)) for s in range(0, n_tokens, window))
 
 
-def render_prompt(tokenizer, question: str, system_prompt: str | None = None,
-                  chat_template: bool = True) -> str:
+def render_prompt(tokenizer, question: str, system_prompt: str | None = None, chat_template: bool = True) -> str:
     """The chat-templated question, ending where the assistant's answer starts."""
     if not chat_template:
         return question
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     messages.append({"role": "user", "content": question})
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def encode(tokenizer, question: str, answer: str, end_of_turn: str, window: int | None,
-           system_prompt: str | None = None, chat_template: bool = True) -> EditSequence:
+def encode(
+    tokenizer,
+    question: str,
+    answer: str,
+    end_of_turn: str,
+    window: int | None,
+    system_prompt: str | None = None,
+    chat_template: bool = True,
+) -> EditSequence:
     """Tokenize a request: prompt via the chat template, target = answer + end-of-turn token."""
     prompt = render_prompt(tokenizer, question, system_prompt, chat_template)
     prompt_ids = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"])

@@ -10,9 +10,11 @@ import pandas as pd
 PRE_EDIT = "pre-edit"
 # For the report's stylesheet (without it <mark> keeps the browser's yellow).
 CSS = "mark.diverge{background:#ffe08a}.case-study td{min-width:14em}"
-CAPTION = ("Answers and targets with whitespace runs collapsed to one space. Plain: the answer's prefix that "
-           "equals the target's; highlighted: from the first differing character on. Under each answer: "
-           "how many target characters it reproduced.")
+CAPTION = (
+    "Answers and targets with whitespace runs collapsed to one space. Plain: the answer's prefix that "
+    "equals the target's; highlighted: from the first differing character on. Under each answer: "
+    "how many target characters it reproduced."
+)
 
 
 def normalise(text: str) -> str:
@@ -42,8 +44,7 @@ def _answer_cell(output: str, target: str) -> str:
     """Escaped normalised answer: the reproduced prefix plain, the rest in <mark class='diverge'>, and the count."""
     o, k, n = normalise(output), reproduced(output, target), len(normalise(target))
     tail = f"<mark class='diverge'>{html.escape(o[k:])}</mark>" if o[k:] else ""
-    return (f"<td>{html.escape(o[:k])}{tail}"
-            f"<div class='caption'>{k} / {n} target characters</div></td>")
+    return f"<td>{html.escape(o[:k])}{tail}<div class='caption'>{k} / {n} target characters</div></td>"
 
 
 def _block(rid: str, group: pd.DataFrame, methods: list[str]) -> str:
@@ -52,10 +53,12 @@ def _block(rid: str, group: pd.DataFrame, methods: list[str]) -> str:
     cells = [f"<td>{html.escape(normalise(target))}</td>"]
     cells += [_answer_cell(answers[m], target) if m in answers else "<td>—</td>" for m in methods]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["target", *methods])
-    return (f"<section class='case-study'><h3>{html.escape(str(rid))}</h3>"
-            f"<p><b>Question:</b> {html.escape(question)}</p>"
-            f"<div class='scroll'><table class='text'><thead><tr>{head}</tr></thead>"
-            f"<tbody><tr>{''.join(cells)}</tr></tbody></table></div></section>")
+    return (
+        f"<section class='case-study'><h3>{html.escape(str(rid))}</h3>"
+        f"<p><b>Question:</b> {html.escape(question)}</p>"
+        f"<div class='scroll'><table class='text'><thead><tr>{head}</tr></thead>"
+        f"<tbody><tr>{''.join(cells)}</tr></tbody></table></div></section>"
+    )
 
 
 def case_study_html(rows: pd.DataFrame, kind: str = "question", limit: int | None = None) -> str:

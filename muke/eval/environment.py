@@ -19,11 +19,13 @@ PACKAGES = ["muke", "torch", "transformers", "snakemake", "lm_eval", "numpy", "p
 
 def git_info() -> dict:
     """Commit and dirty flag of the git checkout holding muke's source, else 'unknown'."""
-    src = Path(__file__).resolve().parents[1]                 # the muke package
+    src = Path(__file__).resolve().parents[1]  # the muke package
 
     def git(*args):
-        return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=20,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(src), *args], capture_output=True, text=True, timeout=20, check=True
+        ).stdout.strip()
+
     try:
         top = Path(git("rev-parse", "--show-toplevel"))
         if not (top / "muke").is_dir() or not (top / "muke").samefile(src):
@@ -39,8 +41,14 @@ def _size(path: Path) -> int:
 
 
 def checksums(inputs) -> pd.DataFrame:
-    rows = [{"path": str(p), "bytes": _size(Path(p)) if Path(p).exists() else 0,
-             "sha256": sha256(p) if Path(p).exists() else "missing"} for p in inputs]
+    rows = [
+        {
+            "path": str(p),
+            "bytes": _size(Path(p)) if Path(p).exists() else 0,
+            "sha256": sha256(p) if Path(p).exists() else "missing",
+        }
+        for p in inputs
+    ]
     return pd.DataFrame(rows, columns=["path", "bytes", "sha256"])
 
 
@@ -61,18 +69,23 @@ def torch_info() -> dict:
     except ImportError:
         return {"torch": "not installed", "determinism": "unknown (no torch)"}
     cuda = torch.cuda.is_available()
-    info = {"torch": torch.__version__, "cuda (build)": torch.version.cuda or "none",
-            "cuda available": cuda,
-            "gpus": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
-            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else "none",
-            "cudnn.deterministic": torch.backends.cudnn.deterministic,
-            "cudnn.benchmark": torch.backends.cudnn.benchmark,
-            "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+    info = {
+        "torch": torch.__version__,
+        "cuda (build)": torch.version.cuda or "none",
+        "cuda available": cuda,
+        "gpus": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else "none",
+        "cudnn.deterministic": torch.backends.cudnn.deterministic,
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
     info["determinism"] = (
         f"GPU: torch.backends.cudnn.deterministic={info['cudnn.deterministic']}, "
         f"torch.use_deterministic_algorithms={info['use_deterministic_algorithms']}; GPU kernels may still "
-        "differ across GPU models and library versions." if cuda else
-        "CPU only: deterministic (fixed seeds, greedy decoding, CPU kernels with reproducible reductions).")
+        "differ across GPU models and library versions."
+        if cuda
+        else "CPU only: deterministic (fixed seeds, greedy decoding, CPU kernels with reproducible reductions)."
+    )
     return info
 
 
@@ -115,8 +128,14 @@ def read_benchmarks(root: str | Path | None, identities=None) -> pd.DataFrame:
 def benchmark_summary(bench: pd.DataFrame) -> pd.DataFrame:
     """Per rule: jobs, total and longest wall time, peak resident memory."""
     g = bench.groupby("rule", sort=True)
-    out = pd.DataFrame({"jobs": g["job"].nunique(), "wall s (total)": g["s"].sum(),
-                        "wall s (longest job)": g["s"].max(), "peak max_rss (MB)": g["max_rss"].max()})
+    out = pd.DataFrame(
+        {
+            "jobs": g["job"].nunique(),
+            "wall s (total)": g["s"].sum(),
+            "wall s (longest job)": g["s"].max(),
+            "peak max_rss (MB)": g["max_rss"].max(),
+        }
+    )
     return out.map(fmt).assign(jobs=g["job"].nunique())
 
 
@@ -136,22 +155,29 @@ def reproducibility(config, stage_identities, inputs, bench) -> tuple[list[str],
     g = git_info()
     if not isinstance(stage_identities, pd.DataFrame):
         stage_identities = _dict_table(stage_identities or {}, "stage", "identity")
-    tables = {"stage_identities": stage_identities,
-              "input_checksums": checksums(inputs or []),
-              "versions": _dict_table({**package_versions(), **torch_info()}, "package / fact", "value")}
+    tables = {
+        "stage_identities": stage_identities,
+        "input_checksums": checksums(inputs or []),
+        "versions": _dict_table({**package_versions(), **torch_info()}, "package / fact", "value"),
+    }
     seed_text = ", ".join(f"{k} = {v}" for k, v in seeds(config or {}).items()) or "none set in the config"
-    parts = ["<h2 id='repro'>Reproducibility</h2>",
-             f"<p>git commit <code>{esc(g['commit'])}</code>, working tree dirty: <b>{esc(g['dirty'])}</b></p>",
-             f"<p>Seeds / determinism keys: {esc(seed_text)}</p>",
-             f"<p>{esc(tables['versions'].set_index('package / fact')['value'].get('determinism'))} "
-             "(flags as seen by the report process; each stage's manifest records its own versions.)</p>",
-             "<h3>Package versions and hardware</h3>", table(tables["versions"], text=True),
-             "<h3>Stage parameter identities</h3>",
-             "<p class='caption'>Each job's identity hashes its own parameters, its inputs' identities and the "
-             "muke code it runs; the job's output folder carries it, and its manifest.json lists the "
-             "parameters.</p>", table(tables["stage_identities"], text=True),
-             "<h3>Input data checksums (sha256)</h3>", table(tables["input_checksums"], text=True),
-             "<h3>Wall time and peak memory per stage (Snakemake benchmarks)</h3>"]
+    parts = [
+        "<h2 id='repro'>Reproducibility</h2>",
+        f"<p>git commit <code>{esc(g['commit'])}</code>, working tree dirty: <b>{esc(g['dirty'])}</b></p>",
+        f"<p>Seeds / determinism keys: {esc(seed_text)}</p>",
+        f"<p>{esc(tables['versions'].set_index('package / fact')['value'].get('determinism'))} "
+        "(flags as seen by the report process; each stage's manifest records its own versions.)</p>",
+        "<h3>Package versions and hardware</h3>",
+        table(tables["versions"], text=True),
+        "<h3>Stage parameter identities</h3>",
+        "<p class='caption'>Each job's identity hashes its own parameters, its inputs' identities and the "
+        "muke code it runs; the job's output folder carries it, and its manifest.json lists the "
+        "parameters.</p>",
+        table(tables["stage_identities"], text=True),
+        "<h3>Input data checksums (sha256)</h3>",
+        table(tables["input_checksums"], text=True),
+        "<h3>Wall time and peak memory per stage (Snakemake benchmarks)</h3>",
+    ]
     if len(bench):
         tables["benchmarks"] = bench
         parts.append(table(benchmark_summary(bench)))

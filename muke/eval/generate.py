@@ -16,16 +16,16 @@ weight is built once, exactly as muke.update.weights.apply builds it, and its ro
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
 from muke.engine import hooks
+from muke.engine.windows import render_prompt
 from muke.model import ModelError, pad
 from muke.update.weights import WeightUpdate, apply
-from muke.engine.windows import render_prompt
 
 KINDS = ("question", "para_question", "sub_questions")
 
@@ -71,8 +71,10 @@ def row_updates(em, updates: Sequence[WeightUpdate | None], merged: bool | None 
     """
     for u in updates:
         if not is_low_rank(u):
-            raise ValueError(f"update of {u.request_ids} changes whole parameters ({u.backend}): it cannot be "
-                             "applied per batch row; apply it with muke.update.weights.apply")
+            raise ValueError(
+                f"update of {u.request_ids} changes whole parameters ({u.backend}): it cannot be "
+                "applied per batch row; apply it with muke.update.weights.apply"
+            )
     merged = em.dtype != torch.float32 if merged is None else merged
     with ExitStack() as stack:
         for layer in sorted({l for u in updates if u is not None for l in u.factors}):
@@ -81,8 +83,10 @@ def row_updates(em, updates: Sequence[WeightUpdate | None], merged: bool | None 
                 if u is not None and layer in u.factors:
                     U, V = u.factors[layer]
                     if (U.shape[0], V.shape[0]) != tuple(W.shape):
-                        raise ModelError(f"layer {layer}: an update of shape {(U.shape[0], V.shape[0])} does not "
-                                         f"fit the down-projection {tuple(W.shape)}: it was made for another model")
+                        raise ModelError(
+                            f"layer {layer}: an update of shape {(U.shape[0], V.shape[0])} does not "
+                            f"fit the down-projection {tuple(W.shape)}: it was made for another model"
+                        )
             hook = _merged_hook(em, layer, updates) if merged else _low_rank_hook(layer, updates, W)
             stack.enter_context(_hooked(em.down_proj(layer), hook, len(updates)))
         yield
@@ -91,21 +95,22 @@ def row_updates(em, updates: Sequence[WeightUpdate | None], merged: bool | None 
 def _low_rank_hook(layer: int, updates, W: torch.Tensor):
     edited = [(r, u.factors[layer]) for r, u in enumerate(updates) if u is not None and layer in u.factors]
     rank = max(U.shape[1] for _, (U, _) in edited)
-    Us = torch.zeros(len(updates), W.shape[0], rank, device=W.device)     # (batch, d_model, rank)
-    Vs = torch.zeros(len(updates), W.shape[1], rank, device=W.device)     # (batch, d_ff, rank)
+    Us = torch.zeros(len(updates), W.shape[0], rank, device=W.device)  # (batch, d_model, rank)
+    Vs = torch.zeros(len(updates), W.shape[1], rank, device=W.device)  # (batch, d_ff, rank)
     for r, (U, V) in edited:
-        Us[r, :, :U.shape[1]], Vs[r, :, :V.shape[1]] = U, V
+        Us[r, :, : U.shape[1]], Vs[r, :, : V.shape[1]] = U, V
 
     def hook(x, output):
-        correction = torch.bmm(torch.bmm(x.float(), Vs), Us.transpose(1, 2))      # (batch, T, d_model)
+        correction = torch.bmm(torch.bmm(x.float(), Vs), Us.transpose(1, 2))  # (batch, T, d_model)
         return (output.float() + correction).to(output.dtype)
+
     return hook
 
 
 def _merged_hook(em, layer: int, updates):
     module = em.down_proj(layer)
     bias = getattr(module, "bias", None)
-    groups = []                                         # (rows, merged weight (d_model, d_ff))
+    groups = []  # (rows, merged weight (d_model, d_ff))
     for u in {id(u): u for u in updates if u is not None and layer in u.factors}.values():
         single = WeightUpdate(u.method, u.backend, [layer], u.request_ids, {layer: u.factors[layer]})
         with apply(em, single):
@@ -118,13 +123,15 @@ def _merged_hook(em, layer: int, updates):
         for rows, weight in groups:
             output[rows] = torch.nn.functional.linear(x[rows], weight, bias)
         return output
+
     return hook
 
 
 def _hooked(module, compute, n_rows: int):
     """Replace the module's output by compute(input, output) in every forward pass inside the block."""
+
     def hook(_module, inputs, output):
-        x = inputs[0]                                       # (batch, T, d_ff)
+        x = inputs[0]  # (batch, T, d_ff)
         if x.shape[0] != n_rows:
             raise RuntimeError(f"row_updates holds {n_rows} rows, the forward pass has {x.shape[0]}")
         return compute(x, output)
@@ -142,16 +149,22 @@ def _generate_batch(em, prompts: list[str], gen_kwargs: dict) -> list[Generation
     seconds = (time.perf_counter() - start) / len(prompts)
     stops = set(gen_kwargs["eos_token_id"])
     results = []
-    for prompt, row in zip(prompts, out[:, ids.shape[1]:].tolist()):
+    for prompt, row in zip(prompts, out[:, ids.shape[1] :].tolist()):
         n = answer_length(row, stops)
         text = tok.decode(row[:n], skip_special_tokens=True).strip()
         results.append(Generation(prompt, text, n, seconds))
     return results
 
 
-def greedy(em, questions: list[str], max_new_tokens: int = 512, system_prompt: str | None = None,
-           chat_template: bool = True, batch_size: int = 8,
-           updates: Sequence[WeightUpdate | None] | None = None) -> list[Generation]:
+def greedy(
+    em,
+    questions: list[str],
+    max_new_tokens: int = 512,
+    system_prompt: str | None = None,
+    chat_template: bool = True,
+    batch_size: int = 8,
+    updates: Sequence[WeightUpdate | None] | None = None,
+) -> list[Generation]:
     """Greedy answers to `questions`, in order; batching does not change the outputs in fp32 (in bf16 or
     fp16 the accumulation order follows the batch's shape, and a near-tie may go the other way).
 
@@ -164,8 +177,14 @@ def greedy(em, questions: list[str], max_new_tokens: int = 512, system_prompt: s
     pad_id = em.tokenizer.pad_token_id
     # Keyword arguments, not a GenerationConfig: they override the model's own generation_config in every
     # transformers version. repetition_penalty=1: plain argmax even where the model's config sets one (Qwen2.5).
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
-                      eos_token_id=stops, pad_token_id=stops[0] if pad_id is None else pad_id)
+    gen_kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        eos_token_id=stops,
+        pad_token_id=stops[0] if pad_id is None else pad_id,
+    )
     prompts = [render_prompt(em.tokenizer, q, system_prompt, chat_template) for q in questions]
     results = []
     for i in range(0, len(prompts), batch_size):
@@ -184,8 +203,9 @@ def _items(request, kinds) -> list[tuple[str, int, str, str]]:
     if "para_question" in kinds and request.para_question is not None:
         items.append(("para_question", 0, request.para_question, request.answer))
     if "sub_questions" in kinds:
-        items += [("sub_questions", k, q, a)
-                  for k, (q, a) in enumerate(zip(request.sub_questions, request.sub_answers))]
+        items += [
+            ("sub_questions", k, q, a) for k, (q, a) in enumerate(zip(request.sub_questions, request.sub_answers))
+        ]
     return items
 
 
@@ -212,13 +232,24 @@ def generation_rows(em, requests, kinds=KINDS, **greedy_kwargs) -> list[dict]:
 
 
 def _rows(keyed, outputs) -> list[dict]:
-    return [dict(id=rid, kind=kind, index=index, prompt=question, output=g.text, target=target,
-                 n_tokens=g.n_tokens, seconds=g.seconds)
-            for (rid, kind, index, question, target), g in zip(keyed, outputs)]
+    return [
+        dict(
+            id=rid,
+            kind=kind,
+            index=index,
+            prompt=question,
+            output=g.text,
+            target=target,
+            n_tokens=g.n_tokens,
+            seconds=g.seconds,
+        )
+        for (rid, kind, index, question, target), g in zip(keyed, outputs)
+    ]
 
 
-def edited_generation_rows(em, edits: Sequence[tuple[WeightUpdate | None, Sequence]], kinds=KINDS,
-                           **greedy_kwargs) -> list[list[dict]]:
+def edited_generation_rows(
+    em, edits: Sequence[tuple[WeightUpdate | None, Sequence]], kinds=KINDS, **greedy_kwargs
+) -> list[list[dict]]:
     """generation_rows of each edit's requests under that edit alone, as if each edit were applied, its
     requests answered and the weights restored in turn; returns one list of rows per edit.
 
@@ -227,7 +258,7 @@ def edited_generation_rows(em, edits: Sequence[tuple[WeightUpdate | None, Sequen
     """
     _check_kinds(kinds)
     out: list[list[dict] | None] = [None] * len(edits)
-    shared = []                                             # (edit index, update, key of a row)
+    shared = []  # (edit index, update, key of a row)
     for e, (update, requests) in enumerate(edits):
         if is_low_rank(update):
             shared += [(e, update, (r.id, *item)) for r in requests for item in _items(r, kinds)]
@@ -238,6 +269,6 @@ def edited_generation_rows(em, edits: Sequence[tuple[WeightUpdate | None, Sequen
     for e in range(len(edits)):
         if out[e] is None:
             out[e] = []
-    for (e, _, key), row in zip(shared, _rows([key for _, _, key in shared], outputs)):
+    for (e, _, _key), row in zip(shared, _rows([key for _, _, key in shared], outputs)):
         out[e].append(row)
     return out

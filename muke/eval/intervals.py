@@ -16,12 +16,15 @@ import pandas as pd
 
 N_BOOT, LEVEL, SEED = 2000, 0.95, 0
 # For captions: what an interval of `with_intervals` with the defaults is.
-DESCRIPTION = (f"{LEVEL:.0%} percentile-bootstrap interval over requests (a request's rows averaged first; "
-               f"{N_BOOT} resamples, seed {SEED})")
+DESCRIPTION = (
+    f"{LEVEL:.0%} percentile-bootstrap interval over requests (a request's rows averaged first; "
+    f"{N_BOOT} resamples, seed {SEED})"
+)
 
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = N_BOOT, level: float = LEVEL,
-                 seed: int = SEED) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float], n_boot: int = N_BOOT, level: float = LEVEL, seed: int = SEED
+) -> tuple[float, float]:
     """Percentile bootstrap interval (low, high) of the mean of `values`.
 
     `n_boot` resamples of len(values) values drawn with replacement (numpy Generator seeded with `seed`,
@@ -34,13 +37,20 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = N_BOOT, level: float = L
     if x.size == 0:
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)     # (n_boot,)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)  # (n_boot,)
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
 
 
-def with_intervals(per_sample: pd.DataFrame, by: list[str], metrics: list[str], unit: str = "id",
-                   n_boot: int = N_BOOT, level: float = LEVEL, seed: int = SEED) -> pd.DataFrame:
+def with_intervals(
+    per_sample: pd.DataFrame,
+    by: list[str],
+    metrics: list[str],
+    unit: str = "id",
+    n_boot: int = N_BOOT,
+    level: float = LEVEL,
+    seed: int = SEED,
+) -> pd.DataFrame:
     """One row per group of `by`: n_units, and for each metric its mean, `{metric}_ci_low`, `{metric}_ci_high`.
 
     Rows of one `unit` (request) within a group are averaged first; the group's mean and interval are

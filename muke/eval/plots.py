@@ -23,8 +23,10 @@ def _png(fig) -> str:
 
 
 def _figure(title: str, fig, caption: str) -> str:
-    return (f"<figure><img alt='{esc(title)}' src='data:image/png;base64,{_png(fig)}'>"
-            f"<figcaption><b>{esc(title)}.</b> {esc(caption)}</figcaption></figure>")
+    return (
+        f"<figure><img alt='{esc(title)}' src='data:image/png;base64,{_png(fig)}'>"
+        f"<figcaption><b>{esc(title)}.</b> {esc(caption)}</figcaption></figure>"
+    )
 
 
 def _paper_questions(df: pd.DataFrame) -> pd.DataFrame:
@@ -119,24 +121,52 @@ def _figure_or_note(ok: bool, title: str, plot, caption: str, missing: str) -> s
 def figures(edit: pd.DataFrame, per_sample, traces, found: list[tuple[str, pd.DataFrame]]) -> list[str]:
     """The figure section: each plot, or a note saying which data it lacks. found: the sweeps to plot
     (muke.eval.report.sweeps)."""
-    has_lengths = (per_sample is not None and {"method", "target_tokens", "bleu"} <= set(per_sample.columns)
-                   and len(_paper_questions(per_sample)) > 0)
-    parts = [_figure_or_note(has_lengths, "BLEU vs target length (paper Fig. 5)",
-                             lambda: plot_bleu_vs_length(per_sample),
-                             "Original questions, paper family; lines: mean per length quantile bin.",
-                             "BLEU vs target length skipped: no per-sample metrics with target_tokens.")]
-    parts += [_figure(f"Metrics vs {name} (paper Fig. 6)", plot_sweep(d, name),
-                      "Original questions, paper family; mean over requests.") for name, d in found]
+    has_lengths = (
+        per_sample is not None
+        and {"method", "target_tokens", "bleu"} <= set(per_sample.columns)
+        and len(_paper_questions(per_sample)) > 0
+    )
+    parts = [
+        _figure_or_note(
+            has_lengths,
+            "BLEU vs target length (paper Fig. 5)",
+            lambda: plot_bleu_vs_length(per_sample),
+            "Original questions, paper family; lines: mean per length quantile bin.",
+            "BLEU vs target length skipped: no per-sample metrics with target_tokens.",
+        )
+    ]
+    parts += [
+        _figure(
+            f"Metrics vs {name} (paper Fig. 6)",
+            plot_sweep(d, name),
+            "Original questions, paper family; mean over requests.",
+        )
+        for name, d in found
+    ]
     if not found:
-        parts.append(note("Sweep plot skipped: no swept parameter (v_num_grad_steps or "
-                          "sweep_param/sweep_value with more than one value)."))
+        parts.append(
+            note(
+                "Sweep plot skipped: no swept parameter (v_num_grad_steps or "
+                "sweep_param/sweep_value with more than one value)."
+            )
+        )
     source = next((d for d in (per_sample, edit) if d is not None and "category" in d), None)
-    parts.append(_figure_or_note(source is not None, "BLEU per category (paper Fig. 4, EditEverything)",
-                                 lambda: plot_categories(source),
-                                 "Original questions, paper family; mean per category.",
-                                 "Per-category plot skipped: no category column (EditEverything only)."))
-    parts.append(_figure_or_note(traces is not None and len(traces) > 0, "δ-loss traces",
-                                 lambda: plot_traces(traces),
-                                 "Memory-update loss per step; line = mean, band = 10–90 % over requests × windows.",
-                                 "δ-loss plot skipped: no traces given."))
+    parts.append(
+        _figure_or_note(
+            source is not None,
+            "BLEU per category (paper Fig. 4, EditEverything)",
+            lambda: plot_categories(source),
+            "Original questions, paper family; mean per category.",
+            "Per-category plot skipped: no category column (EditEverything only).",
+        )
+    )
+    parts.append(
+        _figure_or_note(
+            traces is not None and len(traces) > 0,
+            "δ-loss traces",
+            lambda: plot_traces(traces),
+            "Memory-update loss per step; line = mean, band = 10–90 % over requests × windows.",
+            "δ-loss plot skipped: no traces given.",
+        )
+    )
     return parts

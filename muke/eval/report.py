@@ -22,11 +22,11 @@ from muke.io import atomic_path, write_text
 
 SWEEP_COLUMNS = ["v_num_grad_steps", "sweep_param", "sweep_value"]
 KINDS = {"question": "Ori", "para_question": "Para", "sub_questions": "Sub"}
-CASE_LIMIT = 8     # requests shown in the case study
+CASE_LIMIT = 8  # requests shown in the case study
 NBSP = "\u00a0"
 FAMILIES = {
     "paper": "paper family: char-level BLEU (nltk), MiniLM cosine “BERTScore”, ROUGE-L recall (rouge "
-             "package) — comparable with the paper's Table 1",
+    "package) — comparable with the paper's Table 1",
     "standard": "standard family: sacrebleu word-level BLEU, bert-score F1, rouge-score ROUGE-L F1 (stemmed)",
 }
 CSS = """
@@ -43,10 +43,19 @@ figure{margin:1em 0 2em}figure img{max-width:100%;border:1px solid #ddd}figcapti
 """
 
 
-UNSCALED_TASK = "text_shift"      # muke.eval.retention: KL (nats/token) and perplexity, not fractions
+SECTIONS = [
+    ("edit", "Edit metrics"),
+    ("case-study", "Case study"),
+    ("locality", "Locality"),
+    ("plots", "Plots"),
+    ("failures", "Failures"),
+    ("repro", "Reproducibility"),
+]  # (anchor, title) of the page's navigation
+UNSCALED_TASK = "text_shift"  # muke.eval.retention: KL (nats/token) and perplexity, not fractions
 
 
 # ---------------------------------------------------------------------------- small helpers
+
 
 def _read(frame) -> pd.DataFrame | None:
     """A DataFrame, or a Parquet/CSV path read into one; None stays None."""
@@ -80,6 +89,7 @@ def _pre_edit_first(df: pd.DataFrame, column: str) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------- cells with intervals
 
+
 def _bounds(metric: str) -> list[str]:
     return [f"{metric}_ci_low", f"{metric}_ci_high"]
 
@@ -89,8 +99,10 @@ def _pre_edit_bounds(df: pd.DataFrame, bounds: list[str]) -> pd.DataFrame:
     the same setting where there is one, as under a generation sweep); NaN where there is none."""
     keys = [c for c in ("model", "dataset", "family", "kind") if c in df]
     pre = df[df["method"].astype(str) == PRE_EDIT] if "method" in df else df.iloc[:0]
-    found = [df[on].merge(pre[on + bounds].drop_duplicates(on), on=on, how="left")[bounds]
-             for on in ([*keys, "setting"] if "setting" in df else keys, keys)]
+    found = [
+        df[on].merge(pre[on + bounds].drop_duplicates(on), on=on, how="left")[bounds]
+        for on in ([*keys, "setting"] if "setting" in df else keys, keys)
+    ]
     return found[0].fillna(found[1]).set_axis(df.index)
 
 
@@ -111,8 +123,12 @@ def with_cells(df: pd.DataFrame) -> pd.DataFrame:
     bounds = [b for m in metrics for b in _bounds(m)]
     d = df.assign(**{b: pd.to_numeric(df[b]) if b in df else float("nan") for b in bounds})
     ref = _pre_edit_bounds(d, bounds)
-    return df.assign(**{f"{m}_cell": [_cell(*v) for v in zip(d[m], *(d[b] for b in _bounds(m)),
-                                                             *(ref[b] for b in _bounds(m)))] for m in metrics})
+    return df.assign(
+        **{
+            f"{m}_cell": [_cell(*v) for v in zip(d[m], *(d[b] for b in _bounds(m)), *(ref[b] for b in _bounds(m)))]
+            for m in metrics
+        }
+    )
 
 
 def _has_intervals(df: pd.DataFrame) -> bool:
@@ -127,6 +143,7 @@ def _long_cells(d: pd.DataFrame, id_vars: list[str]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- tables
+
 
 def _labelled(df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
     """Empty labels as '' so that grouping keeps their rows."""
@@ -151,10 +168,15 @@ def edit_table(df: pd.DataFrame, family: str) -> pd.DataFrame:
     d = _pre_edit_first(d, "method") if "method" in d else d
     long = _long_cells(_labelled(d, labels), labels + ["kind"])
     long["kind"] = long["kind"].map(lambda k: KINDS.get(k, k))
-    wide = long.pivot_table(index=labels, columns=["kind", "metric"], values="value", aggfunc="first",
-                            sort=False, dropna=False).dropna(how="all")   # not the product of the labels
-    order = [(k, m) for k in list(KINDS.values()) + sorted(set(long["kind"]) - set(KINDS.values()))
-             for m in METRICS if (k, m) in wide.columns and wide[(k, m)].notna().any()]
+    wide = long.pivot_table(
+        index=labels, columns=["kind", "metric"], values="value", aggfunc="first", sort=False, dropna=False
+    ).dropna(how="all")  # not the product of the labels
+    order = [
+        (k, m)
+        for k in list(KINDS.values()) + sorted(set(long["kind"]) - set(KINDS.values()))
+        for m in METRICS
+        if (k, m) in wide.columns and wide[(k, m)].notna().any()
+    ]
     return wide[order].rename(columns=METRICS, level=1).fillna("—")
 
 
@@ -166,8 +188,11 @@ def locality_table(df: pd.DataFrame) -> pd.DataFrame:
     err = d["stderr"] if "stderr" in d else pd.Series(float("nan"), index=d.index)
     scale = d["task"].map(lambda task: 1.0 if task == UNSCALED_TASK else 100.0)
     cell = [fmt(s * v) + ("" if pd.isna(e) else f" ± {s * e:.2f}") for v, e, s in zip(d["value"], err, scale)]
-    wide = _labelled(d, labels).assign(cell=cell).pivot_table(
-        index=labels, columns=["task", "metric"], values="cell", aggfunc="first", sort=False)
+    wide = (
+        _labelled(d, labels)
+        .assign(cell=cell)
+        .pivot_table(index=labels, columns=["task", "metric"], values="cell", aggfunc="first", sort=False)
+    )
     return wide.fillna("—")
 
 
@@ -191,8 +216,7 @@ def sweep_table(df: pd.DataFrame, name: str, family: str) -> pd.DataFrame:
     d = df[(df["family"] == family) & (df["kind"] == "question")]
     labels = [c for c in _present(d, LABELS) if c != "setting"]
     long = _long_cells(_labelled(d, labels), labels + ["_sweep"])
-    wide = long.pivot_table(index=labels, columns=["_sweep", "metric"], values="value", aggfunc="first",
-                            sort=False)
+    wide = long.pivot_table(index=labels, columns=["_sweep", "metric"], values="value", aggfunc="first", sort=False)
     values = sorted_values(pd.Series(d["_sweep"].unique()))
     wide = wide[[(v, m) for v in values for m in METRICS if (v, m) in wide.columns]]
     wide.columns = pd.MultiIndex.from_tuples([(f"{name}={v}", METRICS[m]) for v, m in wide.columns])
@@ -201,23 +225,29 @@ def sweep_table(df: pd.DataFrame, name: str, family: str) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------- the page
 
+
 def _failures(failures: pd.DataFrame | None) -> tuple[list[str], pd.DataFrame | None]:
     if failures is None:
         return [note("No failure records given.")], None
-    cols = [c for c in ["id", "stage", "reason"] if c in failures] + \
-        [c for c in failures if c not in ("id", "stage", "reason")]
+    cols = [c for c in ["id", "stage", "reason"] if c in failures] + [
+        c for c in failures if c not in ("id", "stage", "reason")
+    ]
     failures = failures[cols].reset_index(drop=True)
     parts = [f"<p>Failed requests: <b>{len(failures)}</b></p>"]
     return parts + ([table(failures, text=True)] if len(failures) else []), failures
 
 
 def _edit_caption(edit: pd.DataFrame) -> str:
-    text = ("×100 against the target answer; Ori = original question, Para = paraphrased question, Sub = "
-            "sub-questions (mean per request, then over requests).")
+    text = (
+        "×100 against the target answer; Ori = original question, Para = paraphrased question, Sub = "
+        "sub-questions (mean per request, then over requests)."
+    )
     if _has_intervals(edit):
-        text += (f" Cells: mean [low, high], the {DESCRIPTION}. An ordering between two methods is claimed "
-                 "only where their intervals do not overlap: ▲ / ▼ marks a cell whose interval lies wholly "
-                 "above / below the pre-edit model's (same model, dataset, question kind and metric).")
+        text += (
+            f" Cells: mean [low, high], the {DESCRIPTION}. An ordering between two methods is claimed "
+            "only where their intervals do not overlap: ▲ / ▼ marks a cell whose interval lies wholly "
+            "above / below the pre-edit model's (same model, dataset, question kind and metric)."
+        )
     return f"<p class='caption'>{esc(text)}</p>"
 
 
@@ -228,8 +258,11 @@ def _edit_section(edit: pd.DataFrame) -> tuple[list[str], dict]:
     for family in families:
         t = edit_table(edit, family)
         tables[f"edit_metrics_{family}"] = t
-        parts += [f"<h3>{esc(family)} family</h3>",
-                  f"<p class='caption'>{esc(FAMILIES.get(family, family + ' family'))}</p>", table(t)]
+        parts += [
+            f"<h3>{esc(family)} family</h3>",
+            f"<p class='caption'>{esc(FAMILIES.get(family, family + ' family'))}</p>",
+            table(t),
+        ]
     for name, d in sweeps(edit):
         parts.append(f"<h3>Sweep over {esc(name)}</h3>")
         for family in families:
@@ -254,27 +287,43 @@ def _case_section(rows: pd.DataFrame | None) -> list[str]:
     if "run" in rows and rows.duplicated(["id", "method"]).any():
         rows = rows.assign(method=rows["method"] + " · " + rows["run"].astype(str))
     n = rows["id"].nunique()
-    parts.append(f"<p class='caption'>Original questions of the first {min(n, CASE_LIMIT)} of {n} requests: "
-                 "the target beside the pre-edit model's answer and each edited model's.</p>")
+    parts.append(
+        f"<p class='caption'>Original questions of the first {min(n, CASE_LIMIT)} of {n} requests: "
+        "the target beside the pre-edit model's answer and each edited model's.</p>"
+    )
     return parts + [case_study.case_study_html(rows, limit=CASE_LIMIT)]
 
 
 def _locality_section(loc: pd.DataFrame) -> tuple[list[str], dict]:
-    parts = ["<h2 id='locality'>Locality (Table 2)</h2>",
-             "<p class='caption'>lm-eval scores ×100, value ± standard error; the pre-edit model is the "
-             "reference row. <code>retention</code>: the unrelated questions' answers after the edit scored "
-             "against the unedited model's (×100, 100 = unchanged); <code>text_shift</code>: KL(pre ‖ post) "
-             "of the next-token distributions on held-out text (nats per token) and the perplexity.</p>"]
+    parts = [
+        "<h2 id='locality'>Locality (Table 2)</h2>",
+        "<p class='caption'>lm-eval scores ×100, value ± standard error; the pre-edit model is the "
+        "reference row. <code>retention</code>: the unrelated questions' answers after the edit scored "
+        "against the unedited model's (×100, 100 = unchanged); <code>text_shift</code>: KL(pre ‖ post) "
+        "of the next-token distributions on held-out text (nats per token) and the perplexity.</p>",
+    ]
     if loc is None or not len(loc):
         return parts + [note("No locality results.")], {}
     t = locality_table(loc)
     return parts + [table(t)], {"locality": t}
 
 
-def build_report(edit_metrics, locality, out_dir, *, config: dict | None = None,
-                 stage_identities: dict | pd.DataFrame | None = None, inputs=(), benchmarks_dir=None,
-                 benchmark_identities=None, traces=None, failures=None, per_sample=None, case_rows=None,
-                 title: str = "μKE report") -> Path:
+def build_report(
+    edit_metrics,
+    locality,
+    out_dir,
+    *,
+    config: dict | None = None,
+    stage_identities: dict | pd.DataFrame | None = None,
+    inputs=(),
+    benchmarks_dir=None,
+    benchmark_identities=None,
+    traces=None,
+    failures=None,
+    per_sample=None,
+    case_rows=None,
+    title: str = "μKE report",
+) -> Path:
     """Write `out_dir/index.html` and the tables as CSV beside it; return the HTML path.
 
     `edit_metrics`, `locality`, `traces`, `failures`, `per_sample`, `case_rows`: DataFrames or Parquet/CSV
@@ -292,14 +341,23 @@ def build_report(edit_metrics, locality, out_dir, *, config: dict | None = None,
     tables.update(loc_tables, **repro_tables)
     if fail_table is not None:
         tables["failures"] = fail_table
-    nav = "".join(f"<a href='#{a}'>{t}</a>" for a, t in [
-        ("edit", "Edit metrics"), ("case-study", "Case study"), ("locality", "Locality"), ("plots", "Plots"),
-        ("failures", "Failures"), ("repro", "Reproducibility")])
-    body = [f"<h1>{esc(title)}</h1>", f"<nav>{nav}</nav>", *edit_parts, *_case_section(case_rows), *loc_parts,
-            "<h2 id='plots'>Plots</h2>", *figures(edit, per_sample, traces, sweeps(edit) or sweeps(per_sample)),
-            "<h2 id='failures'>Failures</h2>", *fail_parts, *repro_parts]
+    nav = "".join(f"<a href='#{anchor}'>{name}</a>" for anchor, name in SECTIONS)
+    body = [
+        f"<h1>{esc(title)}</h1>",
+        f"<nav>{nav}</nav>",
+        *edit_parts,
+        *_case_section(case_rows),
+        *loc_parts,
+        "<h2 id='plots'>Plots</h2>",
+        *figures(edit, per_sample, traces, sweeps(edit) or sweeps(per_sample)),
+        "<h2 id='failures'>Failures</h2>",
+        *fail_parts,
+        *repro_parts,
+    ]
     for name, t in tables.items():
         _write_csv(_flat(t), out_dir / f"{name}.csv")
-    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{CSS}{case_study.CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    page = (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<style>{CSS}{case_study.CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
     return write_text(out_dir / "index.html", page)

@@ -62,18 +62,24 @@ def answer_retention(pre: Sequence[str], post: Sequence[str]) -> dict:
     """
     if len(pre) != len(post):
         raise ValueError(f"{len(pre)} pre-edit answers for {len(post)} post-edit answers")
-    rows = [dict(index=i, pre=a, post=b, char_bleu=char_bleu(b, a), word_bleu=word_bleu(b, a),
-                 exact=a.strip() == b.strip()) for i, (a, b) in enumerate(zip(pre, post))]
+    rows = [
+        dict(index=i, pre=a, post=b, char_bleu=char_bleu(b, a), word_bleu=word_bleu(b, a), exact=a.strip() == b.strip())
+        for i, (a, b) in enumerate(zip(pre, post))
+    ]
 
     def mean(key: str) -> float:
         return sum(r[key] for r in rows) / len(rows) if rows else math.nan
 
-    return {"char_bleu": mean("char_bleu"), "word_bleu": mean("word_bleu"), "exact_match": 100.0 * mean("exact"),
-            "n": len(rows), "rows": rows}
+    return {
+        "char_bleu": mean("char_bleu"),
+        "word_bleu": mean("word_bleu"),
+        "exact_match": 100.0 * mean("exact"),
+        "n": len(rows),
+        "rows": rows,
+    }
 
 
-def edit_retention(em: EditableModel, update: Updates, questions: Sequence[str] | None = None,
-                   **greedy_kwargs) -> dict:
+def edit_retention(em: EditableModel, update: Updates, questions: Sequence[str] | None = None, **greedy_kwargs) -> dict:
     """`answer_retention` of greedy answers to `questions` (default: `unrelated_questions()`) given by the
     unedited model, then inside apply(em, update); rows also carry the question. greedy_kwargs: as
     muke.eval.generate.greedy (max_new_tokens, batch_size, ...)."""
@@ -97,8 +103,9 @@ def _log_probs(em: EditableModel, ids: torch.Tensor, mask: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def text_shift(em: EditableModel, texts: Sequence[str], update: Updates | None = None, batch_size: int = 4,
-               max_length: int = 256) -> dict:
+def text_shift(
+    em: EditableModel, texts: Sequence[str], update: Updates | None = None, batch_size: int = 4, max_length: int = 256
+) -> dict:
     """How much an update changes next-token predictions on `texts`.
 
     Each text is tokenised as the statistics stage does (special tokens as the tokenizer adds them,
@@ -113,15 +120,15 @@ def text_shift(em: EditableModel, texts: Sequence[str], update: Updates | None =
     kl = nll_pre = nll_post = 0.0
     n_tokens = 0
     for start in range(0, len(encoded), batch_size):
-        ids, mask = (t.to(em.device) for t in pad(encoded[start:start + batch_size], em.pad_id))
-        pre = _log_probs(em, ids, mask)                                       # (B, T-1, V)
+        ids, mask = (t.to(em.device) for t in pad(encoded[start : start + batch_size], em.pad_id))
+        pre = _log_probs(em, ids, mask)  # (B, T-1, V)
         if update is None:
             post = pre
         else:
             with apply(em, update):
                 post = _log_probs(em, ids, mask)
-        valid = mask[:, 1:].bool()                                            # (B, T-1): next token is real
-        nexts = ids[:, 1:, None]                                              # (B, T-1, 1)
+        valid = mask[:, 1:].bool()  # (B, T-1): next token is real
+        nexts = ids[:, 1:, None]  # (B, T-1, 1)
         p = pre.exp()
         kl += torch.where(p > 0, p * (pre - post), 0.0).sum(-1)[valid].double().sum().item()
         nll_pre -= pre.gather(-1, nexts)[..., 0][valid].double().sum().item()
@@ -129,32 +136,39 @@ def text_shift(em: EditableModel, texts: Sequence[str], update: Updates | None =
         n_tokens += int(valid.sum())
     if not n_tokens:
         return {"kl": math.nan, "ppl_pre": math.nan, "ppl_post": math.nan, "n_tokens": 0}
-    return {"kl": kl / n_tokens, "ppl_pre": math.exp(nll_pre / n_tokens), "ppl_post": math.exp(nll_post / n_tokens),
-            "n_tokens": n_tokens}
+    return {
+        "kl": kl / n_tokens,
+        "ppl_pre": math.exp(nll_pre / n_tokens),
+        "ppl_post": math.exp(nll_post / n_tokens),
+        "n_tokens": n_tokens,
+    }
 
 
 # ---------------------------------------------------------------------------- the locality stage's rows
+
 
 @dataclass
 class Reference:
     """What every model state of one locality job is compared with: the unedited model's answers."""
 
-    settings: dict          # the config's locality.retention
-    ids: list[str]          # question ids
+    settings: dict  # the config's locality.retention
+    ids: list[str]  # question ids
     questions: list[str]
-    answers: list[str]      # the unedited model's greedy answers
-    texts: list[str]        # held-out texts of the text shift
+    answers: list[str]  # the unedited model's greedy answers
+    texts: list[str]  # held-out texts of the text shift
 
 
 def _answers(em: EditableModel, questions: list[str], settings: dict) -> list[str]:
-    return [g.text for g in greedy(em, questions, max_new_tokens=settings["max_new_tokens"],
-                                   batch_size=settings["batch_size"])]
+    return [
+        g.text
+        for g in greedy(em, questions, max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"])
+    ]
 
 
 def reference(em: EditableModel, settings: dict) -> Reference:
     """Questions, texts and the unedited model's answers (em must be unedited) for `settings` =
     {questions, n_questions, max_new_tokens, batch_size, texts, text_file, ...}; a null file is muke's own."""
-    records = unrelated_questions(settings["questions"] or UNRELATED_QUESTIONS)[:settings["n_questions"]]
+    records = unrelated_questions(settings["questions"] or UNRELATED_QUESTIONS)[: settings["n_questions"]]
     questions = [r["question"] for r in records]
     texts = held_out_texts(settings["texts"], settings["text_file"] or DEMO_CORPUS)
     return Reference(settings, [r["id"] for r in records], questions, _answers(em, questions, settings), texts)
@@ -163,12 +177,18 @@ def reference(em: EditableModel, settings: dict) -> Reference:
 def _score_row(metric: str, values: list[float], scale: float) -> dict:
     """Mean of per-question scores (×scale) ± their standard error."""
     n = len(values)
-    return dict(task="retention", metric=metric, value=statistics.fmean(values) * scale if n else math.nan,
-                stderr=statistics.stdev(values) / math.sqrt(n) * scale if n > 1 else None, n=n)
+    return dict(
+        task="retention",
+        metric=metric,
+        value=statistics.fmean(values) * scale if n else math.nan,
+        stderr=statistics.stdev(values) / math.sqrt(n) * scale if n > 1 else None,
+        n=n,
+    )
 
 
-def locality_rows(em: EditableModel, ref: Reference, model_state: str, request_id: str | None = None,
-                  update: Updates | None = None) -> tuple[list[dict], list[dict]]:
+def locality_rows(
+    em: EditableModel, ref: Reference, model_state: str, request_id: str | None = None, update: Updates | None = None
+) -> tuple[list[dict], list[dict]]:
     """(rows, samples) of one model state: the unedited model (update None, the reference itself: scores
     1, kl 0) or the model inside apply(em, update).
 
@@ -187,10 +207,16 @@ def locality_rows(em: EditableModel, ref: Reference, model_state: str, request_i
     result = answer_retention(ref.answers, post)
     shift = text_shift(em, ref.texts, update, batch_size=s["text_batch_size"], max_length=s["max_length"])
     state = dict(model_state=model_state, request_id=request_id)
-    rows = [{**state, **_score_row(metric, [float(r[key]) for r in result["rows"]], 1 / 100 if key != "exact" else 1)}
-            for key, metric in ANSWER_METRICS.items()]
-    rows += [{**state, "task": "text_shift", "metric": metric, "value": shift[key], "stderr": None,
-              "n": shift["n_tokens"]} for metric, key in (("kl", "kl"), ("ppl", "ppl_post"))]
-    samples = [{**state, "id": i, "question": q, **{k: r[k] for k in ("pre", "post", *ANSWER_METRICS)}}
-               for i, q, r in zip(ref.ids, ref.questions, result["rows"])]
+    rows = [
+        {**state, **_score_row(metric, [float(r[key]) for r in result["rows"]], 1 / 100 if key != "exact" else 1)}
+        for key, metric in ANSWER_METRICS.items()
+    ]
+    rows += [
+        {**state, "task": "text_shift", "metric": metric, "value": shift[key], "stderr": None, "n": shift["n_tokens"]}
+        for metric, key in (("kl", "kl"), ("ppl", "ppl_post"))
+    ]
+    samples = [
+        {**state, "id": i, "question": q, **{k: r[k] for k in ("pre", "post", *ANSWER_METRICS)}}
+        for i, q, r in zip(ref.ids, ref.questions, result["rows"])
+    ]
     return rows, samples

@@ -35,8 +35,12 @@ def labelled(runs: list[dict], files) -> list[tuple[str, dict]]:
             found.setdefault(path, []).append(_label(run))
     out = []
     for path, labels in found.items():
-        label = {k: labels[0][k] if len({json.dumps(lab[k]) for lab in labels}) == 1
-                 else " | ".join(dict.fromkeys(str(lab[k]) for lab in labels)) for k in LABELS}
+        label = {
+            k: labels[0][k]
+            if len({json.dumps(lab[k]) for lab in labels}) == 1
+            else " | ".join(dict.fromkeys(str(lab[k]) for lab in labels))
+            for k in LABELS
+        }
         out.append((path, label))
     return out
 
@@ -81,8 +85,11 @@ def _requests(datasets: dict):
     """(dataset name, request) of every readable record. `datasets`: {name: {"path", "format"}}."""
     from muke.data import load_requests_checked
 
-    return [(name, r) for name, d in datasets.items()
-            for r in load_requests_checked(d["path"], d["format"], on_bad_record="skip")[0]]
+    return [
+        (name, r)
+        for name, d in datasets.items()
+        for r in load_requests_checked(d["path"], d["format"], on_bad_record="skip")[0]
+    ]
 
 
 def categories(datasets: dict):
@@ -102,8 +109,10 @@ def case_rows(runs: list[dict], datasets: dict):
     if samples is None:
         return None
     samples = samples[samples["kind"] == "question"].drop_duplicates(["run", "id", "index"])
-    questions = pd.DataFrame([{"dataset": name, "id": r.id, "question": r.question}
-                              for name, r in _requests(datasets)], columns=["dataset", "id", "question"])
+    questions = pd.DataFrame(
+        [{"dataset": name, "id": r.id, "question": r.question} for name, r in _requests(datasets)],
+        columns=["dataset", "id", "question"],
+    )
     rows = samples.merge(questions.drop_duplicates(["dataset", "id"]), on=["dataset", "id"], how="left")
     return rows.fillna({"question": "—"}).reset_index(drop=True)
 
@@ -124,14 +133,34 @@ def traces(runs: list[dict]):
 
 def _shard_failures(label: dict, shard: dict, memories_meta: dict, update_rows: list[dict]) -> list[dict]:
     where = {"run": Path(shard["memories"]).parent.name, **label}
-    lost = [{"id": s["id"], "stage": "data" if s["check"] == "file" else "optimize_memories",
-             "reason": f"skipped: {s['message']}", "record": s["record"]} for s in memories_meta.get("skipped", [])]
-    lost += [{"id": r["id"], "stage": "optimize_memories", "reason": r["error"]}
-             for r in memories_meta["requests"] if r["failed"]]
+    lost = [
+        {
+            "id": s["id"],
+            "stage": "data" if s["check"] == "file" else "optimize_memories",
+            "reason": f"skipped: {s['message']}",
+            "record": s["record"],
+        }
+        for s in memories_meta.get("skipped", [])
+    ]
+    lost += [
+        {"id": r["id"], "stage": "optimize_memories", "reason": r["error"]}
+        for r in memories_meta["requests"]
+        if r["failed"]
+    ]
     known = {row["id"] for row in lost}
     return [{**row, **where} for row in lost] + [
-        {"id": rid, "stage": "update_weights", "reason": row["reason"], **label, "run": Path(shard["update"]).parent.name}
-        for row in update_rows if row["failed"] for rid in row["request_ids"] if rid not in known]
+        {
+            "id": rid,
+            "stage": "update_weights",
+            "reason": row["reason"],
+            **label,
+            "run": Path(shard["update"]).parent.name,
+        }
+        for row in update_rows
+        if row["failed"]
+        for rid in row["request_ids"]
+        if rid not in known
+    ]
 
 
 def failures(runs: list[dict], read_shard):
@@ -141,8 +170,12 @@ def failures(runs: list[dict], read_shard):
     file's metadata, the update index's rows with `request_ids` as lists) of one shard."""
     import pandas as pd
 
-    rows = [row for run in runs for shard in run["files"]["shards"]
-            for row in _shard_failures(_label(run), shard, *read_shard(shard))]
+    rows = [
+        row
+        for run in runs
+        for shard in run["files"]["shards"]
+        for row in _shard_failures(_label(run), shard, *read_shard(shard))
+    ]
     table = pd.DataFrame(rows, columns=FAILURE_COLUMNS)
     return table.dropna(axis=1, how="all") if len(table) else table
 
@@ -151,6 +184,13 @@ def stage_identities(runs: list[dict], stages) -> object:
     """One row per run: its labels and the identity of each of `stages` it ran (columns no run has dropped)."""
     import pandas as pd
 
-    table = pd.DataFrame([{**{k: r[k] for k in ("model", "dataset", "method", "setting")},
-                           **{stage: r["identities"].get(stage) for stage in stages}} for r in runs])
+    table = pd.DataFrame(
+        [
+            {
+                **{k: r[k] for k in ("model", "dataset", "method", "setting")},
+                **{stage: r["identities"].get(stage) for stage in stages},
+            }
+            for r in runs
+        ]
+    )
     return table.replace("", None).dropna(axis=1, how="all")

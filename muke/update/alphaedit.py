@@ -3,18 +3,17 @@ null space of the preserved keys' second moment C (eigenvalues < threshold), cac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors import safe_open
 
-from muke.model import EditableModel
 from muke.io import write_safetensors
-from muke.update.stats import Stats
-
+from muke.model import EditableModel
 from muke.update.keys import Target
-from muke.update.memit import SOLVE_DTYPES, low_rank_update, second_moment, cached_on
+from muke.update.memit import SOLVE_DTYPES, cached_on, low_rank_update, second_moment
+from muke.update.stats import Stats
 
 
 def null_space_projector(C: torch.Tensor, threshold: float = 2e-2, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -24,8 +23,9 @@ def null_space_projector(C: torch.Tensor, threshold: float = 2e-2, dtype: torch.
     return (U0 @ U0.T).float()
 
 
-def alphaedit_solve(P: torch.Tensor, Ks: torch.Tensor, Kp: torch.Tensor, l2: float = 10.0,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def alphaedit_solve(
+    P: torch.Tensor, Ks: torch.Tensor, Kp: torch.Tensor, l2: float = 10.0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """V = (P (Ks Ksᵀ + Kp Kpᵀ) + l2·I)⁻¹ P Ks: (d_ff, n), so that ΔWᵀ = V Rᵀ (AlphaEdit, authors' solve).
 
     For keys k0 with P k0 = 0 (the preserved subspace) M⁻ᵀ k0 = k0 / l2, so ΔW k0 = R Ksᵀ P k0 / l2 = 0.
@@ -35,9 +35,11 @@ def alphaedit_solve(P: torch.Tensor, Ks: torch.Tensor, Kp: torch.Tensor, l2: flo
     return torch.linalg.solve(M, P @ Ks).float()
 
 
-def projector(stats: Stats, layer: int, device, threshold: float, dtype: torch.dtype,
-              cache_dir: str | Path | None = None) -> torch.Tensor:
+def projector(
+    stats: Stats, layer: int, device, threshold: float, dtype: torch.dtype, cache_dir: str | Path | None = None
+) -> torch.Tensor:
     """AlphaEdit's P for `layer`, cached in memory and, with cache_dir, in a file keyed by the stats file hash."""
+
     def make():
         path = None
         if cache_dir is not None:
@@ -47,19 +49,30 @@ def projector(stats: Stats, layer: int, device, threshold: float, dtype: torch.d
                     return f.get_tensor("P").to(device)
         P = null_space_projector(second_moment(stats, layer, device), threshold, dtype)
         if path is not None:
-            write_safetensors(path, {"P": P}, {"stats": str(stats.path), "layer": str(layer),
-                                                     "threshold": repr(threshold)})
+            write_safetensors(
+                path, {"P": P}, {"stats": str(stats.path), "layer": str(layer), "threshold": repr(threshold)}
+            )
         return P
+
     return cached_on(stats, ("P", layer, threshold, str(device)), make)
 
 
-def alphaedit_update(em: EditableModel, targets: Sequence[Target], stats: Stats, layers: list[int],
-                     keys: str = "sequence", threshold: float = 2e-2, l2: float = 10.0,
-                     solve_dtype: str = "float32", cache_dir: str | Path | None = None):
+def alphaedit_update(
+    em: EditableModel,
+    targets: Sequence[Target],
+    stats: Stats,
+    layers: list[int],
+    keys: str = "sequence",
+    threshold: float = 2e-2,
+    l2: float = 10.0,
+    solve_dtype: str = "float32",
+    cache_dir: str | Path | None = None,
+):
     """AlphaEdit: V = (P (Ks Ksᵀ + Kp Kpᵀ) + l2·I)⁻¹ P Ks per layer, P cached per layer."""
     dtype = SOLVE_DTYPES[solve_dtype]
 
     def solve(layer, Ks, Kp):
         P = projector(stats, layer, em.device, threshold, dtype, cache_dir)
         return alphaedit_solve(P, Ks, Kp, l2, dtype)
+
     return low_rank_update(em, targets, layers, keys, solve)

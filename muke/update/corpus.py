@@ -40,8 +40,9 @@ def _read_local(path: Path, text_field: str) -> list[str]:
     return [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
 
 
-def load_corpus(corpus: str | Path, max_docs: int | None = None, seed: int = 0,
-                text_field: str = "text") -> tuple[list[str], dict]:
+def load_corpus(
+    corpus: str | Path, max_docs: int | None = None, seed: int = 0, text_field: str = "text"
+) -> tuple[list[str], dict]:
     """Documents and the corpus identity {corpus, corpus_sha256, n_corpus_documents}.
 
     `corpus`: a local .txt / .jsonl path, or "hf:NAME[:CONFIG]" for `datasets.load_dataset(NAME, CONFIG,
@@ -99,8 +100,13 @@ def pack(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def packed_inputs(token_ids: list[list[int]], rows: list[list[int]], width: int, pad_id: int,
-                  additive_mask_dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def packed_inputs(
+    token_ids: list[list[int]],
+    rows: list[list[int]],
+    width: int,
+    pad_id: int,
+    additive_mask_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(model inputs, keep) of packed rows: documents `rows[b]` of `token_ids` side by side in row b.
 
     input_ids, position_ids: (B, width), positions restart at 0 for every document; attention_mask:
@@ -118,9 +124,9 @@ def packed_inputs(token_ids: list[list[int]], rows: list[list[int]], width: int,
         at = 0
         for s, d in enumerate(docs):
             n = len(token_ids[d])
-            ids[b, at:at + n] = torch.tensor(token_ids[d], dtype=torch.long)
-            positions[b, at:at + n] = torch.arange(n)
-            segment[b, at:at + n] = s
+            ids[b, at : at + n] = torch.tensor(token_ids[d], dtype=torch.long)
+            positions[b, at : at + n] = torch.arange(n)
+            segment[b, at : at + n] = s
             at += n
         if at > width:
             raise ValueError(f"row {b}: {at} tokens do not fit a row of {width}")
@@ -128,10 +134,11 @@ def packed_inputs(token_ids: list[list[int]], rows: list[list[int]], width: int,
         positions[b, at:] = torch.arange(width - at)
         segment[b, at:] = len(docs)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    mask = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]     # (B, 1, query, key)
+    mask = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]  # (B, 1, query, key)
     if additive_mask_dtype is not None:
         mask = torch.zeros(mask.shape, dtype=additive_mask_dtype).masked_fill(
-            ~mask, torch.finfo(additive_mask_dtype).min)
+            ~mask, torch.finfo(additive_mask_dtype).min
+        )
     return {"input_ids": ids, "position_ids": positions, "attention_mask": mask}, keep
 
 
@@ -156,7 +163,7 @@ def chunk_batches(em: EditableModel, ids: list[list[int]], cfg: StatsConfig, pad
         per_batch = max(1, cfg.batch_tokens // width)
         additive = em.dtype if em.model.config._attn_implementation == "eager" else None
         for start in range(0, len(rows), per_batch):
-            inputs, keep = packed_inputs(ids, rows[start:start + per_batch], width, pad_id, additive)
+            inputs, keep = packed_inputs(ids, rows[start : start + per_batch], width, pad_id, additive)
             yield (len(ids) if start + per_batch >= len(rows) else 0), inputs, keep
         return
     for a, b in batches(ids, cfg.batch_tokens):

@@ -14,28 +14,34 @@ Every request of a batch contributes its windows' z_i as columns. `WeightUpdate`
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from muke.engine.memory import MemoryConfig, MemoryResult, optimise_request
-from muke.model import EditableModel, ModelError
-from muke.update.stats import Stats, StatsError, d_ff
 from muke.engine.windows import EditSequence
-
-from muke.update.methods import BACKENDS, resolve_method, layer_list
+from muke.model import EditableModel, ModelError
+from muke.update.alphaedit import alphaedit_update
 from muke.update.keys import Target
 from muke.update.memit import memit_update
-from muke.update.alphaedit import alphaedit_update
+from muke.update.methods import BACKENDS, layer_list, resolve_method
+from muke.update.stats import Stats, StatsError, d_ff
 from muke.update.unke import unke_update
 from muke.update.weights import WeightUpdate
 
 
-def compute_update(em: EditableModel, targets: Sequence[Target], backend: str, layers: list[int],
-                  keys: str = "sequence", stats: Stats | None = None, method: str | None = None,
-                  **options) -> WeightUpdate:
+def compute_update(
+    em: EditableModel,
+    targets: Sequence[Target],
+    backend: str,
+    layers: list[int],
+    keys: str = "sequence",
+    stats: Stats | None = None,
+    method: str | None = None,
+    **options,
+) -> WeightUpdate:
     """The weight update ΔW of one batch of targets; the model is left unchanged. A factor or parameter
     change that is not finite raises muke.numerics.NumericalError naming the layer."""
     if backend not in BACKENDS:
@@ -45,7 +51,9 @@ def compute_update(em: EditableModel, targets: Sequence[Target], backend: str, l
         em.check_layer(layer)
     for t in targets:
         if t.z.shape[-1] != em.hidden_size:
-            raise ModelError(f"request {t.id!r}: target memories of size {t.z.shape[-1]}, model hidden size {em.hidden_size}")
+            raise ModelError(
+                f"request {t.id!r}: target memories of size {t.z.shape[-1]}, model hidden size {em.hidden_size}"
+            )
     start = time.perf_counter()
     info = {"keys": keys, **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}}
     update = WeightUpdate(method or backend, backend, layers, [t.id for t in targets], info=info)
@@ -55,15 +63,18 @@ def compute_update(em: EditableModel, targets: Sequence[Target], backend: str, l
         if stats is None:
             raise StatsError(f"backend {backend!r} needs second-moment statistics of layers {layers}")
         if stats.meta.get("d_ff") != d_ff(em):
-            raise StatsError(f"{stats.path}: statistics are for d_ff {stats.meta.get('d_ff')}, the model has {d_ff(em)}")
+            raise StatsError(
+                f"{stats.path}: statistics are for d_ff {stats.meta.get('d_ff')}, the model has {d_ff(em)}"
+            )
         solve = memit_update if backend == "memit" else alphaedit_update
         update.factors = solve(em, targets, stats, layers, keys, **options)
     info["seconds"] = time.perf_counter() - start
     return update
 
 
-def edit(em: EditableModel, requests, method: str, preset: dict | None = None,
-         stats: Stats | None = None) -> tuple[WeightUpdate, list[MemoryResult]]:
+def edit(
+    em: EditableModel, requests, method: str, preset: dict | None = None, stats: Stats | None = None
+) -> tuple[WeightUpdate, list[MemoryResult]]:
     """Optimise the target memories of a batch of EditRequests, then compute its weight update ΔW."""
     memory, backend, options = resolve_method(method, preset)
     cfg = MemoryConfig(**memory)

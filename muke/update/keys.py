@@ -3,16 +3,15 @@ context its keys are read on, and reading down_proj inputs K and the working mem
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 
 from muke.engine import hooks
-from muke.model import EditableModel
 from muke.engine.windows import EditSequence
-
+from muke.model import EditableModel
 from muke.update.methods import KEYS
 
 
@@ -44,7 +43,9 @@ def edit_context(target: Target, keys: str) -> tuple[torch.Tensor, list[int]]:
 
 
 @torch.no_grad()
-def read_layer(em: EditableModel, layer: int, wm_layer: int, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def read_layer(
+    em: EditableModel, layer: int, wm_layer: int, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K: (T, d_ff) down_proj inputs of `layer` and H: (T, d_model) output of l_WM, fp32, current weights."""
     out = []
     with hooks.capture(em.down_proj(layer), "input") as k, hooks.stop_after(em.layer(wm_layer), out):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from muke.engine.objectives import OBJECTIVES
 
 BACKENDS = ("memit", "alphaedit", "unke")
-KEYS = ("sequence", "last")   # where keys are read: every window of question + answer, or the question's last token
+KEYS = ("sequence", "last")  # where keys are read: every window of question + answer, or the question's last token
 
 # name: (objective, backend, keys). Baselines read one key at the last question token on the question
 # alone; the μKE / AnyEdit variants read every window's key on question + answer.
@@ -21,21 +21,41 @@ METHODS = {
 }
 # Per-model defaults (the authors' Qwen2.5 column, ALGORITHM §8); a preset overrides any of them.
 DEFAULT_PRESET = {
-    "layers": [4, 5, 6, 7, 8],   # MEMIT family; l_WM = the last
-    "unke_layers": [7],          # UnKE; l_WM = the last
-    "window": 20,                # μKE and objective+backend pairs
+    "layers": [4, 5, 6, 7, 8],  # MEMIT family; l_WM = the last
+    "unke_layers": [7],  # UnKE; l_WM = the last
+    "window": 20,  # μKE and objective+backend pairs
     "anyedit_window": 50,
 }
 EARLY_STOP = {"memit": 1e-2, "alphaedit": 1e-2, "unke": 5e-3}
-MEMORY_OPTIONS = ("lambda_order", "affinity_steps", "v_lr", "v_num_grad_steps", "v_weight_decay",
-                  "clamp_norm_factor", "early_stop", "system_prompt", "chat_template", "fast")
+MEMORY_OPTIONS = (
+    "lambda_order",
+    "affinity_steps",
+    "v_lr",
+    "v_num_grad_steps",
+    "v_weight_decay",
+    "clamp_norm_factor",
+    "early_stop",
+    "system_prompt",
+    "chat_template",
+    "fast",
+)
 # preset key -> backend keyword
 BACKEND_OPTIONS = {
     "memit": {"mom2_update_weight": "mom2_update_weight", "solve_dtype": "solve_dtype"},
-    "alphaedit": {"null_space_threshold": "threshold", "alphaedit_l2": "l2", "solve_dtype": "solve_dtype",
-                  "null_space_cache": "cache_dir"},
-    "unke": {"unke_lr": "lr", "unke_weight_decay": "weight_decay", "unke_steps": "steps",
-             "n_preserve": "n_preserve", "preservation": "preservation", "seed": "seed"},
+    "alphaedit": {
+        "null_space_threshold": "threshold",
+        "alphaedit_l2": "l2",
+        "solve_dtype": "solve_dtype",
+        "null_space_cache": "cache_dir",
+    },
+    "unke": {
+        "unke_lr": "lr",
+        "unke_weight_decay": "weight_decay",
+        "unke_steps": "steps",
+        "n_preserve": "n_preserve",
+        "preservation": "preservation",
+        "seed": "seed",
+    },
 }
 
 
@@ -46,8 +66,10 @@ def parse_method(name: str) -> tuple[str, str, str]:
     objective, plus, backend = name.partition("+")
     if plus and objective in OBJECTIVES and backend in BACKENDS:
         return objective, backend, "sequence"
-    raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)} or an objective+backend "
-                     f"pair (objectives: {', '.join(OBJECTIVES)}; backends: {', '.join(BACKENDS)})")
+    raise ValueError(
+        f"unknown method {name!r}: choose one of {', '.join(METHODS)} or an objective+backend "
+        f"pair (objectives: {', '.join(OBJECTIVES)}; backends: {', '.join(BACKENDS)})"
+    )
 
 
 def layer_list(value) -> list[int]:

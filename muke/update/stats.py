@@ -28,8 +28,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from muke.engine import hooks
 from muke.data import DataError
+from muke.engine import hooks
 from muke.io import cache_dir, sha256, write_safetensors
 from muke.model import DTYPES, EditableModel
 from muke.update.corpus import chunk_batches, load_corpus
@@ -42,6 +42,7 @@ class StatsError(ValueError):
 
 
 # ---------------------------------------------------------------------------- identities
+
 
 def vocab_hash(tokenizer) -> str:
     """sha256 of the tokenizer's (token, id) pairs, sorted by id."""
@@ -67,11 +68,11 @@ def model_fingerprint(em: EditableModel) -> str:
 
 
 def architecture(em: EditableModel) -> dict:
-    return {"model_type": em.model_type, "hidden_size": em.hidden_size, "d_ff": d_ff(em),
-            "n_layers": em.n_layers}
+    return {"model_type": em.model_type, "hidden_size": em.hidden_size, "d_ff": d_ff(em), "n_layers": em.n_layers}
 
 
 # ---------------------------------------------------------------------------- files
+
 
 def read_metadata(path: str | Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
@@ -82,6 +83,7 @@ def read_metadata(path: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- collection
+
 
 @dataclass(frozen=True)
 class StatsConfig:
@@ -94,11 +96,11 @@ class StatsConfig:
     seed: int = 0
     text_field: str = "text"
     batch_tokens: int = 8192
-    checkpoint_every: int = 1000    # documents between checkpoints
-    tokenize_chunk: int = 256       # documents tokenized (and packed together) per call
-    pack: bool = True               # several documents per row, each attending to itself only
-    dtype: str | None = None        # autocast the forward pass ("bfloat16", "float16"); None: the model's dtype
-    extra: dict = field(default_factory=dict)   # recorded in the metadata as is
+    checkpoint_every: int = 1000  # documents between checkpoints
+    tokenize_chunk: int = 256  # documents tokenized (and packed together) per call
+    pack: bool = True  # several documents per row, each attending to itself only
+    dtype: str | None = None  # autocast the forward pass ("bfloat16", "float16"); None: the model's dtype
+    extra: dict = field(default_factory=dict)  # recorded in the metadata as is
 
     def __post_init__(self):
         if self.dtype not in (None, "bfloat16", "float16"):
@@ -107,12 +109,25 @@ class StatsConfig:
 
 def _job(em: EditableModel, cfg: StatsConfig, corpus_ident: dict, n_docs: int, max_length: int) -> dict:
     """Everything the sums depend on; a checkpoint is resumed only when this matches exactly."""
-    return {"format": FORMAT, "model": str(em.model.config._name_or_path), **architecture(em),
-            "model_fingerprint": model_fingerprint(em), "tokenizer_vocab_sha256": vocab_hash(em.tokenizer),
-            "dtype": str(em.dtype).removeprefix("torch."), "layers": sorted(set(cfg.layers)), **corpus_ident,
-            "n_documents": n_docs, "seed": cfg.seed, "max_docs": cfg.max_docs, "max_length": max_length,
-            "text_field": cfg.text_field, "batch_tokens": cfg.batch_tokens, "pack": cfg.pack,
-            "forward_dtype": cfg.dtype or str(em.dtype).removeprefix("torch."), **cfg.extra}
+    return {
+        "format": FORMAT,
+        "model": str(em.model.config._name_or_path),
+        **architecture(em),
+        "model_fingerprint": model_fingerprint(em),
+        "tokenizer_vocab_sha256": vocab_hash(em.tokenizer),
+        "dtype": str(em.dtype).removeprefix("torch."),
+        "layers": sorted(set(cfg.layers)),
+        **corpus_ident,
+        "n_documents": n_docs,
+        "seed": cfg.seed,
+        "max_docs": cfg.max_docs,
+        "max_length": max_length,
+        "text_field": cfg.text_field,
+        "batch_tokens": cfg.batch_tokens,
+        "pack": cfg.pack,
+        "forward_dtype": cfg.dtype or str(em.dtype).removeprefix("torch."),
+        **cfg.extra,
+    }
 
 
 def add_gram(total: torch.Tensor, k: torch.Tensor) -> None:
@@ -122,7 +137,7 @@ def add_gram(total: torch.Tensor, k: torch.Tensor) -> None:
     size = total.shape[0]
     block = max(256, -(-size // 8))
     for a in range(0, size, block):
-        total[a:a + block, a:].addmm_(k[:, a:a + block].T, k[:, a:])
+        total[a : a + block, a:].addmm_(k[:, a : a + block].T, k[:, a:])
 
 
 def mirror(total: torch.Tensor) -> torch.Tensor:
@@ -153,8 +168,15 @@ def _resume(partial: Path, job: dict, device) -> tuple[dict, dict, int, int] | N
 
 
 @torch.no_grad()
-def accumulate(em: EditableModel, layers: list[int], inputs: dict[str, torch.Tensor], keep: torch.Tensor,
-               sums: dict[int, torch.Tensor], counts: dict[int, int], dtype: str | None = None) -> None:
+def accumulate(
+    em: EditableModel,
+    layers: list[int],
+    inputs: dict[str, torch.Tensor],
+    keep: torch.Tensor,
+    sums: dict[int, torch.Tensor],
+    counts: dict[int, int],
+    dtype: str | None = None,
+) -> None:
     """sums[l] += Σ k kᵀ over the `keep` positions of one batch, all layers in one pass.
 
     inputs: model keyword arguments (input_ids (batch, T), attention_mask, ...); keep: (batch, T) bool;
@@ -165,11 +187,12 @@ def accumulate(em: EditableModel, layers: list[int], inputs: dict[str, torch.Ten
     device_type = em.device.type
 
     def sink_for(layer):
-        def sink(k):                            # k: (batch, T, d_ff)
+        def sink(k):  # k: (batch, T, d_ff)
             with torch.autocast(device_type, enabled=False):
-                k = k[keep].float()             # (n, d_ff)
+                k = k[keep].float()  # (n, d_ff)
                 add_gram(sums[layer], k)
             counts[layer] += k.shape[0]
+
         return sink
 
     cast = torch.autocast(device_type, dtype=DTYPES[dtype]) if dtype else nullcontext()
@@ -225,14 +248,19 @@ def collect_stats(em: EditableModel, cfg: StatsConfig, out: str | Path, progress
     if tokens == 0:
         raise DataError(cfg.corpus, "the documents contain no tokens")
     seconds = time.perf_counter() - start
-    meta = {**job, "complete": True, "tokens": tokens,
-            "tokens_per_second_last_run": run_tokens / seconds if seconds else None}
+    meta = {
+        **job,
+        "complete": True,
+        "tokens": tokens,
+        "tokens_per_second_last_run": run_tokens / seconds if seconds else None,
+    }
     write_safetensors(out, _tensors(sums, counts), {"muke": json.dumps(meta)})
     partial.unlink(missing_ok=True)
     return out
 
 
 # ---------------------------------------------------------------------------- loading
+
 
 @dataclass
 class Stats:
@@ -242,7 +270,7 @@ class Stats:
     meta: dict
     mom2: dict[int, torch.Tensor]
     count: dict[int, int]
-    cache: dict = field(default_factory=dict, repr=False)   # derived per-layer tensors (e.g. projectors)
+    cache: dict = field(default_factory=dict, repr=False)  # derived per-layer tensors (e.g. projectors)
     _sha256: str | None = field(default=None, repr=False)
 
     def second_moment(self, layer: int, device=None) -> torch.Tensor:
@@ -264,13 +292,16 @@ def check_compatible(meta: dict, em: EditableModel, layers, path) -> None:
     mine = architecture(em)
     theirs = {k: meta.get(k) for k in mine}
     if theirs != mine:
-        raise StatsError(f"{path}: statistics are for another model ({meta.get('model')!r}: {theirs}); "
-                         f"this model is {mine}")
+        raise StatsError(
+            f"{path}: statistics are for another model ({meta.get('model')!r}: {theirs}); this model is {mine}"
+        )
     if meta.get("tokenizer_vocab_sha256") != vocab_hash(em.tokenizer):
         raise StatsError(f"{path}: statistics were collected with another tokenizer (vocabulary hash differs)")
     if meta.get("model_fingerprint") != model_fingerprint(em):
-        raise StatsError(f"{path}: statistics are for another model's weights ({meta.get('model')!r}, "
-                         "same architecture, different parameters)")
+        raise StatsError(
+            f"{path}: statistics are for another model's weights ({meta.get('model')!r}, "
+            "same architecture, different parameters)"
+        )
     missing = sorted(set(layers) - set(meta.get("layers", [])))
     if missing:
         raise StatsError(f"{path}: statistics cover layers {meta.get('layers')}, not the requested layers {missing}")
@@ -294,12 +325,19 @@ def load_stats(path: str | Path, em: EditableModel, layers) -> Stats:
 
 # ---------------------------------------------------------------------------- cache
 
+
 def cached_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True) -> Stats:
     """Stats for cfg, from the cache or collected into it; keyed by model weights, layers, corpus and
     every setting the sums depend on."""
     docs_ident = sha256(cfg.corpus) if Path(cfg.corpus).is_file() else cfg.corpus
-    key = {**asdict(cfg), "corpus": docs_ident, "layers": sorted(set(cfg.layers)),
-           "model": model_fingerprint(em), "checkpoint_every": None, "tokenize_chunk": None}
+    key = {
+        **asdict(cfg),
+        "corpus": docs_ident,
+        "layers": sorted(set(cfg.layers)),
+        "model": model_fingerprint(em),
+        "checkpoint_every": None,
+        "tokenize_chunk": None,
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     layers = "-".join(map(str, key["layers"]))
     path = cache_dir() / "stats" / f"{em.model_type}-L{layers}-{digest}.safetensors"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -67,8 +67,9 @@ def _to_float(obj):
 
 
 @torch.no_grad()
-def record_block(em: EditableModel, layer: int, wm_layer: int, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None) -> tuple[BlockCall, torch.Tensor]:
+def record_block(
+    em: EditableModel, layer: int, wm_layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[BlockCall, torch.Tensor]:
     """The call of decoder block `layer` in a forward pass (so it can be rerun standalone with the same
     masks and position embeddings, for any architecture) and H: (B, T, d_model) output of l_WM."""
     calls, out = [], []
@@ -76,10 +77,16 @@ def record_block(em: EditableModel, layer: int, wm_layer: int, input_ids: torch.
     def pre(_module, args, kwargs):
         calls.append((args, kwargs))
 
-    with (hooks.forward_hook(em.layer(layer), pre, pre=True, with_kwargs=True),
-          hooks.capture(em.layer(layer), "output") as block_out, hooks.stop_after(em.layer(wm_layer), out)):
-        em.model(input_ids=input_ids.to(em.device), use_cache=False,
-                 attention_mask=None if attention_mask is None else attention_mask.to(em.device))
+    with (
+        hooks.forward_hook(em.layer(layer), pre, pre=True, with_kwargs=True),
+        hooks.capture(em.layer(layer), "output") as block_out,
+        hooks.stop_after(em.layer(wm_layer), out),
+    ):
+        em.model(
+            input_ids=input_ids.to(em.device),
+            use_cache=False,
+            attention_mask=None if attention_mask is None else attention_mask.to(em.device),
+        )
     args, kwargs = calls[0]
     call = BlockCall(_to_float(args), _to_float(kwargs), block_out[0].float())
     return call, hooks.hidden_of(out[0]).float()
@@ -94,15 +101,26 @@ def _mse(calls: list[BlockCall], outputs: list[torch.Tensor], block: nn.Module, 
     return torch.cat(errors).pow(2).mean()
 
 
-def fit_block(block: nn.Module, edits: list[BlockCall], edit_outputs: list[torch.Tensor], preserve: BlockCall,
-              preserve_mask: torch.Tensor, lr: float, weight_decay: float, steps: int,
-              trace: list[dict], label: int) -> nn.Module:
+def fit_block(
+    block: nn.Module,
+    edits: list[BlockCall],
+    edit_outputs: list[torch.Tensor],
+    preserve: BlockCall,
+    preserve_mask: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    steps: int,
+    trace: list[dict],
+    label: int,
+) -> nn.Module:
     """UnKE's block fine-tuning on a fp32 copy of `block`: AdamW (weight decay 0 on the norm weights),
     full batch, loss = MSE(block(edit keys), edited outputs) + MSE(block(preservation keys), old outputs)."""
     block = copy.deepcopy(block).float().eval().requires_grad_(True)
     norms = {id(p) for m in block.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)}
-    groups = [{"params": [p for p in block.parameters() if id(p) not in norms], "weight_decay": weight_decay},
-              {"params": [p for p in block.parameters() if id(p) in norms], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in block.parameters() if id(p) not in norms], "weight_decay": weight_decay},
+        {"params": [p for p in block.parameters() if id(p) in norms], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=lr, eps=1e-8)
     mask = preserve_mask.to(preserve.output.device)
     for step in range(steps + 1):
@@ -112,7 +130,7 @@ def fit_block(block: nn.Module, edits: list[BlockCall], edit_outputs: list[torch
             loss = edit + keep
         trace.append({"layer": label, "step": step, "loss": loss.item(), "edit": edit.item(), "preserve": keep.item()})
         if step == steps:
-            break                                   # the last entry is the loss after the final update
+            break  # the last entry is the loss after the final update
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -123,9 +141,18 @@ def block_prefix(em: EditableModel, layer: int) -> str:
     return f"{em.adapter.layers}.{layer}."
 
 
-def unke_update(em: EditableModel, targets: Sequence[Target], layers: list[int], keys: str = "sequence",
-                lr: float = 2e-4, weight_decay: float = 0.01, steps: int = 50, n_preserve: int = 20,
-                preservation: str | Path = DEFAULT_PRESERVATION, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def unke_update(
+    em: EditableModel,
+    targets: Sequence[Target],
+    layers: list[int],
+    keys: str = "sequence",
+    lr: float = 2e-4,
+    weight_decay: float = 0.01,
+    steps: int = 50,
+    n_preserve: int = 20,
+    preservation: str | Path = DEFAULT_PRESERVATION,
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """UnKE: per layer index i of L, block outputs on the edit keys + (z - H(l_WM)) / (L - i) at the edit
     positions become the block's new targets; returns ({parameter name: new - old, fp32}, loss trace).
 
@@ -152,10 +179,13 @@ def unke_update(em: EditableModel, targets: Sequence[Target], layers: list[int],
                 edits.append(call)
                 edit_outputs.append(out)
             preserve, _ = record_block(em, layer, layer, pres_ids, pres_mask)
-            block = fit_block(em.layer(layer), edits, edit_outputs, preserve, pres_mask, lr, weight_decay,
-                              steps, trace, layer)
+            block = fit_block(
+                em.layer(layer), edits, edit_outputs, preserve, pres_mask, lr, weight_decay, steps, trace, layer
+            )
             new = dict(block.named_parameters())
-            check_finite(f"layer {layer}, computed update", **{f"{block_prefix(em, layer)}{name}": p for name, p in new.items()})
+            check_finite(
+                f"layer {layer}, computed update", **{f"{block_prefix(em, layer)}{name}": p for name, p in new.items()}
+            )
             with torch.no_grad():
                 for name, p in em.layer(layer).named_parameters():
                     diffs[block_prefix(em, layer) + name] = (new[name] - p.float()).cpu()

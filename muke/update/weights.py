@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from muke.data import DataError
-from muke.model import EditableModel, ModelError
 from muke.io import write_safetensors
-
+from muke.model import EditableModel, ModelError
 from muke.update.keys import preserved
 from muke.update.memit import add_low_rank
 
@@ -49,8 +48,14 @@ class WeightUpdate:
         for layer, (U, V) in self.factors.items():
             tensors[f"layer{layer}.U"], tensors[f"layer{layer}.V"] = U, V
         tensors.update({f"param.{name}": diff for name, diff in self.params.items()})
-        meta = {"format": "muke.update/1", "method": self.method, "backend": self.backend, "layers": self.layers,
-                "request_ids": self.request_ids, "info": self.info}
+        meta = {
+            "format": "muke.update/1",
+            "method": self.method,
+            "backend": self.backend,
+            "layers": self.layers,
+            "request_ids": self.request_ids,
+            "info": self.info,
+        }
         write_safetensors(path, tensors, {"muke": json.dumps(meta)})
         return Path(path)
 
@@ -65,8 +70,11 @@ class WeightUpdate:
                 raise DataError(path, "not a muke weight update (no 'muke' metadata)")
             meta = json.loads(meta)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        factors = {layer: (tensors[f"layer{layer}.U"], tensors[f"layer{layer}.V"]) for layer in meta["layers"]
-                   if f"layer{layer}.U" in tensors}
+        factors = {
+            layer: (tensors[f"layer{layer}.U"], tensors[f"layer{layer}.V"])
+            for layer in meta["layers"]
+            if f"layer{layer}.U" in tensors
+        }
         params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
         return cls(meta["method"], meta["backend"], meta["layers"], meta["request_ids"], factors, params, meta["info"])
 
@@ -118,9 +126,13 @@ def export_edited(em: EditableModel, updates: WeightUpdate | Sequence[WeightUpda
     with apply(em, updates):
         em.model.save_pretrained(tmp, safe_serialization=True)
     em.tokenizer.save_pretrained(tmp)
-    record = {"source_model": str(em.model.config._name_or_path),
-              "edits": [{"method": u.method, "backend": u.backend, "layers": u.layers,
-                         "request_ids": u.request_ids} for u in updates]}
+    record = {
+        "source_model": str(em.model.config._name_or_path),
+        "edits": [
+            {"method": u.method, "backend": u.backend, "layers": u.layers, "request_ids": u.request_ids}
+            for u in updates
+        ],
+    }
     (tmp / "muke_edit.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

@@ -8,13 +8,13 @@ The schema's defaults are filled in as it checks.
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]   # the repository: config/, resources/, workflow/
-PRESETS = ROOT / "config" / "models"         # the shipped model presets
+ROOT = Path(__file__).resolve().parents[2]  # the repository: config/, resources/, workflow/
+PRESETS = ROOT / "config" / "models"  # the shipped model presets
 
 
 class ConfigError(ValueError):
@@ -27,7 +27,7 @@ def load_yaml(path: str | Path) -> dict:
     return data if data is not None else {}
 
 
-@lru_cache(maxsize=None)
+@cache
 def schema(path: str | Path | None = None) -> dict:
     """config/schema.yaml (or the schema at `path`), read once per process."""
     return load_yaml(path or ROOT / "config" / "schema.yaml")
@@ -113,8 +113,9 @@ def preset_for_model(model: str | Path, folder: str | Path = PRESETS) -> str | N
     local = Path(model).expanduser()
     for path in sorted(Path(folder).glob("*.yaml")):
         source = load_yaml(path).get("source")
-        if source == str(model) or (source == "smollm2" and local.is_dir()
-                                    and local.resolve() == smollm2_dir().resolve()):
+        if source == str(model) or (
+            source == "smollm2" and local.is_dir() and local.resolve() == smollm2_dir().resolve()
+        ):
             return str(path)
         if source != "tiny" and local.is_dir() and local.name.lower() == path.stem:
             return str(path)

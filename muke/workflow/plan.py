@@ -35,7 +35,7 @@ class Run:
     model: Model
     dataset: Dataset
     method: str
-    setting: dict                       # the sweep point ({} without a sweep)
+    setting: dict  # the sweep point ({} without a sweep)
     hparams: dict = field(default_factory=dict)
     stats: Spec | None = None
     memories: Spec | None = None
@@ -63,8 +63,15 @@ class Pair:
         return Run(self.model, self.dataset, method, point, hparams)
 
     def generate(self, hparams: dict, config: dict, point: dict, inputs: dict) -> Spec:
-        return Spec("generate", {"generation": hp.generation(config, hparams, point), "dtype": self.model.dtype,
-                                 "selection": self.dataset.selection}, inputs)
+        return Spec(
+            "generate",
+            {
+                "generation": hp.generation(config, hparams, point),
+                "dtype": self.model.dtype,
+                "selection": self.dataset.selection,
+            },
+            inputs,
+        )
 
 
 class Plan:
@@ -75,14 +82,15 @@ class Plan:
         self.schema_path = str(self.basedir / "config" / "schema.yaml")
         self.config = check_config(config, self.schema_path) if check_schema else config
         self.results = self.config["results"].rstrip("/")
-        self.models = {name: model(self.basedir, name, entry, self.schema_path)
-                       for name, entry in self.config["models"].items()}
+        self.models = {
+            name: model(self.basedir, name, entry, self.schema_path) for name, entry in self.config["models"].items()
+        }
         self.datasets = {name: dataset(name, entry) for name, entry in self.config["datasets"].items()}
         self.runs: list[Run] = []
         self.pre_edit_locality: dict[str, Spec] = {}
         self._index: dict[tuple, Run] = {}
         self._stats: dict[tuple[str, str], tuple[Model, Spec]] = {}
-        self._paths: dict[str, str] = {}        # spec identity -> a path it reads, not part of the identity
+        self._paths: dict[str, str] = {}  # spec identity -> a path it reads, not part of the identity
         self._locality = self._locality_settings()
         self._build()
 
@@ -118,8 +126,10 @@ class Plan:
         params, inputs = self._locality
         if self.config["locality"]["enabled"] and pair.model.name not in self.pre_edit_locality:
             self.pre_edit_locality[pair.model.name] = Spec(
-                "locality", {**params, "dtype": pair.model.dtype, "edits": []},
-                {"model": pair.model.spec.identity, **inputs})
+                "locality",
+                {**params, "dtype": pair.model.dtype, "edits": []},
+                {"model": pair.model.spec.identity, **inputs},
+            )
 
     def _add_run(self, pair: Pair, method: str, settings: dict[str, hp.Setting], point: dict) -> None:
         """The run of one method at one sweep point (`settings`: every resolved hyperparameter)."""
@@ -133,18 +143,27 @@ class Plan:
         names = ["unke_layer", "unke_layers"] if backend == "unke" else ["layers"]
         self._check_layers(pair.model, method, options["layers"], hp.source_of(settings, names))
         run = pair.run(method, point, hp.without_generation(hparams))
-        run.memories = Spec("optimize_memories", {"memory": memory, "dtype": pair.model.dtype,
-                                                  "batch": hparams.get("delta_batch_size", 1),
-                                                  "selection": pair.dataset.selection},
-                            {"model": pair.model.spec.identity})
+        run.memories = Spec(
+            "optimize_memories",
+            {
+                "memory": memory,
+                "dtype": pair.model.dtype,
+                "batch": hparams.get("delta_batch_size", 1),
+                "selection": pair.dataset.selection,
+            },
+            {"model": pair.model.spec.identity},
+        )
         run.update = self._update_spec(run, backend, options)
         run.generate = pair.generate(hparams, self.config, point, {"update": run.update.identity})
         run.score = Spec("score", dict(self.config["score"]), {"generate": run.generate.identity})
         loc, (params, inputs) = self.config["locality"], self._locality
         if loc["enabled"] and loc["edits"] > 0:
-            edits = pair.dataset.request_ids[:loc["edits"]]
-            run.locality = Spec("locality", {**params, "dtype": pair.model.dtype, "edits": edits},
-                                {"update": run.update.identity, **inputs})
+            edits = pair.dataset.request_ids[: loc["edits"]]
+            run.locality = Spec(
+                "locality",
+                {**params, "dtype": pair.model.dtype, "edits": edits},
+                {"update": run.update.identity, **inputs},
+            )
         self._register(run)
 
     def _update_spec(self, run: Run, backend: str, options: dict) -> Spec:
@@ -160,9 +179,17 @@ class Plan:
             if not Path(preservation).is_file():
                 raise ConfigError(f"config key hparams.preservation: file {preservation!r} not found")
             inputs["preservation"] = file_identity(preservation)
-        spec = Spec("update_weights", {"method": run.method, "backend": backend, "options": options,
-                                       "edit_batch_size": run.hparams.get("edit_batch_size", 1),
-                                       "dtype": run.model.dtype}, inputs)
+        spec = Spec(
+            "update_weights",
+            {
+                "method": run.method,
+                "backend": backend,
+                "options": options,
+                "edit_batch_size": run.hparams.get("edit_batch_size", 1),
+                "dtype": run.model.dtype,
+            },
+            inputs,
+        )
         if preservation is not None:
             self._paths[spec.identity] = preservation
         return spec
@@ -173,8 +200,10 @@ class Plan:
         n = model.n_layers
         bad = [layer for layer in layers if n is not None and layer >= n]
         if bad:
-            raise ConfigError(f"config key {key}: layer {bad[0]} is out of range: "
-                              f"model {model.name} has {n} layers (0..{n - 1}) (method {method})")
+            raise ConfigError(
+                f"config key {key}: layer {bad[0]} is out of range: "
+                f"model {model.name} has {n} layers (0..{n - 1}) (method {method})"
+            )
 
     def _stats_spec(self, model: Model, layers: list[int]) -> Spec:
         """Statistics for one model and layer set; the corpus enters by content, not by path."""
@@ -182,7 +211,9 @@ class Plan:
         stats = {**STATS_DEFAULTS, **model.preset["stats"], **user}
         corpus = stats.get("corpus")
         if not corpus:
-            raise ConfigError(f"config key stats.corpus: model {model.name} (preset {model.preset_path}) names no corpus")
+            raise ConfigError(
+                f"config key stats.corpus: model {model.name} (preset {model.preset_path}) names no corpus"
+            )
         if corpus.startswith("hf:"):
             corpus_id = {"hf": corpus}
         else:
@@ -206,8 +237,10 @@ class Plan:
         for key, paths in (("include_path", [loc["include_path"]]), ("data", loc["data"])):
             for p in paths:
                 if p and not Path(p).exists():
-                    raise ConfigError(f"config key locality.{key}: {p!r} not found "
-                                      f"(relative paths are taken from the working directory {os.getcwd()})")
+                    raise ConfigError(
+                        f"config key locality.{key}: {p!r} not found "
+                        f"(relative paths are taken from the working directory {os.getcwd()})"
+                    )
         inputs = {p: file_identity(p) for p in [loc["include_path"], *loc["data"]] if p}
         params["retention"], retention_inputs = locality_retention(loc["retention"])
         return params, {**inputs, **retention_inputs}
@@ -217,8 +250,10 @@ class Plan:
         for stage, spec in run.specs().items():
             if stage != "stats":
                 self._index.setdefault((stage, *key, run.run_id(spec)), run)
-        if not any(r.score.identity == run.score.identity and r.method == run.method and
-                   (r.model.name, r.dataset.name) == key for r in self.runs):
+        if not any(
+            r.score.identity == run.score.identity and r.method == run.method and (r.model.name, r.dataset.name) == key
+            for r in self.runs
+        ):
             self.runs.append(run)
 
     # ------------------------------------------------------------------ lookups (rule input functions)
@@ -260,8 +295,13 @@ class Plan:
         if model is None:
             return dict(REPORT_RESOURCES)
         preset, entry = model.preset.get("resources", {}), model.entry.get("resources", {})
-        return {**RESOURCE_DEFAULTS, **preset.get("default", {}), **entry.get("default", {}),
-                **preset.get(stage, {}), **entry.get(stage, {})}
+        return {
+            **RESOURCE_DEFAULTS,
+            **preset.get("default", {}),
+            **entry.get("default", {}),
+            **preset.get(stage, {}),
+            **entry.get(stage, {}),
+        }
 
     # ------------------------------------------------------------------ paths
 
@@ -291,7 +331,7 @@ class Plan:
         return {"samples": f"{d}/samples.parquet", "summary": f"{d}/summary.parquet"}
 
     def locality_path(self, run: Run | None, model: Model | None = None) -> str:
-        if run is None:                           # the pre-edit model of `model`
+        if run is None:  # the pre-edit model of `model`
             spec = self.pre_edit_locality[model.name]
             return f"{self.results}/locality/{model.name}/-/{PRE_EDIT}-{spec.identity}/locality.parquet"
         return f"{self._dir('locality', run, run.locality)}/locality.parquet"

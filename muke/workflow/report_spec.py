@@ -12,41 +12,66 @@ from muke.workflow.plan import PRE_EDIT
 
 
 def _run_files(plan, run) -> dict:
-    shards = [] if run.memories is None else [
-        {"memories": plan.memories_path(run, k), "trace": plan.trace_path(run, k), "update": plan.update_path(run, k)}
-        for k in plan.shards(run)]
+    shards = (
+        []
+        if run.memories is None
+        else [
+            {
+                "memories": plan.memories_path(run, k),
+                "trace": plan.trace_path(run, k),
+                "update": plan.update_path(run, k),
+            }
+            for k in plan.shards(run)
+        ]
+    )
     return {**plan.score_paths(run), "locality": plan.locality_path(run) if run.locality else None, "shards": shards}
 
 
 def _report_run(plan, run) -> dict:
     """One run's labels, files and stage identities, as the report stage reads them."""
-    (param, value), = run.setting.items() if len(run.setting) == 1 else [(None, None)]
+    ((param, value),) = run.setting.items() if len(run.setting) == 1 else [(None, None)]
     identities = {"prepare_model": run.model.spec.identity, **{s.stage: s.identity for s in run.specs().values()}}
-    return {"model": run.model.name, "dataset": run.dataset.name, "method": run.method,
-            "setting": json.dumps(run.setting, sort_keys=True) if run.setting else "",
-            "sweep_param": param, "sweep_value": None if param is None else json.dumps(value),
-            "files": _run_files(plan, run), "identities": identities}
+    return {
+        "model": run.model.name,
+        "dataset": run.dataset.name,
+        "method": run.method,
+        "setting": json.dumps(run.setting, sort_keys=True) if run.setting else "",
+        "sweep_param": param,
+        "sweep_value": None if param is None else json.dumps(value),
+        "files": _run_files(plan, run),
+        "identities": identities,
+    }
 
 
 def _report_pre_edit_locality(plan, name: str) -> dict:
     model = plan.models[name]
-    return {"model": name, "dataset": "", "method": PRE_EDIT, "setting": "", "sweep_param": None,
-            "sweep_value": None, "files": {"summary": None, "samples": None, "shards": [],
-                                           "locality": plan.locality_path(None, model)},
-            "identities": {"prepare_model": model.spec.identity, "locality": plan.pre_edit_locality[name].identity}}
+    return {
+        "model": name,
+        "dataset": "",
+        "method": PRE_EDIT,
+        "setting": "",
+        "sweep_param": None,
+        "sweep_value": None,
+        "files": {"summary": None, "samples": None, "shards": [], "locality": plan.locality_path(None, model)},
+        "identities": {"prepare_model": model.spec.identity, "locality": plan.pre_edit_locality[name].identity},
+    }
 
 
 def report_runs(plan) -> list[dict]:
-    return ([_report_run(plan, r) for r in plan.runs]
-            + [_report_pre_edit_locality(plan, m) for m in plan.pre_edit_locality])
+    return [_report_run(plan, r) for r in plan.runs] + [
+        _report_pre_edit_locality(plan, m) for m in plan.pre_edit_locality
+    ]
 
 
 def data_files(plan) -> list[str]:
     """The data files the results depend on, for the report's checksums: edit requests, statistics
     corpora, UnKE preservation samples, tiny-model corpora, locality tasks and their data."""
     files = [d.path for d in plan.datasets.values()]
-    files += [m.spec.params["tiny"]["corpus"] for m in plan.models.values()
-              if m.spec.params["source"] == "tiny" and m.spec.params["tiny"]["corpus"]]
+    files += [
+        m.spec.params["tiny"]["corpus"]
+        for m in plan.models.values()
+        if m.spec.params["source"] == "tiny" and m.spec.params["tiny"]["corpus"]
+    ]
     for run in plan.runs:
         if run.stats is not None and not plan.stats_corpus(run.stats).startswith("hf:"):
             files.append(plan.stats_corpus(run.stats))
@@ -62,9 +87,14 @@ def report_inputs(plan) -> dict[str, list[str]]:
     """Every file the report reads, for the rule's inputs (the spec names them again, labelled)."""
     runs = report_runs(plan)
     shards = [s for r in runs for s in r["files"]["shards"]]
-    files = {"summaries": [r["files"]["summary"] for r in runs], "samples": [r["files"]["samples"] for r in runs],
-             "localities": [r["files"]["locality"] for r in runs], "memories": [s["memories"] for s in shards],
-             "traces": [s["trace"] for s in shards], "updates": [s["update"] for s in shards]}
+    files = {
+        "summaries": [r["files"]["summary"] for r in runs],
+        "samples": [r["files"]["samples"] for r in runs],
+        "localities": [r["files"]["locality"] for r in runs],
+        "memories": [s["memories"] for s in shards],
+        "traces": [s["trace"] for s in shards],
+        "updates": [s["update"] for s in shards],
+    }
     return {kind: list(dict.fromkeys(p for p in paths if p)) for kind, paths in files.items()}
 
 
@@ -72,7 +102,15 @@ def report_spec(plan) -> str:
     """JSON for the report stage (muke.workflow.stages.report): the resolved config, every run with
     its labels, result files and stage identities, the data files to checksum, the datasets (for
     request categories) and the Snakemake benchmarks folder."""
-    return json.dumps({"title": plan.config["report"]["title"], "config": plan.config,
-                       "runs": report_runs(plan), "data_files": data_files(plan),
-                       "datasets": {d.name: {"path": d.path, "format": d.format} for d in plan.datasets.values()},
-                       "benchmarks": f"{plan.results}/benchmarks"}, sort_keys=True, default=str)
+    return json.dumps(
+        {
+            "title": plan.config["report"]["title"],
+            "config": plan.config,
+            "runs": report_runs(plan),
+            "data_files": data_files(plan),
+            "datasets": {d.name: {"path": d.path, "format": d.format} for d in plan.datasets.values()},
+            "benchmarks": f"{plan.results}/benchmarks",
+        },
+        sort_keys=True,
+        default=str,
+    )

@@ -13,10 +13,13 @@ import json
 import typing
 from pathlib import Path
 
-COMMANDS: list[tuple] = []          # (stage function, help, {parameter: help}), as the stage modules load
-COMMON_HELP = {"spec": "the job's JSON spec (muke.workflow.identity.Spec), or @FILE holding it",
-               "model": "prepared model folder (prepare-model)", "out": "output file",
-               "device": "auto (cuda if present), cpu, cuda, cuda:1, ..."}
+COMMANDS: list[tuple] = []  # (stage function, help, {parameter: help}), as the stage modules load
+COMMON_HELP = {
+    "spec": "the job's JSON spec (muke.workflow.identity.Spec), or @FILE holding it",
+    "model": "prepared model folder (prepare-model)",
+    "out": "output file",
+    "device": "auto (cuda if present), cpu, cuda, cuda:1, ...",
+}
 
 
 def spec_arg(text: str) -> dict:
@@ -26,9 +29,11 @@ def spec_arg(text: str) -> dict:
 
 def command(help: str, **arg_help: str):
     """Register a stage function as `muke stage <its name, dashed>`; `arg_help`: help of its options."""
+
     def register(fn):
         COMMANDS.append((fn, help, arg_help))
         return fn
+
     return register
 
 

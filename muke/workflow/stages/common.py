@@ -15,7 +15,7 @@ from pathlib import Path
 
 from muke.io import sha256, write_json
 
-MODEL_REF = "muke_model.json"   # in a prepared model folder: where the weights are, and their provenance
+MODEL_REF = "muke_model.json"  # in a prepared model folder: where the weights are, and their provenance
 
 
 def _versions() -> dict:
@@ -43,6 +43,7 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------- models
+
 
 def model_path(model_dir: str | Path) -> str:
     """Where to load a prepared model from: the folder itself, or the path/hub snapshot it names."""
@@ -72,6 +73,7 @@ def check_layers(em, layers: list[int], key: str) -> None:
 
 # ---------------------------------------------------------------------------- requests
 
+
 def _check_identity(path: str | Path, identity: dict) -> None:
     """A data file must still be the one the plan hashed (SLURM jobs start later than the plan;
     identity: muke.workflow.identity.file_identity, checked where it holds a sha256)."""
@@ -90,21 +92,22 @@ def shard_requests(path: str | Path, selection: dict, shard: int, skipped: list 
 
     _check_identity(path, selection["file"])
     requests, bad = load_requests_checked(path, selection["format"], selection.get("on_bad_record", "error"))
-    limited = requests[:selection["limit"]] if selection["limit"] else requests
+    limited = requests[: selection["limit"]] if selection["limit"] else requests
     size = selection["shard_size"]
-    chosen = limited[shard * size:(shard + 1) * size]
+    chosen = limited[shard * size : (shard + 1) * size]
     if not chosen:
         raise ValueError(f"{path}: shard {shard} is empty ({len(limited)} requests, {size} per shard)")
     if skipped is not None:
-        first = limited[shard * size - 1].record + 1 if shard else 0       # just after the previous shard
+        first = limited[shard * size - 1].record + 1 if shard else 0  # just after the previous shard
         last = chosen[-1].record
-        if chosen[-1] is limited[-1] and len(limited) == len(requests):   # the last shard takes the file's tail
+        if chosen[-1] is limited[-1] and len(limited) == len(requests):  # the last shard takes the file's tail
             last = float("inf")
         skipped += [{**e.to_dict(), "check": "file"} for e in bad if first <= e.record <= last]
     return chosen
 
 
 # ---------------------------------------------------------------------------- files between stages
+
 
 def read_memories(path: str | Path) -> tuple[dict, dict]:
     """(metadata, tensors) of an optimize_memories shard file."""
@@ -130,7 +133,7 @@ def read_update_index(path: str | Path) -> list[dict]:
     rows = pd.read_parquet(path).to_dict("records")
     for row in rows:
         row["request_ids"] = json.loads(row["request_ids"])
-        for key in ("file", "reason"):                  # a missing value reads back as None, NaN or NA
+        for key in ("file", "reason"):  # a missing value reads back as None, NaN or NA
             row[key] = row.get(key) if isinstance(row.get(key), str) else None
         row["path"] = path.with_suffix("") / row["file"] if row["file"] else None
     return rows

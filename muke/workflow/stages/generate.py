@@ -57,16 +57,30 @@ def _answer(em, group: list, chosen: dict, edited: bool, g: dict) -> list[dict]:
         if bad:
             log(f"{request_ids}: edit failed, answering with the unedited model")
     answers = edited_generation_rows(
-        em, [(None if path is None else WeightUpdate.load(path), [chosen[rid] for rid in request_ids])
-             for request_ids, path in group],
-        kinds=g["kinds"], max_new_tokens=g["max_new_tokens"], system_prompt=g["system_prompt"],
-        chat_template=g["chat_template"], batch_size=g["batch_size"])
+        em,
+        [
+            (None if path is None else WeightUpdate.load(path), [chosen[rid] for rid in request_ids])
+            for request_ids, path in group
+        ],
+        kinds=g["kinds"],
+        max_new_tokens=g["max_new_tokens"],
+        system_prompt=g["system_prompt"],
+        chat_template=g["chat_template"],
+        batch_size=g["batch_size"],
+    )
     return [{**row, "edit_failed": bad} for edit_rows, bad in zip(answers, failed) for row in edit_rows]
 
 
 @command("greedy answers of one shard, edited or not", update="update_weights index (omit: the unedited model)")
-def generate(spec: dict, model: str | Path, requests: str | Path, shard: int, out: str | Path,
-             update: str | Path | None = None, device: str = "auto") -> Path:
+def generate(
+    spec: dict,
+    model: str | Path,
+    requests: str | Path,
+    shard: int,
+    out: str | Path,
+    update: str | Path | None = None,
+    device: str = "auto",
+) -> Path:
     """Greedy answers to each request's questions (question, paraphrase, sub-questions).
 
     With `update` (an update_weights index) each request is answered by the model edited with its own
@@ -102,8 +116,9 @@ def generate(spec: dict, model: str | Path, requests: str | Path, shard: int, ou
         rows += done
     order = {rid: i for i, rid in enumerate(chosen)}
     df = pd.DataFrame(rows, columns=COLUMNS).rename(columns={"n_tokens": "tokens"})
-    df = df.sort_values(["id", "kind", "index"], key=lambda c: c.map(order) if c.name == "id" else c,
-                        kind="stable").assign(shard=shard)
+    df = df.sort_values(
+        ["id", "kind", "index"], key=lambda c: c.map(order) if c.name == "id" else c, kind="stable"
+    ).assign(shard=shard)
     write_parquet(df.reset_index(drop=True), out)
     write_manifest(out.parent / "manifest.json", spec)
     shutil.rmtree(parts, ignore_errors=True)

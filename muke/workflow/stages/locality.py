@@ -10,12 +10,13 @@ from muke.workflow.stages.command import command
 from muke.workflow.stages.common import load_model, log, read_update_index, write_manifest
 
 COLUMNS = ["model_state", "request_id", "task", "metric", "value", "stderr", "n"]
-RETENTION_ANSWERS = "retention_answers.parquet"     # beside the output: per-question answers before / after
+RETENTION_ANSWERS = "retention_answers.parquet"  # beside the output: per-question answers before / after
 
 
 @command("lm-eval locality of the unedited or edited models", updates="update_weights indexes of the run's shards")
-def locality(spec: dict, model: str | Path, out: str | Path, updates: list[str | Path] = (),
-             device: str = "auto") -> Path:
+def locality(
+    spec: dict, model: str | Path, out: str | Path, updates: list[str | Path] = (), device: str = "auto"
+) -> Path:
     """General-ability locality (lm-eval `tasks`) and, with `retention.enabled`, answer retention and text
     shift (muke.eval.retention) of the unedited model (no edits in the spec) or of the edited model of each
     request in the spec's `edits`, then their mean ± standard error (model_state "edited", request_id
@@ -29,8 +30,14 @@ def locality(spec: dict, model: str | Path, out: str | Path, updates: list[str |
 
     p = spec["params"]
     em = load_model(model, p["dtype"], device)
-    kwargs = dict(tasks=p["tasks"], include_path=p["include_path"], limit=p["limit"], num_fewshot=p["num_fewshot"],
-                  batch_size=p["batch_size"], gen_kwargs=p["gen_kwargs"])
+    kwargs = dict(
+        tasks=p["tasks"],
+        include_path=p["include_path"],
+        limit=p["limit"],
+        num_fewshot=p["num_fewshot"],
+        batch_size=p["batch_size"],
+        gen_kwargs=p["gen_kwargs"],
+    )
     ref = None
     if p.get("retention", {}).get("enabled"):
         log("answers of the unedited model to the unrelated questions (the retention reference)")

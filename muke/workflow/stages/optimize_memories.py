@@ -35,14 +35,25 @@ def _optimise_many(em, requests, cfg) -> list[tuple[dict, dict, list[dict]]]:
             log(f"request {request.id}: failed ({res})")
             out.append(({}, {"id": request.id, "failed": True, "error": str(res)}, []))
             continue
-        tensors = {"z": res.z, "h": res.h, "delta": res.delta,
-                   "positions": torch.tensor(res.positions, dtype=torch.int64),
-                   "prompt_ids": torch.tensor(seq.prompt_ids, dtype=torch.int64),
-                   "target_ids": torch.tensor(seq.target_ids, dtype=torch.int64),
-                   "windows": torch.tensor(seq.windows, dtype=torch.int64).reshape(-1, 2)}
-        record = {"id": request.id, "failed": False, "prompt": seq.prompt, "n_windows": seq.n_windows,
-                  "seconds": res.seconds, "affinity_seconds": res.affinity_seconds, "lambdas": res.lambdas,
-                  "affinities": res.affinities}
+        tensors = {
+            "z": res.z,
+            "h": res.h,
+            "delta": res.delta,
+            "positions": torch.tensor(res.positions, dtype=torch.int64),
+            "prompt_ids": torch.tensor(seq.prompt_ids, dtype=torch.int64),
+            "target_ids": torch.tensor(seq.target_ids, dtype=torch.int64),
+            "windows": torch.tensor(seq.windows, dtype=torch.int64).reshape(-1, 2),
+        }
+        record = {
+            "id": request.id,
+            "failed": False,
+            "prompt": seq.prompt,
+            "n_windows": seq.n_windows,
+            "seconds": res.seconds,
+            "affinity_seconds": res.affinity_seconds,
+            "lambdas": res.lambdas,
+            "affinities": res.affinities,
+        }
         out.append((tensors, record, [{"id": request.id, **row} for row in res.trace]))
     return out
 
@@ -67,11 +78,14 @@ def _fit_for_model(chosen: list, em, cfg, requests: str | Path, on_bad_record: s
     leaves the request out."""
     from muke.data import model_problems
 
-    problems = model_problems(chosen, em.tokenizer, em.context_length or float("inf"), requests,
-                              cfg.system_prompt, cfg.chat_template)
+    problems = model_problems(
+        chosen, em.tokenizer, em.context_length or float("inf"), requests, cfg.system_prompt, cfg.chat_template
+    )
     if problems and on_bad_record == "error":
-        raise ValueError("requests this model cannot edit (on_bad_record: skip leaves them out):\n  "
-                         + "\n  ".join(map(str, problems)))
+        raise ValueError(
+            "requests this model cannot edit (on_bad_record: skip leaves them out):\n  "
+            + "\n  ".join(map(str, problems))
+        )
     unfit = {e.id for e in problems}
     for request in (r for r in chosen if r.id in unfit):
         log(f"request {request.id}: skipped ({'; '.join(e.reason for e in problems if e.id == request.id)})")
@@ -87,20 +101,30 @@ def _optimise_shard(em, chosen: list, cfg, parts: Path, *, batch: int, identity:
         log(f"request {i + 1}/{len(chosen)} {chosen[i].id}: finished earlier (part file)")
     todo = [i for i, d in done.items() if d is None]
     for b in range(0, len(todo), batch):
-        group = todo[b:b + batch]
+        group = todo[b : b + batch]
         names = ", ".join(f"{i + 1}/{len(chosen)} {chosen[i].id}" for i in group)
         log(f"request{'s' * (len(group) > 1)} {names}: optimising {cfg.objective} memories at layer {cfg.layer}")
         for i, result in zip(group, _optimise_many(em, [chosen[i] for i in group], cfg)):
             t, record, trace_rows = result
-            write_safetensors(parts / f"{i:05d}.safetensors", t or {"empty": torch.zeros(0)},
-                              {"muke": json.dumps({"identity": identity, "record": record, "trace": trace_rows})})
+            write_safetensors(
+                parts / f"{i:05d}.safetensors",
+                t or {"empty": torch.zeros(0)},
+                {"muke": json.dumps({"identity": identity, "record": record, "trace": trace_rows})},
+            )
             done[i] = result
     return [done[i] for i in range(len(chosen))]
 
 
 @command("target memories of one shard of requests", shard="index of the shard (datasets.<name>.shard_size each)")
-def optimize_memories(spec: dict, model: str | Path, requests: str | Path, shard: int, out: str | Path,
-                      trace: str | Path, device: str = "auto") -> Path:
+def optimize_memories(
+    spec: dict,
+    model: str | Path,
+    requests: str | Path,
+    shard: int,
+    out: str | Path,
+    trace: str | Path,
+    device: str = "auto",
+) -> Path:
     """Target memories z = h + δ of every request of a shard (ALGORITHM §4).
 
     `out` (safetensors): f"{i}.z", "{i}.h", "{i}.delta" (n_windows, d_model), "{i}.positions",
@@ -131,8 +155,13 @@ def optimize_memories(spec: dict, model: str | Path, requests: str | Path, shard
         records.append({"index": i, **record})
         rows += trace_rows
     write_parquet(pd.DataFrame(rows, columns=None if rows else ["id", "window", "step", "loss"]), trace)
-    meta = {"format": "muke.memories/1", "identity": spec["identity"], "shard": shard, "requests": records,
-            "skipped": skipped}
+    meta = {
+        "format": "muke.memories/1",
+        "identity": spec["identity"],
+        "shard": shard,
+        "requests": records,
+        "skipped": skipped,
+    }
     write_safetensors(out, tensors or {"empty": torch.zeros(0)}, {"muke": json.dumps(meta)})
     write_manifest(out.parent / "manifest.json", spec)
     shutil.rmtree(parts, ignore_errors=True)

@@ -31,8 +31,13 @@ def _hub_snapshot(params: dict, tmp: Path) -> dict:
     path = snapshot_download(source, revision=params.get("revision"), allow_patterns=patterns)
     check_architecture(json.loads((Path(path) / "config.json").read_text()).get("model_type"))
     tmp.mkdir(parents=True)
-    return {"source": source, "revision": params.get("revision"), "path": path,
-            "snapshot": Path(path).name, "trust_remote_code": trust}
+    return {
+        "source": source,
+        "revision": params.get("revision"),
+        "path": path,
+        "snapshot": Path(path).name,
+        "trust_remote_code": trust,
+    }
 
 
 @command("build / convert / reference a model into a model folder")

@@ -14,8 +14,12 @@ def _read_shard(shard: dict) -> tuple[dict, list[dict]]:
     return read_memories_meta(shard["memories"]), read_update_index(shard["update"])
 
 
-@command("tables and the HTML report", metrics="edit-metrics table (Parquet; a CSV beside it)",
-         locality="locality table (Parquet; a CSV beside it)", html="the report page: a folder's index.html")
+@command(
+    "tables and the HTML report",
+    metrics="edit-metrics table (Parquet; a CSV beside it)",
+    locality="locality table (Parquet; a CSV beside it)",
+    html="the report page: a folder's index.html",
+)
 def report(spec: dict, metrics: str | Path, locality: str | Path, html: str | Path) -> Path:
     """The tables (Parquet + CSV) and the HTML report (muke.eval.report.build_report, which writes
     `index.html` and its tables as CSV into the folder of `html`).
@@ -39,10 +43,18 @@ def report(spec: dict, metrics: str | Path, locality: str | Path, html: str | Pa
         with atomic_path(Path(path).with_suffix(".csv")) as tmp:
             df.to_csv(tmp, index=False)
     log(f"report of {len(runs)} runs: {len(edit)} edit-metric rows, {len(loc)} locality rows")
-    return build_report(edit, loc, html.parent, config=spec["config"],
-                        stage_identities=tables.stage_identities(runs, STAGES), inputs=spec["data_files"],
-                        benchmarks_dir=spec["benchmarks"],
-                        benchmark_identities={i for r in runs for i in r["identities"].values()},
-                        traces=tables.traces(runs), failures=tables.failures(runs, _read_shard),
-                        per_sample=tables.per_sample(runs, spec["datasets"]),
-                        case_rows=tables.case_rows(runs, spec["datasets"]), title=spec["title"])
+    return build_report(
+        edit,
+        loc,
+        html.parent,
+        config=spec["config"],
+        stage_identities=tables.stage_identities(runs, STAGES),
+        inputs=spec["data_files"],
+        benchmarks_dir=spec["benchmarks"],
+        benchmark_identities={i for r in runs for i in r["identities"].values()},
+        traces=tables.traces(runs),
+        failures=tables.failures(runs, _read_shard),
+        per_sample=tables.per_sample(runs, spec["datasets"]),
+        case_rows=tables.case_rows(runs, spec["datasets"]),
+        title=spec["title"],
+    )

@@ -31,8 +31,15 @@ def _summary(scored):
 
 
 @command("metrics of both families and their summary", model="prepared model folder (its tokenizer)")
-def score(spec: dict, generations: list[str | Path], samples: str | Path, summary: str | Path,
-          model: str | Path, *, device: str = "auto") -> Path:
+def score(
+    spec: dict,
+    generations: list[str | Path],
+    samples: str | Path,
+    summary: str | Path,
+    model: str | Path,
+    *,
+    device: str = "auto",
+) -> Path:
     """Per-answer metrics of both families (muke.eval.metrics.score_frame) and their summary. Each sample
     also gets `target_tokens`, the target's length in the model's tokens (the x axis of the paper's
     BLEU vs length figure)."""
@@ -49,8 +56,13 @@ def score(spec: dict, generations: list[str | Path], samples: str | Path, summar
     df["target_tokens"] = df["target"].map(lengths)
     frame = df.rename(columns={"output": "generated"}).drop(columns=["prompt"])
     log(f"scoring {len(frame)} answers ({', '.join(p['families'])})")
-    scored = score_frame(frame, p["families"], batch_size=p["batch_size"], num_layers=p["num_layers"],
-                         device=None if device == "auto" else device)
+    scored = score_frame(
+        frame,
+        p["families"],
+        batch_size=p["batch_size"],
+        num_layers=p["num_layers"],
+        device=None if device == "auto" else device,
+    )
     scored = scored.merge(df[["id", "kind", "index", "output", "target"]], on=["id", "kind", "index"], how="left")
     write_parquet(scored, samples)
     write_parquet(_summary(scored), summary)

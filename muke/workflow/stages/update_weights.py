@@ -26,8 +26,12 @@ def targets(path: str | Path) -> tuple[list, list[tuple[str, str]]]:
             failed.append((rec["id"], rec.get("error") or "optimize_memories failed"))
             continue
         i = rec["index"]
-        seq = EditSequence(rec["prompt"], tuple(t[f"{i}.prompt_ids"].tolist()), tuple(t[f"{i}.target_ids"].tolist()),
-                           tuple(map(tuple, t[f"{i}.windows"].tolist())))
+        seq = EditSequence(
+            rec["prompt"],
+            tuple(t[f"{i}.prompt_ids"].tolist()),
+            tuple(t[f"{i}.target_ids"].tolist()),
+            tuple(map(tuple, t[f"{i}.windows"].tolist())),
+        )
         found.append(Target(rec["id"], seq, t[f"{i}.z"]))
     return found, failed
 
@@ -42,22 +46,39 @@ def _statistics(spec: dict, stats: str | Path | None, em, layers: list[int]):
     expected = spec.get("inputs", {}).get("stats")
     if expected and loaded.meta.get("identity", expected) != expected:
         m = loaded.meta
-        raise StatsError(f"{stats}: statistics were collected by another statistics job ({m.get('identity')}: corpus "
-                         f"{m.get('corpus')!r} sha256 {str(m.get('corpus_sha256'))[:12]}, {m.get('n_documents')} "
-                         f"documents, max_length {m.get('max_length')}); this update needs job {expected}")
+        raise StatsError(
+            f"{stats}: statistics were collected by another statistics job ({m.get('identity')}: corpus "
+            f"{m.get('corpus')!r} sha256 {str(m.get('corpus_sha256'))[:12]}, {m.get('n_documents')} "
+            f"documents, max_length {m.get('max_length')}); this update needs job {expected}"
+        )
     return loaded
 
 
-def _row(batch: int, request_ids: list[str], file: str | None = None, seconds: float = 0.0,
-         reason: str | None = None) -> dict:
-    return {"batch": batch, "file": file, "request_ids": json.dumps(request_ids), "failed": file is None,
-            "seconds": seconds, "reason": reason}
+def _row(
+    batch: int, request_ids: list[str], file: str | None = None, seconds: float = 0.0, reason: str | None = None
+) -> dict:
+    return {
+        "batch": batch,
+        "file": file,
+        "request_ids": json.dumps(request_ids),
+        "failed": file is None,
+        "seconds": seconds,
+        "reason": reason,
+    }
 
 
 @command("weight updates ΔW of one shard", cache_dir="AlphaEdit null-space projectors")
-def update_weights(spec: dict, model: str | Path, memories: str | Path, out: str | Path, *,
-                   stats: str | Path | None = None, preservation: str | Path | None = None,
-                   device: str = "auto", cache_dir: str | Path | None = None) -> Path:
+def update_weights(
+    spec: dict,
+    model: str | Path,
+    memories: str | Path,
+    out: str | Path,
+    *,
+    stats: str | Path | None = None,
+    preservation: str | Path | None = None,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+) -> Path:
     """Weight updates ΔW of a shard, one file per edit batch (one request per batch by default).
 
     `out` (Parquet, one row per batch): batch, file, request_ids (JSON list), failed, seconds, reason;
@@ -85,7 +106,7 @@ def update_weights(spec: dict, model: str | Path, memories: str | Path, out: str
     rows = [_row(-1, [rid], reason=reason) for rid, reason in failed]
     size = p["edit_batch_size"]
     for b, start in enumerate(range(0, len(found), size)):
-        batch, path = found[start:start + size], out.with_suffix("") / f"{b:04d}.safetensors"
+        batch, path = found[start : start + size], out.with_suffix("") / f"{b:04d}.safetensors"
         update = WeightUpdate.load(path) if path.is_file() else None
         if update is None or update.info.get("identity") != spec["identity"]:
             log(f"batch {b}: {backend} update of {[t.id for t in batch]} on layers {layers}")
