@@ -7,6 +7,7 @@ known) and the field, in the source file's own terms (e.g. `requested_rewrite[0]
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -322,6 +323,20 @@ def load_requests_checked(path, fmt: str, on_bad_record: str = "error") -> tuple
 def load_requests(path, fmt: str) -> list[EditRequest]:
     """Load and validate edit requests; the first problem raises a DataError."""
     return load_requests_checked(path, fmt, "error")[0]
+
+
+def select(items: Sequence, id_of=lambda r: r.id, ids=None, offset: int = 0, limit: int | None = None) -> list:
+    """The chosen part of a file's usable requests, in file order: those whose id is in `ids` (all when
+    None), then without the first `offset`, then the first `limit` (all when None). `id_of` reads an item's
+    id (EditRequest.id by default). An id of `ids` that is not among the items raises a ValueError naming it."""
+    if ids is not None:
+        wanted = {str(i) for i in ids}
+        missing = wanted - {id_of(r) for r in items}
+        if missing:
+            raise ValueError(f"no usable request with id {', '.join(sorted(missing))}")
+        items = [r for r in items if id_of(r) in wanted]
+    items = list(items[offset or 0 :])
+    return items[:limit] if limit else items
 
 
 # ---------------------------------------------------------------------------- checks against a model

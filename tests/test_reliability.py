@@ -206,6 +206,31 @@ def test_on_bad_record_skip_lists_each_skipped_record_in_exactly_one_shard(work,
     assert [s["record"] for s in skipped] == [3]
 
 
+def test_ids_and_offset_choose_the_requests_and_only_they_move_the_selection(work, tmp_path):
+    rows = [{"id": f"r{i}", **GOOD} for i in range(6)]
+    path = write_jsonl(tmp_path / "edits.jsonl", rows)
+
+    def dataset(**entry):
+        return Plan(config(datasets={"demo": {"path": str(path), "limit": None, "shard_size": 2, **entry}})).datasets[
+            "demo"
+        ]
+
+    plain = dataset()
+    assert "offset" not in plain.selection and "ids" not in plain.selection  # old configs keep their identity
+    windowed = dataset(offset=2, limit=3)
+    assert windowed.request_ids == ["r2", "r3", "r4"] and windowed.n_shards == 2
+    chosen = dataset(ids=["r5", "r1", "r3"], offset=1)  # file order, then the offset
+    assert chosen.request_ids == ["r3", "r5"]
+    for d in (windowed, chosen):
+        shards = [r.id for s in range(d.n_shards) for r in shard_requests(path, d.selection, s)]
+        assert shards == d.request_ids
+    assert windowed.selection != plain.selection != chosen.selection
+    with pytest.raises(ConfigError, match=r"datasets.demo.ids: .*edits.jsonl: no usable request with id r9"):
+        dataset(ids=["r1", "r9"])
+    with pytest.raises(ConfigError, match="holds no usable requests"):
+        dataset(offset=6)
+
+
 def test_requests_a_model_cannot_take_are_named_before_any_model_work(work, clean, tmp_path, monkeypatch):
     root, model = work
     em = load(model_path(model))

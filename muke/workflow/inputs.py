@@ -55,6 +55,8 @@ class Dataset:
     request_ids: list[str]
     identity: dict
     on_bad_record: str = "error"
+    offset: int = 0
+    ids: list[str] | None = None
 
     @property
     def n_shards(self) -> int:
@@ -62,13 +64,16 @@ class Dataset:
 
     @property
     def selection(self) -> dict:
-        """What decides which requests each shard holds."""
+        """What decides which requests each shard holds (offset and ids only where set, so that the
+        identities of configs without them stay as they were)."""
+        chosen = {"offset": self.offset or None, "ids": self.ids}
         return {
             "file": self.identity,
             "format": self.format,
             "limit": self.limit,
             "shard_size": self.shard_size,
             "on_bad_record": self.on_bad_record,
+            **{k: v for k, v in chosen.items() if v is not None},
         }
 
 
@@ -137,7 +142,7 @@ def _usable_ids(path: str, format: str, on_bad_record: str, version: str) -> tup
 
 def dataset(name: str, entry: dict) -> Dataset:
     """A configured dataset: its file's identity and the ids of the requests the runs edit."""
-    from muke.data import DataError
+    from muke.data import DataError, select
 
     path = entry["path"]
     if not Path(path).is_file():
@@ -150,16 +155,29 @@ def dataset(name: str, entry: dict) -> Dataset:
         ids, skipped = _usable_ids(path, entry["format"], on_bad_record, digest(identity))
     except DataError as e:
         raise ConfigError(f"config key datasets.{name}: {e} (or set datasets.{name}.on_bad_record: skip)") from None
-    ids = ids[: entry["limit"]] if entry.get("limit") else ids
+    wanted = [str(i) for i in entry["ids"]] if entry.get("ids") is not None else None
+    try:
+        ids = select(ids, str, wanted, entry.get("offset", 0), entry.get("limit"))
+    except ValueError as e:
+        raise ConfigError(f"config key datasets.{name}.ids: {path}: {e}") from None
     if not ids:
-        raise ConfigError(f"config key datasets.{name}: {path} holds no usable requests")
+        raise ConfigError(f"config key datasets.{name}: {path} holds no usable requests (after offset / ids)")
     if skipped:
         print(
             f"muke: datasets.{name}: skipping {len(skipped)} bad record(s) of {path}, e.g. {skipped[0]}",
             file=sys.stderr,
         )
     return Dataset(
-        name, path, entry["format"], entry.get("limit"), entry["shard_size"], list(ids), identity, on_bad_record
+        name,
+        path,
+        entry["format"],
+        entry.get("limit"),
+        entry["shard_size"],
+        list(ids),
+        identity,
+        on_bad_record,
+        entry.get("offset", 0),
+        wanted,
     )
 
 

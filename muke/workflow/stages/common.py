@@ -82,17 +82,18 @@ def _check_identity(path: str | Path, identity: dict) -> None:
 
 
 def shard_requests(path: str | Path, selection: dict, shard: int, skipped: list | None = None) -> list:
-    """The requests of one shard: the file's first `limit` usable requests, `shard_size` per shard.
+    """The requests of one shard: the selection's usable requests (muke.data.select: ids, offset, limit),
+    `shard_size` per shard.
 
     With the selection's on_bad_record "skip" a record that cannot be read is left out before the limit
     and the sharding apply; `skipped`, when given, receives a row (DataError.to_dict) for each one that
     lies among this shard's records, so that every left-out record is listed by exactly one shard.
     """
-    from muke.data import load_requests_checked
+    from muke.data import load_requests_checked, select
 
     _check_identity(path, selection["file"])
     requests, bad = load_requests_checked(path, selection["format"], selection.get("on_bad_record", "error"))
-    limited = requests[: selection["limit"]] if selection["limit"] else requests
+    limited = select(requests, ids=selection.get("ids"), offset=selection.get("offset"), limit=selection["limit"])
     size = selection["shard_size"]
     chosen = limited[shard * size : (shard + 1) * size]
     if not chosen:
