@@ -5,32 +5,35 @@ For each request: optimise δ once per `--steps` value, then for each value of t
 weights (no hooks): teacher-forced target NLL / worst-token log-prob / tokens with p < 0.5, greedy
 question and paraphrase char BLEU, answer retention on the unrelated questions (char BLEU, exact
 match against the unedited model's answers), KL / perplexity shift on held-out texts, ‖ΔW‖ / ‖W‖.
-One CSV row per (request, steps, grid value); rows already in OUT are skipped (resumable).
+One CSV row per (request, steps, grid value); rows already in OUT are skipped (resumable); each δ is
+kept beside OUT (OUT.memories/) and reused, the retention pairs go to OUT.samples.jsonl.
 
   python docs/study/tools/locality_probe.py MODEL_DIR REQUESTS FORMAT OUT.csv --ids 2 3 \
       --method muke-memit --steps 25 50 --grid mom2_update_weight=300,1000,3000,15000
 """
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from muke.data import DEMO_CORPUS, load_requests_checked
-from muke.engine.memory import MemoryConfig, optimise_request
+from muke.engine.memory import MemoryConfig, encode_request, optimise_request
 from muke.eval.generate import greedy
 from muke.eval.metrics import char_bleu
 from muke.eval.retention import answer_retention, held_out_texts, text_shift, unrelated_questions
+from muke.model import load
 from muke.update.edit import compute_update
 from muke.update.keys import Target
 from muke.update.methods import resolve_method
 from muke.update.stats import StatsConfig, cached_stats
 from muke.update.weights import apply
 from muke.workflow.config import load_preset
-from muke.model import load
 
 p = argparse.ArgumentParser()
 p.add_argument("model")
@@ -81,6 +84,18 @@ def weight_ratio(update) -> float:
     return out
 
 
+def memories(r, cfg, steps):
+    """(seq, MemoryResult) of one request, optimised once and kept in OUT.memories/."""
+    kept = Path(args.out + ".memories") / f"{r.id}-{args.method}-{steps}.pt"
+    seq = encode_request(em, r.question, r.answer, cfg)
+    if kept.exists():
+        return seq, torch.load(kept, weights_only=False)
+    kept.parent.mkdir(exist_ok=True)
+    seq, result = optimise_request(em, r.question, r.answer, cfg)
+    torch.save(result, kept)
+    return seq, result
+
+
 for rid in args.ids:
     r = requests[rid]
     for steps in args.steps:
@@ -88,7 +103,8 @@ for rid in args.ids:
         if not todo:
             continue
         memory, backend, options = resolve_method(args.method, {**preset, "v_num_grad_steps": steps})
-        seq, result = optimise_request(em, r.question, r.answer, MemoryConfig(**memory))
+        cfg = MemoryConfig(**memory)
+        seq, result = memories(r, cfg, steps)
         stats = None
         if backend != "unke":
             stats = cached_stats(em, StatsConfig(layers=tuple(options["layers"]), corpus=str(DEMO_CORPUS)))
@@ -128,4 +144,7 @@ for rid in args.ids:
                 )
             )
             print(rows[-1], flush=True)
+            with open(args.out + ".samples.jsonl", "a") as f:
+                for x in ret["rows"]:
+                    f.write(json.dumps({"id": rid, "steps": steps, key: v, "q": q, **x}) + "\n")
             pd.DataFrame(rows).to_csv(args.out, index=False)
