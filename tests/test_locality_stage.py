@@ -88,7 +88,14 @@ def test_pre_edit_and_edited_rows(tmp_path, monkeypatch, model_dir, tiny_qwen2_p
     pre_out = Path(plan.locality_path(None, plan.models["tiny"]))
     locality(as_spec(plan.pre_edit_locality["tiny"]), model_dir, pre_out, device="cpu")
     pre = rows_of(pd.read_parquet(pre_out), "pre-edit")
-    assert set(pre) == {("retention", m) for m in ANSWER_METRICS} | {("text_shift", "kl"), ("text_shift", "ppl")}
+    answer_shift = {("retention", "first_token_agreement"), ("retention", "token_agreement")}
+    answer_shift |= {("text_shift", "first_token_kl"), ("text_shift", "answer_kl")}
+    assert (
+        set(pre)
+        == {("retention", m) for m in ANSWER_METRICS} | {("text_shift", "kl"), ("text_shift", "ppl")} | answer_shift
+    )
+    assert all(pre[k].value == (1 if k[0] == "retention" else 0) for k in answer_shift)
+    assert pre["retention", "first_token_agreement"].n == 3
     assert all(pre["retention", m].value == pytest.approx(1) and pre["retention", m].n == 3 for m in ANSWER_METRICS)
     assert pre["text_shift", "kl"].value == 0 and pre["text_shift", "ppl"].value > 1
     answers = pd.read_parquet(pre_out.parent / RETENTION_ANSWERS)
@@ -111,6 +118,7 @@ def test_pre_edit_and_edited_rows(tmp_path, monkeypatch, model_dir, tiny_qwen2_p
         )
         assert rows["text_shift", "kl"].n == pre["text_shift", "kl"].n > 0  # tokens
         assert all(0 <= rows["retention", m].value <= 1 and rows["retention", m].n == 3 for m in ANSWER_METRICS)
+        assert rows["text_shift", "first_token_kl"].value > 0 and rows["retention", "token_agreement"].value < 1
     assert min(rows["retention", "answer_char_bleu"].value for rows in per_edit) < 1  # the edit changed an answer
     mean = rows_of(df, "edited")
     for key, row in mean.items():

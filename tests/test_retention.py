@@ -107,3 +107,39 @@ def test_kl_and_perplexity_equal_a_direct_computation(em):
     shift = text_shift(em, [text], update)
     assert shift["kl"] == pytest.approx(kl, rel=1e-5)
     assert [shift["ppl_pre"], shift["ppl_post"]] == pytest.approx(ppl, rel=1e-5)
+
+
+def test_answer_shift_without_update_is_unchanged_and_a_real_update_moves_it(em):
+    from muke.eval.retention import answer_shift
+
+    questions = [r["question"] for r in unrelated_questions()[:3]]
+    answers = ANSWERS
+    same = answer_shift(em, questions, answers)
+    assert same["first_kl"] == 0 and same["answer_kl"] == 0
+    assert same["first_agreement"] == 100 and same["answer_agreement"] == 100 and same["n"] == 3
+    n_answer = sum(len(em.tokenizer(a, add_special_tokens=False)["input_ids"]) - 1 for a in answers)
+    assert same["n_tokens"] == n_answer
+    moved = answer_shift(em, questions, answers, low_rank_update(em, scale=20.0))
+    assert moved["first_kl"] > 1e-3 and moved["answer_kl"] > 1e-3 and moved["answer_agreement"] < 100
+    # batching changes nothing beyond fp32 rounding
+    one = answer_shift(em, questions, answers, low_rank_update(em, scale=20.0), batch_size=1)
+    for key in ("first_kl", "answer_kl", "first_agreement", "answer_agreement"):
+        assert one[key] == pytest.approx(moved[key], rel=1e-4, abs=1e-5)
+
+
+def test_answer_shift_equals_a_direct_computation_at_the_prompts_last_token(em):
+    """Oracle for one question: an unpadded forward pass of the rendered prompt alone."""
+    from muke.engine.windows import render_prompt
+    from muke.eval.retention import answer_shift
+    from muke.update.weights import apply
+
+    question, update = unrelated_questions()[0]["question"], low_rank_update(em, scale=20.0)
+    ids = em.tokenizer(render_prompt(em.tokenizer, question), add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        pre = torch.log_softmax(em.model(input_ids=ids).logits[0, -1].float(), -1)
+        with apply(em, update):
+            post = torch.log_softmax(em.model(input_ids=ids).logits[0, -1].float(), -1)
+    kl = (pre.exp() * (pre - post)).sum().item()
+    got = answer_shift(em, [question], [ANSWERS[0]], update)
+    assert got["first_kl"] == pytest.approx(kl, rel=1e-4)
+    assert got["first_agreement"] == 100 * float(pre.argmax() == post.argmax())

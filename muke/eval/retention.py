@@ -1,15 +1,18 @@
 """Locality that a small model can show: how much an edit changes what the model says and predicts
 about things it was not asked to change.
 
-SmolLM2-class models answer MMLU at chance, so an unchanged MMLU score proves little. Two measures
+SmolLM2-class models answer MMLU at chance, so an unchanged MMLU score proves little. Three measures
 that do not need a capable model:
 
 - answer retention: greedy answers to unrelated questions (resources/unrelated_questions.jsonl) after
   the edit, scored against the model's own answers before it (`answer_retention`, `edit_retention`);
 - text shift: the per-token KL(pre ‖ post) of next-token distributions and the perplexity before and
-  after, on held-out texts (`text_shift`, texts from `held_out_texts`).
+  after, on held-out texts (`text_shift`, texts from `held_out_texts`);
+- answer shift: the same KL and the top-1 agreement teacher-forced on the unedited answers, at the
+  prompt's last token and inside the answer (`answer_shift`): where greedy answers diverge, untangled
+  from the cascade that follows the first changed token.
 
-The locality stage uses both through `reference` (the unedited model's answers, once per job) and
+The locality stage uses all three through `reference` (the unedited model's answers, once per job) and
 `locality_rows` (one model state's rows in the layout of muke.eval.locality, plus per-question samples).
 """
 
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from muke.data import DEMO_CORPUS, RESOURCES, jsonl_records
+from muke.engine.windows import render_prompt
 from muke.eval.generate import greedy
 from muke.eval.metrics import char_bleu, word_bleu
 from muke.model import EditableModel, pad
@@ -144,6 +148,67 @@ def text_shift(
     }
 
 
+@torch.no_grad()
+def answer_shift(
+    em: EditableModel,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    update: Updates | None = None,
+    batch_size: int = 32,
+    system_prompt: str | None = None,
+    chat_template: bool = True,
+) -> dict:
+    """Teacher-forced drift on the unedited model's own answers: where the edit changes the next-token
+    prediction, without greedy decoding's cascade (one changed token changes every later one).
+
+    Each question's chat prompt (render_prompt, as greedy answers it) is followed by its unedited answer
+    (tokenised on its own, as a request's target is). At the prompt's last token, which predicts the
+    answer's first token (and is the same template token, e.g. ChatML's "assistant\\n", in every chat
+    prompt), and at every answer position that predicts the next answer token:
+      first_kl / answer_kl  = mean KL(p_pre ‖ p_post) over those positions, nats,
+      first_agreement / answer_agreement = % of them where argmax p_post = argmax p_pre.
+    n: questions; n_tokens: answer positions. update None: post = pre (kl 0, agreement 100).
+    """
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
+    tok = em.tokenizer
+    prompts = [
+        tok(render_prompt(tok, q, system_prompt, chat_template), add_special_tokens=False)["input_ids"]
+        for q in questions
+    ]
+    targets = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
+    sums = {"first_kl": 0.0, "first_agreement": 0.0, "answer_kl": 0.0, "answer_agreement": 0.0}
+    n_tokens = 0
+    for start in range(0, len(prompts), batch_size):
+        rows = list(zip(prompts[start : start + batch_size], targets[start : start + batch_size]))
+        ids, mask = (t.to(em.device) for t in pad([a + b for a, b in rows], em.pad_id))
+        pre = _log_probs(em, ids, mask)
+        if update is None:
+            post = pre
+        else:
+            with apply(em, update):
+                post = _log_probs(em, ids, mask)
+        p = pre.exp()
+        kl = torch.where(p > 0, p * (pre - post), 0.0).sum(-1).double()  # (B, T-1)
+        agree = (pre.argmax(-1) == post.argmax(-1)).double()
+        for i, (a, b) in enumerate(rows):
+            first, answer = len(a) - 1, slice(len(a), len(a) + len(b) - 1)
+            sums["first_kl"] += kl[i, first].item()
+            sums["first_agreement"] += agree[i, first].item()
+            sums["answer_kl"] += kl[i, answer].sum().item()
+            sums["answer_agreement"] += agree[i, answer].sum().item()
+            n_tokens += max(len(b) - 1, 0)
+    n = len(prompts)
+    return {
+        "first_kl": sums["first_kl"] / n if n else math.nan,
+        "first_agreement": 100 * sums["first_agreement"] / n if n else math.nan,
+        "answer_kl": sums["answer_kl"] / n_tokens if n_tokens else math.nan,
+        "answer_agreement": 100 * sums["answer_agreement"] / n_tokens if n_tokens else math.nan,
+        "n": n,
+        "n_tokens": n_tokens,
+    }
+
+
 # ---------------------------------------------------------------------------- the locality stage's rows
 
 
@@ -195,7 +260,9 @@ def locality_rows(
     rows {model_state, request_id, task, metric, value, stderr, n}: task "retention", metrics
     answer_char_bleu / answer_word_bleu / answer_exact_match as fractions 0–1 like lm-eval's acc (the
     report shows ×100), stderr over questions, n questions; task "text_shift", metrics kl (nats per
-    token) and ppl (the state's perplexity), n tokens. samples: one per question {model_state,
+    token) and ppl (the state's perplexity), n tokens; `answer_shift` on the unedited answers: task
+    "retention" first_token_agreement / token_agreement (fractions), task "text_shift" first_token_kl /
+    answer_kl (nats). samples: one per question {model_state,
     request_id, id, question, pre, post, char_bleu, word_bleu, exact}.
     """
     s = ref.settings
@@ -214,6 +281,16 @@ def locality_rows(
     rows += [
         {**state, "task": "text_shift", "metric": metric, "value": shift[key], "stderr": None, "n": shift["n_tokens"]}
         for metric, key in (("kl", "kl"), ("ppl", "ppl_post"))
+    ]
+    drift = answer_shift(em, ref.questions, ref.answers, update, batch_size=s["batch_size"])
+    rows += [
+        {**state, "task": task, "metric": metric, "value": drift[key] * scale, "stderr": None, "n": drift[n]}
+        for task, metric, key, scale, n in (
+            ("retention", "first_token_agreement", "first_agreement", 1 / 100, "n"),
+            ("retention", "token_agreement", "answer_agreement", 1 / 100, "n_tokens"),
+            ("text_shift", "first_token_kl", "first_kl", 1, "n"),
+            ("text_shift", "answer_kl", "answer_kl", 1, "n_tokens"),
+        )
     ]
     samples = [
         {**state, "id": i, "question": q, **{k: r[k] for k in ("pre", "post", *ANSWER_METRICS)}}

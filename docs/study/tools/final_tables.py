@@ -1,0 +1,73 @@
+"""Markdown tables of a final comparison run: question / paraphrase metrics with 95 % bootstrap intervals
+(the report's edit_metrics.parquet), per-record spread of question BLEU (score samples), and CPU seconds
+per request of each stage (the workflow's benchmark files, per shard job / requests in the shard).
+
+  python docs/study/tools/final_tables.py results/study final
+"""
+
+import glob
+import sys
+
+import pandas as pd
+
+root, dataset = sys.argv[1], sys.argv[2]
+m = pd.read_parquet(f"{root}/tables/edit_metrics.parquet")
+m = m[(m.dataset == dataset) & (m.family == "paper")]
+rows = []
+for method, g in m.groupby("method", sort=False):
+    q, p = (g[g.kind == k].iloc[0] for k in ("question", "para_question"))
+    rows.append(
+        {
+            "method": method,
+            "n": int(q.n),
+            "Q BLEU [95% CI]": f"{q.bleu:.1f} [{q.bleu_ci_low:.1f}, {q.bleu_ci_high:.1f}]",
+            "Para BLEU [95% CI]": f"{p.bleu:.1f} [{p.bleu_ci_low:.1f}, {p.bleu_ci_high:.1f}]",
+            "Q R-L": f"{q.rouge_l:.1f}",
+            "Q MiniLM": f"{q.bertscore:.1f}",
+        }
+    )
+
+
+def md(df: pd.DataFrame) -> str:
+    out = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    out += ["| " + " | ".join(str(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    return "\n".join(out)
+
+
+print(md(pd.DataFrame(rows)), "\n")
+
+spread = []
+for f in sorted(glob.glob(f"{root}/score/*/{dataset}/*/samples.parquet")):
+    s = pd.read_parquet(f)
+    s = s[(s.family == "paper") & (s.kind == "question")]
+    method = f.split("/")[-2].rsplit("-", 1)[0]
+    b = s.bleu
+    spread.append(
+        {
+            "method": method,
+            "records": len(b),
+            "≥ 95": int((b >= 95).sum()),
+            "≥ 85": int((b >= 85).sum()),
+            "< 50": int((b < 50).sum()),
+            "median": f"{b.median():.1f}",
+            "min": f"{b.min():.1f}",
+        }
+    )
+print(md(pd.DataFrame(spread)), "\n")
+
+cost = []
+for stage in ("optimize_memories", "update_weights", "generate"):
+    for d in sorted(glob.glob(f"{root}/benchmarks/{stage}/*/{dataset}/*")):
+        jobs = [pd.read_csv(f, sep="\t").iloc[-1] for f in glob.glob(f"{d}/shard*.tsv")]
+        if not jobs:
+            continue
+        cost.append(
+            {
+                "stage": stage,
+                "method": d.split("/")[-1].rsplit("-", 1)[0],
+                "jobs": len(jobs),
+                "job wall s (mean)": f"{sum(j.s for j in jobs) / len(jobs):.0f}",
+                "job CPU s (mean)": f"{sum(j.cpu_time for j in jobs) / len(jobs):.0f}",
+            }
+        )
+print(md(pd.DataFrame(cost)))
