@@ -300,7 +300,9 @@ def _locality_section(loc: pd.DataFrame) -> tuple[list[str], dict]:
         "<p class='caption'>lm-eval scores ×100, value ± standard error; the pre-edit model is the "
         "reference row. <code>retention</code>: the unrelated questions' answers after the edit scored "
         "against the unedited model's (×100, 100 = unchanged); <code>text_shift</code>: KL(pre ‖ post) "
-        "of the next-token distributions on held-out text (nats per token) and the perplexity.</p>",
+        "of the next-token distributions on held-out text (nats per token) and the perplexity; "
+        "<code>first_token_*</code> / <code>token_agreement</code> / <code>answer_kl</code>: the same, "
+        "teacher-forced on the unedited answers, at the prompt's last token and inside the answers.</p>",
     ]
     if loc is None or not len(loc):
         return parts + [note("No locality results.")], {}
