@@ -791,3 +791,13 @@ def test_statistics_of_another_model_layer_corpus_or_tokenizer_are_refused(work,
             stats=other_stats,
             device="cpu",
         )
+
+
+def test_chat_statistics_enter_the_stats_identity_only_when_on(work):
+    def stats_specs(**stats):
+        return [spec for _, spec in Plan(config(stats=stats))._stats.values()]
+
+    plain, off, on = stats_specs(), stats_specs(chat=False), stats_specs(chat=True)
+    assert plain and all("chat" not in s.params for s in plain + off)
+    assert [s.identity for s in off] == [s.identity for s in plain]  # existing statistics keep their identity
+    assert all(s.params["chat"] is True for s in on) and {s.identity for s in on}.isdisjoint(s.identity for s in plain)

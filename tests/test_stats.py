@@ -285,3 +285,44 @@ def test_upper_triangle_gram_mirrored_equals_the_full_product(size):
     mirrored = mirror(total)
     assert torch.equal(mirrored, mirrored.T)
     torch.testing.assert_close(mirrored, k.T @ k, rtol=1e-5, atol=1e-4)
+
+
+def test_chat_statistics_are_those_of_the_chat_rendered_documents(tmp_path, tiny_qwen2_path):
+    """stats chat: C equals plain statistics over a JSONL of the documents as chat exchanges, and differs
+    from the plain documents' C."""
+    import json
+
+    from muke.engine.windows import render_prompt
+    from muke.model import load
+    from muke.update.corpus import chat_documents
+    from muke.update.stats import StatsConfig, collect_stats, load_stats
+
+    em = load(tiny_qwen2_path)
+    docs = ["The river is wide. It runs to the sea and floods in spring.", "Bread rises with yeast"]
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    rendered = chat_documents(docs, em.tokenizer, em.end_of_turn)
+    assert (
+        rendered[0]
+        == render_prompt(em.tokenizer, "The river is wide.")
+        + "It runs to the sea and floods in spring."
+        + em.end_of_turn
+    )
+    assert (
+        rendered[1] == render_prompt(em.tokenizer, "Bread rises with yeast") + "Bread rises with yeast" + em.end_of_turn
+    )
+    oracle = tmp_path / "chat.jsonl"
+    oracle.write_text("".join(json.dumps({"text": d}) + "\n" for d in rendered))
+
+    def second_moment(path, chat):
+        out = collect_stats(
+            em,
+            StatsConfig(layers=(1,), corpus=str(path), chat=chat),
+            tmp_path / f"{path.stem}-{chat}.safetensors",
+            progress=False,
+        )
+        return load_stats(out, em, (1,)).second_moment(1)
+
+    chat = second_moment(corpus, True)
+    assert torch.allclose(chat, second_moment(oracle, False), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(chat, second_moment(corpus, False), rtol=1e-3)

@@ -25,6 +25,24 @@ if TYPE_CHECKING:
     from muke.update.stats import StatsConfig
 
 
+def chat_documents(docs: list[str], tokenizer, end_of_turn: str) -> list[str]:
+    """Each document as one chat exchange: its first sentence as the user turn (render_prompt, so with
+    the template's default system prompt as every edit has), the rest as the assistant's answer closed by
+    `end_of_turn` (a one-sentence document answers itself).
+
+    μKE's first window writes its memory at the prompt's last token, the same template token in every
+    chat prompt; statistics of plain text hold no such key, so nothing holds that direction back
+    (docs/STUDY-smollm2.md, study 4). These documents put the template's keys into C.
+    """
+    from muke.engine.windows import render_prompt
+
+    out = []
+    for doc in docs:
+        first, *rest = re.split(r"(?<=[.!?])\s+", doc.strip(), maxsplit=1)
+        out.append(render_prompt(tokenizer, first) + (rest[0] if rest else first) + end_of_turn)
+    return out
+
+
 def _subset(n_total: int, max_docs: int | None, seed: int) -> list[int]:
     """All indices, or a seeded random subset of `max_docs` of them in corpus order."""
     if max_docs is None or max_docs >= n_total:

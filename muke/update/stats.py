@@ -32,7 +32,7 @@ from muke.data import DataError
 from muke.engine import hooks
 from muke.io import cache_dir, sha256, write_safetensors
 from muke.model import DTYPES, EditableModel
-from muke.update.corpus import chunk_batches, load_corpus
+from muke.update.corpus import chat_documents, chunk_batches, load_corpus
 
 FORMAT = "muke.stats/1"
 
@@ -100,6 +100,7 @@ class StatsConfig:
     tokenize_chunk: int = 256  # documents tokenized (and packed together) per call
     pack: bool = True  # several documents per row, each attending to itself only
     dtype: str | None = None  # autocast the forward pass ("bfloat16", "float16"); None: the model's dtype
+    chat: bool = False  # each document as a chat exchange (muke.update.corpus.chat_documents)
     extra: dict = field(default_factory=dict)  # recorded in the metadata as is
 
     def __post_init__(self):
@@ -126,6 +127,7 @@ def _job(em: EditableModel, cfg: StatsConfig, corpus_ident: dict, n_docs: int, m
         "batch_tokens": cfg.batch_tokens,
         "pack": cfg.pack,
         "forward_dtype": cfg.dtype or str(em.dtype).removeprefix("torch."),
+        **({"chat": True} if cfg.chat else {}),
         **cfg.extra,
     }
 
@@ -214,6 +216,8 @@ def collect_stats(em: EditableModel, cfg: StatsConfig, out: str | Path, progress
     if not max_length:
         raise ValueError("the model states no maximum length: pass max_length")
     docs, corpus_ident = load_corpus(cfg.corpus, cfg.max_docs, cfg.seed, cfg.text_field)
+    if cfg.chat:
+        docs = chat_documents(docs, em.tokenizer, em.end_of_turn)
     job = _job(em, cfg, corpus_ident, len(docs), max_length)
     partial = out.with_name(out.name + ".partial")
 

@@ -223,6 +223,8 @@ class Plan:
                 raise ConfigError(f"config key stats.corpus (model {model.name}): corpus file {corpus!r} not found")
             corpus_id = file_identity(corpus)
         params = {"layers": sorted(layers), "dtype": model.dtype, **{k: stats[k] for k in STATS_DEFAULTS}}
+        if stats.get("chat"):  # in the identity only when on: existing statistics keep theirs
+            params["chat"] = True
         spec = Spec("collect_stats", params, {"model": model.spec.identity, "corpus": corpus_id})
         self._stats[(model.name, self.stats_id(spec))] = (model, spec)
         self._paths[spec.identity] = corpus

@@ -25,6 +25,7 @@ def collect_stats(
         seed=p["seed"],
         text_field=p["text_field"],
         batch_tokens=p["batch_tokens"],
+        chat=p.get("chat", False),
         checkpoint_every=checkpoint_every,
         extra={"identity": spec["identity"]},
     )
