@@ -2,7 +2,9 @@
 (the report's edit_metrics.parquet), per-record spread of question BLEU (score samples), and CPU seconds
 per request of each stage (the workflow's benchmark files, per shard job / requests in the shard).
 
-  python docs/study/tools/final_tables.py results/study final
+  python docs/study/tools/final_tables.py results/study final [PLOT.png]
+
+With PLOT.png: per-record question BLEU of each method (dots) with its mean and 95 % interval (bars).
 """
 
 import glob
@@ -36,12 +38,13 @@ def md(df: pd.DataFrame) -> str:
 
 print(md(pd.DataFrame(rows)), "\n")
 
-spread = []
+spread, per_record = [], {}
 for f in sorted(glob.glob(f"{root}/score/*/{dataset}/*/samples.parquet")):
     s = pd.read_parquet(f)
     s = s[(s.family == "paper") & (s.kind == "question")]
     method = f.split("/")[-2].rsplit("-", 1)[0]
     b = s.bleu
+    per_record[method] = b.to_numpy()
     spread.append(
         {
             "method": method,
@@ -71,3 +74,23 @@ for stage in ("optimize_memories", "update_weights", "generate"):
             }
         )
 print(md(pd.DataFrame(cost)))
+
+if len(sys.argv) > 3:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q = m[m.kind == "question"].set_index("method")
+    order = [r["method"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for x, method in enumerate(order):
+        ys = per_record[method]
+        ax.scatter([x + 0.08 * ((i % 5) - 2) for i in range(len(ys))], ys, s=12, alpha=0.6)
+        r = q.loc[method]
+        ax.errorbar(x + 0.3, r.bleu, yerr=[[r.bleu - r.bleu_ci_low], [r.bleu_ci_high - r.bleu]], fmt="o", color="k")
+    ax.set_xticks(range(len(order)), order)
+    ax.set_ylabel("question char BLEU (paper)")
+    ax.set_title(f"{dataset}: per record (dots), mean and 95 % bootstrap interval (bars)")
+    fig.tight_layout()
+    fig.savefig(sys.argv[3], dpi=120)
