@@ -94,3 +94,20 @@ if len(sys.argv) > 3:
     ax.set_title(f"{dataset}: per record (dots), mean and 95 % bootstrap interval (bars)")
     fig.tight_layout()
     fig.savefig(sys.argv[3], dpi=120)
+
+loc_path = f"{root}/tables/locality.parquet"
+if glob.glob(loc_path):
+    loc = pd.read_parquet(loc_path)
+    loc = loc[loc.dataset.isin([dataset, None]) | loc.dataset.isna()]
+    shown = []
+    for method, g in loc.groupby("method", sort=False):
+        row = {
+            "method": method,
+            "edits": int(g[g.model_state == "edited"].n.max()) if (g.model_state == "edited").any() else 0,
+        }
+        for r in g.itertuples():
+            scale = 1 if r.task == "text_shift" else 100
+            err = "" if pd.isna(r.stderr) else f" ± {r.stderr * scale:.2g}"
+            row[r.metric] = f"{r.value * scale:.3g}{err}"
+        shown.append(row)
+    print("\n" + md(pd.DataFrame(shown).fillna("")))
