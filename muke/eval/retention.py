@@ -106,6 +106,26 @@ def _log_probs(em: EditableModel, ids: torch.Tensor, mask: torch.Tensor) -> torc
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def _pre_post(em: EditableModel, sequences: list[list[int]], update: Updates | None, batch_size: int):
+    """Per batch of token sequences (right-padded): (start, ids, mask, pre, post), the `_log_probs` of the
+    unedited model and inside apply(em, update) (post = pre for update None)."""
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = (t.to(em.device) for t in pad(sequences[start : start + batch_size], em.pad_id))
+        pre = _log_probs(em, ids, mask)  # (B, T-1, V)
+        if update is None:
+            post = pre
+        else:
+            with apply(em, update):
+                post = _log_probs(em, ids, mask)
+        yield start, ids, mask, pre, post
+
+
+def _kl(pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    """KL(p_pre ‖ p_post) per position from log-probabilities: (..., V) -> (...)."""
+    p = pre.exp()
+    return torch.where(p > 0, p * (pre - post), 0.0).sum(-1)
+
+
 @torch.no_grad()
 def text_shift(
     em: EditableModel, texts: Sequence[str], update: Updates | None = None, batch_size: int = 4, max_length: int = 256
@@ -123,18 +143,10 @@ def text_shift(
     encoded = [x for x in em.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"] if len(x) >= 2]
     kl = nll_pre = nll_post = 0.0
     n_tokens = 0
-    for start in range(0, len(encoded), batch_size):
-        ids, mask = (t.to(em.device) for t in pad(encoded[start : start + batch_size], em.pad_id))
-        pre = _log_probs(em, ids, mask)  # (B, T-1, V)
-        if update is None:
-            post = pre
-        else:
-            with apply(em, update):
-                post = _log_probs(em, ids, mask)
+    for _, ids, mask, pre, post in _pre_post(em, encoded, update, batch_size):
         valid = mask[:, 1:].bool()  # (B, T-1): next token is real
         nexts = ids[:, 1:, None]  # (B, T-1, 1)
-        p = pre.exp()
-        kl += torch.where(p > 0, p * (pre - post), 0.0).sum(-1)[valid].double().sum().item()
+        kl += _kl(pre, post)[valid].double().sum().item()
         nll_pre -= pre.gather(-1, nexts)[..., 0][valid].double().sum().item()
         nll_post -= post.gather(-1, nexts)[..., 0][valid].double().sum().item()
         n_tokens += int(valid.sum())
@@ -179,19 +191,11 @@ def answer_shift(
     targets = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
     sums = {"first_kl": 0.0, "first_agreement": 0.0, "answer_kl": 0.0, "answer_agreement": 0.0}
     n_tokens = 0
-    for start in range(0, len(prompts), batch_size):
-        rows = list(zip(prompts[start : start + batch_size], targets[start : start + batch_size]))
-        ids, mask = (t.to(em.device) for t in pad([a + b for a, b in rows], em.pad_id))
-        pre = _log_probs(em, ids, mask)
-        if update is None:
-            post = pre
-        else:
-            with apply(em, update):
-                post = _log_probs(em, ids, mask)
-        p = pre.exp()
-        kl = torch.where(p > 0, p * (pre - post), 0.0).sum(-1).double()  # (B, T-1)
+    sequences = [a + b for a, b in zip(prompts, targets)]
+    for start, _, _, pre, post in _pre_post(em, sequences, update, batch_size):
+        kl = _kl(pre, post).double()  # (B, T-1)
         agree = (pre.argmax(-1) == post.argmax(-1)).double()
-        for i, (a, b) in enumerate(rows):
+        for i, (a, b) in enumerate(zip(prompts[start : start + batch_size], targets[start : start + batch_size])):
             first, answer = len(a) - 1, slice(len(a), len(a) + len(b) - 1)
             sums["first_kl"] += kl[i, first].item()
             sums["first_agreement"] += agree[i, first].item()
