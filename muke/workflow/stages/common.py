@@ -30,12 +30,21 @@ def _versions() -> dict:
     return out
 
 
-def write_manifest(path: str | Path, spec: dict) -> Path:
-    """The resolved parameters, input identities and code identity of a job, and the library versions.
+def _host() -> dict:
+    """Where the job ran: the machine and its torch / CUDA / GPU facts (muke.eval.environment.torch_info)."""
+    from muke.eval.environment import torch_info
+
+    return {"hostname": platform.node(), **torch_info()}
+
+
+def write_manifest(path: str | Path, spec: dict, **facts) -> Path:
+    """The resolved parameters, input identities and code identity of a job, the library versions, the
+    host it ran on (its GPUs: the report's hardware facts come from here) and any other `facts` of the
+    job (e.g. the generate stage's effective decoding settings).
 
     The same for every shard of a run (timings are in results/benchmarks), so shard jobs may write it
     concurrently."""
-    return write_json(path, {**spec, "versions": _versions()})
+    return write_json(path, {**spec, "versions": _versions(), "host": _host(), **facts})
 
 
 def log(message: str) -> None:
