@@ -239,6 +239,20 @@ def cmd_edit(args) -> None:
         (out / "results.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
 
 
+def cmd_prefetch(args) -> None:
+    """Fetch what the config's jobs download (muke.workflow.prefetch), into --hf-home / --cache if given."""
+    import os
+
+    for variable, value in (("HF_HOME", args.hf_home), ("MUKE_CACHE", args.cache)):
+        if value:  # before huggingface_hub / datasets are imported: they read it once
+            os.environ[variable] = str(Path(value).resolve())
+    from muke.workflow.config import load_yaml
+    from muke.workflow.prefetch import prefetch
+
+    for line in prefetch(load_yaml(args.configfile)):
+        print(f"muke prefetch: {line}", flush=True)
+
+
 def _describe(row: dict) -> str:
     lines = [
         f"[{row['id']}] {row['method']}  {row['seconds']:.1f} s",
@@ -387,10 +401,28 @@ def _export_parser(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _prefetch_parser(sub) -> None:
+    p = sub.add_parser(
+        "prefetch",
+        help="fetch a config's models, statistics corpora, lm-eval datasets and NLTK data for offline nodes",
+    )
+    p.add_argument("--configfile", required=True, help="the workflow config the jobs will run")
+    p.add_argument("--hf-home", help="HF_HOME to fill (default: $HF_HOME, else ~/.cache/huggingface)")
+    p.add_argument("--cache", help="muke's cache to fill (default: $MUKE_CACHE, else ~/.cache/muke)")
+    p.set_defaults(func=cmd_prefetch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="muke", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_model_builder_parsers, _validate_data_parser, _stats_parser, _edit_parser, _export_parser):
+    for add in (
+        _model_builder_parsers,
+        _validate_data_parser,
+        _stats_parser,
+        _edit_parser,
+        _export_parser,
+        _prefetch_parser,
+    ):
         add(sub)
     import importlib
 

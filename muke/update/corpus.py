@@ -70,8 +70,11 @@ def load_corpus(
     if corpus.startswith("hf:"):
         import datasets
 
+        from muke.hub import missing_offline
+
         name, _, config = corpus[3:].partition(":")
-        ds = datasets.load_dataset(name, config or None, split="train")
+        with missing_offline(f"statistics corpus {corpus}"):
+            ds = datasets.load_dataset(name, config or None, split="train")
         index = _subset(len(ds), max_docs, seed)
         docs = ds.select(index)[text_field]
         ident = {"corpus": corpus, "corpus_sha256": ds._fingerprint, "n_corpus_documents": len(ds)}
