@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lint test test-slow demo workflow-tiny clean
+.PHONY: install lint test test-floor test-slow demo workflow-tiny clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,15 @@ lint: install
 
 test: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The oldest transformers pyproject.toml allows (4.56.0, with the huggingface_hub and tokenizers it
+# needs) first on the path, under the model-level tests: prompts, decoding, the δ engine, generation,
+# the architecture adapters.
+FLOOR ?= transformers==4.56.0 huggingface_hub==0.36.0 tokenizers==0.22.1
+FLOOR_TESTS ?= tests/test_prompts.py tests/test_decoding.py tests/test_engine.py tests/test_generate.py tests/test_adapters.py
+test-floor: install
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/floor $(FLOOR)
+	PYTHONPATH=$(VENV)/floor $(PY) -m pytest -q -m "not slow" -p no:cacheprovider $(FLOOR_TESTS)
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
