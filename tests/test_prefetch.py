@@ -102,3 +102,17 @@ def test_online_errors_pass_unchanged(monkeypatch):
     with pytest.raises(FileNotFoundError, match="gone"):
         with missing_offline("a model"):
             raise FileNotFoundError("gone")
+
+
+def test_a_gpu_job_whose_model_files_are_missing_names_them(tmp_path, monkeypatch):
+    """A node that lacks the snapshot prepare_model referenced (a cache not shared with the submit host)."""
+    from muke.io import write_json
+    from muke.workflow.stages.common import MODEL_REF, load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = tmp_path / "hf" / "hub" / "models--muke-test--Tiny" / "snapshots" / "abc123"
+    write_json(tmp_path / "model" / MODEL_REF, {"source": HUB_MODEL, "path": str(snapshot)})
+    with pytest.raises(
+        OfflineMissing, match=f"model {HUB_MODEL} \\(prepared in .*files at {snapshot}\\) is not in the local"
+    ):
+        load_model(tmp_path / "model", "float32", "cpu")

@@ -61,12 +61,18 @@ def model_path(model_dir: str | Path) -> str:
 
 
 def load_model(model_dir: str | Path, dtype: str, device: str):
-    """The prepared model; Python code shipped with it runs only where its config said trust_remote_code."""
+    """The prepared model; Python code shipped with it runs only where its config said trust_remote_code.
+    Offline (HF_HUB_OFFLINE=1), files missing on this node are an error naming the model and its path."""
+    from muke.hub import missing_offline
     from muke.model import load
 
-    trust = json.loads((Path(model_dir) / MODEL_REF).read_text()).get("trust_remote_code", False)
+    ref = json.loads((Path(model_dir) / MODEL_REF).read_text())
+    trust = ref.get("trust_remote_code", False)
     log(f"loading {model_dir} ({dtype}, device {device}{', trusting its remote code' if trust else ''})")
-    return load(model_path(model_dir), dtype=dtype, device=device, trust_remote_code=trust)
+    with missing_offline(
+        f"model {ref.get('source', model_dir)} (prepared in {model_dir}, files at {model_path(model_dir)})"
+    ):
+        return load(model_path(model_dir), dtype=dtype, device=device, trust_remote_code=trust)
 
 
 def check_layers(em, layers: list[int], key: str) -> None:
