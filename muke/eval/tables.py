@@ -245,4 +245,5 @@ def run_settings(runs: list[dict]):
                 "max_new_tokens": generation.get("max_new_tokens"),
             }
         )
-    return pd.DataFrame(rows).replace("", None).dropna(axis=1, how="all") if rows else None
+    # object columns: a run without a δ loop (pre-edit) must not turn the others' integers into floats
+    return pd.DataFrame(rows, dtype=object).replace("", None).dropna(axis=1, how="all") if rows else None
