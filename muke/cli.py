@@ -108,8 +108,9 @@ def _requests(args):
 
 
 def _preset(args) -> tuple[str | None, dict]:
-    """(preset path, hyperparameters) of an edit: the preset's `hparams` (--preset NAME or FILE, else the
-    shipped preset of --model, if any), then the explicit command-line values on top.
+    """(preset path, hyperparameters) of an edit: the preset's `hparams` and its `method_hparams` of
+    --method (--preset NAME or FILE, else the shipped preset of --model, if any), then the explicit
+    command-line values on top.
 
     --preset may also name a YAML file holding just a hyperparameter mapping; either kind is checked
     against config/schema.yaml, so a misspelt key is an error, not a silently ignored setting."""
@@ -122,7 +123,7 @@ def _preset(args) -> tuple[str | None, dict]:
         hparams = check(load_yaml(name), subschema("$defs/hparams"), f"hyperparameters {name}", fill_defaults=False)
     elif name:
         name, preset = load_preset(name)
-        hparams = dict(preset.get("hparams", {}))
+        hparams = {**preset.get("hparams", {}), **preset.get("method_hparams", {}).get(args.method, {})}
     if name:
         print(f"muke: hyperparameters of {name}", file=sys.stderr)
     flags = {
@@ -182,8 +183,9 @@ def _check_requests(em, requests, memory: dict, path) -> None:
 
 
 def _answers(r, before, after, prefix: str = "") -> dict:
-    """The pre- and post-edit answers to one question of request r, and their scores against its answer."""
-    row = {f"{prefix}generated": after.text, f"{prefix}generated_pre": before.text}
+    """The exact prompt the model saw, the pre- and post-edit answers to one question of request r, and
+    their scores against its answer."""
+    row = {f"{prefix}prompt": after.prompt, f"{prefix}generated": after.text, f"{prefix}generated_pre": before.text}
     row.update({f"{prefix}{k}": v for k, v in _score(after.text, r.answer).items()})
     row.update({f"{prefix}{k}_pre": v for k, v in _score(before.text, r.answer).items()})
     return row
@@ -205,8 +207,10 @@ def cmd_edit(args) -> None:
     _check_requests(em, requests, memory, args.requests or "--question")
     stats = _stats_for(em, backend, options, args)
 
+    chat = {"system_prompt": memory.get("system_prompt"), "chat_template": memory.get("chat_template", True)}
+
     def generate(rs):
-        return greedy(em, [q for r in rs for q in _questions(r)], max_new_tokens=args.max_new_tokens)
+        return greedy(em, [q for r in rs for q in _questions(r)], max_new_tokens=args.max_new_tokens, **chat)
 
     pre = iter(generate(requests))
     out = Path(args.out) if args.out else None
@@ -218,7 +222,7 @@ def cmd_edit(args) -> None:
         seconds = (time.perf_counter() - begin) / len(batch)
         if out:
             update.save(out / "updates" / f"{_safe_name(batch[0].id)}.safetensors")
-        seqs = [encode(em.tokenizer, r.question, r.answer, em.end_of_turn, None) for r in batch]
+        seqs = [encode(em.tokenizer, r.question, r.answer, em.end_of_turn, None, **chat) for r in batch]
         nll_pre = [target_nll(em, s) for s in seqs]
         with apply(em, update):
             post = iter(generate(batch))
@@ -233,6 +237,20 @@ def cmd_edit(args) -> None:
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+
+
+def cmd_prefetch(args) -> None:
+    """Fetch what the config's jobs download (muke.workflow.prefetch), into --hf-home / --cache if given."""
+    import os
+
+    for variable, value in (("HF_HOME", args.hf_home), ("MUKE_CACHE", args.cache)):
+        if value:  # before huggingface_hub / datasets are imported: they read it once
+            os.environ[variable] = str(Path(value).resolve())
+    from muke.workflow.config import load_yaml
+    from muke.workflow.prefetch import prefetch
+
+    for line in prefetch(load_yaml(args.configfile)):
+        print(f"muke prefetch: {line}", flush=True)
 
 
 def _describe(row: dict) -> str:
@@ -383,10 +401,28 @@ def _export_parser(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _prefetch_parser(sub) -> None:
+    p = sub.add_parser(
+        "prefetch",
+        help="fetch a config's models, statistics corpora, lm-eval datasets and NLTK data for offline nodes",
+    )
+    p.add_argument("--configfile", required=True, help="the workflow config the jobs will run")
+    p.add_argument("--hf-home", help="HF_HOME to fill (default: $HF_HOME, else ~/.cache/huggingface)")
+    p.add_argument("--cache", help="muke's cache to fill (default: $MUKE_CACHE, else ~/.cache/muke)")
+    p.set_defaults(func=cmd_prefetch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="muke", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_model_builder_parsers, _validate_data_parser, _stats_parser, _edit_parser, _export_parser):
+    for add in (
+        _model_builder_parsers,
+        _validate_data_parser,
+        _stats_parser,
+        _edit_parser,
+        _export_parser,
+        _prefetch_parser,
+    ):
         add(sub)
     import importlib
 

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from jinja2.exceptions import TemplateError
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,69 @@ def uses_chat_template(tokenizer, chat_template: bool = True) -> bool:
     return chat_template
 
 
+SYSTEM_PROBE = "MUKE-SYSTEM-PROBE"  # a system message no template alters, to find where its turn lies
+
+
+def _chat(tokenizer, messages: list[dict], generation: bool) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False)
+
+
+@functools.cache
+def _note_default_system(tokenizer_name: str) -> None:
+    log.warning(
+        "the chat template of %r adds a default system turn to messages without one: prompts are rendered "
+        "without it (set hparams.system_prompt to keep a system turn)",
+        tokenizer_name,
+    )
+
+
+def without_system_turn(tokenizer, messages: list[dict], generation: bool = True) -> str:
+    """`messages` (no system message among them) through the chat template with no system turn at all,
+    also for a template that adds a default one when the messages have none (Qwen2.5's "You are Qwen,
+    created by Alibaba Cloud…", SmolLM2's, Llama-3.1's dated header).
+
+    The template's own turn for a probe system message is what `[system, *messages]` renders before the
+    first message: lead + turn + rest, where lead is the BOS token the template writes first, if any, and
+    turn is what `[system]` alone renders after that lead. lead + rest is the conversation without a
+    system turn; it equals the plain rendering unless the template injected a default one. A template that
+    refuses a system message, or that merges it into the first user turn (Gemma), cannot inject one of its
+    own: it renders as it is.
+    """
+    plain = _chat(tokenizer, messages, generation)
+    probe = {"role": "system", "content": SYSTEM_PROBE}
+    try:
+        with_system = _chat(tokenizer, [probe, *messages], generation)
+        system_only = _chat(tokenizer, [probe], False)
+    except TemplateError:  # the template refuses a system message (its raise_exception)
+        return plain
+    bos = tokenizer.bos_token or ""
+    lead = bos if bos and with_system.startswith(bos) and system_only.startswith(bos) else ""
+    turn = system_only[len(lead) :]
+    if SYSTEM_PROBE not in turn or not with_system.startswith(lead + turn):
+        return plain
+    stripped = lead + with_system[len(lead + turn) :]
+    if SYSTEM_PROBE in stripped or stripped == plain:
+        return plain
+    _note_default_system(tokenizer.name_or_path)
+    return stripped
+
+
+def render_chat(tokenizer, messages: list[dict], system_prompt: str | None = None, generation: bool = True) -> str:
+    """A conversation through the chat template: with `system_prompt` as its system turn, or (None) with
+    no system turn for any template (`without_system_turn`)."""
+    if system_prompt is not None:
+        return _chat(tokenizer, [{"role": "system", "content": system_prompt}, *messages], generation)
+    return without_system_turn(tokenizer, messages, generation)
+
+
 def render_prompt(tokenizer, question: str, system_prompt: str | None = None, chat_template: bool = True) -> str:
-    """The chat-templated question, ending where the assistant's answer starts; the question itself with
-    chat_template false or a tokenizer without a template (`uses_chat_template`)."""
+    """The chat-templated question, ending where the assistant's answer starts: with `system_prompt` as
+    the system turn, or (None) with none, as the paper's prompts have none even where the template would
+    add a default one (Qwen2.5: `<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n`); the question
+    itself with chat_template false or a tokenizer without a template (`uses_chat_template`)."""
     if not uses_chat_template(tokenizer, chat_template):
         return question
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-    messages.append({"role": "user", "content": question})
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return render_chat(tokenizer, [{"role": "user", "content": question}], system_prompt)
 
 
 def encode(

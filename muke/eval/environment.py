@@ -84,7 +84,7 @@ def torch_info() -> dict:
         f"torch.use_deterministic_algorithms={info['use_deterministic_algorithms']}; GPU kernels may still "
         "differ across GPU models and library versions."
         if cuda
-        else "CPU only: deterministic (fixed seeds, greedy decoding, CPU kernels with reproducible reductions)."
+        else "CPU only: deterministic (fixed seeds; greedy or seeded decoding; CPU kernels with reproducible reductions)."
     )
     return info
 
@@ -150,25 +150,60 @@ def _yaml(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
-def reproducibility(config, stage_identities, inputs, bench) -> tuple[list[str], dict]:
-    """The reproducibility section and its tables (for CSV)."""
+def _hardware(jobs: pd.DataFrame | None) -> tuple[list[str], pd.DataFrame]:
+    """Where the jobs ran, from their manifests; without any, the report process's own facts, said so."""
+    if jobs is None or not len(jobs):
+        own = _dict_table(torch_info(), "fact", "value")
+        return [
+            note("No job manifest names its host: the facts below are the report process's, not the GPU jobs'."),
+            table(own, text=True),
+        ], own
+    determinism = "; ".join(dict.fromkeys(jobs["determinism"])) if "determinism" in jobs else ""
+    shown = jobs.drop(columns="determinism", errors="ignore")
+    return [
+        "<p class='caption'>From each job's manifest.json, written on the machine the job ran on (a stage's "
+        "shards share one folder and manifest: the last shard to finish writes it); <code>jobs</code>: job "
+        "folders reporting those facts.</p>",
+        f"<p>{esc(determinism)}</p>",
+        table(shown, text=True),
+    ], shown
+
+
+def reproducibility(config, stage_identities, inputs, bench, jobs=None, settings=None) -> tuple[list[str], dict]:
+    """The reproducibility section and its tables (for CSV). jobs: muke.eval.tables.job_hosts (the
+    hardware facts of the jobs' own machines); settings: muke.eval.tables.run_settings (every δ-loop
+    option and the decoding of each run)."""
     g = git_info()
     if not isinstance(stage_identities, pd.DataFrame):
         stage_identities = _dict_table(stage_identities or {}, "stage", "identity")
+    hardware_parts, hardware = _hardware(jobs)
     tables = {
         "stage_identities": stage_identities,
         "input_checksums": checksums(inputs or []),
-        "versions": _dict_table({**package_versions(), **torch_info()}, "package / fact", "value"),
+        "versions": _dict_table(package_versions(), "package", "version"),
+        "hardware": hardware,
     }
     seed_text = ", ".join(f"{k} = {v}" for k, v in seeds(config or {}).items()) or "none set in the config"
     parts = [
         "<h2 id='repro'>Reproducibility</h2>",
         f"<p>git commit <code>{esc(g['commit'])}</code>, working tree dirty: <b>{esc(g['dirty'])}</b></p>",
         f"<p>Seeds / determinism keys: {esc(seed_text)}</p>",
-        f"<p>{esc(tables['versions'].set_index('package / fact')['value'].get('determinism'))} "
-        "(flags as seen by the report process; each stage's manifest records its own versions.)</p>",
-        "<h3>Package versions and hardware</h3>",
+        "<h3>Hardware: where each stage ran</h3>",
+        *hardware_parts,
+        "<h3>Package versions (report process; each job's manifest records its own)</h3>",
         table(tables["versions"], text=True),
+    ]
+    if settings is not None and len(settings):
+        tables["run_settings"] = settings
+        parts += [
+            "<h3>Settings of each run</h3>",
+            "<p class='caption'>Every option of the δ loop each run's target memories were optimised with "
+            "(lambda_order: <code>paper</code> as Eq. 12 reads, <code>reference</code> reversed as the authors' "
+            "code) and how its answers were decoded (greedy, or the paper protocol with the model's own "
+            "generation settings as the generate job recorded them).</p>",
+            table(settings, text=True),
+        ]
+    parts += [
         "<h3>Stage parameter identities</h3>",
         "<p class='caption'>Each job's identity hashes its own parameters, its inputs' identities and the "
         "muke code it runs; the job's output folder carries it, and its manifest.json lists the "

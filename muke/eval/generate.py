@@ -1,4 +1,5 @@
-"""Greedy generation for evaluation (ALGORITHM §6): chat template, left-padded batches, stop at end-of-turn.
+"""Generation for evaluation (ALGORITHM §6): chat template, left-padded batches, stop at end-of-turn;
+greedy by default, or the paper's sampling protocol (`Decoding`).
 
 Evaluating many single-request edits: the protocol edits a fresh model per request, answers its questions
 and reverts. For low-rank (MEMIT-family) updates the same answers come from ONE batch holding the questions
@@ -30,9 +31,75 @@ from muke.update.weights import WeightUpdate, apply
 KINDS = ("question", "para_question", "sub_questions")
 
 
+PROTOCOLS = ("greedy", "paper")
+PAPER_TEMPERATURE = 0.001  # the authors' evaluator (PurCL/muke experiments/evaluate_uns.py)
+PAPER_SEED = 2024  # its set_seed() default
+# Taken from the model's generation config; where it sets none, generate uses GenerationConfig's
+# documented defaults (transformers ≥ 5 keeps such fields None until generate fills them in).
+SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How answers are decoded.
+
+    greedy (muke's default): argmax at every step, repetition_penalty 1 even where the model's
+    generation config sets one (Qwen2.5: 1.05), so every model is decoded the same way.
+    paper: what the authors' evaluator does (PurCL/muke experiments/evaluate_uns.py): do_sample=True at
+    temperature 0.001 with every other setting from the model's own generation config (Qwen2.5-7B-Instruct:
+    repetition_penalty 1.05, top_k 20, top_p 0.8; transformers' defaults top_k 50, top_p 1 where the config
+    has none), the RNG seeded with `seed` before each generate batch (the authors seed once per run: their
+    draws differ, their distribution is the same). max_new_tokens is the caller's (the paper: 512).
+    """
+
+    protocol: str = "greedy"
+    seed: int = PAPER_SEED
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"generation protocol {self.protocol!r} is not one of {PROTOCOLS}")
+
+    def kwargs(self) -> dict:
+        """model.generate keyword arguments; they override the model's generation_config in every
+        transformers version, and what they leave unset comes from it."""
+        if self.protocol == "paper":
+            return dict(do_sample=True, temperature=PAPER_TEMPERATURE, num_beams=1)
+        return dict(do_sample=False, num_beams=1, repetition_penalty=1.0)
+
+    def settings(self, em) -> dict:
+        """What decodes the answers of `em`: the protocol and its effective values (for the report)."""
+        if self.protocol == "greedy":
+            return {"protocol": "greedy", "do_sample": False, "repetition_penalty": 1.0}
+        config = em.model.generation_config
+        return {
+            "protocol": "paper",
+            "do_sample": True,
+            "temperature": PAPER_TEMPERATURE,
+            **{
+                k: default if getattr(config, k, None) is None else getattr(config, k)
+                for k, default in SAMPLING_DEFAULTS.items()
+            },
+            "seed": self.seed,
+        }
+
+    @contextmanager
+    def seeded(self, device) -> Iterator[None]:
+        """The sampling RNG seeded with `seed` inside the block, the caller's RNG state restored after."""
+        if self.protocol == "greedy":
+            yield
+            return
+        devices = [device] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            yield
+
+
+GREEDY = Decoding()
+
+
 @dataclass(frozen=True)
 class Generation:
-    """One greedy answer. prompt: the exact (templated) model input; n_tokens counts the end-of-turn token."""
+    """One answer. prompt: the exact (templated) model input; n_tokens counts the end-of-turn token."""
 
     prompt: str
     text: str
@@ -140,12 +207,13 @@ def _hooked(module, compute, n_rows: int):
 
 
 @torch.no_grad()
-def _generate_batch(em, prompts: list[str], gen_kwargs: dict) -> list[Generation]:
+def _generate_batch(em, prompts: list[str], gen_kwargs: dict, decoding: Decoding) -> list[Generation]:
     tok = em.tokenizer
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     ids, mask = pad(encoded, gen_kwargs["pad_token_id"], side="left")
     start = time.perf_counter()
-    out = em.model.generate(input_ids=ids.to(em.device), attention_mask=mask.to(em.device), **gen_kwargs)
+    with decoding.seeded(em.device):
+        out = em.model.generate(input_ids=ids.to(em.device), attention_mask=mask.to(em.device), **gen_kwargs)
     seconds = (time.perf_counter() - start) / len(prompts)
     stops = set(gen_kwargs["eos_token_id"])
     results = []
@@ -156,7 +224,12 @@ def _generate_batch(em, prompts: list[str], gen_kwargs: dict) -> list[Generation
     return results
 
 
-def greedy(
+def greedy(em, questions: list[str], **kwargs) -> list[Generation]:
+    """Greedy answers to `questions`, in order (`answers` with the greedy protocol)."""
+    return answers(em, questions, decoding=GREEDY, **kwargs)
+
+
+def answers(
     em,
     questions: list[str],
     max_new_tokens: int = 512,
@@ -164,9 +237,12 @@ def greedy(
     chat_template: bool = True,
     batch_size: int = 8,
     updates: Sequence[WeightUpdate | None] | None = None,
+    decoding: Decoding = GREEDY,
 ) -> list[Generation]:
-    """Greedy answers to `questions`, in order; batching does not change the outputs in fp32 (in bf16 or
-    fp16 the accumulation order follows the batch's shape, and a near-tie may go the other way).
+    """Answers to `questions`, in order, decoded as `decoding` says (greedy by default). Greedy batching
+    does not change the outputs in fp32 (in bf16 or fp16 the accumulation order follows the batch's shape,
+    and a near-tie may go the other way); the paper's sampling draws per batch, so its answers depend on
+    which questions share a batch (the workflow forms batches from the edits alone: a rerun draws the same).
 
     updates: one low-rank WeightUpdate (or None) per question, under which that question is answered
     (`row_updates`); without it the model as it is answers every question.
@@ -175,13 +251,9 @@ def greedy(
         raise ValueError(f"{len(updates)} updates for {len(questions)} questions")
     stops = stop_ids(em)
     pad_id = em.tokenizer.pad_token_id
-    # Keyword arguments, not a GenerationConfig: they override the model's own generation_config in every
-    # transformers version. repetition_penalty=1: plain argmax even where the model's config sets one (Qwen2.5).
     gen_kwargs = dict(
         max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        repetition_penalty=1.0,
+        **decoding.kwargs(),
         eos_token_id=stops,
         pad_token_id=stops[0] if pad_id is None else pad_id,
     )
@@ -191,7 +263,7 @@ def greedy(
         rows = slice(i, i + batch_size)
         edited = updates is not None and any(u is not None for u in updates[rows])
         with row_updates(em, updates[rows]) if edited else nullcontext():
-            results += _generate_batch(em, prompts[rows], gen_kwargs)
+            results += _generate_batch(em, prompts[rows], gen_kwargs, decoding)
     return results
 
 
@@ -220,14 +292,14 @@ def n_questions(request, kinds=KINDS) -> int:
     return len(_items(request, kinds))
 
 
-def generation_rows(em, requests, kinds=KINDS, **greedy_kwargs) -> list[dict]:
-    """Greedy answers for each request's questions as rows {id, kind, index, prompt, output, target, n_tokens, seconds}.
+def generation_rows(em, requests, kinds=KINDS, **answer_kwargs) -> list[dict]:
+    """Answers (`answers`: greedy unless answer_kwargs give a decoding) for each request's questions as rows {id, kind, index, prompt, output, target, n_tokens, seconds}.
 
     `prompt` is the question as asked (before the chat template); `index` is the sub-question index (0 otherwise).
     """
     _check_kinds(kinds)
     keyed = [(r.id, *item) for r in requests for item in _items(r, kinds)]
-    outputs = greedy(em, [question for _, _, _, question, _ in keyed], **greedy_kwargs)
+    outputs = answers(em, [question for _, _, _, question, _ in keyed], **answer_kwargs)
     return _rows(keyed, outputs)
 
 
@@ -248,7 +320,7 @@ def _rows(keyed, outputs) -> list[dict]:
 
 
 def edited_generation_rows(
-    em, edits: Sequence[tuple[WeightUpdate | None, Sequence]], kinds=KINDS, **greedy_kwargs
+    em, edits: Sequence[tuple[WeightUpdate | None, Sequence]], kinds=KINDS, **answer_kwargs
 ) -> list[list[dict]]:
     """generation_rows of each edit's requests under that edit alone, as if each edit were applied, its
     requests answered and the weights restored in turn; returns one list of rows per edit.
@@ -264,8 +336,8 @@ def edited_generation_rows(
             shared += [(e, update, (r.id, *item)) for r in requests for item in _items(r, kinds)]
         else:
             with apply(em, update):
-                out[e] = generation_rows(em, requests, kinds, **greedy_kwargs)
-    outputs = greedy(em, [key[3] for _, _, key in shared], updates=[u for _, u, _ in shared], **greedy_kwargs)
+                out[e] = generation_rows(em, requests, kinds, **answer_kwargs)
+    outputs = answers(em, [key[3] for _, _, key in shared], updates=[u for _, u, _ in shared], **answer_kwargs)
     for e in range(len(edits)):
         if out[e] is None:
             out[e] = []

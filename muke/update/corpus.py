@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 
 def chat_documents(docs: list[str], tokenizer, end_of_turn: str) -> list[str]:
-    """Each document as one chat exchange: its first sentence as the user turn (render_prompt, so with
-    the template's default system prompt as every edit has), the rest as the assistant's answer closed by
+    """Each document as one chat exchange: its first sentence as the user turn (render_prompt: no system
+    turn, as every edit prompt), the rest as the assistant's answer closed by
     `end_of_turn` (a one-sentence document answers itself).
 
     μKE's first window writes its memory at the prompt's last token, the same template token in every
@@ -70,8 +70,11 @@ def load_corpus(
     if corpus.startswith("hf:"):
         import datasets
 
+        from muke.hub import missing_offline
+
         name, _, config = corpus[3:].partition(":")
-        ds = datasets.load_dataset(name, config or None, split="train")
+        with missing_offline(f"statistics corpus {corpus}"):
+            ds = datasets.load_dataset(name, config or None, split="train")
         index = _subset(len(ds), max_docs, seed)
         docs = ds.select(index)[text_field]
         ident = {"corpus": corpus, "corpus_sha256": ds._fingerprint, "n_corpus_documents": len(ds)}

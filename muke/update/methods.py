@@ -3,6 +3,8 @@ are read, and how per-model preset values resolve into the δ loop's and the bac
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from muke.engine.objectives import OBJECTIVES
 
 BACKENDS = ("memit", "alphaedit", "unke")
@@ -26,6 +28,7 @@ DEFAULT_PRESET = {
     "window": 20,  # μKE and objective+backend pairs
     "anyedit_window": 50,
 }
+AFFINITY_OPTIONS = ("lambda_order", "affinity_steps")  # read by the matryoshka objective (Eq. 12) only
 EARLY_STOP = {"memit": 1e-2, "alphaedit": 1e-2, "unke": 5e-3}
 MEMORY_OPTIONS = (
     "lambda_order",
@@ -57,6 +60,20 @@ BACKEND_OPTIONS = {
         "seed": "seed",
     },
 }
+
+
+def memory_options(memory: dict) -> dict:
+    """Every option of the δ loop (muke.engine.memory.MemoryConfig) that the objective reads, defaults
+    filled in, so a stage's spec (its manifest, the report) says what ran, e.g. which λ order; the
+    affinity options only for the objective that has affinities (`matryoshka`), so that a value no
+    method reads stays out of its identity."""
+    from muke.engine.memory import MemoryConfig
+
+    full = asdict(MemoryConfig(**memory))
+    if full["objective"] != "matryoshka":
+        for key in AFFINITY_OPTIONS:
+            del full[key]
+    return full
 
 
 def parse_method(name: str) -> tuple[str, str, str]:
@@ -93,6 +110,7 @@ def resolve_method(name: str, preset: dict | None = None) -> tuple[dict, str, di
     window = preset["anyedit_window"] if name.startswith("anyedit-") else preset["window"]
     memory = {"layer": layers[-1], "objective": objective, "window": window, "early_stop": EARLY_STOP[backend]}
     memory.update({k: preset[k] for k in MEMORY_OPTIONS if k in preset})
+    memory = memory_options(memory)
     options = {"layers": layers, "keys": keys}
     options.update({kw: preset[k] for k, kw in BACKEND_OPTIONS[backend].items() if k in preset})
     return memory, backend, options

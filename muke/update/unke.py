@@ -14,6 +14,7 @@ from torch import nn
 
 from muke.data import DEFAULT_PRESERVATION, DataError, jsonl_records
 from muke.engine import hooks
+from muke.engine.windows import render_chat
 from muke.model import EditableModel, pad
 from muke.numerics import check_finite
 from muke.update.keys import Target, edit_context, preserved
@@ -31,13 +32,14 @@ def load_preservation(path: str | Path) -> list[dict]:
 
 
 def preservation_texts(tokenizer, records: list[dict], n: int, rng: random.Random) -> list[str]:
-    """n random records as chat-templated user/assistant exchanges (plain text without a template)."""
+    """n random records as chat-templated user/assistant exchanges with no system turn, as the edit
+    prompts (render_chat); plain text without a template."""
     texts = []
     for rec in rng.sample(records, min(n, len(records))):
         user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
         if tokenizer.chat_template:
             messages = [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
-            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+            texts.append(render_chat(tokenizer, messages, generation=False))
         else:
             texts.append(f"{user}\n{rec['output']}")
     return texts

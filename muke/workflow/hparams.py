@@ -3,6 +3,7 @@
 Resolution (later wins):
   1. muke.update.methods.DEFAULT_PRESET        source  hparams.K (not set: muke's default)
   2. the model preset's `hparams`                      hparams.K (preset config/models/<preset>.yaml)
+     then its `method_hparams.<method>`                method_hparams.<method>.K (preset ...)
   3. config `hparams`                                  hparams.K
   4. config `models.<name>.hparams`                    models.<name>.hparams.K
   5. config `method_hparams.<method>`                  method_hparams.<method>.K
@@ -60,6 +61,8 @@ def levels(config: dict, model, method: str | None) -> list[Level]:
         Level(f"models.{model.name}.hparams.{{}}", model.entry.get("hparams", {})),
     ]
     if method is not None:
+        preset_method = model.preset.get("method_hparams", {}).get(method, {})
+        out.insert(2, Level(f"method_hparams.{method}.{{}} (preset {model.preset_path})", preset_method))
         out += [
             Level(f"method_hparams.{method}.{{}}", config["method_hparams"].get(method, {})),
             Level("sweep.{}", config["sweep"], all_axes=True),
@@ -120,11 +123,14 @@ def check_axes(axes: dict[str, Setting], schema_path=None) -> None:
 
 def generation(config: dict, hparams: dict, point: dict) -> dict:
     """The generation settings of a run: config `generation`, the point's generation.* values, and
-    the chat settings the δ optimisation used (system_prompt, chat_template)."""
+    the chat settings the δ optimisation used (system_prompt, chat_template); `seed` only where the
+    protocol samples."""
     gen = dict(config["generation"])
     gen.update({k[len(GENERATION) :]: v for k, v in point.items() if k.startswith(GENERATION)})
     gen["system_prompt"] = hparams.get("system_prompt")
     gen["chat_template"] = hparams.get("chat_template", True)
+    if gen.get("protocol", "greedy") == "greedy":  # greedy decoding draws nothing: its seed is no parameter
+        gen.pop("seed", None)
     return gen
 
 

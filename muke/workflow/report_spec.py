@@ -7,6 +7,7 @@ which (model, dataset, method, setting; with a one-key sweep sweep_param / sweep
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from muke.workflow.plan import PRE_EDIT
 
@@ -27,10 +28,26 @@ def _run_files(plan, run) -> dict:
     return {**plan.score_paths(run), "locality": plan.locality_path(run) if run.locality else None, "shards": shards}
 
 
+def _manifests(plan, run) -> dict[str, str]:
+    """{stage: manifest.json} of each job of a run (a stage's shards share one: the last writes it)."""
+    paths = {
+        "collect_stats": run.stats and Path(plan.stats_path(run.model, run.stats)).with_suffix(".manifest.json"),
+        "optimize_memories": run.memories and Path(plan.memories_path(run, 0)).parent / "manifest.json",
+        "update_weights": run.update and Path(plan.update_path(run, 0)).parent / "manifest.json",
+        "generate": Path(plan.generate_path(run, 0)).parent / "manifest.json",
+        "locality": run.locality and Path(plan.locality_path(run)).parent / "manifest.json",
+    }
+    return {stage: str(path) for stage, path in paths.items() if path}
+
+
 def _report_run(plan, run) -> dict:
-    """One run's labels, files and stage identities, as the report stage reads them."""
+    """One run's labels, files, stage identities, job manifests and the settings it ran with (every
+    δ-loop option, e.g. the λ order, and the generation settings, e.g. the decoding protocol)."""
     ((param, value),) = run.setting.items() if len(run.setting) == 1 else [(None, None)]
     identities = {"prepare_model": run.model.spec.identity, **{s.stage: s.identity for s in run.specs().values()}}
+    settings = {"generation": run.generate.params["generation"]}
+    if run.memories is not None:
+        settings["memory"] = run.memories.params["memory"]
     return {
         "model": run.model.name,
         "dataset": run.dataset.name,
@@ -40,6 +57,8 @@ def _report_run(plan, run) -> dict:
         "sweep_value": None if param is None else json.dumps(value),
         "files": _run_files(plan, run),
         "identities": identities,
+        "manifests": _manifests(plan, run),
+        "settings": settings,
     }
 
 
@@ -54,6 +73,8 @@ def _report_pre_edit_locality(plan, name: str) -> dict:
         "sweep_value": None,
         "files": {"summary": None, "samples": None, "shards": [], "locality": plan.locality_path(None, model)},
         "identities": {"prepare_model": model.spec.identity, "locality": plan.pre_edit_locality[name].identity},
+        "manifests": {"locality": str(Path(plan.locality_path(None, model)).parent / "manifest.json")},
+        "settings": {},
     }
 
 

@@ -33,15 +33,17 @@ def spec(stage):
 
 
 def resource(stage, key):
-    """resources: from the model preset (`resources.default`, then `resources.<stage>`)."""
+    """resources: from the model preset (`resources.default`, then `resources.<stage>`); None (unset,
+    so the executor passes nothing) for an optional key the job's model does not set."""
     def get(wildcards):
         model = PLAN.model_of(stage, wildcards) if stage != "report" else None
-        return PLAN.resources(stage, model)[key]
+        return PLAN.resources(stage, model).get(key)
     return get
 
 
 def resources_of(stage):
-    return {key: resource(stage, key) for key in ("gpu", "mem_mb", "runtime", "cpus_per_task")}
+    keys = ("gpu", "mem_mb", "runtime", "cpus_per_task", "constraint", "slurm_extra")
+    return {key: resource(stage, key) for key in keys}
 
 
 def optional_args(wildcards, input):

@@ -30,12 +30,21 @@ def _versions() -> dict:
     return out
 
 
-def write_manifest(path: str | Path, spec: dict) -> Path:
-    """The resolved parameters, input identities and code identity of a job, and the library versions.
+def _host() -> dict:
+    """Where the job ran: the machine and its torch / CUDA / GPU facts (muke.eval.environment.torch_info)."""
+    from muke.eval.environment import torch_info
+
+    return {"hostname": platform.node(), **torch_info()}
+
+
+def write_manifest(path: str | Path, spec: dict, **facts) -> Path:
+    """The resolved parameters, input identities and code identity of a job, the library versions, the
+    host it ran on (its GPUs: the report's hardware facts come from here) and any other `facts` of the
+    job (e.g. the generate stage's effective decoding settings).
 
     The same for every shard of a run (timings are in results/benchmarks), so shard jobs may write it
     concurrently."""
-    return write_json(path, {**spec, "versions": _versions()})
+    return write_json(path, {**spec, "versions": _versions(), "host": _host(), **facts})
 
 
 def log(message: str) -> None:
@@ -52,12 +61,18 @@ def model_path(model_dir: str | Path) -> str:
 
 
 def load_model(model_dir: str | Path, dtype: str, device: str):
-    """The prepared model; Python code shipped with it runs only where its config said trust_remote_code."""
+    """The prepared model; Python code shipped with it runs only where its config said trust_remote_code.
+    Offline (HF_HUB_OFFLINE=1), files missing on this node are an error naming the model and its path."""
+    from muke.hub import missing_offline
     from muke.model import load
 
-    trust = json.loads((Path(model_dir) / MODEL_REF).read_text()).get("trust_remote_code", False)
+    ref = json.loads((Path(model_dir) / MODEL_REF).read_text())
+    trust = ref.get("trust_remote_code", False)
     log(f"loading {model_dir} ({dtype}, device {device}{', trusting its remote code' if trust else ''})")
-    return load(model_path(model_dir), dtype=dtype, device=device, trust_remote_code=trust)
+    with missing_offline(
+        f"model {ref.get('source', model_dir)} (prepared in {model_dir}, files at {model_path(model_dir)})"
+    ):
+        return load(model_path(model_dir), dtype=dtype, device=device, trust_remote_code=trust)
 
 
 def check_layers(em, layers: list[int], key: str) -> None:

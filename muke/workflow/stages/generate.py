@@ -1,4 +1,4 @@
-"""generate: greedy answers to each request's questions, by the model edited with that request's ΔW
+"""generate: answers to each request's questions, by the model edited with that request's ΔW
 (or by the unedited model). Each generate batch's rows are kept in a part file tagged with the job's
 identity, so a killed job resumes after the batches it finished."""
 
@@ -47,6 +47,13 @@ def _edits(chosen: dict, update: str | Path | None) -> list[tuple[list[str], Pat
     return sorted(edits, key=lambda edit: order[edit[0][0]])
 
 
+def _decoding(g: dict):
+    """The decoding protocol of the generation settings (muke.eval.generate.Decoding)."""
+    from muke.eval.generate import PAPER_SEED, Decoding
+
+    return Decoding(g.get("protocol", "greedy"), g.get("seed", PAPER_SEED))
+
+
 def _answer(em, group: list, chosen: dict, edited: bool, g: dict) -> list[dict]:
     """Rows of one generate batch: each edit's answers by the model with its ΔW (or unedited)."""
     from muke.eval.generate import edited_generation_rows
@@ -67,11 +74,12 @@ def _answer(em, group: list, chosen: dict, edited: bool, g: dict) -> list[dict]:
         system_prompt=g["system_prompt"],
         chat_template=g["chat_template"],
         batch_size=g["batch_size"],
+        decoding=_decoding(g),
     )
     return [{**row, "edit_failed": bad} for edit_rows, bad in zip(answers, failed) for row in edit_rows]
 
 
-@command("greedy answers of one shard, edited or not", update="update_weights index (omit: the unedited model)")
+@command("answers of one shard, edited or not", update="update_weights index (omit: the unedited model)")
 def generate(
     spec: dict,
     model: str | Path,
@@ -81,7 +89,10 @@ def generate(
     update: str | Path | None = None,
     device: str = "auto",
 ) -> Path:
-    """Greedy answers to each request's questions (question, paraphrase, sub-questions).
+    """Answers to each request's questions (question, paraphrase, sub-questions), decoded by
+    `generation.protocol` (greedy, or the paper's sampling: muke.eval.generate.Decoding); the manifest
+    records the effective decoding settings (`decoding`: for the paper protocol the model's top_k, top_p,
+    repetition_penalty) and the host the job ran on.
 
     With `update` (an update_weights index) each request is answered by the model edited with its own
     batch's ΔW alone; without it by the unedited model (method "pre-edit"). A request whose edit
@@ -120,6 +131,8 @@ def generate(
         ["id", "kind", "index"], key=lambda c: c.map(order) if c.name == "id" else c, kind="stable"
     ).assign(shard=shard)
     write_parquet(df.reset_index(drop=True), out)
-    write_manifest(out.parent / "manifest.json", spec)
+    if em is None:  # every batch finished earlier: the decoding settings need the model's generation config
+        em = load_model(model, p["dtype"], device)
+    write_manifest(out.parent / "manifest.json", spec, decoding=_decoding(g).settings(em))
     shutil.rmtree(parts, ignore_errors=True)
     return out

@@ -21,14 +21,13 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _hub_snapshot(params: dict, tmp: Path) -> dict:
-    """Download the files a model needs (Python files only where trust_remote_code); its reference."""
-    from huggingface_hub import snapshot_download
-
+    """Download the files a model needs (muke.hub.model_snapshot: Python files only where
+    trust_remote_code; offline, a model missing from the cache is an error naming it); its reference."""
+    from muke.hub import model_snapshot
     from muke.model import check_architecture
 
     source, trust = params["source"], params.get("trust_remote_code", False)
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"] + (["*.py"] if trust else [])
-    path = snapshot_download(source, revision=params.get("revision"), allow_patterns=patterns)
+    path = model_snapshot(source, params.get("revision"), trust)
     check_architecture(json.loads((Path(path) / "config.json").read_text()).get("model_type"))
     tmp.mkdir(parents=True)
     return {

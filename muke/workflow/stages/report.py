@@ -56,5 +56,7 @@ def report(spec: dict, metrics: str | Path, locality: str | Path, html: str | Pa
         failures=tables.failures(runs, _read_shard),
         per_sample=tables.per_sample(runs, spec["datasets"]),
         case_rows=tables.case_rows(runs, spec["datasets"]),
+        jobs=tables.job_hosts(runs),
+        run_settings=tables.run_settings(runs),
         title=spec["title"],
     )
