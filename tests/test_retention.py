@@ -143,3 +143,21 @@ def test_answer_shift_equals_a_direct_computation_at_the_prompts_last_token(em):
     got = answer_shift(em, [question], [ANSWERS[0]], update)
     assert got["first_kl"] == pytest.approx(kl, rel=1e-4)
     assert got["first_agreement"] == 100 * float(pre.argmax() == post.argmax())
+
+
+def test_reference_and_rows_ask_with_the_runs_system_prompt(em, monkeypatch):
+    """The reference answers, the edited answers and the teacher-forced drift all render the questions with
+    the settings' system_prompt (the run's own), so pre and post differ by the edit alone."""
+    from muke.eval import retention
+
+    settings = dict(
+        questions=None, n_questions=2, max_new_tokens=4, batch_size=2, texts=2, text_file=None,
+        text_batch_size=2, max_length=32, system_prompt="Answer in one word.", chat_template=True,
+    )  # fmt: skip
+    prompts = []
+    real = retention.render_prompt
+    monkeypatch.setattr(retention, "render_prompt", lambda tok, q, *a: prompts.append(a) or real(tok, q, *a))
+    monkeypatch.setattr("muke.eval.generate.render_prompt", retention.render_prompt)
+    ref = retention.reference(em, settings)
+    retention.locality_rows(em, ref, "edited", "r0", low_rank_update(em, scale=5.0))
+    assert len(prompts) == 2 * 3 and set(prompts) == {("Answer in one word.", True)}

@@ -262,6 +262,18 @@ def test_methods_with_one_objective_share_their_memories(tmp_path, monkeypatch):
     assert jobs["optimize_memories"] == jobs["update_weights"] // 2 > 0
 
 
+def test_retention_prompts_follow_the_runs_chat_settings(tmp_path, monkeypatch):
+    """The unrelated questions are asked as the run asks its edit requests: its system_prompt reaches every
+    locality job's retention settings, the pre-edit one's too."""
+    monkeypatch.chdir(make_workdir(tmp_path))
+    retention = {**TINY["locality"]["retention"], "enabled": True}
+    plan = Plan(changed(hparams={"system_prompt": "Be brief."}, locality={"retention": retention}))
+    specs = [r.locality for r in plan.runs if r.locality] + list(plan.pre_edit_locality.values())
+    assert len(specs) >= 3
+    assert {s.params["retention"]["system_prompt"] for s in specs} == {"Be brief."}
+    assert Plan(changed(locality={"retention": retention})).pre_edit_locality != plan.pre_edit_locality
+
+
 def copied_package(tmp_path) -> Path:
     """A copy of the muke package to edit (code identities of the copy, not of the repository)."""
     package = tmp_path / "muke"

@@ -227,11 +227,14 @@ class Reference:
     texts: list[str]  # held-out texts of the text shift
 
 
+def _chat(settings: dict) -> dict:
+    """The prompts' chat settings: the edited run's (system_prompt, chat_template), no system turn by default."""
+    return {"system_prompt": settings.get("system_prompt"), "chat_template": settings.get("chat_template", True)}
+
+
 def _answers(em: EditableModel, questions: list[str], settings: dict) -> list[str]:
-    return [
-        g.text
-        for g in greedy(em, questions, max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"])
-    ]
+    batch = dict(max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"])
+    return [g.text for g in greedy(em, questions, **batch, **_chat(settings))]
 
 
 def reference(em: EditableModel, settings: dict) -> Reference:
@@ -286,7 +289,7 @@ def locality_rows(
         {**state, "task": "text_shift", "metric": metric, "value": shift[key], "stderr": None, "n": shift["n_tokens"]}
         for metric, key in (("kl", "kl"), ("ppl", "ppl_post"))
     ]
-    drift = answer_shift(em, ref.questions, ref.answers, update, batch_size=s["batch_size"])
+    drift = answer_shift(em, ref.questions, ref.answers, update, batch_size=s["batch_size"], **_chat(s))
     rows += [
         {**state, "task": task, "metric": metric, "value": drift[key] * scale, "stderr": None, "n": drift[n]}
         for task, metric, key, scale, n in (

@@ -131,7 +131,7 @@ class Plan:
         if self.config["locality"]["enabled"] and pair.model.name not in self.pre_edit_locality:
             self.pre_edit_locality[pair.model.name] = Spec(
                 "locality",
-                {**params, "dtype": pair.model.dtype, "edits": []},
+                {**self._with_chat(params, hparams), "dtype": pair.model.dtype, "edits": []},
                 {"model": pair.model.spec.identity, **inputs},
             )
 
@@ -165,7 +165,7 @@ class Plan:
             edits = pair.dataset.request_ids[: loc["edits"]]
             run.locality = Spec(
                 "locality",
-                {**params, "dtype": pair.model.dtype, "edits": edits},
+                {**self._with_chat(params, hparams), "dtype": pair.model.dtype, "edits": edits},
                 {"update": run.update.identity, **inputs},
             )
         self._register(run)
@@ -250,6 +250,15 @@ class Plan:
         inputs = {p: file_identity(p) for p in [loc["include_path"], *loc["data"]] if p}
         params["retention"], retention_inputs = locality_retention(loc["retention"])
         return params, {**inputs, **retention_inputs}
+
+    @staticmethod
+    def _with_chat(params: dict, hparams: dict) -> dict:
+        """Locality parameters whose retention prompts are rendered as the run's own (system_prompt,
+        chat_template), as the answers to its edit requests are."""
+        if not params["retention"].get("enabled"):
+            return params
+        chat = {"system_prompt": hparams.get("system_prompt"), "chat_template": hparams.get("chat_template", True)}
+        return {**params, "retention": {**params["retention"], **chat}}
 
     def _register(self, run: Run) -> None:
         key = (run.model.name, run.dataset.name)
