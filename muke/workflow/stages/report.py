@@ -56,5 +56,6 @@ def report(spec: dict, metrics: str | Path, locality: str | Path, html: str | Pa
         failures=tables.failures(runs, _read_shard),
         per_sample=tables.per_sample(runs, spec["datasets"]),
         case_rows=tables.case_rows(runs, spec["datasets"]),
+        layer_traces=spec.get("layer_traces", []),
         title=spec["title"],
     )
