@@ -266,9 +266,10 @@ def _preset_window(args) -> int:
 def cmd_trace(args) -> None:
     """Causal tracing of the requests (muke.locate.trace); the files and the band of muke.locate.maps."""
     from muke.data import load_requests, select
-    from muke.locate.maps import write_trace
+    from muke.locate.maps import check_components, write_trace
     from muke.locate.trace import TraceConfig, trace
 
+    check_components(args.components)
     em = _load_model(args)
     requests = select(load_requests(args.requests, args.format), offset=args.offset, limit=args.limit)
     window = args.window or _preset_window(args)

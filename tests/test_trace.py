@@ -9,7 +9,7 @@ import torch
 from muke.cli import main
 from muke.engine import hooks
 from muke.engine.windows import encode
-from muke.locate.maps import effect_map, suggest_band
+from muke.locate.maps import check_components, effect_map, suggest_band
 from muke.locate.trace import (
     RequestTrace,
     Restoration,
@@ -91,27 +91,34 @@ def test_batched_restorations_equal_one_at_a_time_and_the_plain_run(tiny, run):
 
 
 def test_effect_map_and_band():
-    rows = [
-        {
+    """Pooled shares; the band ends at the last layer before the question's hidden-state effect drops below half."""
+    curve = [1.0, 0.9, 0.8, 0.7, 0.6, 0.4, 0.55, 0.1]  # the rise at layer 6 comes after the first drop
+
+    def row(i, layer, component="hidden", gain=None):
+        gain = curve[layer] if gain is None else gain
+        return {
             "id": i,
-            "component": "mlp",
+            "component": component,
             "layer": layer,
             "group": "question",
-            "window_logp": -3 + 0.1 * (layer in (3, 4, 5)) * (1 + i),
+            "window_logp": -3 + gain * (1 + i),
             "answer_logp": -3.0,
-            "clean_window_logp": -2.0,
+            "clean_window_logp": -3 + (1 + i),
             "clean_answer_logp": -2.0,
             "corrupted_window_logp": -3.0,
             "corrupted_answer_logp": -3.0,
         }
-        for i in range(2)
-        for layer in range(8)
-    ]
+
+    rows = [row(i, layer) for i in range(2) for layer in range(8)] + [row(0, 3, "mlp", 0.2), row(1, 3, "mlp", 0.5)]
     emap = effect_map(pd.DataFrame(rows))
-    row = emap[emap["layer"] == 4].iloc[0]
-    assert row["recovered_window"] == pytest.approx((0.1 + 0.2) / 2) and row["recovered_answer"] == 0
-    assert suggest_band(emap, width=3) == {**suggest_band(emap, width=3), "layers": [3, 4, 5], "l_wm": 5}
-    assert suggest_band(emap, width=2)["layers"] == [3, 4]  # ties go to the lower band
+    mlp = emap[emap["component"] == "mlp"].iloc[0]
+    assert mlp["recovered_window"] == pytest.approx((0.2 + 0.5 * 2) / (1 + 2)) and mlp["recovered_answer"] == 0
+    band = suggest_band(emap, width=3)
+    assert band["layers"] == [2, 3, 4] and band["l_wm"] == 4 and band["curve"][5] == pytest.approx(0.4)
+    assert suggest_band(emap, width=3, threshold=0.95)["layers"] == [0]  # layer 1 is already below
+    assert suggest_band(emap, width=10, threshold=0.0)["layers"] == list(range(8))
+    with pytest.raises(ValueError, match="needs 'hidden'"):
+        check_components(["mlp", "attn"])
 
 
 def test_trace_request_rows(tiny):

@@ -5,11 +5,15 @@
 for the whole answer (muke.locate.trace). Pooling the differences, not averaging per-request shares,
 keeps a request that noise barely hurts (a near-zero denominator) from dominating.
 
-The suggested band (`suggest_band`) follows MEMIT (Meng et al. 2023, §4): it edits the MLPs of a run
-of consecutive layers where restoring the MLP output at the subject tokens matters most, and reads the
-working memory at the run's last layer. Here the subject is the question: the band is the `width`
-consecutive layers with the largest summed `mlp` effect at the `question` group on the first window's
-log-probability (the target of δ_1), ties to the lower band; l_WM is its last layer.
+The suggested band (`suggest_band`) reads ROME's finding (Meng et al. 2022, §2.2) that the decisive
+states sit at the subject's tokens up to the middle layers, after which attention moves the information
+to the positions that answer, and MEMIT's choice (2023, §4) of the edited MLPs as a run of layers ending
+there. Here the subject is the question: l_WM is the last layer of the first run of layers at which
+restoring the hidden states of the question tokens still brings back at least `threshold` (half) of the
+clean log-probability of the first window (the target of δ_1); the band is the `width` traced layers
+ending at l_WM. Single-layer MLP restorations are no guide on their own: the noise stays in the residual
+stream, so restoring one MLP output brings little back (except where that output swamps the embeddings,
+as layer 0's can); ROME restores windows of MLP layers for that reason.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from muke.io import atomic_path, write_json, write_parquet
 from muke.locate.trace import COMPONENTS, GROUPS
 
 MEASURES = {"window": "first window", "answer": "whole answer"}
-BAND_RULE = "the {width} consecutive layers of largest summed {component} effect at the {group} tokens ({measure})"
+BAND_RULE = (
+    "the {width} layers ending at the last layer before restoring the question tokens' hidden states "
+    "brings back less than {threshold:g} of the clean log-prob ({measure})"
+)
 
 
 def effect_map(effects: pd.DataFrame) -> pd.DataFrame:
@@ -38,23 +45,25 @@ def effect_map(effects: pd.DataFrame) -> pd.DataFrame:
     return sums[["n_requests", *(f"recovered_{m}" for m in MEASURES)]].reset_index()
 
 
-def suggest_band(
-    effects_map: pd.DataFrame, width: int = 5, component: str = "mlp", group: str = "question", measure: str = "window"
-) -> dict:
-    """{layers, l_wm, rule}: the band of `width` consecutive traced layers (module docstring)."""
-    curve = (
-        effects_map[(effects_map["component"] == component) & (effects_map["group"] == group)]
-        .set_index("layer")[f"recovered_{measure}"]
-        .sort_index()
-    )
+def check_components(components) -> None:
+    """The band is read from the hidden states: a trace that leaves them out cannot suggest one."""
+    if "hidden" not in components:
+        raise ValueError(f"trace components {list(components)}: the layer band needs 'hidden'")
+
+
+def suggest_band(effects_map: pd.DataFrame, width: int = 5, threshold: float = 0.5, measure: str = "window") -> dict:
+    """{layers, l_wm, rule, curve}: the band of `width` traced layers ending at l_WM (module docstring);
+    `curve`: the hidden-state effect at the question tokens per traced layer."""
+    part = effects_map[(effects_map["component"] == "hidden") & (effects_map["group"] == "question")]
+    curve = part.set_index("layer")[f"recovered_{measure}"].sort_index()
     if curve.empty:
-        raise ValueError(f"no {component} effects at the {group} group to choose a band from")
-    width = min(width, len(curve))
-    sums = curve.rolling(width).sum().dropna()
-    end = int(sums.idxmax())
-    layers = [int(x) for x in curve.index[curve.index <= end][-width:]]
-    rule = BAND_RULE.format(width=width, component=component, group=group, measure=MEASURES[measure])
-    return {"layers": layers, "l_wm": layers[-1], "rule": rule, "score": float(sums.max())}
+        raise ValueError("no hidden-state effects at the question tokens to choose a band from")
+    layers = list(curve.index)
+    below = [k for k, value in enumerate(curve) if value < threshold]
+    end = max(below[0] - 1, 0) if below else len(layers) - 1
+    band = [int(x) for x in layers[max(end - width + 1, 0) : end + 1]]
+    rule = BAND_RULE.format(width=len(band), threshold=threshold, measure=MEASURES[measure])
+    return {"layers": band, "l_wm": band[-1], "rule": rule, "curve": {int(k): float(v) for k, v in curve.items()}}
 
 
 def plot_maps(effects_map: pd.DataFrame, component: str):
@@ -94,7 +103,6 @@ def write_trace(effects: pd.DataFrame, out: str | Path, width: int = 5) -> dict:
         import matplotlib.pyplot as plt
 
         plt.close(fig)
-    component = "mlp" if "mlp" in set(emap["component"]) else emap["component"].iloc[0]
-    band = {**suggest_band(emap, width, component), "n_requests": int(effects["id"].nunique())}
+    band = {**suggest_band(emap, width), "n_requests": int(effects["id"].nunique())}
     write_json(out / "band.json", band)
     return band

@@ -21,10 +21,11 @@ def trace_layers(
 ) -> Path:
     """effects.parquet, map.parquet, map_{component}.png and band.json in `out` (muke.locate.maps.write_trace)
     for the first `limit` requests of the dataset's selection (all with limit null)."""
-    from muke.locate.maps import write_trace
+    from muke.locate.maps import check_components, write_trace
     from muke.locate.trace import TraceConfig, trace
 
     p = spec["params"]
+    check_components(p["components"])
     selection = {**p["selection"], "shard_size": p["limit"] or sys.maxsize}  # one shard: the first `limit`
     chosen = shard_requests(requests, selection, 0)
     em = load_model(model, p["dtype"], device)
