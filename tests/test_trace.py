@@ -206,3 +206,25 @@ def test_stage_writes_what_the_report_shows(tiny_llama_path, tmp_path, monkeypat
     assert band["n_requests"] == 1 and len(band["layers"]) == 2 and (Path(folder) / "manifest.json").is_file()
     html = "".join(layers_section([{"model": "tiny", "dataset": "demo", "path": folder}]))
     assert f"Suggested layers <b>{band['layers']}</b>" in html and html.count("<img alt='map_") == 3
+
+
+@pytest.mark.slow
+def test_workflow_traces_and_reports_the_layers(tmp_path):
+    """With trace.enabled the DAG has one trace_layers job per model × dataset, feeding the report; the
+    job run by Snakemake writes its folder (about a minute on 2 busy cores)."""
+    import copy
+
+    from test_workflow import SNAKEMAKE, TINY, make_workdir, planned, snakemake, snapshot
+
+    if not SNAKEMAKE.exists():
+        pytest.skip("snakemake is not installed (extra 'workflow')")
+    repo = snapshot(tmp_path / "repo")
+    workdir = make_workdir(tmp_path / "work", repo)
+    config = copy.deepcopy(TINY)
+    config["trace"] = {"enabled": True, "limit": 1, "samples": 1, "max_target_tokens": 8}
+    assert planned(workdir, config, repo)["trace_layers"] == 1
+    proc = snakemake(workdir, config, "-n", "--forceall", "report", repo=repo)
+    assert "rule trace_layers" in proc.stdout + proc.stderr
+    snakemake(workdir, config, "--until", "trace_layers", repo=repo)
+    (folder,) = (workdir / TINY["results"] / "trace" / "tiny" / "demo").iterdir()
+    assert {"band.json", "effects.parquet", "map_hidden.png", "manifest.json"} <= {p.name for p in folder.iterdir()}
