@@ -75,13 +75,14 @@ def plot_maps(effects_map: pd.DataFrame, component: str):
 
     part = effects_map[effects_map["component"] == component]
     groups = [g for g in GROUPS if g in set(part["group"])]
+    n = int(part["n_requests"].max())
     fig, axes = plt.subplots(len(MEASURES), 1, figsize=(max(6.0, 0.28 * part["layer"].nunique() + 2), 4.6))
     for ax, (m, label) in zip(axes, MEASURES.items()):
         grid = part.pivot(index="group", columns="layer", values=f"recovered_{m}").reindex(groups)
         image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="Purples", vmin=min(0.0, grid.min().min()))
         ax.set_yticks(range(len(groups)), groups)
         ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns], fontsize=7)
-        ax.set_title(f"{component}: share of the clean log-prob restored, {label}", fontsize=9)
+        ax.set_title(f"{component}: share of the clean log-prob restored, {label} (n = {n} requests)", fontsize=9)
         fig.colorbar(image, ax=ax)
     axes[-1].set_xlabel("layer")
     fig.tight_layout()
