@@ -264,7 +264,10 @@ def _preset_window(args) -> int:
 
 
 def cmd_trace(args) -> None:
-    """Causal tracing of the requests (muke.locate.trace); the files and the band of muke.locate.maps."""
+    """Causal tracing of the requests (muke.locate.trace) → effects.parquet, map.parquet, map_{component}.png
+    and band.json in --out (muke.locate.maps). The printed band is the --width layers ending at l_WM, the last
+    layer before restoring the question tokens' hidden states brings back less than half of the clean
+    log-probability of the first window (where the question's information has left its tokens)."""
     from muke.data import load_requests, select
     from muke.locate.maps import check_components, write_trace
     from muke.locate.trace import TraceConfig, trace

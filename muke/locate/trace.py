@@ -45,7 +45,7 @@ class TraceConfig:
 
     noise: float = 3.0  # k: the noise std is k·σ of the input embeddings
     samples: int = 3  # noise samples per request
-    seed: int = 0
+    seed: int = 0  # of the noise generator, restarted for every request
     components: tuple[str, ...] = COMPONENTS
     layers: tuple[int, ...] | None = None  # None: every layer
     batch_size: int = 16  # rows per forward pass
