@@ -38,6 +38,7 @@ include: "workflow/rules/update.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/locality.smk"
+include: "workflow/rules/trace.smk"
 include: "workflow/rules/report.smk"
 
 

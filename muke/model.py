@@ -21,6 +21,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Adapter:
     """Dotted module paths of one architecture family.
 
+    `attn_out` is the attention block's output projection inside a decoder layer (its output is what the
+    attention adds to the residual stream, before any post-attention norm).
     `down_proj_transposed` is True where the down-projection stores its weight as (d_ff, d_model)
     (gpt2's Conv1D) instead of nn.Linear's (d_model, d_ff).
     `post_mlp_norm` names, inside a decoder layer, the RMSNorm N that the layer applies to the MLP output
@@ -33,6 +35,7 @@ class Adapter:
     down_proj: str
     final_norm: str
     lm_head: str = "lm_head"
+    attn_out: str = "self_attn.o_proj"
     down_proj_transposed: bool = False
     post_mlp_norm: str | None = None
     norm_offset: float = 0.0
@@ -53,7 +56,11 @@ OLMO2_LIKE = Adapter(
     post_mlp_norm="post_feedforward_layernorm",
 )
 GPT2_LIKE = Adapter(
-    layers="transformer.h", down_proj="mlp.c_proj", final_norm="transformer.ln_f", down_proj_transposed=True
+    layers="transformer.h",
+    down_proj="mlp.c_proj",
+    final_norm="transformer.ln_f",
+    attn_out="attn.c_proj",
+    down_proj_transposed=True,
 )
 
 ADAPTERS = {
@@ -175,6 +182,10 @@ class EditableModel:
         """The down-projection weight as (d_model, d_ff) — a view, whatever the storage layout."""
         w = self.down_proj(index).weight
         return w.T if self.adapter.down_proj_transposed else w
+
+    def attn_out(self, index: int) -> nn.Module:
+        """Layer `index`'s attention output projection (the attention's contribution to the residual)."""
+        return self._get(self.layer(index), self.adapter.attn_out)
 
     def post_mlp_norm(self, index: int) -> nn.Module | None:
         """The norm between layer `index`'s down-projection and the residual stream, None if there is none."""

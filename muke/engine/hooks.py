@@ -123,3 +123,15 @@ def replay_lower_layers(
     finally:
         for layer in originals:
             del layer.forward
+
+
+def restores(module: nn.Module, clean: torch.Tensor, mask: torch.Tensor):
+    """Replace `module`'s (hidden) output by `clean` where `mask` is True, for every forward pass inside
+    the block (causal tracing's restoration). clean: (T, d) or (batch, T, d); mask: (batch, T) bool."""
+
+    def hook(_module, _inputs, output):
+        hidden = hidden_of(output)
+        m = mask.to(hidden.device)[..., None]
+        return with_hidden(output, torch.where(m, clean.to(hidden.device, hidden.dtype), hidden))
+
+    return forward_hook(module, hook)

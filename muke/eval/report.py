@@ -16,6 +16,7 @@ from muke.eval import case_study
 from muke.eval.case_study import PRE_EDIT
 from muke.eval.environment import read_benchmarks, reproducibility
 from muke.eval.intervals import DESCRIPTION, separated
+from muke.eval.layer_trace import layers_section
 from muke.eval.page import LABELS, METRICS, esc, fmt, note, sorted_values, table
 from muke.eval.plots import figures, series
 from muke.io import atomic_path, write_text
@@ -326,6 +327,7 @@ def build_report(
     case_rows=None,
     jobs=None,
     run_settings=None,
+    layer_traces=(),
     title: str = "μKE report",
 ) -> Path:
     """Write `out_dir/index.html` and the tables as CSV beside it; return the HTML path.
@@ -335,7 +337,7 @@ def build_report(
     `stage_identities`: {stage: identity}, or a table (one row per run, a column per stage).
     `benchmark_identities`: read only the benchmark files whose path names one of these.
     `jobs`, `run_settings`: muke.eval.tables.job_hosts / run_settings (where the jobs ran; what each run
-    ran with)."""
+    ran with). `layer_traces`: trace_layers folders as {model, dataset, path} (muke.eval.layer_trace)."""
     out_dir = Path(out_dir)
     edit, loc = _read(edit_metrics), _read(locality)
     traces, failures, per_sample, case_rows = _read(traces), _read(failures), _read(per_sample), _read(case_rows)
@@ -347,7 +349,8 @@ def build_report(
     tables.update(loc_tables, **repro_tables)
     if fail_table is not None:
         tables["failures"] = fail_table
-    nav = "".join(f"<a href='#{anchor}'>{name}</a>" for anchor, name in SECTIONS)
+    sections = SECTIONS[:4] + [("layers", "Layers")] * bool(layer_traces) + SECTIONS[4:]
+    nav = "".join(f"<a href='#{anchor}'>{name}</a>" for anchor, name in sections)
     body = [
         f"<h1>{esc(title)}</h1>",
         f"<nav>{nav}</nav>",
@@ -356,6 +359,7 @@ def build_report(
         *loc_parts,
         "<h2 id='plots'>Plots</h2>",
         *figures(edit, per_sample, traces, sweeps(edit) or sweeps(per_sample)),
+        *(layers_section(layer_traces) if layer_traces else []),
         "<h2 id='failures'>Failures</h2>",
         *fail_parts,
         *repro_parts,

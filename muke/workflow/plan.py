@@ -92,6 +92,7 @@ class Plan:
         self.datasets = {name: dataset(name, entry) for name, entry in self.config["datasets"].items()}
         self.runs: list[Run] = []
         self.pre_edit_locality: dict[str, Spec] = {}
+        self.layer_traces: dict[tuple[str, str], Spec] = {}  # (model, dataset) -> its trace_layers job
         self._index: dict[tuple, Run] = {}
         self._stats: dict[tuple[str, str], tuple[Model, Spec]] = {}
         self._paths: dict[str, str] = {}  # spec identity -> a path it reads, not part of the identity
@@ -111,6 +112,8 @@ class Plan:
         for m in self.models.values():
             for d in self.datasets.values():
                 pair = Pair(m, d)
+                if self.config["trace"]["enabled"]:
+                    self._add_trace(pair)
                 if self.config["pre_edit"]:
                     self._add_pre_edit(pair)
                 for method in self.config["methods"]:
@@ -134,6 +137,18 @@ class Plan:
                 {**self._with_chat(params, hparams), "dtype": pair.model.dtype, "edits": []},
                 {"model": pair.model.spec.identity, **inputs},
             )
+
+    def _add_trace(self, pair: Pair) -> None:
+        """trace_layers of one model × dataset: the trace settings (batch_size never changes a result), the
+        model's window W and prompt format, and the dataset's selection."""
+        hparams = hp.values(hp.resolve(hp.levels(self.config, pair.model, None))[0])
+        settings = {k: v for k, v in self.config["trace"].items() if k not in ("enabled", "batch_size")}
+        prompt = {k: hparams.get(k, default) for k, default in (("system_prompt", None), ("chat_template", True))}
+        params = {**settings, **prompt, "window": hparams["window"], "dtype": pair.model.dtype}
+        spec = Spec(
+            "trace_layers", {**params, "selection": pair.dataset.selection}, {"model": pair.model.spec.identity}
+        )
+        self.layer_traces[(pair.model.name, pair.dataset.name)] = spec
 
     def _add_run(self, pair: Pair, method: str, settings: dict[str, hp.Setting], point: dict) -> None:
         """The run of one method at one sweep point (`settings`: every resolved hyperparameter)."""
@@ -350,6 +365,10 @@ class Plan:
             spec = self.pre_edit_locality[model.name]
             return f"{self.results}/locality/{model.name}/-/{PRE_EDIT}-{spec.identity}/locality.parquet"
         return f"{self._dir('locality', run, run.locality)}/locality.parquet"
+
+    def layer_trace_dir(self, model: str, dataset: str) -> str:
+        spec = self.layer_traces[(model, dataset)]
+        return f"{self.results}/trace/{model}/{dataset}/trace-{spec.identity}"
 
     def shards(self, run: Run) -> range:
         return range(run.dataset.n_shards)

@@ -115,8 +115,17 @@ def report_inputs(plan) -> dict[str, list[str]]:
         "memories": [s["memories"] for s in shards],
         "traces": [s["trace"] for s in shards],
         "updates": [s["update"] for s in shards],
+        "layer_traces": [t["path"] for t in layer_traces(plan)],
     }
     return {kind: list(dict.fromkeys(p for p in paths if p)) for kind, paths in files.items()}
+
+
+def layer_traces(plan) -> list[dict]:
+    """The trace_layers folders of the plan, labelled by model and dataset."""
+    return [
+        {"model": model, "dataset": dataset, "path": plan.layer_trace_dir(model, dataset)}
+        for model, dataset in plan.layer_traces
+    ]
 
 
 def report_spec(plan) -> str:
@@ -131,6 +140,7 @@ def report_spec(plan) -> str:
             "data_files": data_files(plan),
             "datasets": {d.name: {"path": d.path, "format": d.format} for d in plan.datasets.values()},
             "benchmarks": f"{plan.results}/benchmarks",
+            "layer_traces": layer_traces(plan),
         },
         sort_keys=True,
         default=str,

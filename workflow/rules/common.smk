@@ -19,6 +19,7 @@ wildcard_constraints:
     run=r"[^/]+",
     stats_id=r"[^/]+",
     shard=r"\d+",
+    trace_id=r"[^/]+",
 
 
 def run_of(stage, wildcards):
