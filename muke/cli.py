@@ -386,9 +386,13 @@ def _export_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="muke", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    import importlib
+
+    from muke.workflow.estimate import add_estimate_parser
+
     for add in (_model_builder_parsers, _validate_data_parser, _stats_parser, _edit_parser, _export_parser):
         add(sub)
-    import importlib
+    add_estimate_parser(sub)
 
     from muke.workflow.identity import STAGES
     from muke.workflow.stages.command import add_commands
