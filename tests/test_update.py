@@ -115,6 +115,28 @@ def test_unke_lowers_its_edit_loss_and_keeps_preservation_loss_small(em):
     assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())  # model untouched
 
 
+def test_unke_bf16_deltas_are_half_the_file(em, tmp_path):
+    """unke_delta_dtype bfloat16: parameter changes stored in bf16 (half the bytes); the first layer's are
+    the fp32 ones up to bf16 rounding."""
+    seq = encode(em.tokenizer, QUESTION, ANSWER, em.end_of_turn, window=4)
+    _, H = read_layer(em, 2, 2, seq.input_ids)
+    z = H[seq.hook_positions].cpu() + torch.randn(
+        seq.n_windows, em.hidden_size, generator=torch.Generator().manual_seed(0)
+    )
+    kw = dict(layers=[1, 2], lr=1e-3, steps=3, n_preserve=2)
+    full, _ = unke_update(em, [Target("r", seq, z)], **kw)
+    half, _ = unke_update(em, [Target("r", seq, z)], delta_dtype="bfloat16", **kw)
+    assert all(d.dtype == torch.bfloat16 for d in half.values()) and half.keys() == full.keys()
+    for name, d in full.items():
+        if name.startswith("model.layers.1.") and d.norm() > 0:
+            assert (half[name].float() - d).norm() <= 4e-3 * d.norm(), name  # bf16: 8 significant bits
+    sizes = [
+        WeightUpdate("muke-unke", "unke", [1, 2], ["r"], params=p).save(tmp_path / f"{k}.safetensors").stat().st_size
+        for k, p in (("fp32", full), ("bf16", half))
+    ]
+    assert sizes[1] < 0.51 * sizes[0]
+
+
 # ---- the update ΔW: apply / revert / save / export ----
 
 
