@@ -58,24 +58,54 @@ def _read_local(path: Path, text_field: str) -> list[str]:
     return [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
 
 
+STREAM_SHUFFLE_BUFFER = 10_000
+
+
+def hf_documents(corpus: str, max_docs: int | None, seed: int, text_field: str) -> tuple[list[str], dict]:
+    """The `_subset` of a hub (or local) dataset's train split, streamed: only the chosen documents are kept,
+    nothing is written to disk (English Wikipedia is ~20 GB; 100k documents are ~1.5 % of it).
+
+    Where the dataset card states the split's size (hub parquet exports do), the documents are exactly those
+    the downloaded dataset would give (the same seeded indices, read in one pass that stops after the last);
+    else a seeded shuffle of the stream (buffer STREAM_SHUFFLE_BUFFER) takes the first max_docs, recorded as
+    `sampling` in the identity.
+    """
+    import datasets
+
+    name, _, config = corpus[3:].partition(":")
+    builder = datasets.load_dataset_builder(name, config or None)
+    stream = builder.as_streaming_dataset(split="train")
+    splits = builder.info.splits or {}
+    n_total = splits["train"].num_examples if "train" in splits and splits["train"].num_examples else None
+    ident = {"corpus": corpus, "corpus_sha256": builder.hash, "n_corpus_documents": n_total}
+    if n_total is None:
+        if max_docs is not None:
+            stream = stream.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER).take(max_docs)
+            ident["sampling"] = f"stream shuffle, seed {seed}, buffer {STREAM_SHUFFLE_BUFFER}"
+        return [row[text_field] for row in stream], ident
+    wanted = _subset(n_total, max_docs, seed)
+    chosen, docs = set(wanted), []
+    for i, row in enumerate(stream):
+        if i in chosen:
+            docs.append(row[text_field])
+            if len(docs) == len(wanted):
+                break
+    if len(docs) < len(wanted):
+        raise DataError(corpus, f"the train split has fewer documents than its card's {n_total}")
+    return docs, ident
+
+
 def load_corpus(
     corpus: str | Path, max_docs: int | None = None, seed: int = 0, text_field: str = "text"
 ) -> tuple[list[str], dict]:
     """Documents and the corpus identity {corpus, corpus_sha256, n_corpus_documents}.
 
-    `corpus`: a local .txt / .jsonl path, or "hf:NAME[:CONFIG]" for `datasets.load_dataset(NAME, CONFIG,
-    split="train")` (e.g. "hf:wikipedia:20220301.en"); its identity is the dataset's fingerprint.
+    `corpus`: a local .txt / .jsonl path, or "hf:NAME[:CONFIG]" for the train split of a `datasets` dataset
+    (e.g. "hf:wikimedia/wikipedia:20231101.en"), streamed (`hf_documents`); its identity is the builder's hash.
     """
     corpus = str(corpus)
     if corpus.startswith("hf:"):
-        import datasets
-
-        name, _, config = corpus[3:].partition(":")
-        ds = datasets.load_dataset(name, config or None, split="train")
-        index = _subset(len(ds), max_docs, seed)
-        docs = ds.select(index)[text_field]
-        ident = {"corpus": corpus, "corpus_sha256": ds._fingerprint, "n_corpus_documents": len(ds)}
-        return docs, ident
+        return hf_documents(corpus, max_docs, seed, text_field)
     path = Path(corpus)
     if not path.is_file():
         raise DataError(path, "corpus file not found")
