@@ -37,11 +37,14 @@ def main() -> None:
     ap.add_argument("--request", default="demo-00")
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--v-steps", type=int, default=None, help="δ steps (default: the preset's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     em = load(args.model)
     hparams = load_preset(args.preset)[1]["hparams"]
+    if args.v_steps is not None:
+        hparams["v_num_grad_steps"] = args.v_steps
     memory, backend, options = resolve_method("muke-unke", hparams)
     request = next(r for r in load_requests(args.requests, "jsonl") if r.id == args.request)
     start = time.perf_counter()
