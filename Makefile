@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lint test test-floor test-slow demo workflow-tiny clean
+.PHONY: install lint test test-floor test-slow demo workflow-tiny rehearsal clean
 
 install: $(VENV)/.installed
 
@@ -57,3 +57,11 @@ clean:
 # The whole workflow DAG on a tiny model (minutes on 2 CPU cores; the numbers mean nothing).
 workflow-tiny: install
 	$(VENV)/bin/snakemake --profile workflow/profiles/default --configfile config/tiny.yaml
+
+# The 7B path on CPU with Qwen2.5-7B-sized matrices (3 layers, bf16; ~16 GB of memory (AlphaEdit: weights, sums, projectors, eigh), about an hour on 2 cores):
+# the whole DAG, then each job's measured peak memory beside `muke estimate`'s (benchmarks/rehearsal.py).
+REHEARSAL := config/experiments/rehearsal-qwen2.5-7b.yaml
+rehearsal: install
+	test -f results/rehearsal-model/config.json || $(PY) benchmarks/rehearsal.py build --out results/rehearsal-model
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores 1 -j1 --configfile $(REHEARSAL)
+	$(PY) benchmarks/rehearsal.py compare --configfile $(REHEARSAL)

@@ -474,6 +474,10 @@ def _prefetch_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="muke", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    import importlib
+
+    from muke.workflow.estimate import add_estimate_parser
+
     for add in (
         _model_builder_parsers,
         _validate_data_parser,
@@ -484,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
         _prefetch_parser,
     ):
         add(sub)
-    import importlib
+    add_estimate_parser(sub)
 
     from muke.workflow.identity import STAGES
     from muke.workflow.stages.command import add_commands

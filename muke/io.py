@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,6 +62,14 @@ def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str])
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
     return Path(path)
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """dst as a hard link to src (no second copy of a large file), or a copy across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def sha256(path: str | Path) -> str:

@@ -166,3 +166,40 @@ def test_the_files_enter_the_identity_by_content(tmp_path, monkeypatch):
     assert identities(enabled=False, max_new_tokens=7) == off and off[:2] != changed[:2]
     with pytest.raises(ConfigError, match="locality.retention.questions"):
         identities(questions="missing.jsonl")
+
+
+def test_a_killed_job_resumes_after_the_edits_it_finished(tmp_path, monkeypatch, model_dir, tiny_qwen2_path):
+    """Killed while evaluating the second edited model, the job keeps the first one's rows in a part file; the
+    rerun evaluates only the second, and its table equals an uninterrupted run's."""
+    import muke.update.weights
+    from muke.model import load
+
+    shape = tuple(load(tiny_qwen2_path).down_proj_weight(1).shape)
+    plan = make_plan(tmp_path, monkeypatch, edits=2, n_questions=2, max_new_tokens=4, texts=1, max_length=24)
+    (run,) = [r for r in plan.runs if r.locality is not None]
+    index = write_updates(Path(plan.update_path(run, 0)), ["demo-00", "demo-01"], shape, scale=20.0)
+    whole = tmp_path / "whole" / "locality.parquet"
+    locality(as_spec(run.locality), model_dir, whole, updates=[index], device="cpu")
+
+    real, loaded = muke.update.weights.WeightUpdate.load, []
+
+    def load_then_die(path):
+        loaded.append(Path(path).name)
+        if len(loaded) == 2:
+            raise KeyboardInterrupt("SLURM time limit")
+        return real(path)
+
+    monkeypatch.setattr(muke.update.weights.WeightUpdate, "load", staticmethod(load_then_die))
+    out = tmp_path / "resumed" / "locality.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        locality(as_spec(run.locality), model_dir, out, updates=[index], device="cpu")
+    assert not out.exists() and [p.name for p in (out.parent / "locality.parts").iterdir()] == ["00000.json"]
+    loaded.clear()
+    monkeypatch.setattr(muke.update.weights.WeightUpdate, "load", staticmethod(lambda p: loaded.append(p) or real(p)))
+    locality(as_spec(run.locality), model_dir, out, updates=[index], device="cpu")
+    assert [Path(p).name for p in loaded] == ["0001.safetensors"]  # only the edit that had not finished
+    pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(whole))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out.parent / RETENTION_ANSWERS), pd.read_parquet(whole.parent / RETENTION_ANSWERS)
+    )
+    assert not (out.parent / "locality.parts").exists()

@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import datasets
 import huggingface_hub
 import pytest
 import yaml
@@ -15,6 +14,7 @@ import yaml
 import muke.cli as cli
 import muke.eval.locality as LOCALITY
 from muke.hub import OfflineMissing, missing_offline
+from muke.update.corpus import _subset, load_corpus
 from muke.workflow.plan import Plan
 from muke.workflow.stages.prepare_model import prepare_model
 
@@ -33,8 +33,8 @@ def hub_config() -> dict:
 
 
 @pytest.fixture
-def fake_hub(monkeypatch, tiny_qwen2_path):
-    """The hub layer replaced: snapshot_download answers with the local tiny model, load_dataset with a
+def fake_hub(monkeypatch, tmp_path, tiny_qwen2_path):
+    """The hub layer replaced: snapshot_download answers with the local tiny model, the corpus stream with a
     small in-memory corpus (other datasets load as they do); each call is recorded. punkt_tab is taken
     as present."""
     calls = []
@@ -43,16 +43,15 @@ def fake_hub(monkeypatch, tiny_qwen2_path):
         calls.append(("model", repo_id, revision, tuple(allow_patterns)))
         return str(tiny_qwen2_path)
 
-    real_load_dataset = datasets.load_dataset
+    def hf_documents(corpus, max_docs, seed, text_field):  # the streamed train split of a small corpus
+        name, _, config = corpus[3:].partition(":")
+        calls.append(("dataset", name, config, "train"))
+        docs = ["Velmora is a port.", "Bread rises.", "Rivers run."]
+        return [docs[i] for i in _subset(len(docs), max_docs, seed)], {"corpus": corpus, "n_corpus_documents": 3}
 
-    def load_dataset(name, config=None, split=None, **kwargs):
-        if not name.startswith("muke-test/"):  # lm-eval's local demo tasks read their own files
-            return real_load_dataset(name, config, split=split, **kwargs)
-        calls.append(("dataset", name, config, split))
-        return datasets.Dataset.from_dict({"text": ["Velmora is a port.", "Bread rises.", "Rivers run."]})
-
+    monkeypatch.setenv("MUKE_CACHE", str(tmp_path / "muke-cache"))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr("muke.update.corpus.hf_documents", hf_documents)
     monkeypatch.setattr(LOCALITY, "ensure_punkt_tab", lambda: calls.append(("nltk", "punkt_tab")) or Path("punkt"))
     return calls
 
@@ -71,6 +70,8 @@ def test_prefetch_fetches_models_corpora_lm_eval_datasets_and_nltk_data(fake_hub
     assert f"model tiny: {HUB_MODEL}" in out and "statistics corpus hf:muke-test/wiki:20231101.en: 2 of 3" in out
     assert "lm-eval tasks ['muke_mmlu_demo', 'muke_ifeval_demo']: 2 built" in out
     assert os.environ["HF_HOME"] == str(hf_home)  # where the hub layer was told to put it
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # a compute node reads the streamed subset from MUKE_CACHE
+    assert load_corpus(HUB_CORPUS, max_docs=2)[0] and [c[0] for c in fake_hub].count("dataset") == 1
 
 
 def test_an_offline_job_missing_its_model_names_it(tmp_path, monkeypatch):

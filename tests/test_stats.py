@@ -174,15 +174,45 @@ def test_corpus_formats_and_seeded_subset(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="line 2.*'text'"):
         load_corpus(jsonl)
 
+
+def test_hub_corpus_is_streamed_and_picks_the_downloaded_subset(tmp_path, monkeypatch):
+    """hf:NAME streams the train split (a local dataset folder here): with the card's split size the
+    documents are exactly the downloaded dataset's seeded subset; without it a seeded stream shuffle."""
     import datasets
 
-    def fake_load_dataset(name, config, split):
-        assert (name, config, split) == ("wikipedia", "20220301.en", "train")
-        return datasets.Dataset.from_dict({"text": DOCS})
+    from muke.update.corpus import _subset
 
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    docs, ident = load_corpus("hf:wikipedia:20220301.en", max_docs=4, seed=0)
-    assert len(docs) == 4 and set(docs) <= set(DOCS) and ident["corpus"] == "hf:wikipedia:20220301.en"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("MUKE_CACHE", str(tmp_path / "cache"))
+    docs_all = [f"Document {i}: {DOCS[i % len(DOCS)]}" for i in range(60)]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs_all))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "train.jsonl").write_text((folder / "train.jsonl").read_text())
+    card = "---\ndataset_info:\n  splits:\n  - name: train\n    num_bytes: 0\n    num_examples: 60\n---\n"
+    (folder / "README.md").write_text(card)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the corpus was downloaded, not streamed")
+
+    downloaded = datasets.load_dataset(str(folder), split="train").select(_subset(60, 7, 3))["text"]
+    monkeypatch.setattr(datasets, "load_dataset", no_download)
+    docs, ident_first = load_corpus(f"hf:{folder}", max_docs=7, seed=3)
+    assert docs == downloaded and ident_first["n_corpus_documents"] == 60 and "sampling" not in ident_first
+    shuffled, ident = load_corpus(f"hf:{bare}", max_docs=7, seed=3)
+    assert len(shuffled) == 7 and set(shuffled) <= set(docs_all) and ident["sampling"].startswith("stream shuffle")
+    assert shuffled == load_corpus(f"hf:{bare}", max_docs=7, seed=3)[0] != load_corpus(f"hf:{bare}", 7, seed=4)[0]
+
+    # once streamed (muke prefetch on the submit host), a node without the hub reads the subset from the cache
+    def no_hub(*args, **kwargs):
+        raise AssertionError("streamed again")
+
+    monkeypatch.setattr("muke.update.corpus.hf_documents", no_hub)
+    assert load_corpus(f"hf:{folder}", max_docs=7, seed=3) == (downloaded, ident_first)
+    with pytest.raises(AssertionError, match="streamed again"):
+        load_corpus(f"hf:{folder}", max_docs=8, seed=3)
 
 
 def test_batches_fit_the_token_budget():

@@ -11,7 +11,7 @@ from muke.model import ModelError, load
 from muke.update.alphaedit import alphaedit_solve, null_space_projector
 from muke.update.edit import compute_update, edit, target_nll
 from muke.update.keys import Target, read_layer
-from muke.update.memit import memit_solve
+from muke.update.memit import low_rank_update, memit_solve
 from muke.update.methods import resolve_method
 from muke.update.stats import StatsConfig, collect_stats, load_stats
 from muke.update.unke import unke_update
@@ -113,6 +113,28 @@ def test_unke_lowers_its_edit_loss_and_keeps_preservation_loss_small(em):
     assert last["preserve"] < 0.2 * first["edit"]
     assert set(diffs) == {f"model.layers.1.{n}" for n, _ in em.layer(1).named_parameters()}
     assert all(torch.equal(p, before[n]) for n, p in em.model.named_parameters())  # model untouched
+
+
+def test_unke_bf16_deltas_are_half_the_file(em, tmp_path):
+    """unke_delta_dtype bfloat16: parameter changes stored in bf16 (half the bytes); the first layer's are
+    the fp32 ones up to bf16 rounding."""
+    seq = encode(em.tokenizer, QUESTION, ANSWER, em.end_of_turn, window=4)
+    _, H = read_layer(em, 2, 2, seq.input_ids)
+    z = H[seq.hook_positions].cpu() + torch.randn(
+        seq.n_windows, em.hidden_size, generator=torch.Generator().manual_seed(0)
+    )
+    kw = dict(layers=[1, 2], lr=1e-3, steps=3, n_preserve=2)
+    full, _ = unke_update(em, [Target("r", seq, z)], **kw)
+    half, _ = unke_update(em, [Target("r", seq, z)], delta_dtype="bfloat16", **kw)
+    assert all(d.dtype == torch.bfloat16 for d in half.values()) and half.keys() == full.keys()
+    for name, d in full.items():
+        if name.startswith("model.layers.1.") and d.norm() > 0:
+            assert (half[name].float() - d).norm() <= 4e-3 * d.norm(), name  # bf16: 8 significant bits
+    sizes = [
+        WeightUpdate("muke-unke", "unke", [1, 2], ["r"], params=p).save(tmp_path / f"{k}.safetensors").stat().st_size
+        for k, p in (("fp32", full), ("bf16", half))
+    ]
+    assert sizes[1] < 0.51 * sizes[0]
 
 
 # ---- the update ΔW: apply / revert / save / export ----
@@ -235,6 +257,34 @@ def test_single_layer_update_moves_working_memory_to_z(em, stats, backend):
         _, H_after = read_layer(em, 2, 2, ids)
     gap_before, gap_after = (z - H[[p]].cpu()).norm(), (z - H_after[[p]].cpu()).norm()
     assert gap_after < 1e-2 * gap_before, (gap_before, gap_after)
+
+
+@pytest.mark.parametrize("backend", ["memit", "alphaedit"])
+def test_streamed_statistics_equal_the_resident_solve(em, stats, backend):
+    """C (and AlphaEdit's P) stay on the host and stream to the device per layer: the factors equal those
+    of the original formulas with every layer's C / P resident (within 1e-6), a second update reusing
+    the host-cached P is bit-identical, and nothing derived from the statistics is kept off the host."""
+    seq = encode(em.tokenizer, QUESTION, ANSWER, em.end_of_turn, window=4)
+    z = torch.randn(seq.n_windows, em.hidden_size, generator=torch.Generator().manual_seed(1))
+    targets, layers = [Target("r", seq, z)], [0, 1, 2]
+    resident = {l: stats.mom2[l].to(em.device) / stats.count[l] for l in layers}
+    P = {l: null_space_projector(resident[l]) for l in layers}
+
+    def resident_solve(layer, Ks, Kp):
+        if backend == "memit":
+            return torch.linalg.solve(1000.0 * resident[layer] + Kp @ Kp.T + Ks @ Ks.T, Ks)
+        M = P[layer] @ (Ks @ Ks.T + Kp @ Kp.T) + 10.0 * torch.eye(len(Ks), device=Ks.device)
+        return torch.linalg.solve(M, P[layer] @ Ks)
+
+    options = {"mom2_update_weight": 1000.0} if backend == "memit" else {}
+    streamed = compute_update(em, targets, backend, layers, stats=stats, **options).factors
+    again = compute_update(em, targets, backend, layers, stats=stats, **options).factors
+    reference = low_rank_update(em, targets, layers, "sequence", resident_solve)
+    for l in layers:
+        assert torch.equal(streamed[l][1], again[l][1])
+        torch.testing.assert_close(streamed[l][0], reference[l][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(streamed[l][1], reference[l][1], rtol=1e-6, atol=1e-6)
+    assert all(t.device.type == "cpu" for t in stats.cache.values())
 
 
 # ---- end to end on a tiny model ----

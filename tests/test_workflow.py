@@ -491,3 +491,40 @@ def test_snakemake_reports_config_errors_by_key(tmp_path):
     proc = snakemake(make_workdir(tmp_path), changed(generation={"max_new_toks": 8}), "-n", check=False)
     assert proc.returncode != 0
     assert "unknown config key generation.max_new_toks" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow  # two Snakemake runs of prepare_model + collect_stats: ~1 min
+@needs_snakemake
+def test_a_second_experiment_reuses_the_stored_statistics(tmp_path, repo):
+    """runtime.stats_store: experiment B (another results folder) links experiment A's statistics from
+    the store instead of collecting them again."""
+    workdir = make_workdir(tmp_path / "work", repo)
+    store = tmp_path / "store"
+
+    def experiment(results: str) -> Path:
+        config = changed(results=results, runtime={"stats_store": str(store)})
+        snakemake(workdir, config, "--until", "collect_stats", repo=repo)
+        (out,) = (workdir / results / "stats").rglob("*.safetensors")
+        return out
+
+    first = experiment("results/a")
+    (stored,) = store.iterdir()
+    second = experiment("results/b")
+    assert first.read_bytes() == second.read_bytes()
+    assert first.stat().st_ino == second.stat().st_ino == stored.stat().st_ino  # one file, linked twice
+    (log,) = (workdir / "results" / "b" / "logs" / "collect_stats").rglob("*.log")
+    assert "found in the store" in log.read_text() and "loading" not in log.read_text()
+
+
+@pytest.mark.slow  # one method's prepare → stats → memories → update → generate: ~1 min
+@needs_snakemake
+def test_without_keep_updates_the_weight_files_go_once_answered(tmp_path, repo):
+    """runtime.keep_updates false: update_weights' ΔW folder is temp(), deleted after the generate job that
+    read it; the index the report reads stays."""
+    workdir = make_workdir(tmp_path / "work", repo)
+    config = changed(methods=["muke-memit"], runtime={"keep_updates": False}, pre_edit=False)
+    snakemake(workdir, config, "--until", "generate", repo=repo)
+    results = workdir / config["results"]
+    (index,) = (results / "updates").rglob("shard0.parquet")
+    assert list((results / "generate").rglob("shard0.parquet")) and not index.with_suffix("").exists()
+    assert pd.read_parquet(index)["file"].notna().all()  # the update was made, then removed

@@ -19,7 +19,8 @@ from muke.update.stats import Stats
 def null_space_projector(C: torch.Tensor, threshold: float = 2e-2, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """P = U0 U0ᵀ, U0 the eigenvectors of C with eigenvalue < threshold (AlphaEdit): (d_ff, d_ff)."""
     eigenvalues, eigenvectors = torch.linalg.eigh(C.to(dtype))
-    U0 = eigenvectors[:, eigenvalues < threshold]
+    U0 = eigenvectors[:, eigenvalues < threshold]  # a copy: the full eigenvector matrix is freed here
+    del eigenvectors
     return (U0 @ U0.T).float()
 
 
@@ -29,16 +30,20 @@ def alphaedit_solve(
     """V = (P (Ks Ksᵀ + Kp Kpᵀ) + l2·I)⁻¹ P Ks: (d_ff, n), so that ΔWᵀ = V Rᵀ (AlphaEdit, authors' solve).
 
     For keys k0 with P k0 = 0 (the preserved subspace) M⁻ᵀ k0 = k0 / l2, so ΔW k0 = R Ksᵀ P k0 / l2 = 0.
+    One d_ff² matrix besides P and the solve's factorisation: M = (P K) Kᵀ with K = [Kp Ks], l2 on its diagonal.
     """
-    P, Ks, Kp = (x.to(dtype) for x in (P, Ks, Kp))
-    M = P @ (Ks @ Ks.T + Kp @ Kp.T) + l2 * torch.eye(len(P), dtype=dtype, device=P.device)
+    P, Ks = P.to(dtype), Ks.to(dtype)
+    K = torch.cat([Kp.to(dtype), Ks], 1)  # (d_ff, m + n)
+    M = (P @ K) @ K.T
+    M.diagonal().add_(l2)
     return torch.linalg.solve(M, P @ Ks).float()
 
 
 def projector(
     stats: Stats, layer: int, device, threshold: float, dtype: torch.dtype, cache_dir: str | Path | None = None
 ) -> torch.Tensor:
-    """AlphaEdit's P for `layer`, cached in memory and, with cache_dir, in a file keyed by the stats file hash."""
+    """AlphaEdit's P for `layer` on `device`: computed there once, then kept on the host (and, with cache_dir,
+    in a file keyed by the stats file hash) and streamed to the device for each use."""
 
     def make():
         path = None
@@ -46,15 +51,15 @@ def projector(
             path = Path(cache_dir) / f"nullspace-{stats.sha256[:20]}-layer{layer}-{threshold:g}.safetensors"
             if path.exists():
                 with safe_open(str(path), framework="pt") as f:
-                    return f.get_tensor("P").to(device)
-        P = null_space_projector(second_moment(stats, layer, device), threshold, dtype)
+                    return f.get_tensor("P")
+        P = null_space_projector(second_moment(stats, layer, device), threshold, dtype).cpu()
         if path is not None:
             write_safetensors(
                 path, {"P": P}, {"stats": str(stats.path), "layer": str(layer), "threshold": repr(threshold)}
             )
         return P
 
-    return cached_on(stats, ("P", layer, threshold, str(device)), make)
+    return cached_on(stats, ("P", layer, threshold), make).to(device)
 
 
 def alphaedit_update(

@@ -10,6 +10,8 @@ resumed at a chunk boundary forms the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from muke.data import DataError, jsonl_records
-from muke.io import sha256
+from muke.io import cache_dir, sha256, write_json
 from muke.model import EditableModel, pad
 
 if TYPE_CHECKING:
@@ -58,27 +60,70 @@ def _read_local(path: Path, text_field: str) -> list[str]:
     return [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
 
 
+STREAM_SHUFFLE_BUFFER = 10_000
+
+
+def hf_documents(corpus: str, max_docs: int | None, seed: int, text_field: str) -> tuple[list[str], dict]:
+    """The `_subset` of a hub (or local) dataset's train split, streamed: only the chosen documents are kept,
+    nothing is written to disk (English Wikipedia is ~20 GB; 100k documents are ~1.5 % of it).
+
+    Where the dataset card states the split's size (hub parquet exports do), the documents are exactly those
+    the downloaded dataset would give (the same seeded indices, read in one pass that stops after the last);
+    else a seeded shuffle of the stream (buffer STREAM_SHUFFLE_BUFFER) takes the first max_docs, recorded as
+    `sampling` in the identity.
+    """
+    import datasets
+
+    name, _, config = corpus[3:].partition(":")
+    builder = datasets.load_dataset_builder(name, config or None)
+    stream = builder.as_streaming_dataset(split="train")
+    splits = builder.info.splits or {}
+    n_total = splits["train"].num_examples if "train" in splits and splits["train"].num_examples else None
+    ident = {"corpus": corpus, "corpus_sha256": builder.hash, "n_corpus_documents": n_total}
+    if n_total is None:
+        if max_docs is not None:
+            stream = stream.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER).take(max_docs)
+            ident["sampling"] = f"stream shuffle, seed {seed}, buffer {STREAM_SHUFFLE_BUFFER}"
+        return [row[text_field] for row in stream], ident
+    wanted = _subset(n_total, max_docs, seed)
+    chosen, docs = set(wanted), []
+    for i, row in enumerate(stream):
+        if i in chosen:
+            docs.append(row[text_field])
+            if len(docs) == len(wanted):
+                break
+    if len(docs) < len(wanted):
+        raise DataError(corpus, f"the train split has fewer documents than its card's {n_total}")
+    return docs, ident
+
+
+def _cached_hf_documents(corpus: str, max_docs: int | None, seed: int, text_field: str) -> tuple[list[str], dict]:
+    """`hf_documents`, kept under $MUKE_CACHE/corpora once streamed: `muke prefetch` streams the subset on the
+    submit host, and a compute node without the hub reads the same documents (and identity) from there."""
+    from muke.hub import missing_offline
+
+    key = json.dumps([corpus, max_docs, seed, text_field])
+    path = cache_dir() / "corpora" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return saved["documents"], saved["identity"]
+    with missing_offline(f"statistics corpus {corpus}"):
+        docs, ident = hf_documents(corpus, max_docs, seed, text_field)
+    write_json(path, {"key": key, "identity": ident, "documents": docs})
+    return docs, ident
+
+
 def load_corpus(
     corpus: str | Path, max_docs: int | None = None, seed: int = 0, text_field: str = "text"
 ) -> tuple[list[str], dict]:
     """Documents and the corpus identity {corpus, corpus_sha256, n_corpus_documents}.
 
-    `corpus`: a local .txt / .jsonl path, or "hf:NAME[:CONFIG]" for `datasets.load_dataset(NAME, CONFIG,
-    split="train")` (e.g. "hf:wikipedia:20220301.en"); its identity is the dataset's fingerprint.
+    `corpus`: a local .txt / .jsonl path, or "hf:NAME[:CONFIG]" for the train split of a `datasets` dataset
+    (e.g. "hf:wikimedia/wikipedia:20231101.en"), streamed (`hf_documents`); its identity is the builder's hash.
     """
     corpus = str(corpus)
     if corpus.startswith("hf:"):
-        import datasets
-
-        from muke.hub import missing_offline
-
-        name, _, config = corpus[3:].partition(":")
-        with missing_offline(f"statistics corpus {corpus}"):
-            ds = datasets.load_dataset(name, config or None, split="train")
-        index = _subset(len(ds), max_docs, seed)
-        docs = ds.select(index)[text_field]
-        ident = {"corpus": corpus, "corpus_sha256": ds._fingerprint, "n_corpus_documents": len(ds)}
-        return docs, ident
+        return _cached_hf_documents(corpus, max_docs, seed, text_field)
     path = Path(corpus)
     if not path.is_file():
         raise DataError(path, "corpus file not found")

@@ -58,6 +58,7 @@ BACKEND_OPTIONS = {
         "n_preserve": "n_preserve",
         "preservation": "preservation",
         "seed": "seed",
+        "unke_delta_dtype": "delta_dtype",
     },
 }
 

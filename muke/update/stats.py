@@ -278,10 +278,11 @@ class Stats:
     _sha256: str | None = field(default=None, repr=False)
 
     def second_moment(self, layer: int, device=None) -> torch.Tensor:
-        """C = E[k kᵀ] = Σ k kᵀ / n: (d_ff, d_ff) fp32."""
+        """C = E[k kᵀ] = Σ k kᵀ / n: (d_ff, d_ff) fp32, a new tensor (divided in place of its copy: one
+        d_ff² allocation on `device`)."""
         if layer not in self.mom2:
             raise StatsError(f"{self.path}: no statistics for layer {layer} (has {sorted(self.mom2)})")
-        return self.mom2[layer].to(device or "cpu") / self.count[layer]
+        return self.mom2[layer].to(device or "cpu", copy=True).div_(self.count[layer])
 
     @property
     def sha256(self) -> str:

@@ -15,7 +15,7 @@ from torch import nn
 from muke.data import DEFAULT_PRESERVATION, DataError, jsonl_records
 from muke.engine import hooks
 from muke.engine.windows import render_chat
-from muke.model import EditableModel, pad
+from muke.model import DTYPES, EditableModel, pad
 from muke.numerics import check_finite
 from muke.update.keys import Target, edit_context, preserved
 
@@ -154,9 +154,12 @@ def unke_update(
     n_preserve: int = 20,
     preservation: str | Path = DEFAULT_PRESERVATION,
     seed: int = 0,
+    delta_dtype: str = "float32",
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """UnKE: per layer index i of L, block outputs on the edit keys + (z - H(l_WM)) / (L - i) at the edit
-    positions become the block's new targets; returns ({parameter name: new - old, fp32}, loss trace).
+    positions become the block's new targets; returns ({parameter name: new - old in `delta_dtype`}, loss
+    trace). The change is rounded to delta_dtype before the next layer is fitted on the edited model, so the
+    returned differences are exactly the edit the later layers saw (bfloat16: half the bytes of fp32).
 
     Preservation: n_preserve records drawn with a generator seeded by (seed, request ids), so a batch
     gets the same samples whatever else runs.
@@ -190,6 +193,7 @@ def unke_update(
             )
             with torch.no_grad():
                 for name, p in em.layer(layer).named_parameters():
-                    diffs[block_prefix(em, layer) + name] = (new[name] - p.float()).cpu()
-                    p.copy_(new[name].to(p.dtype))
+                    diff = (new[name] - p.float()).to(DTYPES[delta_dtype])
+                    diffs[block_prefix(em, layer) + name] = diff.cpu()
+                    p.copy_((p.float() + diff).to(p.dtype))
     return diffs, trace

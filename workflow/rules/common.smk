@@ -10,6 +10,9 @@ if MUKE.split()[0] == "python":                 # the interpreter running Snakem
     MUKE = shlex.quote(sys.executable) + MUKE[len("python"):]
 DEVICE = config["runtime"]["device"]            # formatted into commands, never a rerun trigger
 CHECKPOINT_EVERY = config["runtime"]["stats_checkpoint_every"]
+STATS_STORE = config["runtime"]["stats_store"]  # statistics shared across experiments (collect_stats.py)
+STORE_ARG = f"--store {shlex.quote(STATS_STORE)}" if STATS_STORE else ""
+KEEP_UPDATES = config["runtime"]["keep_updates"]  # false: ΔW files are temp(), gone once answered and scored
 
 
 wildcard_constraints:
@@ -86,7 +89,14 @@ def generate_inputs(wildcards):
     files = {"model": PLAN.model_dir(run.model), "requests": run.dataset.path}
     if run.update is not None:
         files["weights"] = PLAN.update_path(run, int(wildcards.shard))
+        if not KEEP_UPDATES:
+            files["weight_files"] = update_files(files["weights"])
     return files
+
+
+def update_files(index):
+    """The folder of ΔW files beside an update index (an output of update_weights, temp() without keep_updates)."""
+    return index.removesuffix(".parquet")
 
 
 def score_inputs(wildcards):
@@ -105,4 +115,7 @@ def locality_job(wildcards):
 
 def locality_inputs(wildcards):
     model, _, updates = locality_job(wildcards)
-    return {"model": PLAN.model_dir(model), "updates": updates}
+    files = {"model": PLAN.model_dir(model), "updates": updates}
+    if not KEEP_UPDATES:
+        files["update_files"] = [update_files(u) for u in updates]
+    return files

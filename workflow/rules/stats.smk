@@ -17,5 +17,5 @@ rule collect_stats:
     threads: resource("collect_stats", "cpus_per_task")
     shell:
         "{MUKE} collect-stats --spec {params.spec:q} --model {input.model} --corpus {params.corpus:q}"
-        " --out {output} --checkpoint-every {CHECKPOINT_EVERY} --device {DEVICE} --threads {threads}"
+        " --out {output} --checkpoint-every {CHECKPOINT_EVERY} {STORE_ARG} --device {DEVICE} --threads {threads}"
         " > {log} 2>&1"

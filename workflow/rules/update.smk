@@ -2,7 +2,9 @@ rule update_weights:
     input:
         unpack(update_inputs),
     output:
-        f"{R}/updates/{{model}}/{{dataset}}/{{run}}/shard{{shard}}.parquet",
+        index=f"{R}/updates/{{model}}/{{dataset}}/{{run}}/shard{{shard}}.parquet",
+        # runtime.keep_updates false: the ΔW files go once the jobs that read them are done (the index stays)
+        **({} if KEEP_UPDATES else {"files": temp(directory(f"{R}/updates/{{model}}/{{dataset}}/{{run}}/shard{{shard}}"))}),
     params:
         spec=spec("update"),
         optional=optional_args,
@@ -16,5 +18,5 @@ rule update_weights:
     threads: resource("update_weights", "cpus_per_task")
     shell:
         "{MUKE} update-weights --spec {params.spec:q} --model {input.model} --memories {input.memories}"
-        " {params.optional} --cache-dir {params.cache} --out {output}"
+        " {params.optional} --cache-dir {params.cache} --out {output.index}"
         " --device {DEVICE} --threads {threads} > {log} 2>&1"

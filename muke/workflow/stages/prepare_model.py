@@ -8,16 +8,9 @@ import os
 import shutil
 from pathlib import Path
 
-from muke.io import fsync_dir, write_json
+from muke.io import fsync_dir, link_or_copy, write_json
 from muke.workflow.stages.command import command
 from muke.workflow.stages.common import MODEL_REF, log, write_manifest
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _hub_snapshot(params: dict, tmp: Path) -> dict:
@@ -56,7 +49,7 @@ def prepare_model(spec: dict, out: str | Path) -> Path:
         from muke.smollm import smollm2_dir
 
         # converted once into the user's cache ($MUKE_CACHE), then hard-linked (or copied) here
-        shutil.copytree(smollm2_dir(), tmp, copy_function=_link_or_copy)
+        shutil.copytree(smollm2_dir(), tmp, copy_function=link_or_copy)
         ref = {"source": "smollm2"}
     elif Path(source).is_dir():
         tmp.mkdir(parents=True)

@@ -1,0 +1,109 @@
+"""The 7B path rehearsed on a CPU with real 7B-sized matrices (`make rehearsal`; not a test, not in CI).
+
+    python benchmarks/rehearsal.py build --out results/rehearsal-model       # random model, Qwen2.5-7B widths
+    snakemake --profile workflow/profiles/default --configfile config/experiments/rehearsal-qwen2.5-7b.yaml
+    python benchmarks/rehearsal.py compare --configfile config/experiments/rehearsal-qwen2.5-7b.yaml
+
+`build` writes a randomly initialised qwen2 model with Qwen2.5-7B-Instruct's exact widths (hidden 3584,
+d_ff 18944, 28 / 4 heads, vocab 152064) but only 3 decoder layers, in bf16, with muke's tiny tokenizer (its
+ids are a subset of the vocabulary). `compare` prints, per job of the finished run, the peak resident memory
+Snakemake's benchmark file measured beside muke.workflow.estimate's CPU figure for that stage, and their
+ratio (the estimate's claim: within 25 %). Needs ~16 GB of free memory.
+"""
+
+import argparse
+from pathlib import Path
+
+WIDTHS = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    tie_word_embeddings=False,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+)
+
+
+def build(out: Path, layers: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from muke.data import DEMO_CORPUS
+    from muke.tiny import train_tokenizer
+
+    tok = train_tokenizer(DEMO_CORPUS)
+    config = Qwen2Config(
+        **WIDTHS, num_hidden_layers=layers, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"{out}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, bf16")
+
+
+def compare(configfile: str) -> None:
+    from muke.eval.environment import read_benchmarks
+    from muke.workflow.config import ROOT, load_yaml
+    from muke.workflow.estimate import (
+        DTYPE_BYTES,
+        GiB,
+        collect_stats_cost,
+        generate_cost,
+        memories_cost,
+        update_cost,
+        widths_of,
+    )
+    from muke.workflow.plan import Plan
+
+    plan = Plan(load_yaml(configfile), basedir=ROOT)
+    bench = read_benchmarks(Path(plan.results) / "benchmarks")
+    print(f"{'job':<70} {'measured GiB':>12} {'estimate GiB':>12} {'ratio':>6}")
+    for run in plan.runs:
+        m = run.model
+        w, b = widths_of(m, plan.model_dir(m)), DTYPE_BYTES[m.dtype]
+        gen = run.generate.params["generation"]
+        est = {("generate", run.generate): generate_cost(w, b, gen["batch_size"], 64, gen["max_new_tokens"], 1)}
+        if run.memories is not None:
+            mem, u = run.memories.params["memory"], run.update.params
+            est[("optimize_memories", run.memories)] = memories_cost(
+                w, b, mem["layer"], 300, mem["window"] or 300, mem["v_num_grad_steps"]
+            )
+            est[("update_weights", run.update)] = update_cost(
+                w,
+                b,
+                u["backend"],
+                u["options"]["layers"],
+                400,
+                u["options"].get("steps", 0),
+                u["options"].get("n_preserve", 0),
+            )
+        if run.stats is not None:
+            p = run.stats.params
+            est[("collect_stats", run.stats)] = collect_stats_cost(w, b, p["layers"], p["batch_tokens"], 0)
+        for (rule, spec), cost in est.items():
+            rows = bench[(bench["rule"] == rule) & bench["job"].str.contains(spec.identity)] if len(bench) else bench
+            if len(rows):
+                measured = rows["max_rss"].max() * 2**20  # Snakemake writes MiB
+                print(
+                    f"{rows['job'].iloc[0]:<70} {measured / GiB:>12.2f} {cost.cpu / GiB:>12.2f} {cost.cpu / measured:>6.2f}"
+                )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--layers", type=int, default=3)
+    p = sub.add_parser("compare")
+    p.add_argument("--configfile", required=True)
+    args = ap.parse_args()
+    build(args.out, args.layers) if args.command == "build" else compare(args.configfile)
+
+
+if __name__ == "__main__":
+    main()

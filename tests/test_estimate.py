@@ -1,0 +1,161 @@
+"""muke.workflow.estimate: the per-job memory figures against measured peaks, and the plan's table.
+
+Measured peak: ru_maxrss of a child process (os.wait4: that child's own peak resident set, which
+includes every tensor torch allocated on the CPU, whichever allocator path it took), minus the peak of a
+child that imports the same modules and loads nothing. tracemalloc does not see torch's allocations,
+and torch keeps no CPU allocation statistics, so the resident set of a fresh process is the robust
+figure. The model is wide enough (d_ff 4096: C is 64 MiB a layer) that tensors dominate the runtime's
+own noise.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from muke.workflow.estimate import (
+    FP32,
+    KNOWN_WIDTHS,
+    RUNTIME_BYTES,
+    Widths,
+    collect_stats_cost,
+    update_cost,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 1024**2
+LAYERS = [1, 2]
+BATCH_TOKENS = 1024
+
+
+def peak_rss(code: str) -> int:
+    """Peak resident bytes of a fresh Python process running `code` (one thread)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert os.waitstatus_to_exitcode(status) == 0, err
+    return usage.ru_maxrss * 1024
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """A random qwen2 model with a wide MLP (hidden 256, d_ff 4096, 3 layers) and the tiny tokenizer."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from muke.tiny import train_tokenizer
+
+    out = tmp_path_factory.mktemp("wide") / "model"
+    tok = train_tokenizer(ROOT / "resources" / "demo_corpus.txt")
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=4096,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+IMPORTS = """
+    import torch
+    torch.set_num_threads(1)
+    from muke.model import load
+    from muke.update.stats import StatsConfig, collect_stats, load_stats
+    from muke.update.edit import compute_update
+    from muke.update.keys import Target
+    from muke.engine.windows import encode
+"""
+
+
+@pytest.fixture(scope="module")
+def measured(wide_model, tmp_path_factory):
+    """Peak bytes above the import-only baseline of: collecting statistics, a MEMIT update."""
+    stats = tmp_path_factory.mktemp("stats") / "s.safetensors"
+    corpus = ROOT / "resources" / "demo_corpus.txt"
+    base = peak_rss(IMPORTS + "    em = None\n")
+    collect = peak_rss(
+        IMPORTS
+        + f"""
+    em = load({str(wide_model)!r})
+    cfg = StatsConfig(layers={tuple(LAYERS)}, corpus={str(corpus)!r}, max_docs=32, batch_tokens={BATCH_TOKENS},
+                      checkpoint_every=8, tokenize_chunk=8)
+    collect_stats(em, cfg, {str(stats)!r}, progress=False)
+    """
+    )
+    update = peak_rss(
+        IMPORTS
+        + f"""
+    em = load({str(wide_model)!r})
+    stats = load_stats({str(stats)!r}, em, {LAYERS})
+    seq = encode(em.tokenizer, "Where is Velmora?", "Velmora is a port city famous for its Copper Bridge.",
+                 em.end_of_turn, window=4)
+    z = torch.randn(seq.n_windows, em.hidden_size)
+    compute_update(em, [Target("r", seq, z)], "memit", {LAYERS}, stats=stats, mom2_update_weight=1000.0)
+    """
+    )
+    return {"collect_stats": collect - base, "memit": update - base, "base": base}
+
+
+def wide_widths(path) -> Widths:
+    import json
+
+    return Widths.from_config(json.loads((Path(path) / "config.json").read_text()))
+
+
+@pytest.mark.slow  # three fresh interpreters: ~35 s of CPU
+def test_collect_stats_estimate_matches_the_measured_peak(wide_model, measured):
+    w = wide_widths(wide_model)
+    cost = collect_stats_cost(w, FP32, LAYERS, BATCH_TOKENS, 0)
+    estimate = cost.cpu - RUNTIME_BYTES
+    assert abs(estimate - measured["collect_stats"]) <= 0.25 * measured["collect_stats"], (
+        estimate / MiB,
+        measured["collect_stats"] / MiB,
+    )
+
+
+@pytest.mark.slow
+def test_memit_update_estimate_matches_the_measured_peak(wide_model, measured):
+    w = wide_widths(wide_model)
+    cost = update_cost(w, FP32, "memit", LAYERS, 64, 0, 0)
+    estimate = cost.cpu - RUNTIME_BYTES
+    assert abs(estimate - measured["memit"]) <= 0.25 * measured["memit"], (estimate / MiB, measured["memit"] / MiB)
+
+
+def test_widths_count_the_parameters_transformers_builds(wide_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(wide_model)
+    assert wide_widths(wide_model).params() == sum(p.numel() for p in model.parameters())
+
+
+def test_qwen_7b_figures_of_the_issue():
+    """Qwen2.5-7B: 7.6 B parameters (30.5 GB fp32), C = 18944² fp32 = 1.43 GB."""
+    w = Widths.from_config(KNOWN_WIDTHS["Qwen/Qwen2.5-7B-Instruct"])
+    assert abs(w.params() * 4 / 1e9 - 30.5) < 0.2
+    assert abs(w.d_ff**2 * 4 / 1e9 - 1.435) < 0.01
+    memit = update_cost(w, 4, "memit", [4, 5, 6, 7, 8], 400, 0, 0)
+    assert memit.device < 40e9  # fp32 weights and one streamed layer fit a 40 GB card
+
+
+def test_estimate_command_lists_every_stage_of_the_tiny_workflow(capsys, monkeypatch):
+    from muke.cli import main
+
+    monkeypatch.chdir(ROOT)
+    assert main(["estimate", "--configfile", "config/tiny.yaml", "--gpu-gib", "40"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    jobs = {line.split()[1]: int(line.split()[2]) for line in out[2:-1]}
+    # 2 methods + the unedited model; 1 shard; one statistics job; locality of the unedited and 2 edited models
+    assert jobs == {"collect_stats": 1, "optimize_memories": 2, "update_weights": 2, "generate": 3, "locality": 3}
+    assert all(line.endswith("yes") for line in out[2:-1])
