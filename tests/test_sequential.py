@@ -8,7 +8,7 @@ from muke.data import EditRequest
 from muke.model import load
 from muke.update.alphaedit import without_keys
 from muke.update.edit import edit
-from muke.update.sequential import SequentialEditor, batches_of, edit_sequence
+from muke.update.sequential import SequentialEditor, batches_of, chain_sum, edit_sequence
 from muke.update.stats import StatsConfig, collect_stats, load_stats
 from muke.update.weights import WeightUpdate, apply
 
@@ -138,6 +138,19 @@ def test_resume_from_the_saved_chain_equals_the_uninterrupted_sequence(em, stats
         second, _ = editor.edit([REQUESTS[1]])
     for layer, (U, V) in chain[1].factors.items():
         assert torch.equal(second.factors[layer][0], U) and torch.equal(second.factors[layer][1], V)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_chain_sum_is_the_chain_up_to_rounding_at_the_size_of_one_link(em, chains, method):
+    chain, _, after1 = chains[method]
+    total = chain_sum(chain)
+    assert total.request_ids == ["velmora", "orlan"] and total.info["links"] == 2
+    assert set(total.params) == set(chain[0].params)  # UnKE: one block's differences, not two
+    for layer, (U, V) in total.factors.items():
+        assert U.shape[1] == V.shape[1] == sum(u.factors[layer][0].shape[1] for u in chain)
+    with apply(em, total):
+        for name, p in em.model.named_parameters():
+            torch.testing.assert_close(p, after1[name], rtol=1e-5, atol=1e-6)
 
 
 def test_replay_refuses_an_update_of_another_method(em, stats, preset, chains):

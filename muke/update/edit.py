@@ -92,6 +92,20 @@ def edit(
     """Optimise the target memories of a batch of EditRequests on the model as it is, then compute its
     weight update ΔW (edited_keys: see compute_update)."""
     memory, backend, options = resolve_method(method, preset)
+    return edit_resolved(em, requests, method, memory, backend, options, stats, edited_keys)
+
+
+def edit_resolved(
+    em: EditableModel,
+    requests,
+    method: str,
+    memory: dict,
+    backend: str,
+    options: dict,
+    stats: Stats | None = None,
+    edited_keys: dict[int, torch.Tensor] | None = None,
+) -> tuple[WeightUpdate, list[MemoryResult]]:
+    """`edit` with the method resolved (muke.update.methods.resolve_method: δ-loop and backend options)."""
     cfg = MemoryConfig(**memory)
     targets, results = [], []
     for r in requests:

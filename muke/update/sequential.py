@@ -18,7 +18,7 @@ import torch
 
 from muke.engine.memory import MemoryResult
 from muke.model import EditableModel
-from muke.update.edit import edit
+from muke.update.edit import edit_resolved
 from muke.update.keys import preserved
 from muke.update.methods import resolve_method
 from muke.update.stats import Stats
@@ -27,13 +27,24 @@ from muke.update.weights import WeightUpdate, add
 
 class SequentialEditor:
     """The model edited batch after batch, inside a `with` block; on exit the weights the method can touch
-    are restored bit-exactly. `chain` lists the updates made (or replayed) so far, in order."""
+    are restored bit-exactly. It holds one copy of those weights and, for AlphaEdit, the earlier edits'
+    keys, never the updates themselves (the caller keeps or writes them); `n_batches` counts them.
 
-    def __init__(self, em: EditableModel, method: str, preset: dict | None = None, stats: Stats | None = None):
-        self.em, self.method, self.preset, self.stats = em, method, preset, stats
-        _, self.backend, options = resolve_method(method, preset)
-        self.layers = options["layers"]
-        self.chain: list[WeightUpdate] = []
+    resolved: (memory, backend, options) of muke.update.methods.resolve_method, instead of resolving
+    `method` with `preset` (the workflow's specs hold them resolved)."""
+
+    def __init__(
+        self,
+        em: EditableModel,
+        method: str,
+        preset: dict | None = None,
+        stats: Stats | None = None,
+        resolved: tuple[dict, str, dict] | None = None,
+    ):
+        self.em, self.method, self.stats = em, method, stats
+        self.memory, self.backend, self.options = resolved or resolve_method(method, preset)
+        self.layers = self.options["layers"]
+        self.n_batches = 0
         self.edited_keys: dict[int, torch.Tensor] | None = {} if self.backend == "alphaedit" else None
         self._stack = ExitStack()
 
@@ -63,12 +74,14 @@ class SequentialEditor:
                 old = self.edited_keys.get(layer)
                 self.edited_keys[layer] = K if old is None else torch.cat([old, K], dim=1)
         add(self.em, update)
-        self.chain.append(update)
+        self.n_batches += 1
 
     def edit(self, requests: Sequence) -> tuple[WeightUpdate, list[MemoryResult]]:
         """Optimise z and compute ΔW of one batch of EditRequests on the model as edited so far, then add ΔW."""
-        update, results = edit(self.em, requests, self.method, self.preset, self.stats, self.edited_keys)
-        update.info["sequence_index"] = len(self.chain)
+        update, results = edit_resolved(
+            self.em, requests, self.method, self.memory, self.backend, self.options, self.stats, self.edited_keys
+        )
+        update.info["sequence_index"] = self.n_batches
         self.replay(update)
         return update, results
 
@@ -85,12 +98,34 @@ def edit_sequence(
 
     on_batch(t, ΔW_t, memory results) runs while the model holds batches 0..t (to evaluate it there);
     the model's original weights are back, bit-exactly, when this returns."""
+    chain = []
     with SequentialEditor(em, method, preset, stats) as editor:
         for t, batch in enumerate(batches):
             update, results = editor.edit(batch)
+            chain.append(update)
             if on_batch is not None:
                 on_batch(t, update, results)
-        return editor.chain
+    return chain
+
+
+def chain_sum(updates: Iterable[WeightUpdate]) -> WeightUpdate:
+    """One update equal to the chain up to fp32 rounding, read one link at a time: the factors side by side
+    per layer (ΔW = Σ U_t V_tᵀ = [U_1 .. U_T][V_1 .. V_T]ᵀ, rank the sum of the links'), the parameter
+    differences summed (UnKE: one block's size however long the chain)."""
+    total = None
+    for u in updates:
+        if total is None:
+            total = WeightUpdate(u.method, u.backend, list(u.layers), [], info={"links": 0})
+        total.request_ids += u.request_ids
+        total.info["links"] += 1
+        for layer, (U, V) in u.factors.items():
+            old = total.factors.get(layer)
+            total.factors[layer] = (U, V) if old is None else (torch.cat([old[0], U], 1), torch.cat([old[1], V], 1))
+        for name, diff in u.params.items():
+            total.params[name] = diff.clone() if name not in total.params else total.params[name] + diff
+    if total is None:
+        raise ValueError("an empty chain has no sum")
+    return total
 
 
 def batches_of(requests: Sequence, size: int) -> list[list]:

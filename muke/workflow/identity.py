@@ -24,7 +24,16 @@ from muke.io import sha256
 PACKAGE = Path(__file__).resolve().parents[1]  # muke/
 HASH_LENGTH = 10
 BIG_FILE = 512 << 20
-STAGES = ("prepare_model", "collect_stats", "optimize_memories", "update_weights", "generate", "score", "locality")
+STAGES = (
+    "prepare_model",
+    "collect_stats",
+    "optimize_memories",
+    "update_weights",
+    "edit_sequence",
+    "generate",
+    "score",
+    "locality",
+)
 FROZEN_CODE = "MUKE_CODE_IDENTITIES"  # environment: {stage: identity} fixed for one workflow run
 
 

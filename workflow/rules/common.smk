@@ -78,11 +78,28 @@ def update_inputs(wildcards):
     return files
 
 
+def sequence_inputs(wildcards):
+    run = run_of("sequence", wildcards)
+    files = {"model": PLAN.model_dir(run.model), "requests": run.dataset.path}
+    if run.stats is not None:
+        files["stats"] = PLAN.stats_path(run.model, run.stats)
+    if run.sequence.params["backend"] == "unke":
+        files["preservation"] = PLAN.preservation_path(run)
+    return files
+
+
+def chain_arg(wildcards, input):
+    """--chain for a job of a sequential run (a derived param: never a rerun trigger)."""
+    return f"--chain {shlex.quote(str(input.chain))}" if "chain" in input.keys() else ""
+
+
 def generate_inputs(wildcards):
     run = run_of("generate", wildcards)
     files = {"model": PLAN.model_dir(run.model), "requests": run.dataset.path}
     if run.update is not None:
         files["weights"] = PLAN.update_path(run, int(wildcards.shard))
+    if run.sequence is not None:
+        files["chain"] = PLAN.sequence_path(run)
     return files
 
 
@@ -97,9 +114,14 @@ def locality_job(wildcards):
         model = PLAN.models[wildcards.model]
         return model, PLAN.pre_edit_locality[model.name], []
     run = run_of("locality", wildcards)
+    if run.sequence is not None:
+        return run.model, run.locality, []
     return run.model, run.locality, [PLAN.update_path(run, shard) for shard in PLAN.shards(run)]
 
 
 def locality_inputs(wildcards):
     model, _, updates = locality_job(wildcards)
-    return {"model": PLAN.model_dir(model), "updates": updates}
+    files = {"model": PLAN.model_dir(model), "updates": updates}
+    if wildcards.dataset != "-" and run_of("locality", wildcards).sequence is not None:
+        files["chain"] = PLAN.sequence_path(run_of("locality", wildcards))
+    return files
