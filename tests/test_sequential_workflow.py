@@ -78,6 +78,7 @@ def _edit_sequence_cmd(run, model, requests, stats, out) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["matryoshka+alphaedit"])
 def test_edit_sequence_killed_after_a_batch_resumes_to_the_uninterrupted_chain(tmp_path, monkeypatch, method):
     workdir = make_workdir(tmp_path / "work")
@@ -173,6 +174,7 @@ def test_locality_curve_starts_at_the_unedited_model_and_the_section_renders():
 # ---------------------------------------------------------------------------- a real Snakemake run
 
 
+@pytest.mark.slow
 @needs_snakemake
 def test_sequential_workflow_runs_and_changing_checkpoints_redoes_no_edit(tmp_path_factory):
     repo = snapshot(tmp_path_factory.mktemp("snapshot") / "repo")
