@@ -112,6 +112,7 @@ def plot_retention(curve: pd.DataFrame):
         for (name, k), sub in curve[curve["metric"] == metric].groupby(["series", "first_k"], sort=False):
             ax.plot(sub["n_edits"], sub["value"], marker="o", label=f"{name} · first {k}")
         ax.set(xlabel="edits made", ylabel=f"{label} of the first k edits", title=label)
+        ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0, -1].legend(fontsize=7)
     return fig
 
@@ -123,7 +124,9 @@ def plot_locality(curve: pd.DataFrame, limit: int = 6):
     for ax, (task, metric) in zip(axes[0], keys):
         for name, sub in curve[(curve["task"] == task) & (curve["metric"] == metric)].groupby("series", sort=False):
             ax.plot(sub["n_edits"], sub["value"], marker="o", label=str(name))
-        ax.set(xlabel="edits made", title=f"{task} {metric}")
+        ax.set(xlabel="edits made")
+        ax.set_title(f"{task}\n{metric}", fontsize=9)
+        ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0, -1].legend(fontsize=7)
     return fig
 
