@@ -246,6 +246,22 @@ def test_plan_identities_follow_the_stage_graph(tmp_path, monkeypatch):
     }
 
 
+@needs_snakemake
+def test_methods_with_one_objective_share_their_memories(tmp_path, monkeypatch):
+    """μKE keys with the MEMIT or the AlphaEdit backend optimise the same target memories: one path, one job
+    per shard, and each run's update reads it."""
+    monkeypatch.chdir(make_workdir(tmp_path))
+    config = changed(methods=["muke-memit", "matryoshka+alphaedit"])
+    plan = Plan(config)
+    memit, alpha = (next(r for r in plan.runs if r.method == m) for m in config["methods"])
+    assert memit.memories.identity == alpha.memories.identity
+    assert plan.memories_path(memit, 0) == plan.memories_path(alpha, 0)
+    assert f"/matryoshka-{memit.memories.identity}/" in plan.memories_path(memit, 0)
+    assert memit.update.identity != alpha.update.identity
+    jobs = planned(tmp_path, config)
+    assert jobs["optimize_memories"] == jobs["update_weights"] // 2 > 0
+
+
 def copied_package(tmp_path) -> Path:
     """A copy of the muke package to edit (code identities of the copy, not of the repository)."""
     package = tmp_path / "muke"

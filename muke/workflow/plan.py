@@ -1,7 +1,7 @@
 """The workflow plan: which stage jobs a config asks for, and the identity of each.
 
 A stage's identity is a short hash of (its own parameters, the identities of its inputs, the code it
-runs: muke.workflow.identity). Output paths carry it — results/memories/{model}/{dataset}/{method}-{identity}/
+runs: muke.workflow.identity). Output paths carry it — results/updates/{model}/{dataset}/{method}-{identity}/
 shard{k}... — so changing one hyperparameter creates new paths for exactly the stages it reaches (and
 the ones below them), setting it back finds the old files, and a sweep is one DAG whose runs never
 overwrite each other. The Snakefile builds one `Plan` and its rules only look things up here; the
@@ -47,7 +47,11 @@ class Run:
     locality: Spec | None = None
 
     def run_id(self, spec: Spec) -> str:
-        return f"{self.method}-{spec.identity}"
+        """The folder of one of this run's stages. The δ stage's is named by its objective: the backend is
+        not part of that stage's identity, so methods that share an objective and memory settings
+        (muke-memit, matryoshka+alphaedit) share one set of memories instead of computing it twice."""
+        name = spec.params["memory"]["objective"] if spec.stage == "optimize_memories" else self.method
+        return f"{name}-{spec.identity}"
 
     def specs(self) -> dict[str, Spec]:
         """{run attribute: spec} of the stages this run has."""
