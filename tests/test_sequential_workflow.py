@@ -185,7 +185,7 @@ def test_sequential_workflow_runs_and_changing_checkpoints_redoes_no_edit(tmp_pa
         "tasks": [],
         "retention": {**config["locality"]["retention"], "enabled": True},
     }
-    snakemake(workdir, config, repo=repo)
+    snakemake(workdir, config, repo=repo, timeout=3600)
     results = workdir / config["results"]
     chains = sorted((results / "sequences" / "tiny" / "demo").glob("*/chain.parquet"))
     assert len(chains) == 2 and all(list(pd.read_parquet(c)["n_edits"]) == [1, 2] for c in chains)
