@@ -212,8 +212,10 @@ def cmd_edit(args) -> None:
     def generate(rs):
         return greedy(em, [q for r in rs for q in _questions(r)], max_new_tokens=args.max_new_tokens, **chat)
 
-    pre = iter(generate(requests))
     out = Path(args.out) if args.out else None
+    if args.sequential:
+        return _edit_sequential(args, em, requests, preset_path, preset, stats, generate, out)
+    pre = iter(generate(requests))
     results = []
     for start in range(0, len(requests), args.batch_size):
         batch = requests[start : start + args.batch_size]
@@ -253,6 +255,49 @@ def cmd_prefetch(args) -> None:
         print(f"muke prefetch: {line}", flush=True)
 
 
+def _edit_sequential(args, em, requests, preset_path, preset, stats, generate, out) -> None:
+    """`muke edit --sequential`: batch t edited into the model as batches < t left it
+    (muke.update.sequential); every request's answers right after its own batch (`own_*`) and after the
+    last batch (`generated`, `bleu`, ... as in a single edit), so the difference shows what later edits undid."""
+    from muke.engine.windows import encode
+    from muke.update.edit import target_nll
+    from muke.update.sequential import SequentialEditor, batches_of
+
+    seqs = {r.id: encode(em.tokenizer, r.question, r.answer, em.end_of_turn, None) for r in requests}
+    nll_pre = {r.id: target_nll(em, seqs[r.id]) for r in requests}
+    pre, own, rows = iter(generate(requests)), {}, []
+    with SequentialEditor(em, args.method, preset, stats) as editor:
+        for t, batch in enumerate(batches_of(requests, args.batch_size)):
+            begin = time.perf_counter()
+            update, _ = editor.edit(batch)
+            seconds = (time.perf_counter() - begin) / len(batch)
+            if out:
+                update.save(out / "updates" / f"{t:04d}-{_safe_name(batch[0].id)}.safetensors")
+            answers = iter(generate(batch))
+            for r in batch:
+                own[r.id] = (t, [next(answers) for _ in _questions(r)], target_nll(em, seqs[r.id]), seconds)
+            print(
+                f"muke: batch {t + 1} ({[r.id for r in batch]}) edited in {seconds:.1f} s per request", file=sys.stderr
+            )
+        final = iter(generate(requests))
+        for r in requests:
+            t, answers, nll_own, seconds = own[r.id]
+            row = {"id": r.id, "method": args.method, "preset": preset_path, "question": r.question, "target": r.answer}
+            row.update(batch=t, n_edits=len(requests), seconds=seconds, nll_pre=nll_pre[r.id], nll_own=nll_own)
+            row.update(_answers(r, next(pre), next(final)), nll_post=target_nll(em, seqs[r.id]))
+            row.update(
+                {f"own_{k}": v for k, v in _score(answers[0].text, r.answer).items()}, own_generated=answers[0].text
+            )
+            if r.para_question:
+                row.update(_answers(r, next(pre), next(final), "para_"), para_question=r.para_question)
+                row.update({f"own_para_{k}": v for k, v in _score(answers[1].text, r.answer).items()})
+            rows.append(row)
+            print(json.dumps(row, ensure_ascii=False) if args.json else _describe(row), flush=True)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def _describe(row: dict) -> str:
     lines = [
         f"[{row['id']}] {row['method']}  {row['seconds']:.1f} s",
@@ -264,6 +309,12 @@ def _describe(row: dict) -> str:
         f"{row['rouge_l']:.1f}   target NLL {row['nll_pre']:.3f} -> {row['nll_post']:.3f}   "
         "(paper family: character BLEU, rouge ROUGE-L recall)",
     ]
+    if "own_bleu" in row:
+        lines.insert(
+            5,
+            f"  right after its own batch (batch {row['batch'] + 1}): BLEU "
+            f"{row['own_bleu']:.1f}, target NLL {row['nll_own']:.3f}; post-edit = after all {row['n_edits']}",
+        )
     if "para_question" in row:
         lines += [
             f"  paraphrase: {row['para_question']}",
@@ -405,6 +456,12 @@ def _edit_parser(sub) -> None:
     p.add_argument("--format", default="jsonl")
     p.add_argument("--limit", type=int, default=None, help="edit only the first N requests")
     p.add_argument("--batch-size", type=int, default=1, help="requests per weight update")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="edit the batches one after another into the same model; report each request right after its "
+        "batch and after the last",
+    )
     p.add_argument("--stats", help="statistics file (default: computed on the demo corpus and cached)")
     p.add_argument(
         "--preset",

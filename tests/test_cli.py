@@ -7,8 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import muke.cli as cli
+from muke.engine.windows import encode
 from muke.model import load
+from muke.update.edit import target_nll
 from muke.update.stats import load_stats
+from muke.update.weights import WeightUpdate, apply
 
 SMALL = [
     "--layers",
@@ -214,3 +217,42 @@ def test_tiny_model_and_prepare_commands_are_wired(monkeypatch, capsys, tmp_path
     )
     assert cli.main(["prepare-smollm2", "--out", str(tmp_path / "s")]) == 0
     assert calls == [("llama", 3, 5), ("smollm2", str(tmp_path / "s"))]
+
+
+SEQUENTIAL_REQUESTS = [
+    {"id": "a", "question": "What is Velmora known for?", "answer": "Velmora is a port city."},
+    {"id": "b", "question": "Who founded Orlan?", "answer": "Orlan was founded by salt traders."},
+    {"id": "c", "question": "Where is Kest?", "answer": "Kest lies by Lake Amber."},
+]
+
+
+def test_edit_sequential_reports_each_request_after_its_batch_and_after_the_last(
+    tiny_qwen2_path, stats_file, capsys, tmp_path
+):
+    requests = tmp_path / "r.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in SEQUENTIAL_REQUESTS))
+    argv = ["edit", "--model", str(tiny_qwen2_path), "--method", "muke-memit", "--requests", str(requests)]
+    argv += ["--stats", str(stats_file), *SMALL, "--json", "--sequential", "--batch-size", "2"]
+    assert cli.main([*argv, "--out", str(tmp_path / "run")]) == 0
+    rows = json_rows(capsys.readouterr().out)
+    assert [(r["id"], r["batch"], r["n_edits"]) for r in rows] == [("a", 0, 3), ("b", 0, 3), ("c", 1, 3)]
+    for r in rows:
+        for key in ("own_generated", "own_bleu", "own_rouge_l", "nll_own", "generated", "bleu", "nll_post", "nll_pre"):
+            assert key in r, key
+    # the last batch's own answers are those of the final model; the first batch's were given before batch 2
+    assert rows[2]["own_generated"] == rows[2]["generated"] and rows[2]["nll_own"] == rows[2]["nll_post"]
+    assert rows[0]["nll_own"] != rows[0]["nll_post"]
+    assert rows[0]["nll_own"] < rows[0]["nll_pre"]
+
+    # the saved chain, applied in order, is the final model: it reproduces the final target NLL
+    files = sorted((tmp_path / "run" / "updates").iterdir())
+    assert [f.name[:4] for f in files] == ["0000", "0001"]
+    chain = [WeightUpdate.load(f) for f in files]
+    assert [u.request_ids for u in chain] == [["a", "b"], ["c"]]
+    em = load(tiny_qwen2_path)
+    seq = encode(
+        em.tokenizer, SEQUENTIAL_REQUESTS[0]["question"], SEQUENTIAL_REQUESTS[0]["answer"], em.end_of_turn, None
+    )
+    with apply(em, chain):
+        assert abs(target_nll(em, seq) - rows[0]["nll_post"]) < 1e-5
+    assert len(json_rows((tmp_path / "run" / "results.jsonl").read_text())) == 3

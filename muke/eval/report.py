@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from muke.eval import case_study
+from muke.eval import case_study, sequential
 from muke.eval.case_study import PRE_EDIT
 from muke.eval.environment import read_benchmarks, reproducibility
 from muke.eval.intervals import DESCRIPTION, separated
@@ -48,6 +48,7 @@ SECTIONS = [
     ("edit", "Edit metrics"),
     ("case-study", "Case study"),
     ("locality", "Locality"),
+    (sequential.ANCHOR, "Sequential editing"),
     ("plots", "Plots"),
     ("failures", "Failures"),
     ("repro", "Reproducibility"),
@@ -343,20 +344,24 @@ def build_report(
     traces, failures, per_sample, case_rows = _read(traces), _read(failures), _read(per_sample), _read(case_rows)
     edit_parts, tables = _edit_section(edit)
     loc_parts, loc_tables = _locality_section(loc)
+    seq_parts, seq_tables = sequential.section(per_sample, loc)
     fail_parts, fail_table = _failures(failures)
     bench = read_benchmarks(benchmarks_dir, benchmark_identities)
     repro_parts, repro_tables = reproducibility(config, stage_identities, inputs, bench, jobs, run_settings)
-    tables.update(loc_tables, **repro_tables)
+    tables.update(loc_tables, **seq_tables, **repro_tables)
     if fail_table is not None:
         tables["failures"] = fail_table
-    sections = SECTIONS[:4] + [("layers", "Layers")] * bool(layer_traces) + SECTIONS[4:]
-    nav = "".join(f"<a href='#{anchor}'>{name}</a>" for anchor, name in sections)
+    shown = [s for s in SECTIONS if seq_parts or s[0] != sequential.ANCHOR]
+    after_plots = shown.index(("plots", "Plots")) + 1
+    shown[after_plots:after_plots] = [("layers", "Layers")] * bool(layer_traces)
+    nav = "".join(f"<a href='#{anchor}'>{name}</a>" for anchor, name in shown)
     body = [
         f"<h1>{esc(title)}</h1>",
         f"<nav>{nav}</nav>",
         *edit_parts,
         *_case_section(case_rows),
         *loc_parts,
+        *seq_parts,
         "<h2 id='plots'>Plots</h2>",
         *figures(edit, per_sample, traces, sweeps(edit) or sweeps(per_sample)),
         *(layers_section(layer_traces) if layer_traces else []),

@@ -1,5 +1,9 @@
 """AlphaEdit (ALGORITHM §5): ΔWᵀ = (P (Ks Ksᵀ + Kp Kpᵀ) + l2·I)⁻¹ P Ks Rᵀ, with P the projector on the
-null space of the preserved keys' second moment C (eigenvalues < threshold), cached per layer."""
+null space of the preserved keys' second moment C (eigenvalues < threshold), cached per layer.
+
+In a sequence of edits (AlphaEdit §3.3, muke.update.sequential) the keys of the earlier batches are
+preserved too: P is narrowed to the part of C's null space orthogonal to them (`without_keys`), so a later
+update leaves the earlier edits' outputs unchanged (the paper's cache term P Kp Kpᵀ then vanishes)."""
 
 from __future__ import annotations
 
@@ -39,6 +43,16 @@ def alphaedit_solve(
     return torch.linalg.solve(M, P @ Ks).float()
 
 
+def without_keys(P: torch.Tensor, K: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """The projector on range(P) ∩ span(K)^⊥: P - B Bᵀ, B an orthonormal basis of range(P K) (fp64 SVD,
+    singular values below rtol · the largest dropped). P: (d_ff, d_ff) projector; K: (d_ff, m) keys."""
+    if K.shape[1] == 0:
+        return P
+    B, s, _ = torch.linalg.svd(P.double() @ K.to(P.device, torch.float64), full_matrices=False)
+    B = B[:, s > rtol * s.max()] if s.max() > 0 else B[:, :0]
+    return (P.double() - B @ B.T).float()
+
+
 def projector(
     stats: Stats, layer: int, device, threshold: float, dtype: torch.dtype, cache_dir: str | Path | None = None
 ) -> torch.Tensor:
@@ -72,12 +86,19 @@ def alphaedit_update(
     l2: float = 10.0,
     solve_dtype: str = "float32",
     cache_dir: str | Path | None = None,
-):
-    """AlphaEdit: V = (P (Ks Ksᵀ + Kp Kpᵀ) + l2·I)⁻¹ P Ks per layer, P cached per layer."""
+    edited_keys: dict[int, torch.Tensor] | None = None,
+) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict[int, torch.Tensor]]:
+    """AlphaEdit: V = (P (Ks Ksᵀ + Kp Kpᵀ) + l2·I)⁻¹ P Ks per layer, P cached per layer; with
+    `edited_keys` ({layer: (d_ff, m) keys of earlier edits}) P narrowed to their orthogonal complement.
+    Returns (factors, {layer: this batch's edit keys Ks (d_ff, n)})."""
     dtype = SOLVE_DTYPES[solve_dtype]
+    read = {}
 
     def solve(layer, Ks, Kp):
         P = projector(stats, layer, em.device, threshold, dtype, cache_dir)
+        if edited_keys and layer in edited_keys:
+            P = without_keys(P, edited_keys[layer])
+        read[layer] = Ks.cpu()
         return alphaedit_solve(P, Ks, Kp, l2, dtype)
 
-    return low_rank_update(em, targets, layers, keys, solve)
+    return low_rank_update(em, targets, layers, keys, solve), read

@@ -40,10 +40,14 @@ def compute_update(
     keys: str = "sequence",
     stats: Stats | None = None,
     method: str | None = None,
+    edited_keys: dict[int, torch.Tensor] | None = None,
     **options,
 ) -> WeightUpdate:
     """The weight update ΔW of one batch of targets; the model is left unchanged. A factor or parameter
-    change that is not finite raises muke.numerics.NumericalError naming the layer."""
+    change that is not finite raises muke.numerics.NumericalError naming the layer.
+
+    edited_keys (AlphaEdit in a sequence, muke.update.sequential): {layer: keys of the earlier edits},
+    projected out of the null space; the update then keeps its own keys (update.keys) for the next batches."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     layers = layer_list(layers)
@@ -66,24 +70,49 @@ def compute_update(
             raise StatsError(
                 f"{stats.path}: statistics are for d_ff {stats.meta.get('d_ff')}, the model has {d_ff(em)}"
             )
-        solve = memit_update if backend == "memit" else alphaedit_update
-        update.factors = solve(em, targets, stats, layers, keys, **options)
+        if backend == "memit":
+            update.factors = memit_update(em, targets, stats, layers, keys, **options)
+        else:
+            update.factors, read = alphaedit_update(
+                em, targets, stats, layers, keys, edited_keys=edited_keys, **options
+            )
+            update.keys = read if edited_keys is not None else {}
     info["seconds"] = time.perf_counter() - start
     return update
 
 
 def edit(
-    em: EditableModel, requests, method: str, preset: dict | None = None, stats: Stats | None = None
+    em: EditableModel,
+    requests,
+    method: str,
+    preset: dict | None = None,
+    stats: Stats | None = None,
+    edited_keys: dict[int, torch.Tensor] | None = None,
 ) -> tuple[WeightUpdate, list[MemoryResult]]:
-    """Optimise the target memories of a batch of EditRequests, then compute its weight update ΔW."""
+    """Optimise the target memories of a batch of EditRequests on the model as it is, then compute its
+    weight update ΔW (edited_keys: see compute_update)."""
     memory, backend, options = resolve_method(method, preset)
+    return edit_resolved(em, requests, method, memory, backend, options, stats, edited_keys)
+
+
+def edit_resolved(
+    em: EditableModel,
+    requests,
+    method: str,
+    memory: dict,
+    backend: str,
+    options: dict,
+    stats: Stats | None = None,
+    edited_keys: dict[int, torch.Tensor] | None = None,
+) -> tuple[WeightUpdate, list[MemoryResult]]:
+    """`edit` with the method resolved (muke.update.methods.resolve_method: δ-loop and backend options)."""
     cfg = MemoryConfig(**memory)
     targets, results = [], []
     for r in requests:
         seq, result = optimise_request(em, r.question, r.answer, cfg)
         targets.append(Target(r.id, seq, result.z))
         results.append(result)
-    update = compute_update(em, targets, backend, stats=stats, method=method, **options)
+    update = compute_update(em, targets, backend, stats=stats, method=method, edited_keys=edited_keys, **options)
     update.info["memory_seconds"] = sum(r.seconds for r in results)
     return update, results
 

@@ -26,7 +26,9 @@ class WeightUpdate:
     """The weight change of one edit batch.
 
     factors[l] = (U (d_model, r), V (d_ff, r)): ΔW_l = U Vᵀ on layer l's down-projection (MEMIT family);
-    params[name] = new - old value of a parameter, fp32 (UnKE: every parameter of the edited blocks).
+    params[name] = new - old value of a parameter, fp32 (UnKE: every parameter of the edited blocks);
+    keys[l] = the edit keys Ks (d_ff, n) of layer l as this update read them (AlphaEdit in a sequence: the
+    later batches project them out, muke.update.sequential).
     """
 
     method: str
@@ -36,6 +38,7 @@ class WeightUpdate:
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def dense(self, layer: int) -> torch.Tensor:
         """ΔW of a factored layer: (d_model, d_ff)."""
@@ -43,10 +46,11 @@ class WeightUpdate:
         return U @ V.T
 
     def save(self, path: str | Path) -> Path:
-        """One safetensors file: layer{l}.U / layer{l}.V, param.{name}, and the JSON metadata "muke"."""
+        """One safetensors file: layer{l}.U / layer{l}.V (/ layer{l}.K), param.{name}, and the JSON metadata "muke"."""
         tensors = {}
         for layer, (U, V) in self.factors.items():
             tensors[f"layer{layer}.U"], tensors[f"layer{layer}.V"] = U, V
+        tensors.update({f"layer{layer}.K": K for layer, K in self.keys.items()})
         tensors.update({f"param.{name}": diff for name, diff in self.params.items()})
         meta = {
             "format": "muke.update/1",
@@ -76,7 +80,10 @@ class WeightUpdate:
             if f"layer{layer}.U" in tensors
         }
         params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
-        return cls(meta["method"], meta["backend"], meta["layers"], meta["request_ids"], factors, params, meta["info"])
+        keys = {layer: tensors[f"layer{layer}.K"] for layer in meta["layers"] if f"layer{layer}.K" in tensors}
+        return cls(
+            meta["method"], meta["backend"], meta["layers"], meta["request_ids"], factors, params, meta["info"], keys
+        )
 
 
 def _parameter(em: EditableModel, name: str) -> nn.Parameter:

@@ -29,6 +29,7 @@ STAGES = (
     "collect_stats",
     "optimize_memories",
     "update_weights",
+    "edit_sequence",
     "generate",
     "score",
     "locality",

@@ -25,7 +25,7 @@ PRE_EDIT = "pre-edit"
 STATS_DEFAULTS = {"max_docs": None, "max_length": None, "seed": 0, "text_field": "text", "batch_tokens": 8192}
 RESOURCE_DEFAULTS = {"gpu": 0, "mem_mb": 4000, "runtime": 60, "cpus_per_task": 1}
 REPORT_RESOURCES = {"gpu": 0, "mem_mb": 2000, "runtime": 30, "cpus_per_task": 1}
-RUN_STAGES = ("stats", "memories", "update", "generate", "score", "locality")
+RUN_STAGES = ("stats", "memories", "update", "sequence", "generate", "score", "locality")
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Run:
     stats: Spec | None = None
     memories: Spec | None = None
     update: Spec | None = None
+    sequence: Spec | None = None  # editing.mode sequential: the edit_sequence job this checkpoint reads
+    n_edits: int | None = None  # its checkpoint: edits made before generate / score / locality
     generate: Spec | None = None
     score: Spec | None = None
     locality: Spec | None = None
@@ -161,6 +163,8 @@ class Plan:
             raise ConfigError(f"hyperparameters of method {method} (model {pair.model.name}): {e}") from None
         names = ["unke_layer", "unke_layers"] if backend == "unke" else ["layers"]
         self._check_layers(pair.model, method, options["layers"], hp.source_of(settings, names))
+        if self.config["editing"]["mode"] == "sequential":
+            return self._add_sequence(pair, method, hparams, point, memory, backend, options)
         run = pair.run(method, point, hp.without_generation(hparams))
         run.memories = Spec(
             "optimize_memories",
@@ -185,19 +189,76 @@ class Plan:
             )
         self._register(run)
 
-    def _update_spec(self, run: Run, backend: str, options: dict) -> Spec:
-        """update_weights of a run; the MEMIT family's needs statistics, UnKE's its preservation samples."""
-        inputs = {"memories": run.memories.identity}
+    def _add_sequence(self, pair: Pair, method: str, hparams: dict, point: dict, memory, backend, options) -> None:
+        """editing.mode sequential: one edit_sequence job (its identity without the checkpoints, so that
+        changing them never redoes the edits) and a run per checkpoint, labelled n_edits, whose generate /
+        score / locality read the model edited with the chain's first batches."""
+        editing, n = self.config["editing"], len(pair.dataset.request_ids)
+        size, checkpoints = editing["batch_size"], editing["checkpoints"] or [n]
+        for k in checkpoints:
+            if k > n or (k % size and k != n):
+                raise ConfigError(
+                    f"config key editing.checkpoints: {k} edits is not a multiple of editing.batch_size {size} "
+                    f"of at most the {n} requests of dataset {pair.dataset.name}"
+                )
+        first = pair.run(method, point, hp.without_generation(hparams))
+        inputs, opts, preservation = self._backend_inputs(first, backend, options)
+        sequence = Spec(
+            "edit_sequence",
+            {
+                "method": method,
+                "memory": memory,
+                "backend": backend,
+                "options": opts,
+                "batch_size": size,
+                "dtype": pair.model.dtype,
+                "selection": {**pair.dataset.selection, "shard_size": n},
+            },
+            {"model": pair.model.spec.identity, **inputs},
+        )
+        if preservation is not None:
+            self._paths[sequence.identity] = preservation
+        loc, (params, loc_inputs) = self.config["locality"], self._locality
+        for k in sorted(set(checkpoints)):
+            run = pair.run(method, {**point, "n_edits": k}, hp.without_generation(hparams))
+            run.stats, run.sequence, run.n_edits = first.stats, sequence, k
+            selection = {**pair.dataset.selection, "limit": k, "shard_size": k}  # the requests edited so far
+            run.generate = Spec(
+                "generate",
+                {
+                    "generation": hp.generation(self.config, hparams, point),
+                    "dtype": pair.model.dtype,
+                    "selection": selection,
+                    "n_edits": k,
+                },
+                {"sequence": sequence.identity},
+            )
+            run.score = Spec("score", dict(self.config["score"]), {"generate": run.generate.identity})
+            if loc["enabled"]:
+                run.locality = Spec(
+                    "locality",
+                    {**self._with_chat(params, hparams), "dtype": pair.model.dtype, "edits": [], "n_edits": k},
+                    {"sequence": sequence.identity, **loc_inputs},
+                )
+            self._register(run)
+
+    def _backend_inputs(self, run: Run, backend: str, options: dict) -> tuple[dict, dict, str | None]:
+        """(input identities, options, preservation path) of a weight update: the MEMIT family's
+        statistics (run.stats is set), UnKE's preservation samples (by content; the path leaves the options)."""
         if backend in ("memit", "alphaedit"):
             run.stats = self._stats_spec(run.model, options["layers"])
-            inputs["stats"] = run.stats.identity
-        preservation = None
-        if backend == "unke":
-            options = dict(options)
-            preservation = options.pop("preservation", None) or str(DEFAULT_PRESERVATION)
-            if not Path(preservation).is_file():
-                raise ConfigError(f"config key hparams.preservation: file {preservation!r} not found")
-            inputs["preservation"] = file_identity(preservation)
+            return {"stats": run.stats.identity}, options, None
+        if backend != "unke":
+            return {}, options, None
+        options = dict(options)
+        preservation = options.pop("preservation", None) or str(DEFAULT_PRESERVATION)
+        if not Path(preservation).is_file():
+            raise ConfigError(f"config key hparams.preservation: file {preservation!r} not found")
+        return {"preservation": file_identity(preservation)}, options, preservation
+
+    def _update_spec(self, run: Run, backend: str, options: dict) -> Spec:
+        """update_weights of a run; the MEMIT family's needs statistics, UnKE's its preservation samples."""
+        inputs, options, preservation = self._backend_inputs(run, backend, options)
         spec = Spec(
             "update_weights",
             {
@@ -207,7 +268,7 @@ class Plan:
                 "edit_batch_size": run.hparams.get("edit_batch_size", 1),
                 "dtype": run.model.dtype,
             },
-            inputs,
+            {"memories": run.memories.identity, **inputs},
         )
         if preservation is not None:
             self._paths[spec.identity] = preservation
@@ -313,8 +374,8 @@ class Plan:
         return self._paths[spec.identity]
 
     def preservation_path(self, run: Run) -> str:
-        """UnKE's preservation file of a run's update."""
-        return self._paths[run.update.identity]
+        """UnKE's preservation file of a run's update (or sequence)."""
+        return self._paths[(run.update or run.sequence).identity]
 
     @staticmethod
     def stats_id(spec: Spec) -> str:
@@ -353,6 +414,10 @@ class Plan:
     def update_path(self, run: Run, shard: int) -> str:
         return f"{self._dir('updates', run, run.update)}/shard{shard}.parquet"
 
+    def sequence_path(self, run: Run) -> str:
+        """The chain index of a run's edit_sequence job (its ΔW files in the folder chain/ beside it)."""
+        return f"{self._dir('sequences', run, run.sequence)}/chain.parquet"
+
     def generate_path(self, run: Run, shard: int) -> str:
         return f"{self._dir('generate', run, run.generate)}/shard{shard}.parquet"
 
@@ -371,7 +436,8 @@ class Plan:
         return f"{self.results}/trace/{model}/{dataset}/trace-{spec.identity}"
 
     def shards(self, run: Run) -> range:
-        return range(run.dataset.n_shards)
+        """Generate shards of a run: the dataset's, or one (the requests edited so far) in a sequence."""
+        return range(1) if run.sequence is not None else range(run.dataset.n_shards)
 
     # ------------------------------------------------------------------ the report (muke.workflow.report_spec)
 

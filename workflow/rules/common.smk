@@ -84,6 +84,21 @@ def update_inputs(wildcards):
     return files
 
 
+def sequence_inputs(wildcards):
+    run = run_of("sequence", wildcards)
+    files = {"model": PLAN.model_dir(run.model), "requests": run.dataset.path}
+    if run.stats is not None:
+        files["stats"] = PLAN.stats_path(run.model, run.stats)
+    if run.sequence.params["backend"] == "unke":
+        files["preservation"] = PLAN.preservation_path(run)
+    return files
+
+
+def chain_arg(wildcards, input):
+    """--chain for a job of a sequential run (a derived param: never a rerun trigger)."""
+    return f"--chain {shlex.quote(str(input.chain))}" if "chain" in input.keys() else ""
+
+
 def generate_inputs(wildcards):
     run = run_of("generate", wildcards)
     files = {"model": PLAN.model_dir(run.model), "requests": run.dataset.path}
@@ -91,6 +106,8 @@ def generate_inputs(wildcards):
         files["weights"] = PLAN.update_path(run, int(wildcards.shard))
         if not KEEP_UPDATES:
             files["weight_files"] = update_files(files["weights"])
+    if run.sequence is not None:
+        files["chain"] = PLAN.sequence_path(run)
     return files
 
 
@@ -110,6 +127,8 @@ def locality_job(wildcards):
         model = PLAN.models[wildcards.model]
         return model, PLAN.pre_edit_locality[model.name], []
     run = run_of("locality", wildcards)
+    if run.sequence is not None:
+        return run.model, run.locality, []
     return run.model, run.locality, [PLAN.update_path(run, shard) for shard in PLAN.shards(run)]
 
 
@@ -118,4 +137,6 @@ def locality_inputs(wildcards):
     files = {"model": PLAN.model_dir(model), "updates": updates}
     if not KEEP_UPDATES:
         files["update_files"] = [update_files(u) for u in updates]
+    if wildcards.dataset != "-" and run_of("locality", wildcards).sequence is not None:
+        files["chain"] = PLAN.sequence_path(run_of("locality", wildcards))
     return files

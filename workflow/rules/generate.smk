@@ -6,6 +6,7 @@ rule generate:
     params:
         spec=spec("generate"),
         weights=lambda wildcards, input: f"--update {input.weights}" if "weights" in input.keys() else "",
+        chain=chain_arg,
     log:
         f"{R}/logs/generate/{{model}}/{{dataset}}/{{run}}/shard{{shard}}.log",
     benchmark:
@@ -15,5 +16,5 @@ rule generate:
     threads: resource("generate", "cpus_per_task")
     shell:
         "{MUKE} generate --spec {params.spec:q} --model {input.model} --requests {input.requests:q}"
-        " --shard {wildcards.shard} {params.weights} --out {output}"
+        " --shard {wildcards.shard} {params.weights} {params.chain} --out {output}"
         " --device {DEVICE} --threads {threads} > {log} 2>&1"

@@ -6,6 +6,7 @@ rule locality:
         f"{R}/locality/{{model}}/{{dataset}}/{{run}}/locality.parquet",
     params:
         spec=lambda wildcards: locality_job(wildcards)[1].to_json(),
+        chain=chain_arg,
     log:
         f"{R}/logs/locality/{{model}}/{{dataset}}/{{run}}.log",
     benchmark:
@@ -14,5 +15,5 @@ rule locality:
         **resources_of("locality"),
     threads: resource("locality", "cpus_per_task")
     shell:
-        "{MUKE} locality --spec {params.spec:q} --model {input.model} --updates {input.updates}"
+        "{MUKE} locality --spec {params.spec:q} --model {input.model} --updates {input.updates} {params.chain}"
         " --out {output} --device {DEVICE} --threads {threads} > {log} 2>&1"

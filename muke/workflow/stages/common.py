@@ -153,3 +153,14 @@ def read_update_index(path: str | Path) -> list[dict]:
             row[key] = row.get(key) if isinstance(row.get(key), str) else None
         row["path"] = path.with_suffix("") / row["file"] if row["file"] else None
     return rows
+
+
+def read_chain(path: str | Path, n_edits: int) -> tuple[list[Path], set[str]]:
+    """(the ΔW files of an edit_sequence chain up to `n_edits` edits, in order; the ids of the requests among
+    them whose batch failed)."""
+    import pandas as pd
+
+    path = Path(path)
+    rows = [row for row in pd.read_parquet(path).to_dict("records") if row["n_edits"] <= n_edits]
+    files = [path.with_suffix("") / row["file"] for row in rows if not row["failed"]]
+    return files, {rid for row in rows if row["failed"] for rid in json.loads(row["request_ids"])}

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from muke.io import write_json, write_parquet
 from muke.workflow.stages.command import command
-from muke.workflow.stages.common import load_model, log, read_update_index, shard_requests, write_manifest
+from muke.workflow.stages.common import (
+    load_model,
+    log,
+    read_chain,
+    read_update_index,
+    shard_requests,
+    write_manifest,
+)
 
 COLUMNS = ["id", "kind", "index", "prompt", "output", "target", "n_tokens", "seconds", "edit_failed"]
 
@@ -79,7 +86,23 @@ def _answer(em, group: list, chosen: dict, edited: bool, g: dict) -> list[dict]:
     return [{**row, "edit_failed": bad} for edit_rows, bad in zip(answers, failed) for row in edit_rows]
 
 
-@command("answers of one shard, edited or not", update="update_weights index (omit: the unedited model)")
+def _edited_by_chain(em, chain: str | Path, n_edits: int):
+    """(the model with the chain's first n_edits edits added in place one by one, as edit_sequence added
+    them, the ids whose batch failed)."""
+    from muke.update.weights import WeightUpdate, add
+
+    files, failed = read_chain(chain, n_edits)
+    log(f"adding the first {len(files)} weight updates of {chain} ({n_edits} edits)")
+    for path in files:
+        add(em, WeightUpdate.load(path))
+    return em, failed
+
+
+@command(
+    "answers of one shard, edited or not",
+    update="update_weights index (omit: the unedited model)",
+    chain="edit_sequence chain index: answer with the model edited by its first n_edits edits",
+)
 def generate(
     spec: dict,
     model: str | Path,
@@ -87,6 +110,7 @@ def generate(
     shard: int,
     out: str | Path,
     update: str | Path | None = None,
+    chain: str | Path | None = None,
     device: str = "auto",
 ) -> Path:
     """Answers to each request's questions (question, paraphrase, sub-questions), decoded by
@@ -98,6 +122,8 @@ def generate(
     batch's ΔW alone; without it by the unedited model (method "pre-edit"). A request whose edit
     failed is answered by the unedited model and flagged `edit_failed`. Low-rank ΔW of several edits
     share generate batches of `generation.batch_size` rows (muke.eval.generate.edited_generation_rows).
+    With `chain` (editing.mode sequential) every request is answered by one model: the unedited one plus
+    the chain's updates up to the spec's n_edits edits; a request whose batch failed is flagged `edit_failed`.
     Parquet rows: id, kind, index, prompt, output, target, tokens, seconds, edit_failed, shard.
     """
     import pandas as pd
@@ -110,7 +136,7 @@ def generate(
     edits = _edits(chosen, update)
     sizes = [sum(n_questions(chosen[rid], g["kinds"]) for rid in ids) for ids, _ in edits]
     parts = out.with_name(out.stem + ".parts")
-    em, rows = None, []
+    em, rows, failed = None, [], set()
     groups = generation_groups(sizes, g["batch_size"])
     for k, (a, b) in enumerate(groups):
         ids = [rid for request_ids, _ in edits[a:b] for rid in request_ids]
@@ -119,8 +145,13 @@ def generate(
         if done is None:
             if em is None:
                 em = load_model(model, p["dtype"], device)
+                if chain is not None:
+                    em, failed = _edited_by_chain(em, chain, p["n_edits"])
             log(f"batch {k + 1}/{len(groups)}: generating for {ids}")
-            done = _answer(em, edits[a:b], chosen, update is not None, g)
+            done = [
+                {**row, "edit_failed": row["edit_failed"] or row["id"] in failed}
+                for row in _answer(em, edits[a:b], chosen, update is not None, g)
+            ]
             write_json(part, {"identity": spec["identity"], "ids": ids, "rows": done})
         else:
             log(f"batch {k + 1}/{len(groups)} {ids}: finished earlier (part file)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from muke.io import write_parquet, write_text
 from muke.workflow.stages.command import command
-from muke.workflow.stages.common import load_model, log, read_update_index, write_manifest
+from muke.workflow.stages.common import load_model, log, read_chain, read_update_index, write_manifest
 
 COLUMNS = ["model_state", "request_id", "task", "metric", "value", "stderr", "n"]
 RETENTION_ANSWERS = "retention_answers.parquet"  # beside the output: per-question answers before / after
@@ -28,14 +28,26 @@ def _read_part(path: Path, identity: str) -> dict | None:
     return part if part.get("identity") == identity else None
 
 
-@command("lm-eval locality of the unedited or edited models", updates="update_weights indexes of the run's shards")
+@command(
+    "lm-eval locality of the unedited or edited models",
+    updates="update_weights indexes of the run's shards",
+    chain="edit_sequence chain index: the model edited by its first n_edits edits",
+)
 def locality(
-    spec: dict, model: str | Path, out: str | Path, updates: list[str | Path] = (), device: str = "auto"
+    spec: dict,
+    model: str | Path,
+    out: str | Path,
+    updates: list[str | Path] = (),
+    chain: str | Path | None = None,
+    device: str = "auto",
 ) -> Path:
     """General-ability locality (lm-eval `tasks`) and, with `retention.enabled`, answer retention and text
     shift (muke.eval.retention) of the unedited model (no edits in the spec) or of the edited model of each
     request in the spec's `edits`, then their mean ± standard error (model_state "edited", request_id
-    null). Parquet rows: model_state, request_id, task, metric, value, stderr, n; the per-question
+    null), or with `chain` (editing.mode sequential) of the one model edited by the chain's first n_edits
+    edits (their sum, muke.update.sequential.chain_sum: the same up to fp32 rounding; model_state
+    "edited", request_id null). Parquet rows: model_state, request_id, task, metric,
+    value, stderr, n; the per-question
     answers go to retention_answers.parquet beside it."""
     import pandas as pd
 
@@ -62,7 +74,17 @@ def locality(
         return [{**r, "n": r["n_samples"]} for r in evaluate(em, model_state=state, **kwargs)] if p["tasks"] else []
 
     rows, samples = [], []
-    if not p["edits"]:
+    if chain is not None:
+        from muke.update.sequential import chain_sum
+
+        files, _ = read_chain(chain, p["n_edits"])
+        log(f"locality of the model edited in sequence by {p['n_edits']} edits ({len(files)} updates): {p['tasks']}")
+        chained = chain_sum(WeightUpdate.load(f) for f in files)
+        with apply(em, chained):
+            rows = [{**r, "request_id": None} for r in lm_eval("edited")]
+        found = retention.locality_rows(em, ref, "edited", None, chained) if ref else ([], [])
+        rows, samples = rows + found[0], found[1]
+    elif not p["edits"]:
         log(f"locality of the unedited model: {p['tasks']}")
         rows = [{**r, "request_id": None} for r in lm_eval("pre-edit")]
         found = retention.locality_rows(em, ref, "pre-edit") if ref else ([], [])

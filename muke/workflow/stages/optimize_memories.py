@@ -72,7 +72,7 @@ def _read_part(path: Path, identity: str):
     return tensors, meta["record"], meta["trace"]
 
 
-def _fit_for_model(chosen: list, em, cfg, requests: str | Path, on_bad_record: str) -> tuple[list, list]:
+def fit_for_model(chosen: list, em, cfg, requests: str | Path, on_bad_record: str) -> tuple[list, list]:
     """(the requests the model can take, a `skipped` row for each other), checked before any
     optimisation (templating, context length): a problem stops the job, or with on_bad_record "skip"
     leaves the request out."""
@@ -145,7 +145,7 @@ def optimize_memories(
     em = load_model(model, p["dtype"], device)
     cfg = MemoryConfig(**p["memory"])
     check_layers(em, [cfg.layer], "hparams.layers or unke_layers (the last: the working-memory layer)")
-    chosen, unfit = _fit_for_model(chosen, em, cfg, requests, p["selection"].get("on_bad_record", "error"))
+    chosen, unfit = fit_for_model(chosen, em, cfg, requests, p["selection"].get("on_bad_record", "error"))
     skipped += unfit
     parts = out.with_name(out.stem + ".parts")
     results = _optimise_shard(em, chosen, cfg, parts, batch=p.get("batch", 1), identity=spec["identity"])

@@ -36,7 +36,7 @@ def targets(path: str | Path) -> tuple[list, list[tuple[str, str]]]:
     return found, failed
 
 
-def _statistics(spec: dict, stats: str | Path | None, em, layers: list[int]):
+def load_statistics(spec: dict, stats: str | Path | None, em, layers: list[int]):
     """The second moments a MEMIT-family update needs, refused when another statistics job wrote them."""
     from muke.update.stats import StatsError, load_stats
 
@@ -102,7 +102,7 @@ def update_weights(
     em = load_model(model, p["dtype"], device)
     check_layers(em, layers, "hparams.unke_layers" if backend == "unke" else "hparams.layers")
     found, failed = targets(memories)
-    loaded = _statistics(spec, stats, em, layers)
+    loaded = load_statistics(spec, stats, em, layers)
     rows = [_row(-1, [rid], reason=reason) for rid, reason in failed]
     size = p["edit_batch_size"]
     for b, start in enumerate(range(0, len(found), size)):

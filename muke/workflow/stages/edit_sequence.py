@@ -1,0 +1,121 @@
+"""edit_sequence: the requests edited batch after batch into one model (editing.mode sequential,
+muke.update.sequential), written as the chain of weight updates ΔW_1 .. ΔW_T.
+
+Each batch's ΔW is written, tagged with the job's identity, as soon as it is made: a killed job replays
+the finished batches (their ΔW and, for AlphaEdit, their keys) and goes on after the last, so it ends with
+the chain an uninterrupted job writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from muke.io import write_json, write_parquet
+from muke.workflow.stages.command import command
+from muke.workflow.stages.common import check_layers, load_model, log, shard_requests, write_manifest
+from muke.workflow.stages.optimize_memories import fit_for_model
+
+CHAIN_COLUMNS = ["batch", "file", "request_ids", "n_edits", "failed", "seconds", "reason"]
+
+
+def _finished(folder: Path, t: int, identity: str, ids: list[str]):
+    """The WeightUpdate, or the failure reason (str), of batch t written earlier by this job; else None."""
+    from muke.update.weights import WeightUpdate
+
+    path, failed = folder / f"{t:04d}.safetensors", folder / f"{t:04d}.failed.json"
+    if path.is_file():
+        update = WeightUpdate.load(path)
+        if update.info.get("identity") == identity and update.request_ids == ids:
+            return update
+    if failed.is_file():
+        record = json.loads(failed.read_text())
+        if record.get("identity") == identity and record.get("request_ids") == ids:
+            return record["reason"]
+    return None
+
+
+@command(
+    "edits made one after another into one model (editing.mode sequential)",
+    cache_dir="AlphaEdit null-space projectors",
+)
+def edit_sequence(
+    spec: dict,
+    model: str | Path,
+    requests: str | Path,
+    out: str | Path,
+    *,
+    stats: str | Path | None = None,
+    preservation: str | Path | None = None,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """The chain of weight updates of editing the selected requests in batches of `batch_size`, batch t
+    on the model as batches < t left it (target memories z re-optimised and keys read on the edited weights).
+
+    `out` (Parquet, one row per batch): batch, file, request_ids (JSON list), n_edits (requests edited up to
+    and including this batch), failed, seconds, reason; the WeightUpdate files lie in the folder named like
+    `out` without its suffix. A batch whose δ or ΔW is not finite (NumericalError) gets a failed row, leaves
+    the model as it was and the sequence goes on.
+    """
+    import pandas as pd
+
+    from muke.engine.memory import MemoryConfig
+    from muke.numerics import NumericalError
+    from muke.update.sequential import SequentialEditor, batches_of
+    from muke.workflow.stages.update_weights import load_statistics
+
+    p, out = spec["params"], Path(out)
+    options, backend = dict(p["options"]), p["backend"]
+    if backend == "unke":
+        options["preservation"] = str(preservation)
+    if backend == "alphaedit" and cache_dir:
+        options["cache_dir"] = str(cache_dir)
+    em = load_model(model, p["dtype"], device)
+    check_layers(em, options["layers"], "hparams.unke_layers" if backend == "unke" else "hparams.layers")
+    cfg = MemoryConfig(**p["memory"])
+    chosen = shard_requests(requests, p["selection"], 0)
+    chosen, _ = fit_for_model(chosen, em, cfg, requests, p["selection"].get("on_bad_record", "error"))
+    loaded = load_statistics(spec, stats, em, options["layers"])
+    folder, rows, n_edits, resuming = out.with_suffix(""), [], 0, True
+    resolved = (p["memory"], backend, options)
+    with SequentialEditor(em, p["method"], stats=loaded, resolved=resolved) as editor:
+        for t, batch in enumerate(batches_of(chosen, p["batch_size"])):
+            ids, n_edits = [r.id for r in batch], n_edits + len(batch)
+            done = _finished(folder, t, spec["identity"], ids) if resuming else None
+            resuming = done is not None
+            if isinstance(done, str):
+                log(f"batch {t}: failed earlier ({done})")
+            elif done is not None:
+                log(f"batch {t}: finished earlier, replayed ({ids})")
+                editor.replay(done)
+            else:
+                log(f"batch {t}: editing {ids} into the model edited with {editor.n_batches} batches")
+                try:
+                    done, _ = editor.edit(batch)
+                except NumericalError as e:
+                    log(f"batch {t}: failed ({e})")
+                    done = str(e)
+                    write_json(
+                        folder / f"{t:04d}.failed.json",
+                        {"identity": spec["identity"], "request_ids": ids, "reason": done},
+                    )
+                else:
+                    done.info["identity"] = spec["identity"]
+                    done.save(folder / f"{t:04d}.safetensors")
+            failed = isinstance(done, str)
+            rows.append(
+                {
+                    "batch": t,
+                    "file": None if failed else f"{t:04d}.safetensors",
+                    "request_ids": json.dumps(ids),
+                    "n_edits": n_edits,
+                    "failed": failed,
+                    "seconds": 0.0 if failed else done.info["seconds"] + done.info.get("memory_seconds", 0.0),
+                    "reason": done if failed else None,
+                }
+            )
+    frame = pd.DataFrame(rows, columns=CHAIN_COLUMNS).astype({"file": "string", "reason": "string"})
+    write_parquet(frame, out)
+    write_manifest(out.parent / "manifest.json", spec)
+    return out
