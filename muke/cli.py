@@ -136,6 +136,7 @@ def _preset(args) -> tuple[str | None, dict]:
         "mom2_update_weight": args.mom2_update_weight,
         "unke_steps": args.unke_steps,
         "n_preserve": args.n_preserve,
+        "autocast": args.autocast,
     }
     hparams.update({k: v for k, v in flags.items() if v is not None})
     return name, hparams
@@ -337,6 +338,9 @@ def _stats_parser(sub) -> None:
     p.set_defaults(func=cmd_stats)
 
 
+AUTOCAST_HELP = "run the δ optimisation's matrix products in bf16 (δ, Adam, loss and the weight solves stay fp32); its error and speed vs fp32: docs/PERF.md"
+
+
 def _edit_parser(sub) -> None:
     p = sub.add_parser("edit", help="edit requests into a model and compare greedy answers before/after")
     _model_options(p)
@@ -368,6 +372,7 @@ def _edit_parser(sub) -> None:
     p.add_argument("--mom2-update-weight", type=float)
     p.add_argument("--unke-steps", type=int)
     p.add_argument("--n-preserve", type=int)
+    p.add_argument("--autocast", choices=["bfloat16"], help=AUTOCAST_HELP)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--out", help="folder for the weight updates ΔW and results.jsonl")
     p.add_argument("--json", action="store_true", help="one JSON object per request")

@@ -38,6 +38,7 @@ MEMORY_OPTIONS = (
     "system_prompt",
     "chat_template",
     "fast",
+    "autocast",
 )
 # preset key -> backend keyword
 BACKEND_OPTIONS = {
