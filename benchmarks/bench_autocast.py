@@ -11,6 +11,7 @@ the means and a last line `speedup: X.XX` (fp32 seconds / bf16 seconds).
 """
 
 import argparse
+import dataclasses
 import statistics
 
 import torch
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--requests", default=str(RESOURCES / "demo_edits.jsonl"))
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--words", type=int, default=None, help="cut every answer to its first N words")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
@@ -34,6 +36,8 @@ def main() -> None:
     em = load(args.model)
     rows = []
     for request in load_requests(args.requests, "jsonl")[: args.n]:
+        if args.words:
+            request = dataclasses.replace(request, answer=" ".join(request.answer.split()[: args.words]))
         out = {}
         for autocast in (None, "bfloat16"):
             cfg = MemoryConfig(layer=8, v_num_grad_steps=args.steps, autocast=autocast)
@@ -57,7 +61,7 @@ def main() -> None:
         rows.append(row)
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     mean = {k: statistics.mean(r[k] for r in rows) for k in rows[0] if isinstance(rows[0][k], float)}
-    print(f"threads={torch.get_num_threads()} steps={args.steps} requests={len(rows)}")
+    print(f"threads={torch.get_num_threads()} steps={args.steps} words={args.words} requests={len(rows)}")
     print("means: " + "  ".join(f"{k}={v:.4g}" for k, v in mean.items()))
     print(
         f"largest z error {max(r['z_err'] for r in rows):.3g}, largest δ error {max(r['delta_err'] for r in rows):.3g}"

@@ -39,6 +39,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
 from muke.data import DEMO_CORPUS, RESOURCES, load_requests
+from muke.engine import memory as memory_module
 from muke.engine.memory import MemoryConfig, encode_request, optimise
 from muke.eval.generate import edited_generation_rows, generation_rows
 from muke.model import EditableModel, load
@@ -94,10 +95,11 @@ def random_model(config: dict, corpus: Path, device: torch.device, dtype: torch.
 
 
 class Phases:
-    """Seconds and peak device memory of named phases, printed as they end."""
+    """Wall and CPU seconds and peak device memory of named phases, printed as they end (the CPU seconds of
+    a one-thread run are its time on an unshared core, when other jobs share the machine)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.seconds = device, {}
+        self.device, self.seconds, self.cpu = device, {}, {}
 
     def sync(self):
         if self.device.type == "cuda":
@@ -108,19 +110,38 @@ class Phases:
         self.sync()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             yield
             self.sync()
         except BaseException:
             print(f"FAILED in phase {name!r}", file=sys.stderr, flush=True)
             raise
-        self.seconds[name] = time.perf_counter() - start
+        self.seconds[name], self.cpu[name] = time.perf_counter() - start, time.process_time() - cpu
         if self.device.type == "cuda":
             memory = f"peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:6.2f} GiB"
         else:
             memory = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:6.2f} GiB"
-        print(f"{name:<56s} {self.seconds[name]:8.2f} s   {memory}", flush=True)
+        print(f"{name:<56s} {self.seconds[name]:8.2f} s (CPU {self.cpu[name]:8.2f} s)   {memory}", flush=True)
+
+
+@contextmanager
+def cpu_seconds_of(module, name: str, total: list[float]):
+    """Inside the block, add the CPU seconds of every call of module.<name> to total[0]."""
+    real = getattr(module, name)
+
+    def timed(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            total[0] += time.process_time() - start
+
+    setattr(module, name, timed)
+    try:
+        yield
+    finally:
+        setattr(module, name, real)
 
 
 def check_model(em: EditableModel, device: torch.device, dtype: torch.dtype, where: str) -> None:
@@ -139,10 +160,13 @@ def edit_phases(em, request, method: str, stats, phase: Phases, preset: dict, ma
     memory, backend, options = resolve_method(method, preset)
     cfg = MemoryConfig(**memory)
     seq = encode_request(em, request.question, request.answer, cfg)
-    with phase(f"{method}: target memories z ({seq.n_windows} windows)"):
+    affinity_cpu = [0.0]
+    name = f"{method}: target memories z ({seq.n_windows} windows, {len(seq.target_ids)} tokens)"
+    with phase(name), cpu_seconds_of(memory_module, "request_lambdas", affinity_cpu):
         result = optimise(em, seq, cfg)
     print(
-        f"{'':<4s}affinity λ {result.affinity_seconds:.2f} s, δ steps {result.seconds - result.affinity_seconds:.2f} s"
+        f"{'':<4s}affinity λ {result.affinity_seconds:.2f} s (CPU {affinity_cpu[0]:.2f} s), δ steps "
+        f"{result.seconds - result.affinity_seconds:.2f} s (CPU {phase.cpu[name] - affinity_cpu[0]:.2f} s)"
     )
     check_tensor(result.z, f"{method} z")
     with phase(f"{method}: update ΔW ({backend})"):
@@ -165,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", type=int, default=None, help="synthetic statistics documents (default 300; 40 --tiny)")
     ap.add_argument("--steps", type=int, default=25, help="δ steps (the paper's 25)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--autocast", choices=["bfloat16"], help="the δ passes under autocast (MemoryConfig.autocast)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--no-compare", action="store_true", help="skip the straightforward δ and generation paths")
     ap.add_argument("--budget", type=float, default=480.0, help="fail when the whole run takes longer (seconds)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU runs)")
@@ -188,7 +214,7 @@ def main(argv=None) -> int:
             if device.type == "cuda"
             else f", {torch.get_num_threads()} threads"
         )
-        + f", dtype {dtype}, {n_docs} statistics documents, {args.steps} δ steps",
+        + f", dtype {dtype}, {n_docs} statistics documents, {args.steps} δ steps, autocast {args.autocast}",
         flush=True,
     )
 
@@ -201,7 +227,7 @@ def main(argv=None) -> int:
     check_model(em, device, dtype, "after loading")
     print(f"{'':<4s}{sum(p.numel() for p in em.model.parameters()) / 1e9:.3f} B parameters, {em.n_layers} layers")
 
-    preset = {"v_num_grad_steps": args.steps}
+    preset = {"v_num_grad_steps": args.steps, **({"autocast": args.autocast} if args.autocast else {})}
     layers = resolve_method("muke-memit", preset)[2]["layers"]
     with phase(f"statistics: layers {layers}, {n_docs} documents"):
         path = collect_stats(
@@ -215,7 +241,7 @@ def main(argv=None) -> int:
     request = load_requests(RESOURCES / "demo_edits.jsonl", "jsonl")[0]
     if args.tiny:  # its first 30 words: a few windows, so the straightforward path stays short
         request = dataclasses.replace(request, answer=" ".join(request.answer.split()[:30]))
-    edits = {method: edit_phases(em, request, method, stats, phase, preset, args.max_new_tokens) for method in METHODS}
+    edits = {m: edit_phases(em, request, m, stats, phase, preset, args.max_new_tokens) for m in args.methods}
     check_model(em, device, dtype, "after the edits")
     for method, (_, _, _, rows) in edits.items():
         print(f"{'':<4s}{method} answer: {rows[0]['output'][:100]!r}")
@@ -228,7 +254,7 @@ def main(argv=None) -> int:
             plain = optimise(em, seq, MemoryConfig(**{**memory, "fast": False}))
         ratios["δ optimisation (z)"] = (
             phase.seconds["straightforward: muke-memit target memories z"]
-            / phase.seconds[f"muke-memit: target memories z ({seq.n_windows} windows)"]
+            / phase.seconds[f"muke-memit: target memories z ({seq.n_windows} windows, {len(seq.target_ids)} tokens)"]
         )
         worst = ((plain.z - fast.z).norm() / plain.z.norm()).item()
         print(f"{'':<4s}relative |z_fast - z_straightforward| = {worst:.2e}")
