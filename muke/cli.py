@@ -191,9 +191,10 @@ def _answers(r, before, after, prefix: str = "") -> dict:
 
 
 def cmd_edit(args) -> None:
+    from muke.engine.memory import MemoryConfig
     from muke.engine.windows import encode
     from muke.eval.generate import greedy
-    from muke.update.edit import edit, target_nll
+    from muke.update.edit import edit, optimise_memories, target_nll
     from muke.update.methods import resolve_method
     from muke.update.weights import apply
 
@@ -211,12 +212,13 @@ def cmd_edit(args) -> None:
 
     pre = iter(generate(requests))
     out = Path(args.out) if args.out else None
+    memories = optimise_memories(em, requests, MemoryConfig(**memory), args.delta_batch_size)
     results = []
     for start in range(0, len(requests), args.batch_size):
         batch = requests[start : start + args.batch_size]
         begin = time.perf_counter()
-        update, _ = edit(em, batch, args.method, preset, stats)
-        seconds = (time.perf_counter() - begin) / len(batch)
+        update, found = edit(em, batch, args.method, preset, stats, memories[start : start + args.batch_size])
+        seconds = (time.perf_counter() - begin) / len(batch) + sum(r.seconds for r in found) / len(batch)
         if out:
             update.save(out / "updates" / f"{_safe_name(batch[0].id)}.safetensors")
         seqs = [encode(em.tokenizer, r.question, r.answer, em.end_of_turn, None) for r in batch]
@@ -338,6 +340,14 @@ def _stats_parser(sub) -> None:
     p.set_defaults(func=cmd_stats)
 
 
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer ≥ 1, got {value!r}")
+    return int(value)
+
+
 AUTOCAST_HELP = "run the δ optimisation's matrix products in bf16 (δ, Adam, loss and the weight solves stay fp32); its error and speed vs fp32: docs/PERF.md"
 
 
@@ -356,6 +366,13 @@ def _edit_parser(sub) -> None:
     p.add_argument("--format", default="jsonl")
     p.add_argument("--limit", type=int, default=None, help="edit only the first N requests")
     p.add_argument("--batch-size", type=int, default=1, help="requests per weight update")
+    p.add_argument(
+        "--delta-batch-size",
+        type=_batch_size,
+        default="auto",
+        help="requests whose δ loops share each step's passes (each its own Adam state and early stop); "
+        "auto (default): as many as fit half the device's free memory",
+    )
     p.add_argument("--stats", help="statistics file (default: computed on the demo corpus and cached)")
     p.add_argument(
         "--preset",

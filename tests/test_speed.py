@@ -73,3 +73,15 @@ def test_autocast_keeps_h_and_delta_fp32_and_z_close(tiny):
     assert ((half.z - full.z).norm(dim=-1) / full.z.norm(dim=-1)).max() < 5e-2
     with pytest.raises(ValueError, match="autocast"):
         MemoryConfig(layer=1, autocast="float8")
+
+
+def test_delta_batch_size_fills_half_the_free_memory(tiny, monkeypatch):
+    from muke.engine import batch_size
+
+    seqs = [encode(tiny.tokenizer, q, a, tiny.end_of_turn, 8) for q, a in [(QUESTION, ANSWER), ("Who?", "Masons.")] * 3]
+    largest = max(batch_size.step_bytes(tiny, s, 1, 4) for s in seqs)
+    assert largest > batch_size.step_bytes(tiny, seqs[1], 1, 4) > 0
+    for room, expected in [(3, 3), (0.2, 1), (100, len(seqs))]:
+        monkeypatch.setattr(batch_size, "free_bytes", lambda device, room=room: int(2 * room * largest))
+        assert batch_size.delta_batch_size(tiny, seqs, 1) == expected
+    assert batch_size.step_bytes(tiny, seqs[0], 1, 2) < largest  # bf16 autocast: half the activations
