@@ -61,7 +61,9 @@ def test_prepare_model_references_a_local_folder(tmp_path, tiny_qwen2_path, monk
     assert json.loads((out / "manifest.json").read_text())["identity"] == model.spec.identity
 
 
-def test_optimize_memories_resumes_a_killed_shard(plan, tiny_qwen2_path, tmp_path, monkeypatch):
+def test_optimize_memories_resumes_a_killed_shard(tiny_qwen2_path, tmp_path, monkeypatch):
+    hparams = {**TINY.get("hparams", {}), "delta_batch_size": 1}  # one request per δ batch: killed between them
+    plan = tiny_plan(tmp_path, monkeypatch, hparams=hparams)
     run = next(r for r in plan.runs if r.method == "muke-memit")
     model_dir = tmp_path / "model"
     write_json(model_dir / MODEL_REF, {"path": str(tiny_qwen2_path)})
@@ -179,7 +181,8 @@ def test_stages_compute_what_update_edit_computes(plan, tiny_qwen2_path, tmp_pat
     )
     assert staged.request_ids == direct.request_ids == [request.id]
     for layer in direct.factors:
-        torch.testing.assert_close(staged.dense(layer), direct.dense(layer), rtol=1e-4, atol=1e-6)
+        # the stage batches the shard's δ loops (delta_batch_size auto), edit() has one request: fp rounding apart
+        torch.testing.assert_close(staged.dense(layer), direct.dense(layer), rtol=1e-4, atol=1e-5)
 
 
 def _report_inputs(plan, model_dir, families=("paper",)):

@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 from muke.engine import hooks
 from muke.engine.forward import CachedShiftedLM
+from muke.engine.logprob import target_logprobs
 from muke.model import EditableModel, cache_arg
 
 
@@ -75,9 +76,7 @@ def batched_logprobs(
             use_cache=cache is not None,
             **{cache_arg(em.model): cache},
         ).logits  # (R, W_s, vocab)
-    logp = (
-        logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-    )  # (R, W_s); sliced after: no full-size grads
+    logp = target_logprobs(logits, targets)  # (R, W_s); sliced after: no full-size grads
     out = []
     for r, (lm, s, n) in enumerate(zip(lms, starts, lengths)):
         lp = logp[r : r + 1, lm.lead(s) : n]

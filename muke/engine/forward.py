@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from muke.engine import hooks
+from muke.engine.logprob import target_logprobs
 from muke.engine.windows import EditSequence
 from muke.model import EditableModel, cache_arg
 
@@ -99,9 +100,8 @@ class ShiftedLM:
 
     def target_logprobs(self, logits: torch.Tensor, first: int) -> torch.Tensor:
         """log p of the targets predicted by `logits` rows, row 0 at sequence position `first`: (B, n)."""
-        logp = logits.float().log_softmax(-1)  # (B, n, vocab)
-        targets = self.predicted_targets(first, first + logp.shape[1]).expand(logp.shape[0], -1)  # (B, n)
-        return logp.gather(-1, targets[..., None])[..., 0]
+        targets = self.predicted_targets(first, first + logits.shape[1]).expand(logits.shape[0], -1)  # (B, n)
+        return target_logprobs(logits, targets)
 
     def nll_gradients(self, states: torch.Tensor, first: int) -> torch.Tensor:
         """Row k: ∇ of its target's NLL w.r.t. its own row of `states` (no other row changes it), for the

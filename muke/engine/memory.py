@@ -12,6 +12,7 @@ affinity λ (Eq. 12) are in `affinity`. Several requests can share each δ step'
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -43,10 +44,25 @@ class MemoryConfig:
     system_prompt: str | None = None
     chat_template: bool = True
     fast: bool = True  # CachedShiftedLM and shared affinity passes; False: PlainShiftedLM
+    autocast: str | None = None  # "bfloat16": the passes' matrix products in bf16 (`precision`); None: the model's
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"autocast must be one of {sorted(AUTOCAST, key=str)}, got {self.autocast!r}")
+
+
+AUTOCAST = {None: None, "bfloat16": torch.bfloat16}
+
+
+def precision(em: EditableModel, cfg: MemoryConfig):
+    """The forward/backward passes of the δ loop and the affinity λ under `cfg.autocast`: matrix products
+    in bf16, while δ, h, the Adam state, the log-probs and the loss stay fp32 (`logprob.target_logprobs`),
+    as do the weight solves, which run outside. h and the replayed lower layers come from the
+    ShiftedLM's construction, outside, in the model's dtype."""
+    dtype = AUTOCAST[cfg.autocast]
+    return nullcontext() if dtype is None else torch.autocast(em.device.type, dtype=dtype)
 
 
 @dataclass
@@ -217,17 +233,18 @@ def optimise(em: EditableModel, seq: EditSequence, cfg: MemoryConfig) -> MemoryR
     trace: list[dict] = []
     lambdas, affinities = [], []
     tick = time.perf_counter()
-    if cfg.objective == "matryoshka":
-        lambdas, affinities = request_lambdas(lm, cfg)
-    affinity_seconds = time.perf_counter() - tick
-    if cfg.objective == "parallel_nll":
-        coeff = token_coefficients("parallel_nll", seq, 0)
-        shifts = optimise_shifts(lm, coeff, seq.hook_positions, {}, cfg, trace, label=-1)
-    else:
-        shifts = {}
-        for i, p in enumerate(seq.hook_positions):
-            coeff = window_coefficients(seq, i, cfg, lambdas)
-            shifts.update(optimise_shifts(lm, coeff, [p], shifts, cfg, trace, label=i))
+    with precision(em, cfg):
+        if cfg.objective == "matryoshka":
+            lambdas, affinities = request_lambdas(lm, cfg)
+        affinity_seconds = time.perf_counter() - tick
+        if cfg.objective == "parallel_nll":
+            coeff = token_coefficients("parallel_nll", seq, 0)
+            shifts = optimise_shifts(lm, coeff, seq.hook_positions, {}, cfg, trace, label=-1)
+        else:
+            shifts = {}
+            for i, p in enumerate(seq.hook_positions):
+                coeff = window_coefficients(seq, i, cfg, lambdas)
+                shifts.update(optimise_shifts(lm, coeff, [p], shifts, cfg, trace, label=i))
     return _result(lm, shifts, lambdas, affinities, trace, time.perf_counter() - start, affinity_seconds)
 
 
@@ -265,35 +282,36 @@ def optimise_batch(
     lambdas: list[list] = [[] for _ in seqs]
     affinities: list[list] = [[] for _ in seqs]
     affinity_seconds = [0.0] * len(seqs)
-    if cfg.objective == "matryoshka":
-        for r, lm in enumerate(lms):
-            tick = time.perf_counter()
-            try:
-                lambdas[r], affinities[r] = request_lambdas(lm, cfg)
-            except NumericalError as e:
-                failed[r] = e
-            affinity_seconds[r] = time.perf_counter() - tick
-    shifts: list[dict[int, torch.Tensor]] = [{} for _ in seqs]
-    traces: list[list[dict]] = [[] for _ in seqs]
-    for i in range(max(seq.n_windows for seq in seqs)):
-        rows = [r for r, seq in enumerate(seqs) if failed[r] is None and i < seq.n_windows]
-        if not rows:
-            break
-        coeffs = [window_coefficients(seqs[r], i, cfg, lambdas[r]) for r in rows]
-        got = optimise_shifts_batched(
-            [lms[r] for r in rows],
-            coeffs,
-            [seqs[r].hook_positions[i] for r in rows],
-            [dict(shifts[r]) for r in rows],
-            cfg,
-            [traces[r] for r in rows],
-            label=i,
-        )
-        for r, delta in zip(rows, got):
-            if isinstance(delta, NumericalError):
-                failed[r] = delta
-            else:
-                shifts[r][seqs[r].hook_positions[i]] = delta
+    with precision(em, cfg):
+        if cfg.objective == "matryoshka":
+            for r, lm in enumerate(lms):
+                tick = time.perf_counter()
+                try:
+                    lambdas[r], affinities[r] = request_lambdas(lm, cfg)
+                except NumericalError as e:
+                    failed[r] = e
+                affinity_seconds[r] = time.perf_counter() - tick
+        shifts: list[dict[int, torch.Tensor]] = [{} for _ in seqs]
+        traces: list[list[dict]] = [[] for _ in seqs]
+        for i in range(max(seq.n_windows for seq in seqs)):
+            rows = [r for r, seq in enumerate(seqs) if failed[r] is None and i < seq.n_windows]
+            if not rows:
+                break
+            coeffs = [window_coefficients(seqs[r], i, cfg, lambdas[r]) for r in rows]
+            got = optimise_shifts_batched(
+                [lms[r] for r in rows],
+                coeffs,
+                [seqs[r].hook_positions[i] for r in rows],
+                [dict(shifts[r]) for r in rows],
+                cfg,
+                [traces[r] for r in rows],
+                label=i,
+            )
+            for r, delta in zip(rows, got):
+                if isinstance(delta, NumericalError):
+                    failed[r] = delta
+                else:
+                    shifts[r][seqs[r].hook_positions[i]] = delta
     seconds = (time.perf_counter() - start) / len(seqs)
     return [
         failed[r] or _result(lm, shifts[r], lambdas[r], affinities[r], traces[r], seconds, affinity_seconds[r])

@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from muke.engine.memory import MemoryConfig, MemoryResult, optimise_request
+from muke.engine.batch_size import delta_batch_size
+from muke.engine.memory import MemoryConfig, MemoryResult, encode_request, optimise_batch
 from muke.engine.windows import EditSequence
 from muke.model import EditableModel, ModelError
+from muke.numerics import NumericalError
 from muke.update.alphaedit import alphaedit_update
 from muke.update.keys import Target
 from muke.update.memit import memit_update
@@ -81,18 +83,37 @@ def compute_update(
     return update
 
 
+def optimise_memories(
+    em: EditableModel, requests, cfg: MemoryConfig, batch: int | str = "auto"
+) -> list[tuple[EditSequence, MemoryResult]]:
+    """Target memories of EditRequests, `batch` requests sharing each δ step's passes (`optimise_batch`;
+    "auto": as many as the device's free memory holds, `batch_size.delta_batch_size`). A request whose loss
+    turns non-finite raises its NumericalError."""
+    seqs = [encode_request(em, r.question, r.answer, cfg) for r in requests]
+    size = delta_batch_size(em, seqs, cfg.layer, cfg.autocast is not None) if batch == "auto" else int(batch)
+    out = []
+    for k in range(0, len(seqs), size):
+        for seq, result in zip(seqs[k : k + size], optimise_batch(em, seqs[k : k + size], cfg)):
+            if isinstance(result, NumericalError):
+                raise result
+            out.append((seq, result))
+    return out
+
+
 def edit(
     em: EditableModel,
     requests,
     method: str,
     preset: dict | None = None,
     stats: Stats | None = None,
+    memories: list[tuple[EditSequence, MemoryResult]] | None = None,
     edited_keys: dict[int, torch.Tensor] | None = None,
 ) -> tuple[WeightUpdate, list[MemoryResult]]:
-    """Optimise the target memories of a batch of EditRequests on the model as it is, then compute its
-    weight update ΔW (edited_keys: see compute_update)."""
+    """The weight update ΔW of a batch of EditRequests from their target memories: `memories` (one
+    (EditSequence, MemoryResult) per request) or, without them, optimised here on the model as it is
+    (`optimise_memories`); edited_keys: see compute_update."""
     memory, backend, options = resolve_method(method, preset)
-    return edit_resolved(em, requests, method, memory, backend, options, stats, edited_keys)
+    return edit_resolved(em, requests, method, memory, backend, options, stats, memories, edited_keys)
 
 
 def edit_resolved(
@@ -103,15 +124,14 @@ def edit_resolved(
     backend: str,
     options: dict,
     stats: Stats | None = None,
+    memories: list[tuple[EditSequence, MemoryResult]] | None = None,
     edited_keys: dict[int, torch.Tensor] | None = None,
 ) -> tuple[WeightUpdate, list[MemoryResult]]:
     """`edit` with the method resolved (muke.update.methods.resolve_method: δ-loop and backend options)."""
-    cfg = MemoryConfig(**memory)
-    targets, results = [], []
-    for r in requests:
-        seq, result = optimise_request(em, r.question, r.answer, cfg)
-        targets.append(Target(r.id, seq, result.z))
-        results.append(result)
+    if memories is None:
+        memories = optimise_memories(em, requests, MemoryConfig(**memory))
+    targets = [Target(r.id, seq, result.z) for r, (seq, result) in zip(requests, memories)]
+    results = [result for _, result in memories]
     update = compute_update(em, targets, backend, stats=stats, method=method, edited_keys=edited_keys, **options)
     update.info["memory_seconds"] = sum(r.seconds for r in results)
     return update, results

@@ -41,6 +41,7 @@ MEMORY_OPTIONS = (
     "system_prompt",
     "chat_template",
     "fast",
+    "autocast",
 )
 # preset key -> backend keyword
 BACKEND_OPTIONS = {

@@ -79,7 +79,14 @@ class SequentialEditor:
     def edit(self, requests: Sequence) -> tuple[WeightUpdate, list[MemoryResult]]:
         """Optimise z and compute ΔW of one batch of EditRequests on the model as edited so far, then add ΔW."""
         update, results = edit_resolved(
-            self.em, requests, self.method, self.memory, self.backend, self.options, self.stats, self.edited_keys
+            self.em,
+            requests,
+            self.method,
+            self.memory,
+            self.backend,
+            self.options,
+            self.stats,
+            edited_keys=self.edited_keys,
         )
         update.info["sequence_index"] = self.n_batches
         self.replay(update)

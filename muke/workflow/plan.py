@@ -171,7 +171,7 @@ class Plan:
             {
                 "memory": memory,
                 "dtype": pair.model.dtype,
-                "batch": hparams.get("delta_batch_size", 1),
+                "batch": hparams.get("delta_batch_size", "auto"),
                 "selection": pair.dataset.selection,
             },
             {"model": pair.model.spec.identity},

@@ -132,7 +132,7 @@ def optimize_memories(
     lists the requests (`failed`, `error`) and the records left out (`skipped`: record, line, id,
     field, reason, message, check "file" or "model"; see common.shard_requests). `trace` (Parquet):
     the loss per window and step of every request. Params "batch" (hparams.delta_batch_size):
-    requests optimised together (memory.optimise_batch).
+    requests optimised together (memory.optimise_batch); "auto": sized from the free device memory.
     """
     import pandas as pd
     import torch
@@ -148,7 +148,15 @@ def optimize_memories(
     chosen, unfit = fit_for_model(chosen, em, cfg, requests, p["selection"].get("on_bad_record", "error"))
     skipped += unfit
     parts = out.with_name(out.stem + ".parts")
-    results = _optimise_shard(em, chosen, cfg, parts, batch=p.get("batch", 1), identity=spec["identity"])
+    batch = p.get("batch", 1)
+    if batch == "auto":
+        from muke.engine.batch_size import delta_batch_size
+        from muke.engine.memory import encode_request
+
+        seqs = [encode_request(em, r.question, r.answer, cfg) for r in chosen]
+        batch = delta_batch_size(em, seqs, cfg.layer, cfg.autocast is not None)
+        log(f"{len(chosen)} requests, {batch} per δ batch (delta_batch_size auto: the device's free memory)")
+    results = _optimise_shard(em, chosen, cfg, parts, batch=batch, identity=spec["identity"])
     tensors, records, rows = {}, [], []
     for i, (t, record, trace_rows) in enumerate(results):
         tensors.update({f"{i}.{k}": v for k, v in t.items() if k != "empty"})

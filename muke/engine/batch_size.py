@@ -1,0 +1,53 @@
+"""How many requests share each δ step's forward/backward pass (`memory.optimise_batch`), sized from the
+model and the memory the device has free, not a fixed number.
+
+A batched step holds, for every request, what the backward pass keeps of the layers above l_WM and of the
+LM head over the request's suffix (at window 0: its whole target), plus its KV-cache prefix. Per suffix
+token and upper layer a llama-style block keeps about 8·d + 6·d_ff activations (norm, q/k/v, attention and
+MLP inputs, gate/up outputs and their product) and heads · T attention weights; the head keeps the logits
+and the fp32 softmax of the log-prob backward (`logprob.target_logprobs`). The batch takes at most
+FREE_FRACTION of the free memory, so that an estimate off by 2× still fits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from muke.engine.windows import EditSequence
+from muke.model import EditableModel
+
+FREE_FRACTION = 0.5
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free on the device now: the GPU's (torch.cuda.mem_get_info), else the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def step_bytes(em: EditableModel, seq: EditSequence, layer: int, element: int) -> int:
+    """Estimated peak bytes of one request's δ step at window 0 (the longest suffix), `element` bytes per
+    activation (2 under bf16 autocast or for a bf16 model, else 4)."""
+    cfg = em.model.config
+    d, upper = em.hidden_size, em.n_layers - layer - 1
+    d_ff = getattr(cfg, "intermediate_size", None) or 4 * d
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+    kv = (getattr(cfg, "num_key_value_heads", None) or heads) * (d // heads)
+    total = len(seq.input_ids[0])
+    suffix = total - seq.hook_positions[0]
+    vocab = em.lm_head.weight.shape[0]
+    per_token = upper * ((8 * d + 6 * d_ff) * element + heads * total * 4) + vocab * (element + 8)
+    return suffix * per_token + 2 * em.n_layers * kv * total * element
+
+
+def delta_batch_size(em: EditableModel, seqs: list[EditSequence], layer: int, autocast: bool = False) -> int:
+    """Requests per `optimise_batch` call: as many as fit FREE_FRACTION of the free device memory at the
+    largest request's estimate (`step_bytes`), at least 1, at most len(seqs)."""
+    if not seqs:
+        return 1
+    element = 2 if autocast else em.dtype.itemsize
+    largest = max(step_bytes(em, seq, layer, element) for seq in seqs)
+    return max(1, min(len(seqs), int(FREE_FRACTION * free_bytes(em.device) // largest)))

@@ -1,0 +1,87 @@
+"""Savings in the δ engine that keep the algorithm: each must leave the target memories z as they were."""
+
+import pytest
+import torch
+
+from muke.engine import batched, forward, memory
+from muke.engine.logprob import target_logprobs
+from muke.engine.memory import MemoryConfig, optimise_request
+from muke.engine.windows import encode
+from muke.model import load
+
+QUESTION = "What is the Velmora tide clock?"
+ANSWER = (
+    "The Velmora tide clock is a bronze machine in the harbour tower that has measured the tides "
+    "since the winter of the great flood, and its keepers still wind it every morning at dawn."
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_qwen2_path):
+    return load(tiny_qwen2_path)
+
+
+def reference_logprobs(logits, targets):
+    """The formula the engine used before the fused function: log_softmax, then gather."""
+    return logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+
+
+def test_fused_target_logprobs_are_log_softmax_and_gather():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 50, dtype=torch.double, requires_grad=True)
+    y = torch.randint(0, 50, (2, 7))
+    assert torch.autograd.gradcheck(lambda x: target_logprobs(x, y), (x,))
+    assert torch.allclose(target_logprobs(x, y), reference_logprobs(x, y).double(), atol=1e-6)
+    for dtype in (torch.float32, torch.bfloat16):
+        a = x.detach().to(dtype).requires_grad_(True)
+        b = x.detach().to(dtype).requires_grad_(True)
+        weights = torch.randn(2, 7)
+        (weights * target_logprobs(a, y)).sum().backward()
+        (weights * reference_logprobs(b, y)).sum().backward()
+        assert target_logprobs(a, y).dtype == torch.float32 and a.grad.dtype == dtype
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        assert torch.allclose(a.grad.float(), b.grad.float(), atol=tol)
+
+
+@pytest.mark.parametrize("objective", ["matryoshka", "window"])
+def test_fused_logprobs_leave_memories_as_they_were(tiny, monkeypatch, objective):
+    """z, λ and the loss trace of a request, single and batched, with the engine's log-probs fused and as
+    they were computed before (log_softmax + gather)."""
+    cfg = MemoryConfig(layer=1, objective=objective, window=8, v_num_grad_steps=6)
+    seqs = [encode(tiny.tokenizer, QUESTION, ANSWER, tiny.end_of_turn, 8)]
+    seqs.append(encode(tiny.tokenizer, "Who built it?", "Masons from the northern quarries.", tiny.end_of_turn, 8))
+    fused = [optimise_request(tiny, QUESTION, ANSWER, cfg)[1], *memory.optimise_batch(tiny, seqs, cfg)]
+    monkeypatch.setattr(forward, "target_logprobs", reference_logprobs)
+    monkeypatch.setattr(batched, "target_logprobs", reference_logprobs)
+    before = [optimise_request(tiny, QUESTION, ANSWER, cfg)[1], *memory.optimise_batch(tiny, seqs, cfg)]
+    for a, b in zip(fused, before):
+        assert [r["step"] for r in a.trace] == [r["step"] for r in b.trace]
+        assert [r["loss"] for r in a.trace] == pytest.approx([r["loss"] for r in b.trace], rel=1e-6)
+        assert sum(a.lambdas, []) == pytest.approx(sum(b.lambdas, []), abs=1e-6)
+        assert torch.allclose(a.z, b.z, rtol=1e-6, atol=1e-6)
+
+
+def test_autocast_keeps_h_and_delta_fp32_and_z_close(tiny):
+    """bf16 autocast: the matrix products of the δ passes in bf16; h (read outside, in the model's dtype) is
+    the fp32 run's exactly, δ and z stay fp32 and near the fp32 ones."""
+    base = dict(layer=1, window=8, v_num_grad_steps=6)
+    full = optimise_request(tiny, QUESTION, ANSWER, MemoryConfig(**base))[1]
+    half = optimise_request(tiny, QUESTION, ANSWER, MemoryConfig(**base, autocast="bfloat16"))[1]
+    assert torch.equal(half.h, full.h)
+    assert half.delta.dtype == half.z.dtype == torch.float32
+    assert not torch.equal(half.delta, full.delta)  # the products did run in bf16
+    assert ((half.z - full.z).norm(dim=-1) / full.z.norm(dim=-1)).max() < 5e-2
+    with pytest.raises(ValueError, match="autocast"):
+        MemoryConfig(layer=1, autocast="float8")
+
+
+def test_delta_batch_size_fills_half_the_free_memory(tiny, monkeypatch):
+    from muke.engine import batch_size
+
+    seqs = [encode(tiny.tokenizer, q, a, tiny.end_of_turn, 8) for q, a in [(QUESTION, ANSWER), ("Who?", "Masons.")] * 3]
+    largest = max(batch_size.step_bytes(tiny, s, 1, 4) for s in seqs)
+    assert largest > batch_size.step_bytes(tiny, seqs[1], 1, 4) > 0
+    for room, expected in [(3, 3), (0.2, 1), (100, len(seqs))]:
+        monkeypatch.setattr(batch_size, "free_bytes", lambda device, room=room: int(2 * room * largest))
+        assert batch_size.delta_batch_size(tiny, seqs, 1) == expected
+    assert batch_size.step_bytes(tiny, seqs[0], 1, 2) < largest  # bf16 autocast: half the activations
