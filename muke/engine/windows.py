@@ -83,11 +83,20 @@ def uses_chat_template(tokenizer, chat_template: bool = True) -> bool:
     return chat_template
 
 
+def plain_prompt(tokenizer, question: str) -> str:
+    """The question as a prompt without a chat template, opened by the tokenizer's BOS token where its own
+    encoding starts with one (Gemma, Llama; not gpt2): prompts are tokenized with add_special_tokens=False,
+    and Gemma 3 answers a prompt without its <bos> with <eos> at once."""
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("")["input_ids"][:1] == [bos]
+    return tokenizer.bos_token + question if adds_bos else question
+
+
 def render_prompt(tokenizer, question: str, system_prompt: str | None = None, chat_template: bool = True) -> str:
-    """The chat-templated question, ending where the assistant's answer starts; the question itself with
+    """The chat-templated question, ending where the assistant's answer starts; the `plain_prompt` with
     chat_template false or a tokenizer without a template (`uses_chat_template`)."""
     if not uses_chat_template(tokenizer, chat_template):
-        return question
+        return plain_prompt(tokenizer, question)
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     messages.append({"role": "user", "content": question})
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

