@@ -218,6 +218,18 @@ def test_a_tokenizer_without_chat_template_gets_plain_prompts(models, model_dir,
     assert row["nll_post"] < row["nll_pre"]
 
 
+def test_a_plain_prompt_opens_with_bos_where_the_tokenizer_adds_one(tokenizers):
+    """Prompts are tokenized without special tokens, so a plain prompt writes out the <bos> that the tokenizer's
+    own encoding starts with (Gemma 3 answers a prompt without it with <eos>); gpt2-like tokenizers add none."""
+    plain = tokenizers["plain"]
+    assert windows.plain_prompt(plain, QUESTION) == QUESTION
+    gemma_like = copy.deepcopy(plain)
+    gemma_like.bos_token, gemma_like.add_bos_token = "<|im_start|>", True
+    seq = encode(gemma_like, QUESTION, ANSWER, gemma_like.eos_token, None)
+    assert seq.prompt == "<|im_start|>" + QUESTION
+    assert seq.prompt_ids == tuple(gemma_like(QUESTION)["input_ids"]) and seq.prompt_ids[0] == gemma_like.bos_token_id
+
+
 def test_rms_norm_preimage_inverts_the_norm_or_finds_its_nearest_output():
     """N(preimage(y)) = y for y that N produces; otherwise N(preimage(y)) is the nearest output of N at like's
     scale: y - ŷ = μ ŷ / a² with a² + μ ≥ 0 (the optimality conditions of min ‖a ⊙ v - y‖, mean(v²) = 1)."""

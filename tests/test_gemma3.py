@@ -53,7 +53,7 @@ def test_architecture(gemma3):
 
 
 def test_answers_a_plain_prompt(gemma3):
-    """The base model completes a plain prompt (muke's, opened by <bos>) coherently; without <bos> it stops at once."""
+    """The base model completes a plain prompt (muke's, opened by <bos>) coherently; without <bos> it degenerates."""
     _, em = gemma3
     tok = em.tokenizer
     prompt = render_prompt(tok, "The Eiffel Tower is located in the city of")
@@ -66,7 +66,7 @@ def test_answers_a_plain_prompt(gemma3):
 
     assert complete(prompt).startswith(" Paris")
     assert complete(render_prompt(tok, "Question: What is the capital of France?\nAnswer:")).startswith(" Paris")
-    assert complete(prompt.removeprefix("<bos>")).startswith("<eos>")
+    assert "Paris" not in complete(prompt.removeprefix("<bos>"))  # " the city. Her. Her. Her"
 
 
 def test_memit_through_the_post_mlp_norm_reproduces_a_reachable_target(gemma3, tmp_path):
