@@ -180,6 +180,20 @@ def test_fast_engine_equals_the_plain_one(models, monkeypatch, arch):
     torch.testing.assert_close(torch.cat([c for c, _ in chunks], dim=1), whole[:, start - first :])
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_statistics_equal_padded_ones(models, tmp_path, arch):
+    """Documents packed side by side under block-diagonal masks give the second moments of one document per row,
+    also through Gemma 2/3's sliding-window and full-attention masks."""
+    em = models(arch)
+    moments = []
+    for pack in (True, False):
+        cfg = StatsConfig(layers=tuple(LAYERS), corpus=str(DEMO_CORPUS), max_docs=12, pack=pack)
+        stats = load_stats(collect_stats(em, cfg, tmp_path / f"{pack}.safetensors", progress=False), em, LAYERS)
+        moments.append([stats.second_moment(layer) for layer in LAYERS])
+    for packed, padded in zip(*moments):
+        torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["muke-memit", "muke-unke"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_edit_lowers_the_target_nll_and_reverts_bit_exactly(models, stats, arch, method):
