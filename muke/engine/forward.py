@@ -35,11 +35,12 @@ def sync_skipped_layers(cache: DynamicCache, top: int) -> None:
     """The one place that reaches into DynamicCache internals (versions: `LAYERED_CACHE`).
 
     Replayed layers 0..top never run, so their cache entries stop growing, while the model sizes the
-    attention mask and the positions from layer 0's entry: point them at the first upper layer's entry
-    (which they never read)."""
-    above = cache.layers[top + 1]
-    for entry in cache.layers[: top + 1]:
-        entry.keys, entry.values, entry.is_initialized = above.keys, above.values, True
+    positions from layer 0's entry and each kind of attention mask from the first layer of its kind (Gemma 2/3
+    mix sliding-window layers, sized by a token count, with full-attention ones, sized by their keys): make
+    each skipped entry the first upper entry of its own kind, else the first upper one (it is never read)."""
+    above = cache.layers[top + 1 :]
+    for i, entry in enumerate(cache.layers[: top + 1]):
+        cache.layers[i] = next((e for e in above if type(e) is type(entry)), above[0])
 
 
 def n_needed(coeff: torch.Tensor) -> int:

