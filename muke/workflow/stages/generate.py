@@ -110,8 +110,8 @@ def generate(
     shard: int,
     out: str | Path,
     update: str | Path | None = None,
-    chain: str | Path | None = None,
     device: str = "auto",
+    chain: str | Path | None = None,
 ) -> Path:
     """Answers to each request's questions (question, paraphrase, sub-questions), decoded by
     `generation.protocol` (greedy, or the paper's sampling: muke.eval.generate.Decoding); the manifest

@@ -38,8 +38,8 @@ def locality(
     model: str | Path,
     out: str | Path,
     updates: list[str | Path] = (),
-    chain: str | Path | None = None,
     device: str = "auto",
+    chain: str | Path | None = None,
 ) -> Path:
     """General-ability locality (lm-eval `tasks`) and, with `retention.enabled`, answer retention and text
     shift (muke.eval.retention) of the unedited model (no edits in the spec) or of the edited model of each
