@@ -71,10 +71,11 @@ def work(tmp_path_factory, tiny_qwen2_path):
 
 
 def config(**changes) -> dict:
-    """config/tiny.yaml with μKE-MEMIT only and top-level values replaced (dicts other than `models`
-    merged one level)."""
+    """config/tiny.yaml with μKE-MEMIT only, one request per δ batch (a kill falls between requests; a
+    poisoned request fails alone), and top-level values replaced (dicts other than `models` merged one level)."""
     c = copy.deepcopy(TINY)
     c["methods"] = ["muke-memit"]
+    c["hparams"] = {**c.get("hparams", {}), "delta_batch_size": 1}
     for key, value in changes.items():
         merge = isinstance(value, dict) and isinstance(c.get(key), dict) and key != "models"
         c[key] = {**c[key], **value} if merge else value
