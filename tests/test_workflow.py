@@ -380,7 +380,7 @@ def test_tiny_run_produces_the_tables(tiny_run):
     assert set(locality["model_state"]) == {"pre-edit", "edited"}
     assert set(locality["task"]) == {"muke_mmlu_demo", "muke_ifeval_demo"}
     assert set(locality.loc[locality.model_state == "edited", "method"]) == {"muke-memit", "anyedit-memit"}
-    (manifest,) = (results / "memories" / "tiny" / "demo").glob("muke-memit-*/manifest.json")
+    (manifest,) = (results / "memories" / "tiny" / "demo").glob("matryoshka-*/manifest.json")
     assert '"v_lr": 0.5' in manifest.read_text()
     generations = pd.concat(map(pd.read_parquet, (results / "generate").rglob("shard*.parquet")))
     assert {"id", "kind", "prompt", "output", "target", "tokens", "seconds"} <= set(generations.columns)

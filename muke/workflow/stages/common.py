@@ -31,8 +31,8 @@ def _versions() -> dict:
 
 
 def _host() -> dict:
-    """Where the job ran: the machine and its torch / CUDA / GPU facts (muke.eval.environment.torch_info)."""
-    from muke.eval.environment import torch_info
+    """Where the job ran: the machine and its torch / CUDA / GPU facts (muke.host.torch_info)."""
+    from muke.host import torch_info
 
     return {"hostname": platform.node(), **torch_info()}
 
