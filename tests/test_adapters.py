@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+from tokenizers.processors import TemplateProcessing
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import muke.cli as cli
@@ -238,7 +239,9 @@ def test_a_plain_prompt_opens_with_bos_where_the_tokenizer_adds_one(tokenizers):
     plain = tokenizers["plain"]
     assert windows.plain_prompt(plain, QUESTION) == QUESTION
     gemma_like = copy.deepcopy(plain)
-    gemma_like.bos_token, gemma_like.add_bos_token = "<|im_start|>", True
+    gemma_like.bos_token = "<|im_start|>"
+    bos = ("<|im_start|>", gemma_like.bos_token_id)  # the backend adds it, as Gemma's tokenizer.json does
+    gemma_like.backend_tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A", special_tokens=[bos])
     seq = encode(gemma_like, QUESTION, ANSWER, gemma_like.eos_token, None)
     assert seq.prompt == "<|im_start|>" + QUESTION
     assert seq.prompt_ids == tuple(gemma_like(QUESTION)["input_ids"]) and seq.prompt_ids[0] == gemma_like.bos_token_id
