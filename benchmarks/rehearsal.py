@@ -14,17 +14,15 @@ ratio (the estimate's claim: within 25 %). Needs ~16 GB of free memory.
 import argparse
 from pathlib import Path
 
-WIDTHS = dict(
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    vocab_size=152064,
-    max_position_embeddings=32768,
-    tie_word_embeddings=False,
-    rms_norm_eps=1e-6,
-    rope_theta=1e6,
-)
+QWEN = "Qwen/Qwen2.5-7B-Instruct"
+
+
+def widths() -> dict:
+    """Qwen2.5-7B-Instruct's config.json values as muke estimate knows them, less the layer count."""
+    from muke.workflow.estimate import KNOWN_WIDTHS
+
+    known = {k: v for k, v in KNOWN_WIDTHS[QWEN].items() if k not in ("model_type", "num_hidden_layers")}
+    return {**known, "rms_norm_eps": 1e-6, "rope_theta": 1e6}
 
 
 def build(out: Path, layers: int) -> None:
@@ -36,7 +34,7 @@ def build(out: Path, layers: int) -> None:
 
     tok = train_tokenizer(DEMO_CORPUS)
     config = Qwen2Config(
-        **WIDTHS, num_hidden_layers=layers, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        **widths(), num_hidden_layers=layers, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
