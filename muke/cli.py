@@ -141,6 +141,7 @@ def _preset(args) -> tuple[str | None, dict]:
         "v_lr": args.v_lr,
         "v_num_grad_steps": args.v_steps,
         "clamp_norm_factor": args.clamp,
+        "v_stop_prob": args.v_stop_prob,
         "mom2_update_weight": args.mom2_update_weight,
         "unke_steps": args.unke_steps,
         "n_preserve": args.n_preserve,
@@ -513,6 +514,11 @@ def _edit_parser(sub) -> None:
     p.add_argument("--v-lr", type=float, help="δ learning rate (v_lr)")
     p.add_argument("--v-steps", type=int, help="δ optimisation steps (v_num_grad_steps)")
     p.add_argument("--clamp", type=float, help="‖δ‖ ≤ clamp · ‖h‖ (clamp_norm_factor)")
+    p.add_argument(
+        "--v-stop-prob",
+        type=float,
+        help="stop a window's δ loop once each of its tokens has this probability (v_stop_prob; --v-steps caps it)",
+    )
     p.add_argument("--mom2-update-weight", type=float)
     p.add_argument("--unke-steps", type=int)
     p.add_argument("--n-preserve", type=int)

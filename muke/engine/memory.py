@@ -11,6 +11,7 @@ affinity λ (Eq. 12) are in `affinity`. Several requests can share each δ step'
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ class MemoryConfig:
     v_weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     early_stop: float = 1e-2  # 5e-3 for UnKE-based edits
+    # Stop window i's loop once each of its tokens has p ≥ v_stop_prob under teacher forcing (`reproduces`);
+    # None: the authors' rule alone. v_num_grad_steps is then the most a window may take.
+    v_stop_prob: float | None = None
     system_prompt: str | None = None
     chat_template: bool = True
     fast: bool = True  # CachedShiftedLM and shared affinity passes; False: PlainShiftedLM
@@ -49,6 +53,8 @@ class MemoryConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+        if self.v_stop_prob is not None and not 0 < self.v_stop_prob < 1:
+            raise ValueError(f"v_stop_prob must lie in (0, 1), got {self.v_stop_prob!r}")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"autocast must be one of {sorted(AUTOCAST, key=str)}, got {self.autocast!r}")
 
@@ -87,6 +93,12 @@ class MemoryResult:
 # ---------------------------------------------------------------------------- the δ loop (ALGORITHM §4)
 
 
+def own_tokens(seq: EditSequence, label: int) -> slice:
+    """Target tokens whose prediction the shift(s) of this loop fix for good: window `label`'s (a later
+    shift sits after them), every token for the joint loop of `parallel_nll` (label -1)."""
+    return slice(0, len(seq.target_ids)) if label < 0 else slice(*seq.windows[label])
+
+
 def step_loss(
     coeff: torch.Tensor,
     logp: torch.Tensor,
@@ -95,8 +107,10 @@ def step_loss(
     cfg: MemoryConfig,
     label: int,
     step: int,
+    own: slice,
 ) -> tuple[torch.Tensor, dict]:
-    """One request's δ-loop loss -Σ c_t lp_t + wd · Σ ‖δ_k‖ / ‖h_k‖², checked finite, and its trace row."""
+    """One request's δ-loop loss -Σ c_t lp_t + wd · Σ ‖δ_k‖ / ‖h_k‖², checked finite, and its trace row
+    (worst_logp: the lowest log-prob among the loop's `own` tokens)."""
     nll = -(coeff[: len(logp)] * logp).sum()
     decay = sum(cfg.v_weight_decay * d.norm() / h**2 for d, h in zip(deltas, h_norms))
     loss = nll + decay
@@ -109,12 +123,20 @@ def step_loss(
         "weight_decay": decay.item(),
         "delta_norm": max(d.norm().item() for d in deltas),
         "h_norm": max(h.item() for h in h_norms),
+        "worst_logp": logp[own].min().item(),
     }
 
 
-def finished(loss: torch.Tensor, step: int, cfg: MemoryConfig) -> bool:
-    """Stop below early_stop, or at the last step: the authors take at most steps-1 updates."""
-    return loss.item() < cfg.early_stop or step == cfg.v_num_grad_steps - 1
+def reproduces(row: dict, cfg: MemoryConfig) -> bool:
+    """Every token of the loop's own window has p ≥ v_stop_prob: with v_stop_prob ≥ 0.5 each is the argmax,
+    so greedy decoding with the shifts applied follows the window word for word."""
+    return cfg.v_stop_prob is not None and row["worst_logp"] >= math.log(cfg.v_stop_prob)
+
+
+def finished(loss: torch.Tensor, row: dict, step: int, cfg: MemoryConfig) -> bool:
+    """Stop below early_stop, once the window `reproduces` (v_stop_prob set), or at the last step: the
+    authors take at most steps-1 updates."""
+    return loss.item() < cfg.early_stop or reproduces(row, cfg) or step == cfg.v_num_grad_steps - 1
 
 
 @torch.no_grad()
@@ -150,9 +172,9 @@ def optimise_shifts(
     deltas, h_norms, opt = new_shifts([lm] * len(free), free, cfg)
     for step in range(cfg.v_num_grad_steps):
         logp = lm.logprobs(free, deltas, fixed, upto)[0]
-        loss, row = step_loss(coeff, logp, deltas, h_norms, cfg, label, step)
+        loss, row = step_loss(coeff, logp, deltas, h_norms, cfg, label, step, own_tokens(lm.seq, label))
         trace.append(row)
-        if finished(loss, step, cfg):
+        if finished(loss, row, step, cfg):
             break
         opt.zero_grad()
         loss.backward()
@@ -190,12 +212,13 @@ def optimise_shifts_batched(
         going = []
         for r, logp in zip(active, logps):
             try:
-                loss, row = step_loss(coeffs[r], logp[0], [deltas[r]], [h_norms[r]], cfg, label, step)
+                own = own_tokens(lms[r].seq, label)
+                loss, row = step_loss(coeffs[r], logp[0], [deltas[r]], [h_norms[r]], cfg, label, step, own)
             except NumericalError as e:
                 out[r] = e
                 continue
             traces[r].append(row)
-            if finished(loss, step, cfg):
+            if finished(loss, row, step, cfg):
                 out[r] = deltas[r].detach()
             else:
                 going.append((r, loss))

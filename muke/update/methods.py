@@ -38,6 +38,7 @@ MEMORY_OPTIONS = (
     "v_weight_decay",
     "clamp_norm_factor",
     "early_stop",
+    "v_stop_prob",
     "system_prompt",
     "chat_template",
     "fast",
