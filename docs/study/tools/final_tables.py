@@ -75,6 +75,36 @@ for stage in ("optimize_memories", "update_weights", "generate"):
         )
 print(md(pd.DataFrame(cost)))
 
+# The δ budget each method used: Adam updates per request (a window's trace rows less its stopping row) and
+# windows that stopped at the step cap instead of by the loss / v_stop_prob rule (the traces, via the report spec).
+spec_path = f"{root}/report/spec.json"
+if glob.glob(spec_path):
+    import json
+    import math
+
+    budget = []
+    for run in json.load(open(spec_path))["runs"]:
+        shards = run["files"]["shards"]
+        if run["dataset"] != dataset or not shards:
+            continue
+        memory = run["settings"]["memory"]
+        t = pd.concat([pd.read_parquet(s["trace"]) for s in shards])
+        per_window = t.groupby(["id", "window"]).agg(rows=("step", "size"), worst=("worst_logp", "last"))
+        capped = per_window.rows == memory["v_num_grad_steps"]
+        stop = memory.get("v_stop_prob")
+        budget.append(
+            {
+                "method": run["method"],
+                "cap": memory["v_num_grad_steps"],
+                "v_stop_prob": stop,
+                "updates / request (mean)": f"{(per_window.rows - 1).groupby(level=0).sum().mean():.0f}",
+                "updates / window (mean, max)": f"{(per_window.rows - 1).mean():.1f}, {(per_window.rows - 1).max()}",
+                "windows at the cap": f"{int(capped.sum())} / {len(per_window)}",
+                "windows ending below p": "–" if stop is None else f"{int((per_window.worst < math.log(stop)).sum())}",
+            }
+        )
+    print("\n" + md(pd.DataFrame(budget)))
+
 if len(sys.argv) > 3:
     import matplotlib
 
