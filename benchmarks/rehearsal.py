@@ -8,7 +8,8 @@
 d_ff 18944, 28 / 4 heads, vocab 152064) but only 3 decoder layers, in bf16, with muke's tiny tokenizer (its
 ids are a subset of the vocabulary). `compare` prints, per job of the finished run, the peak resident memory
 Snakemake's benchmark file measured beside muke.workflow.estimate's CPU figure for that stage, and their
-ratio (the estimate's claim: within 25 %). Needs ~16 GB of free memory.
+ratio estimate / measured (the estimate's claim: within 25 %), from the join the workflow report's
+table uses (muke.eval.environment.memory_table). Needs ~16 GB of free memory.
 """
 
 import argparse
@@ -44,51 +45,19 @@ def build(out: Path, layers: int) -> None:
 
 
 def compare(configfile: str) -> None:
-    from muke.eval.environment import read_benchmarks
+    from muke.eval.environment import memory_table, read_benchmarks
     from muke.workflow.config import ROOT, load_yaml
-    from muke.workflow.estimate import (
-        DTYPE_BYTES,
-        GiB,
-        collect_stats_cost,
-        generate_cost,
-        memories_cost,
-        update_cost,
-        widths_of,
-    )
+    from muke.workflow.estimate import job_memory
     from muke.workflow.plan import Plan
 
     plan = Plan(load_yaml(configfile), basedir=ROOT)
-    bench = read_benchmarks(Path(plan.results) / "benchmarks")
+    estimates = job_memory(plan)
+    bench = read_benchmarks(Path(plan.results) / "benchmarks", {e["identity"] for e in estimates})
+    rows = memory_table(bench, estimates).dropna(subset=["measured GiB", "estimate GiB"])
     print(f"{'job':<70} {'measured GiB':>12} {'estimate GiB':>12} {'ratio':>6}")
-    for run in plan.runs:
-        m = run.model
-        w, b = widths_of(m, plan.model_dir(m)), DTYPE_BYTES[m.dtype]
-        gen = run.generate.params["generation"]
-        est = {("generate", run.generate): generate_cost(w, b, gen["batch_size"], 64, gen["max_new_tokens"], 1)}
-        if run.memories is not None:
-            mem, u = run.memories.params["memory"], run.update.params
-            est[("optimize_memories", run.memories)] = memories_cost(
-                w, b, mem["layer"], 300, mem["window"] or 300, mem["v_num_grad_steps"]
-            )
-            est[("update_weights", run.update)] = update_cost(
-                w,
-                b,
-                u["backend"],
-                u["options"]["layers"],
-                400,
-                u["options"].get("steps", 0),
-                u["options"].get("n_preserve", 0),
-            )
-        if run.stats is not None:
-            p = run.stats.params
-            est[("collect_stats", run.stats)] = collect_stats_cost(w, b, p["layers"], p["batch_tokens"], 0)
-        for (rule, spec), cost in est.items():
-            rows = bench[(bench["rule"] == rule) & bench["job"].str.contains(spec.identity)] if len(bench) else bench
-            if len(rows):
-                measured = rows["max_rss"].max() * 2**20  # Snakemake writes MiB
-                print(
-                    f"{rows['job'].iloc[0]:<70} {measured / GiB:>12.2f} {cost.cpu / GiB:>12.2f} {cost.cpu / measured:>6.2f}"
-                )
+    for (rule, job), row in rows.iterrows():
+        measured, estimate = row["measured GiB"], row["estimate GiB"]
+        print(f"{rule + '/' + job:<70} {measured:>12.2f} {estimate:>12.2f} {estimate / measured:>6.2f}")
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from muke.workflow.estimate import (
     RUNTIME_BYTES,
     Widths,
     collect_stats_cost,
+    job_memory,
     update_cost,
 )
 
@@ -159,3 +160,18 @@ def test_estimate_command_lists_every_stage_of_the_tiny_workflow(capsys, monkeyp
     # 2 methods + the unedited model; 1 shard; one statistics job; locality of the unedited and 2 edited models
     assert jobs == {"collect_stats": 1, "optimize_memories": 2, "update_weights": 2, "generate": 3, "locality": 3}
     assert all(line.endswith("yes") for line in out[2:-1])
+
+
+def test_job_memory_gives_each_job_of_the_tiny_plan_once(monkeypatch):
+    """One entry per stage spec (the report matches it to the benchmark files whose path names its
+    identity), the CPU figure being the job's whole memory."""
+    from muke.workflow.config import load_yaml
+    from muke.workflow.plan import Plan
+
+    monkeypatch.chdir(ROOT)
+    plan = Plan(load_yaml("config/tiny.yaml"), basedir=ROOT)
+    jobs = job_memory(plan)
+    specs = [spec for run in plan.runs for spec in run.specs().values()] + list(plan.pre_edit_locality.values())
+    assert len(jobs) == 11  # 1 collect_stats, 2 optimize_memories, 2 update_weights, 3 generate, 3 locality
+    assert {(j["rule"], j["identity"]) for j in jobs} == {(s.stage, s.identity) for s in specs if s.stage != "score"}
+    assert all(RUNTIME_BYTES < j["host_bytes"] < j["cpu_bytes"] and j["device_bytes"] > 0 for j in jobs)

@@ -12,12 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from muke.eval.environment import gpu_stages, memory_table
 from muke.eval.report import build_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METHODS = ["muke-memit", "anyedit-memit"]
 KINDS = ["question", "para_question"]
 FAMILIES = ["paper", "standard"]
+GiB = 1024**3
 BENCH_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 
 
@@ -165,6 +167,9 @@ def report(tmp_path_factory):
         failures=failures,
         per_sample=_per_sample(),
         case_rows=_case_rows(),
+        memory_estimates=[
+            dict(rule="generate", identity="qwen", host_bytes=GiB, device_bytes=2 * GiB, cpu_bytes=4 * GiB)
+        ],
         title="test report",
     )
     return path, path.read_text(), inputs
@@ -206,6 +211,7 @@ def test_sweep_table_and_csvs(report):
         "sweep_v_num_grad_steps_paper",
         "failures",
         "benchmarks",
+        "peak_memory",
     ):
         assert (path.parent / f"{name}.csv").stat().st_size > 0
     paper = pd.read_csv(path.parent / "edit_metrics_paper.csv")
@@ -239,7 +245,58 @@ def test_failures_and_reproducibility(report):
     assert "seed = 1234" in text and "abc123" in text and "L4-8-ffee" in text
     assert "git commit" in text and "deterministic" in text
     assert re.search(r"<th>generate</th>\s*<td>1</td>\s*<td>12.50</td>\s*<td>12.50</td>\s*<td>2048.25</td>", text)
+    memory = _section(text, "<h3>Peak memory per job")
+    assert "±25 %" in memory
+    # 2048.25 MiB measured, 4 GiB estimated (a CPU job: no manifest saw a GPU), no device figure
+    assert re.search(r"<th>qwen</th>\s*<td>2.00</td>\s*<td>4.00</td>\s*<td>—</td>\s*<td>0.50</td>", memory)
+    assert re.search(r"<th>report</th>\s*<th>report</th>\s*<td>0.11</td>\s*<td>—</td>", memory)  # no estimate
     assert "qwen2.5-7b-instruct" in text
+
+
+def test_memory_table_joins_benchmarks_and_estimates():
+    """Shards of a job together (the largest max_rss, MiB); the host figure of a GPU stage with its device
+    figure, the CPU figure elsewhere; NaN where a job has no benchmark file or no estimate."""
+    jobs = [
+        "generate/m/d/a-aaa111/shard0.tsv",
+        "generate/m/d/a-aaa111/shard1.tsv",
+        "update_weights/m/d/a-bbb222/shard0.tsv",
+    ]
+    bench = pd.DataFrame(
+        {
+            "rule": ["generate", "generate", "update_weights", "score"],
+            "job": [*jobs, "score/m/d/a-ccc333.tsv"],
+            "max_rss": [1024.0, 2048.0, 512.0, 100.0],
+        }
+    )
+    estimates = [
+        dict(rule=rule, model="m", identity=i, host_bytes=GiB, device_bytes=2 * GiB, cpu_bytes=cpu * GiB)
+        for rule, i, cpu in [("generate", "aaa111", 4), ("update_weights", "bbb222", 8), ("collect_stats", "ddd444", 3)]
+    ]
+    t = memory_table(bench, estimates, gpu_stages={"update_weights"})
+    assert list(t.index) == [
+        ("collect_stats", "ddd444"),
+        ("generate", "m/d/a-aaa111"),
+        ("score", "m/d/a-ccc333"),
+        ("update_weights", "m/d/a-bbb222"),
+    ]
+    cols = ["measured GiB", "estimate GiB", "estimate device GiB", "measured / estimate"]
+    np.testing.assert_allclose(
+        t[cols].to_numpy(dtype=float),
+        [
+            [np.nan, 3.0, np.nan, np.nan],
+            [2.0, 4.0, np.nan, 0.5],
+            [100 / 1024, np.nan, np.nan, np.nan],
+            [0.5, 1.0, 2.0, 0.5],
+        ],
+    )
+    assert memory_table(pd.DataFrame(), []).empty
+
+
+def test_gpu_stages_follow_the_manifests_unless_the_config_says_cpu():
+    jobs = pd.DataFrame({"stage": ["generate", "locality", "generate"], "cuda available": ["True", "False", "False"]})
+    assert gpu_stages({"runtime": {"device": "auto"}}, jobs) == {"generate"}
+    assert gpu_stages({"runtime": {"device": "cpu"}}, jobs) == set()
+    assert gpu_stages({}, None) == set()
 
 
 def test_skipped_plots_are_noted(tmp_path):

@@ -392,7 +392,8 @@ def test_tiny_run_produces_the_tables(tiny_run):
 @needs_snakemake
 def test_tiny_run_writes_the_full_report(tiny_run):
     """The page: both tables, the paper's Fig. 5 and the δ traces as images, failures, and the
-    reproducibility record of this plan (stage identities, data checksums, benchmarks of its jobs)."""
+    reproducibility record of this plan (stage identities, data checksums, benchmarks of its jobs, their
+    peak memory beside muke estimate's)."""
     report = tiny_run / TINY["results"] / "report"
     html = (report / "index.html").read_text()
     assert "paper family" in html and "standard family" in html and "muke-memit" in html
@@ -408,6 +409,11 @@ def test_tiny_run_writes_the_full_report(tiny_run):
     assert hashlib.sha256(demo.read_bytes()).hexdigest() in repro
     assert re.search(r"<th>optimize_memories</th>\s*<td>2</td>", repro)  # benchmarks: 2 jobs of this plan
     assert (report / "stage_identities.csv").is_file() and (report / "benchmarks.csv").is_file()
+    assert "Peak memory per job: measured vs <code>muke estimate</code>" in repro
+    estimated = {"collect_stats", "optimize_memories", "update_weights", "generate", "locality"}
+    assert {e["rule"] for e in spec["memory_estimates"]} == estimated
+    memory = pd.read_csv(report / "peak_memory.csv").dropna(subset=["measured GiB", "estimate GiB"])
+    assert set(memory["rule"]) == estimated and (memory["measured / estimate"] > 0).all()
 
 
 @needs_snakemake

@@ -1,13 +1,15 @@
 """What a reviewer needs to reproduce the report's numbers: git commit, package versions and hardware,
-seeds, stage identities, input checksums, Snakemake benchmarks and the resolved configuration."""
+seeds, stage identities, input checksums, Snakemake benchmarks (with `muke estimate`'s peak memory of each
+job beside the measured one) and the resolved configuration."""
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
@@ -16,6 +18,7 @@ from muke.host import torch_info
 from muke.io import sha256
 
 PACKAGES = ["muke", "torch", "transformers", "snakemake", "lm_eval", "numpy", "pandas", "matplotlib"]
+GiB, MiB = 1024**3, 1024**2
 
 
 def git_info() -> dict:
@@ -113,6 +116,72 @@ def benchmark_summary(bench: pd.DataFrame) -> pd.DataFrame:
     return out.map(fmt).assign(jobs=g["job"].nunique())
 
 
+def _job(path: str) -> str:
+    """A benchmark file's job below its rule's folder, shards together: generate/tiny/demo/m-1a2b/shard0.tsv
+    -> tiny/demo/m-1a2b."""
+    parts = PurePosixPath(path).with_suffix("").parts
+    parts = parts[:-1] if len(parts) > 1 and re.fullmatch(r"shard\d+", parts[-1]) else parts
+    return "/".join(parts[1:] or parts)
+
+
+def _measured(bench: pd.DataFrame) -> pd.DataFrame:
+    """Per rule and job (`_job`): the largest max_rss in bytes."""
+    if not len(bench):
+        return pd.DataFrame(columns=["rule", "job", "measured"])
+    jobs = bench.assign(job=bench["job"].map(_job), measured=bench["max_rss"] * MiB)
+    return jobs.groupby(["rule", "job"], as_index=False)["measured"].max()
+
+
+def memory_table(bench: pd.DataFrame, estimates, gpu_stages=()) -> pd.DataFrame:
+    """Per job: the measured peak memory (`read_benchmarks`), muke estimate's and their ratio, in GiB;
+    NaN where a side is missing. `estimates`: {rule, identity, host_bytes, device_bytes, cpu_bytes} per
+    job (muke.workflow.estimate.job_memory), matched to the job whose path names its identity; the
+    host peak of a GPU job where its rule is in `gpu_stages`, with its device peak, else a CPU job's."""
+    est = pd.DataFrame(list(estimates), columns=["rule", "identity", "host_bytes", "device_bytes", "cpu_bytes"])
+    measured = _measured(bench)
+    found = [
+        next((i for i in est.loc[est["rule"] == rule, "identity"] if i in job), None)
+        for rule, job in zip(measured["rule"], measured["job"])
+    ]
+    measured["identity"] = pd.Series(found, index=measured.index, dtype=object)
+    t = measured.merge(est, on=["rule", "identity"], how="outer")
+    gpu = t["rule"].isin(list(gpu_stages))
+    estimate = t["host_bytes"].where(gpu, t["cpu_bytes"])
+    out = pd.DataFrame(
+        {
+            "rule": t["rule"],
+            "job": t["job"].fillna(t["identity"]),
+            "measured GiB": t["measured"] / GiB,
+            "estimate GiB": estimate / GiB,
+            "estimate device GiB": t["device_bytes"].where(gpu) / GiB,
+            "measured / estimate": t["measured"] / estimate,
+        }
+    )
+    return out.sort_values(["rule", "job"]).set_index(["rule", "job"])
+
+
+def gpu_stages(config: dict | None, jobs: pd.DataFrame | None) -> set[str]:
+    """The stages whose jobs ran with a GPU: their manifests saw CUDA and runtime.device is not cpu."""
+    if jobs is None or "cuda available" not in jobs or (config or {}).get("runtime", {}).get("device") == "cpu":
+        return set()
+    return set(jobs.loc[jobs["cuda available"] == "True", "stage"])
+
+
+def _memory_section(bench: pd.DataFrame, estimates, gpu: set[str]) -> tuple[list[str], pd.DataFrame]:
+    t = memory_table(bench, estimates, gpu)
+    return [
+        "<h3>Peak memory per job: measured vs <code>muke estimate</code></h3>",
+        "<p class='caption'>Measured: the largest peak resident set size (<code>max_rss</code>, which Snakemake "
+        "writes in MiB) of the job's benchmark files, its shards together. Estimate: <code>muke estimate</code>'s "
+        "peak for one job (muke/workflow/estimate.py: the tensors the job holds at its peak plus the Python "
+        "runtime, from the model's widths and the run's sizes; it claims ±25 % on the CPU, checked there for "
+        "collect_stats and a MEMIT update by tests/test_estimate.py). On the CPU alone that is the job's whole "
+        "memory; where the stage's manifests saw a GPU, the job's host side, its device memory beside it. —: no "
+        "benchmark file, or no estimate (prepare_model, score, trace_layers and edit_sequence have none).</p>",
+        table(t.map(fmt)) if len(t) else note("No benchmark files and no estimates."),
+    ], t
+
+
 def _dict_table(d: dict, key: str, value: str) -> pd.DataFrame:
     text = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str) for k, v in d.items()}
     return pd.DataFrame({key: list(text), value: list(text.values())})
@@ -143,10 +212,13 @@ def _hardware(jobs: pd.DataFrame | None) -> tuple[list[str], pd.DataFrame]:
     ], shown
 
 
-def reproducibility(config, stage_identities, inputs, bench, jobs=None, settings=None) -> tuple[list[str], dict]:
+def reproducibility(
+    config, stage_identities, inputs, bench, jobs=None, settings=None, memory_estimates=()
+) -> tuple[list[str], dict]:
     """The reproducibility section and its tables (for CSV). jobs: muke.eval.tables.job_hosts (the
     hardware facts of the jobs' own machines); settings: muke.eval.tables.run_settings (every δ-loop
-    option and the decoding of each run)."""
+    option and the decoding of each run); memory_estimates: muke estimate's peaks of each job
+    (`memory_table`)."""
     g = git_info()
     if not isinstance(stage_identities, pd.DataFrame):
         stage_identities = _dict_table(stage_identities or {}, "stage", "identity")
@@ -192,5 +264,6 @@ def reproducibility(config, stage_identities, inputs, bench, jobs=None, settings
         parts.append(table(benchmark_summary(bench)))
     else:
         parts.append(note("No Snakemake benchmark files found."))
-    parts += ["<h3>Resolved configuration</h3>", f"<pre>{esc(_yaml(config or {}))}</pre>"]
+    memory_parts, tables["peak_memory"] = _memory_section(bench, memory_estimates, gpu_stages(config, jobs))
+    parts += [*memory_parts, "<h3>Resolved configuration</h3>", f"<pre>{esc(_yaml(config or {}))}</pre>"]
     return parts, tables

@@ -328,6 +328,7 @@ def build_report(
     case_rows=None,
     jobs=None,
     run_settings=None,
+    memory_estimates=(),
     layer_traces=(),
     title: str = "μKE report",
 ) -> Path:
@@ -338,7 +339,9 @@ def build_report(
     `stage_identities`: {stage: identity}, or a table (one row per run, a column per stage).
     `benchmark_identities`: read only the benchmark files whose path names one of these.
     `jobs`, `run_settings`: muke.eval.tables.job_hosts / run_settings (where the jobs ran; what each run
-    ran with). `layer_traces`: trace_layers folders as {model, dataset, path} (muke.eval.layer_trace)."""
+    ran with). `memory_estimates`: muke estimate's peak memory of each job as {rule, identity, host_bytes,
+    device_bytes, cpu_bytes} (muke.workflow.estimate.job_memory), beside the benchmarks' measured peaks.
+    `layer_traces`: trace_layers folders as {model, dataset, path} (muke.eval.layer_trace)."""
     out_dir = Path(out_dir)
     edit, loc = _read(edit_metrics), _read(locality)
     traces, failures, per_sample, case_rows = _read(traces), _read(failures), _read(per_sample), _read(case_rows)
@@ -347,7 +350,9 @@ def build_report(
     seq_parts, seq_tables = sequential.section(per_sample, loc)
     fail_parts, fail_table = _failures(failures)
     bench = read_benchmarks(benchmarks_dir, benchmark_identities)
-    repro_parts, repro_tables = reproducibility(config, stage_identities, inputs, bench, jobs, run_settings)
+    repro_parts, repro_tables = reproducibility(
+        config, stage_identities, inputs, bench, jobs, run_settings, memory_estimates
+    )
     tables.update(loc_tables, **seq_tables, **repro_tables)
     if fail_table is not None:
         tables["failures"] = fail_table

@@ -17,7 +17,8 @@ Time is a roofline: max(FLOPs / flops_per_s, bytes moved / bytes_per_s) per job,
 jobs; the rates are options (defaults: an H100-class card at a sustained fraction of its peak, bf16 /
 fp16 matmuls four times as fast as fp32 ones). It is a
 planning figure, good to a factor of about two; the memory figures are checked against measured peaks
-(tests/test_estimate.py on CPU, `make rehearsal` at Qwen2.5-7B's widths).
+(tests/test_estimate.py on CPU, `make rehearsal` at Qwen2.5-7B's widths), and `job_memory` gives each
+job's for the workflow report, which sets them beside the peaks Snakemake measured.
 """
 
 from __future__ import annotations
@@ -251,6 +252,51 @@ def _hours(cost: JobCost, flops_per_s: float, bytes_per_s: float) -> float:
     return max(cost.flops / flops_per_s, cost.traffic / bytes_per_s) / 3600
 
 
+def _job_costs(plan, answer_tokens: int, doc_tokens: int):
+    """Each stage spec of a plan as (model, stage, spec, cost, jobs): the peaks of one job, the work
+    (FLOPs, traffic) of all `jobs` (its shards)."""
+    seen_stats = set()
+    for run in plan.runs:
+        m = run.model
+        w, b = widths_of(m, plan.model_dir(m)), DTYPE_BYTES[m.dtype]
+        n_req, shards = len(run.dataset.request_ids), run.dataset.n_shards
+        gen = run.generate.params["generation"]
+        answers = n_req * len(gen["kinds"]) * 2
+        cost = generate_cost(w, b, gen["batch_size"], 64, gen["max_new_tokens"], answers)
+        yield m.name, "generate", run.generate, cost, shards
+        if run.stats is not None and run.stats.identity not in seen_stats:
+            seen_stats.add(run.stats.identity)
+            p = run.stats.params
+            length = min(p["max_length"] or w.context, doc_tokens)
+            n_docs = p["max_docs"] or 100_000
+            cost = collect_stats_cost(w, b, p["layers"], p["batch_tokens"], n_docs * length)
+            yield m.name, "collect_stats", run.stats, cost, 1
+        if run.memories is None:
+            continue
+        mem = run.memories.params["memory"]
+        cost = memories_cost(w, b, mem["layer"], answer_tokens, mem["window"] or answer_tokens, mem["v_num_grad_steps"])
+        cost.flops, cost.traffic = cost.flops * n_req, cost.traffic * n_req
+        yield m.name, "optimize_memories", run.memories, cost, shards
+        u = run.update.params
+        layers, batch = u["options"]["layers"], u["edit_batch_size"]
+        steps = u["options"].get("steps", 0)
+        preserve = u["options"].get("n_preserve", 0)
+        cost = update_cost(w, b, u["backend"], layers, (64 + answer_tokens) * batch, steps, preserve)
+        cost.flops *= math.ceil(n_req / batch)
+        yield m.name, "update_weights", run.update, cost, shards
+        if run.locality is not None:
+            yield m.name, "locality", run.locality, _locality(w, b, run.locality.params), 1
+    for name, spec in plan.pre_edit_locality.items():
+        m = plan.models[name]
+        yield name, "locality", spec, _locality(widths_of(m, plan.model_dir(m)), DTYPE_BYTES[m.dtype], spec.params), 1
+
+
+def _locality(w: Widths, b: int, loc: dict) -> JobCost:
+    """A locality job: lm-eval of each model it checks, one per edit (the pre-edit job: the unedited model)."""
+    tokens = 2_000_000 if loc["limit"] is None else int(loc["limit"] * 1000 * len(loc["tasks"]))
+    return locality_cost(w, b, _batch(loc), 1024, len(loc["edits"]) or 1, tokens)
+
+
 def estimate_plan(
     plan,
     answer_tokens: int = 300,
@@ -264,69 +310,46 @@ def estimate_plan(
     answer_tokens: tokens of a target answer (UnKEBench answers are a few hundred); doc_tokens: a statistics
     document's tokens before truncation (English Wikipedia averages several hundred)."""
     rows: dict[tuple[str, str], list[tuple[JobCost, int]]] = {}
-    rates: dict[str, tuple[float, float]] = {}
-    model = None
-
-    def add(stage, cost, jobs=1):
+    for model, stage, _, cost, jobs in _job_costs(plan, answer_tokens, doc_tokens):
         rows.setdefault((model, stage), []).append((cost, jobs))
-
-    seen_stats = set()
-    for run in plan.runs:
-        m = run.model
-        model = m.name
-        w = widths_of(m, plan.model_dir(m))
-        b = DTYPE_BYTES[m.dtype]
-        n_req, shards = len(run.dataset.request_ids), run.dataset.n_shards
-        gen = run.generate.params["generation"]
-        kinds = len(gen["kinds"])
-        rates[model] = (flops_per_s if b == 2 else fp32_flops_per_s, bytes_per_s)
-        add("generate", generate_cost(w, b, gen["batch_size"], 64, gen["max_new_tokens"], n_req * kinds * 2), shards)
-        if run.stats is not None and run.stats.identity not in seen_stats:
-            seen_stats.add(run.stats.identity)
-            p = run.stats.params
-            length = min(p["max_length"] or w.context, doc_tokens)
-            n_docs = p["max_docs"] or 100_000
-            add("collect_stats", collect_stats_cost(w, b, p["layers"], p["batch_tokens"], n_docs * length))
-        if run.memories is None:
-            continue
-        mem = run.memories.params["memory"]
-        cost = memories_cost(w, b, mem["layer"], answer_tokens, mem["window"] or answer_tokens, mem["v_num_grad_steps"])
-        cost.flops, cost.traffic = cost.flops * n_req, cost.traffic * n_req
-        add("optimize_memories", cost, shards)
-        u = run.update.params
-        layers, batch = u["options"]["layers"], u["edit_batch_size"]
-        steps = u["options"].get("steps", 0)
-        preserve = u["options"].get("n_preserve", 0)
-        cost = update_cost(w, b, u["backend"], layers, (64 + answer_tokens) * batch, steps, preserve)
-        cost.flops *= math.ceil(n_req / batch)
-        add("update_weights", cost, shards)
-        if run.locality is not None:
-            loc = run.locality.params
-            tokens = 2_000_000 if loc["limit"] is None else int(loc["limit"] * 1000 * len(loc["tasks"]))
-            add("locality", locality_cost(w, b, _batch(loc), 1024, len(loc["edits"]), tokens))
-    for name, spec in plan.pre_edit_locality.items():
-        m, model = plan.models[name], name
-        loc = spec.params
-        tokens = 2_000_000 if loc["limit"] is None else int(loc["limit"] * 1000 * len(loc["tasks"]))
-        add(
-            "locality",
-            locality_cost(widths_of(m, plan.model_dir(m)), DTYPE_BYTES[m.dtype], _batch(loc), 1024, 1, tokens),
+    rates = {
+        name: (flops_per_s if DTYPE_BYTES[m.dtype] == 2 else fp32_flops_per_s, bytes_per_s)
+        for name, m in plan.models.items()
+    }
+    out = [
+        StageEstimate(
+            model,
+            stage,
+            sum(j for _, j in items),
+            max(c.device for c, _ in items),
+            max(c.host for c, _ in items),
+            sum(_hours(c, *rates[model]) for c, _ in items),
         )
-    out = []
-    for (model, stage), items in rows.items():
-        out.append(
-            StageEstimate(
-                model,
-                stage,
-                sum(j for _, j in items),
-                max(c.device for c, _ in items),
-                max(c.host for c, _ in items),
-                sum(_hours(c, *rates.get(model, (fp32_flops_per_s, bytes_per_s))) for c, _ in items),
-            )
-        )
+        for (model, stage), items in rows.items()
+    ]
     order = ["collect_stats", "optimize_memories", "update_weights", "generate", "locality"]
     models = list(plan.models)
     return sorted(out, key=lambda s: (models.index(s.model), order.index(s.stage)))
+
+
+def job_memory(plan, answer_tokens: int = 300, doc_tokens: int = 700) -> list[dict]:
+    """Per job of a plan (a stage's shards share one entry): its rule, model and identity (which its
+    Snakemake benchmark file's path names) and its peak memory in bytes: host_bytes and device_bytes
+    run with a GPU, cpu_bytes run on the CPU alone."""
+    out = {}
+    for model, stage, spec, cost, _ in _job_costs(plan, answer_tokens, doc_tokens):
+        out.setdefault(
+            (stage, spec.identity),
+            {
+                "rule": stage,
+                "model": model,
+                "identity": spec.identity,
+                "host_bytes": cost.host,
+                "device_bytes": cost.device,
+                "cpu_bytes": cost.cpu,
+            },
+        )
+    return list(out.values())
 
 
 def _batch(loc: dict) -> int:

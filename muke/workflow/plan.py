@@ -447,8 +447,8 @@ class Plan:
 
         return report_inputs(self)
 
-    def report_spec(self) -> str:
+    def report_spec(self, estimates: bool = False) -> str:
         """What the report stage reads, as JSON (muke.workflow.report_spec.report_spec)."""
         from muke.workflow.report_spec import report_spec
 
-        return report_spec(self)
+        return report_spec(self, estimates)

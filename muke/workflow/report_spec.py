@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from muke.workflow.estimate import job_memory
 from muke.workflow.plan import PRE_EDIT
 
 
@@ -128,10 +129,21 @@ def layer_traces(plan) -> list[dict]:
     ]
 
 
-def report_spec(plan) -> str:
+def memory_estimates(plan) -> list[dict]:
+    """muke estimate's peak memory of each job (muke.workflow.estimate.job_memory); none where a model's
+    widths are unknown (a hub id that muke estimate does not know)."""
+    try:
+        return job_memory(plan)
+    except ValueError:
+        return []
+
+
+def report_spec(plan, estimates: bool = False) -> str:
     """JSON for the report stage (muke.workflow.stages.report): the resolved config, every run with
     its labels, result files and stage identities, the data files to checksum, the datasets (for
-    request categories) and the Snakemake benchmarks folder."""
+    request categories) and the Snakemake benchmarks folder. With `estimates`, muke estimate's peak
+    memory of each job (`memory_estimates`): it reads the prepared models' widths, so the report rule
+    adds it when it runs, outside the spec that decides whether the report reruns."""
     return json.dumps(
         {
             "title": plan.config["report"]["title"],
@@ -141,6 +153,7 @@ def report_spec(plan) -> str:
             "datasets": {d.name: {"path": d.path, "format": d.format} for d in plan.datasets.values()},
             "benchmarks": f"{plan.results}/benchmarks",
             "layer_traces": layer_traces(plan),
+            "memory_estimates": memory_estimates(plan) if estimates else [],
         },
         sort_keys=True,
         default=str,

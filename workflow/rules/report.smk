@@ -25,6 +25,8 @@ rule report:
     resources:
         **resources_of("report"),
     run:
-        write_text(output.spec, params.spec)
+        # with muke estimate's peak memory of each job, which reads the prepared models' widths: added
+        # now that they are prepared, outside params.spec (a rerun trigger)
+        write_text(output.spec, PLAN.report_spec(estimates=True))
         shell("{MUKE} report --spec @{output.spec:q} --metrics {output.metrics} --locality {output.locality}"
               " --html {output.html} > {log} 2>&1")

@@ -58,6 +58,7 @@ def report(spec: dict, metrics: str | Path, locality: str | Path, html: str | Pa
         case_rows=tables.case_rows(runs, spec["datasets"]),
         jobs=tables.job_hosts(runs),
         run_settings=tables.run_settings(runs),
+        memory_estimates=spec.get("memory_estimates", []),
         layer_traces=spec.get("layer_traces", []),
         title=spec["title"],
     )
