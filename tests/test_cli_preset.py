@@ -30,12 +30,31 @@ def test_a_shipped_preset_by_name_or_path_sets_the_resolved_values(preset):
 def test_flags_override_the_preset():
     _, resolved = cli._preset(
         edit_args(
-            "--preset", "llama-3-8b-instruct", "--v-lr", "2", "--clamp", "8", "--v-steps", "7", "--layers", "3", "4"
+            "--preset",
+            "llama-3-8b-instruct",
+            "--v-lr",
+            "2",
+            "--clamp",
+            "8",
+            "--v-steps",
+            "7",
+            "--layers",
+            "3",
+            "4",
+            "--v-stop-prob",
+            "0.6",
         )
     )
     memory, _, options = resolve_method("muke-memit", resolved)
     assert (memory["v_lr"], memory["clamp_norm_factor"], memory["v_num_grad_steps"]) == (2.0, 8.0, 7)
+    assert memory["v_stop_prob"] == 0.6
     assert options["layers"] == [3, 4] and memory["layer"] == 4
+
+
+def test_smollm2s_preset_stops_each_window_once_greedy_follows_it():
+    _, resolved = cli._preset(edit_args("--preset", "smollm2-135m-instruct"))
+    memory, _, options = resolve_method("muke-memit", resolved)
+    assert (memory["v_stop_prob"], memory["v_num_grad_steps"], options["mom2_update_weight"]) == (0.5, 100, 300)
 
 
 def test_the_model_finds_its_shipped_preset(tmp_path):
