@@ -172,7 +172,9 @@ def _memory_section(bench: pd.DataFrame, estimates, gpu: set[str]) -> tuple[list
     return [
         "<h3>Peak memory per job: measured vs <code>muke estimate</code></h3>",
         "<p class='caption'>Measured: the largest peak resident set size (<code>max_rss</code>, which Snakemake "
-        "writes in MiB) of the job's benchmark files, its shards together. Estimate: <code>muke estimate</code>'s "
+        "writes in MiB) of the job's benchmark files, its shards together. Snakemake samples it every 30 s after "
+        "the job's first 15 s, so a peak that lasts less than that (UnKE's per-block fit) can be missed and a "
+        "ratio below 1 need not mean the estimate is high (docs/REHEARSAL.md). Estimate: <code>muke estimate</code>'s "
         "peak for one job (muke/workflow/estimate.py: the tensors the job holds at its peak plus the Python "
         "runtime, from the model's widths and the run's sizes; it claims ±25 % on the CPU, checked there for "
         "collect_stats and a MEMIT update by tests/test_estimate.py). On the CPU alone that is the job's whole "
