@@ -1,5 +1,7 @@
 """Savings in the δ engine that keep the algorithm: each must leave the target memories z as they were."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -75,6 +77,19 @@ def test_autocast_keeps_h_and_delta_fp32_and_z_close(tiny):
         MemoryConfig(layer=1, autocast="float8")
 
 
+def test_weights_cast_once_give_autocast_numbers_and_are_put_back(tiny, monkeypatch):
+    """`precision` casts the upper layers' and the head's weights once per request: the same z as autocast
+    casting them at every call, and the model's own fp32 (tied) parameters are back afterwards."""
+    cfg = MemoryConfig(layer=1, window=8, v_num_grad_steps=6, autocast="bfloat16")
+    before = {name: p for name, p in tiny.model.named_parameters()}
+    once = optimise_request(tiny, QUESTION, ANSWER, cfg)[1]
+    assert {name: p for name, p in tiny.model.named_parameters()} == before
+    assert all(p.dtype == torch.float32 for p in before.values())
+    monkeypatch.setattr(memory, "lower_precision_weights", lambda modules, dtype: contextlib.nullcontext())
+    every_call = optimise_request(tiny, QUESTION, ANSWER, cfg)[1]
+    assert torch.equal(once.z, every_call.z)
+
+
 def test_delta_batch_size_fills_half_the_free_memory(tiny, monkeypatch):
     from muke.engine import batch_size
 
@@ -85,3 +100,10 @@ def test_delta_batch_size_fills_half_the_free_memory(tiny, monkeypatch):
         monkeypatch.setattr(batch_size, "free_bytes", lambda device, room=room: int(2 * room * largest))
         assert batch_size.delta_batch_size(tiny, seqs, 1) == expected
     assert batch_size.step_bytes(tiny, seqs[0], 1, 2) < largest  # bf16 autocast: half the activations
+    # ... and the bf16 copies of the upper layers' and the head's weights come off the free memory first
+    copies = batch_size.cast_weight_bytes(tiny, 1)
+    upper = [tiny.layer(i) for i in range(2, tiny.n_layers)] + [tiny.lm_head]
+    assert copies == 2 * sum(m.weight.numel() for u in upper for m in u.modules() if isinstance(m, torch.nn.Linear)) > 0
+    half = batch_size.step_bytes(tiny, seqs[0], 1, 2)
+    monkeypatch.setattr(batch_size, "free_bytes", lambda device: copies + int(2 * 2 * half))
+    assert batch_size.delta_batch_size(tiny, seqs, 1, autocast=True) == 2

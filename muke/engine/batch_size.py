@@ -6,7 +6,8 @@ LM head over the request's suffix (at window 0: its whole target), plus its KV-c
 token and upper layer a llama-style block keeps about 8·d + 6·d_ff activations (norm, q/k/v, attention and
 MLP inputs, gate/up outputs and their product) and heads · T attention weights; the head keeps the logits
 and the fp32 softmax of the log-prob backward (`logprob.target_logprobs`). The batch takes at most
-FREE_FRACTION of the free memory, so that an estimate off by 2× still fits.
+FREE_FRACTION of the free memory, so that an estimate off by 2× still fits. Under autocast the memory
+first loses the bf16 copies of the upper layers' and the head's weights (`memory.precision`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
 
 from muke.engine.windows import EditSequence
 from muke.model import EditableModel
@@ -43,6 +45,14 @@ def step_bytes(em: EditableModel, seq: EditSequence, layer: int, element: int) -
     return suffix * per_token + 2 * em.n_layers * kv * total * element
 
 
+def cast_weight_bytes(em: EditableModel, layer: int) -> int:
+    """Bytes of the 2-byte copies that bf16 autocast makes of the nn.Linear weights above l_WM and of the LM
+    head (`memory.lower_precision_weights`): 0 for a model already in 2-byte weights."""
+    modules = [em.layer(i) for i in range(layer + 1, em.n_layers)] + [em.lm_head]
+    linears = [m for module in modules for m in module.modules() if isinstance(m, nn.Linear)]
+    return sum(2 * m.weight.numel() for m in linears if m.weight.element_size() > 2)
+
+
 def delta_batch_size(em: EditableModel, seqs: list[EditSequence], layer: int, autocast: bool = False) -> int:
     """Requests per `optimise_batch` call: as many as fit FREE_FRACTION of the free device memory at the
     largest request's estimate (`step_bytes`), at least 1, at most len(seqs)."""
@@ -50,4 +60,5 @@ def delta_batch_size(em: EditableModel, seqs: list[EditSequence], layer: int, au
         return 1
     element = 2 if autocast else em.dtype.itemsize
     largest = max(step_bytes(em, seq, layer, element) for seq in seqs)
-    return max(1, min(len(seqs), int(FREE_FRACTION * free_bytes(em.device) // largest)))
+    free = free_bytes(em.device) - (cast_weight_bytes(em, layer) if autocast else 0)
+    return max(1, min(len(seqs), int(FREE_FRACTION * free // largest)))

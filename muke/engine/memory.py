@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from muke.engine import hooks
 from muke.engine.affinity import request_lambdas
@@ -62,13 +63,38 @@ class MemoryConfig:
 AUTOCAST = {None: None, "bfloat16": torch.bfloat16}
 
 
+@contextmanager
+def lower_precision_weights(modules: list[nn.Module], dtype: torch.dtype):
+    """Every nn.Linear weight inside `modules` swapped for a `dtype` copy while the block runs, the original
+    parameters put back after (a tied weight, e.g. the LM head's, stays tied outside the block). Under
+    autocast a product then reads the copy instead of casting the weight again at every call, which
+    autocast does for weights that do not require grad: the same numbers, cast once."""
+    linears = [m for module in modules for m in module.modules() if isinstance(m, nn.Linear)]
+    originals = [m.weight for m in linears]
+    try:
+        for m, w in zip(linears, originals):
+            if w.dtype != dtype:
+                m.weight = nn.Parameter(w.detach().to(dtype), requires_grad=False)
+        yield
+    finally:
+        for m, w in zip(linears, originals):
+            m.weight = w
+
+
+@contextmanager
 def precision(em: EditableModel, cfg: MemoryConfig):
     """The forward/backward passes of the δ loop and the affinity λ under `cfg.autocast`: matrix products
     in bf16, while δ, h, the Adam state, the log-probs and the loss stay fp32 (`logprob.target_logprobs`),
     as do the weight solves, which run outside. h and the replayed lower layers come from the
-    ShiftedLM's construction, outside, in the model's dtype."""
+    ShiftedLM's construction, outside, in the model's dtype. The weights of the layers above l_WM and of
+    the LM head, which every step reads, are cast once per request (`lower_precision_weights`)."""
     dtype = AUTOCAST[cfg.autocast]
-    return nullcontext() if dtype is None else torch.autocast(em.device.type, dtype=dtype)
+    if dtype is None:
+        yield
+        return
+    upper = [em.layer(i) for i in range(cfg.layer + 1, em.n_layers)] + [em.lm_head]
+    with lower_precision_weights(upper, dtype), torch.autocast(em.device.type, dtype=dtype):
+        yield
 
 
 @dataclass
