@@ -148,6 +148,8 @@ def _preset(args) -> tuple[str | None, dict]:
         "autocast": args.autocast,
     }
     hparams.update({k: v for k, v in flags.items() if v is not None})
+    if hparams.get("autocast") == "none":  # --autocast none: the model's dtype, over a preset's bfloat16
+        hparams["autocast"] = None
     return name, hparams
 
 
@@ -522,7 +524,7 @@ def _edit_parser(sub) -> None:
     p.add_argument("--mom2-update-weight", type=float)
     p.add_argument("--unke-steps", type=int)
     p.add_argument("--n-preserve", type=int)
-    p.add_argument("--autocast", choices=["bfloat16"], help=AUTOCAST_HELP)
+    p.add_argument("--autocast", choices=["bfloat16", "none"], help=AUTOCAST_HELP)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--out", help="folder for the weight updates ΔW and results.jsonl")
     p.add_argument("--json", action="store_true", help="one JSON object per request")
