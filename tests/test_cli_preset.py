@@ -55,6 +55,15 @@ def test_smollm2s_preset_stops_each_window_once_greedy_follows_it():
     _, resolved = cli._preset(edit_args("--preset", "smollm2-135m-instruct"))
     memory, _, options = resolve_method("muke-memit", resolved)
     assert (memory["v_stop_prob"], memory["v_num_grad_steps"], options["mom2_update_weight"]) == (0.5, 100, 300)
+    assert memory["autocast"] == "bfloat16"  # measured within noise on this CPU (docs/PERF.md section 3)
+
+
+def test_autocast_none_overrides_a_presets_bfloat16(tmp_path):
+    preset = tmp_path / "bf16.yaml"
+    preset.write_text("layers: [3, 4]\nautocast: bfloat16\n")
+    for flags, expected in [((), "bfloat16"), (("--autocast", "none"), None), (("--autocast", "bfloat16"), "bfloat16")]:
+        memory, _, _ = resolve_method("muke-memit", cli._preset(edit_args("--preset", str(preset), *flags))[1])
+        assert memory["autocast"] == expected
 
 
 def test_the_model_finds_its_shipped_preset(tmp_path):
