@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
 
+from muke.engine.memory import upper_linears
 from muke.engine.windows import EditSequence
 from muke.model import EditableModel
 
@@ -45,12 +45,10 @@ def step_bytes(em: EditableModel, seq: EditSequence, layer: int, element: int) -
     return suffix * per_token + 2 * em.n_layers * kv * total * element
 
 
-def cast_weight_bytes(em: EditableModel, layer: int) -> int:
-    """Bytes of the 2-byte copies that bf16 autocast makes of the nn.Linear weights above l_WM and of the LM
-    head (`memory.lower_precision_weights`): 0 for a model already in 2-byte weights."""
-    modules = [em.layer(i) for i in range(layer + 1, em.n_layers)] + [em.lm_head]
-    linears = [m for module in modules for m in module.modules() if isinstance(m, nn.Linear)]
-    return sum(2 * m.weight.numel() for m in linears if m.weight.element_size() > 2)
+def cast_weight_bytes(em: EditableModel, layer: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the `dtype` copies that autocast makes of the weights every δ step reads
+    (`memory.lower_precision_weights` of `memory.upper_linears`): 0 for weights already in `dtype`."""
+    return sum(dtype.itemsize * m.weight.numel() for m in upper_linears(em, layer) if m.weight.dtype != dtype)
 
 
 def delta_batch_size(em: EditableModel, seqs: list[EditSequence], layer: int, autocast: bool = False) -> int:

@@ -63,13 +63,18 @@ class MemoryConfig:
 AUTOCAST = {None: None, "bfloat16": torch.bfloat16}
 
 
+def upper_linears(em: EditableModel, layer: int) -> list[nn.Linear]:
+    """The nn.Linear modules every δ step reads: those of the decoder layers above l_WM, and the LM head."""
+    modules = [em.layer(i) for i in range(layer + 1, em.n_layers)] + [em.lm_head]
+    return [m for module in modules for m in module.modules() if isinstance(m, nn.Linear)]
+
+
 @contextmanager
-def lower_precision_weights(modules: list[nn.Module], dtype: torch.dtype):
-    """Every nn.Linear weight inside `modules` swapped for a `dtype` copy while the block runs, the original
-    parameters put back after (a tied weight, e.g. the LM head's, stays tied outside the block). Under
-    autocast a product then reads the copy instead of casting the weight again at every call, which
-    autocast does for weights that do not require grad: the same numbers, cast once."""
-    linears = [m for module in modules for m in module.modules() if isinstance(m, nn.Linear)]
+def lower_precision_weights(linears: list[nn.Linear], dtype: torch.dtype):
+    """Each of `linears`' weights swapped for a `dtype` copy while the block runs, the original parameters
+    put back after (a tied weight, e.g. the LM head's, stays tied outside the block). Under autocast a
+    product then reads the copy instead of casting the weight again at every call, which autocast does for
+    weights that do not require grad: the same numbers, cast once."""
     originals = [m.weight for m in linears]
     try:
         for m, w in zip(linears, originals):
@@ -92,8 +97,7 @@ def precision(em: EditableModel, cfg: MemoryConfig):
     if dtype is None:
         yield
         return
-    upper = [em.layer(i) for i in range(cfg.layer + 1, em.n_layers)] + [em.lm_head]
-    with lower_precision_weights(upper, dtype), torch.autocast(em.device.type, dtype=dtype):
+    with lower_precision_weights(upper_linears(em, cfg.layer), dtype), torch.autocast(em.device.type, dtype=dtype):
         yield
 
 
