@@ -3,6 +3,7 @@
     python benchmarks/bench_deltas.py --model ~/.cache/muke/models/SmolLM2-135M-Instruct --layer 8 --n 2
     python benchmarks/bench_deltas.py --model ... --target-tokens 200    # longer targets: answers concatenated
     python benchmarks/bench_deltas.py --model ... --n 2 --batch         # fast arm: the requests in one batch
+    python benchmarks/bench_deltas.py --model ... --autocast bfloat16   # fast arm as the CPU presets run it
 
 Prints seconds per request for both paths, split into the affinity λ and the rest (the δ steps), the
 largest relative difference of z, and a last line `speedup: X.XX` (straightforward time / fast time).
@@ -67,6 +68,12 @@ def main() -> None:
         help="the fast arm optimises the --n requests in one batch (memory.optimise_batch); "
         "the straightforward arm always runs them one at a time",
     )
+    ap.add_argument(
+        "--autocast",
+        choices=["bfloat16"],
+        help="the fast arm under autocast (MemoryConfig.autocast; the CPU presets' default); the straightforward "
+        "arm stays in the model's dtype, as the authors' code runs",
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -83,7 +90,12 @@ def main() -> None:
 
     def config(fast):
         return MemoryConfig(
-            layer=args.layer, objective=args.objective, window=args.window, v_num_grad_steps=args.steps, fast=fast
+            layer=args.layer,
+            objective=args.objective,
+            window=args.window,
+            v_num_grad_steps=args.steps,
+            fast=fast,
+            autocast=args.autocast if fast else None,
         )
 
     seqs = [encode_request(em, r.question, r.answer, config(True)) for r in requests]
@@ -115,7 +127,7 @@ def main() -> None:
     n = len(requests)
     print(
         f"threads={torch.get_num_threads()} objective={args.objective} layer={args.layer} requests={n} "
-        f"fast arm {'batched (optimise_batch)' if args.batch else 'one request at a time'}"
+        f"fast arm {'batched (optimise_batch)' if args.batch else 'one request at a time'}, autocast {args.autocast}"
     )
     print(f"straightforward: {seconds[False] / n:.1f} s/request; fast: {seconds[True] / n:.1f} s/request")
     steps = {fast: seconds[fast] - affinity[fast] for fast in seconds}

@@ -190,6 +190,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=25, help="δ steps (the paper's 25)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--autocast", choices=["bfloat16"], help="the δ passes under autocast (MemoryConfig.autocast)")
+    ap.add_argument(
+        "--bf16-attention",
+        action="store_true",
+        help="under --autocast, attention in bf16 too (MemoryConfig.fp32_attention false; flash kernels on GPUs)",
+    )
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--no-compare", action="store_true", help="skip the straightforward δ and generation paths")
     ap.add_argument("--budget", type=float, default=480.0, help="fail when the whole run takes longer (seconds)")
@@ -214,7 +219,8 @@ def main(argv=None) -> int:
             if device.type == "cuda"
             else f", {torch.get_num_threads()} threads"
         )
-        + f", dtype {dtype}, {n_docs} statistics documents, {args.steps} δ steps, autocast {args.autocast}",
+        + f", dtype {dtype}, {n_docs} statistics documents, {args.steps} δ steps, autocast {args.autocast}"
+        + (", bf16 attention" if args.bf16_attention else ""),
         flush=True,
     )
 
@@ -228,6 +234,8 @@ def main(argv=None) -> int:
     print(f"{'':<4s}{sum(p.numel() for p in em.model.parameters()) / 1e9:.3f} B parameters, {em.n_layers} layers")
 
     preset = {"v_num_grad_steps": args.steps, **({"autocast": args.autocast} if args.autocast else {})}
+    if args.bf16_attention:
+        preset["fp32_attention"] = False
     layers = resolve_method("muke-memit", preset)[2]["layers"]
     with phase(f"statistics: layers {layers}, {n_docs} documents"):
         path = collect_stats(

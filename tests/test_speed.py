@@ -107,3 +107,39 @@ def test_delta_batch_size_fills_half_the_free_memory(tiny, monkeypatch):
     half = batch_size.step_bytes(tiny, seqs[0], 1, 2)
     monkeypatch.setattr(batch_size, "free_bytes", lambda device: copies + int(2 * 2 * half))
     assert batch_size.delta_batch_size(tiny, seqs, 1, autocast=True) == 2
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_fp32_attention_wraps_the_models_own_attention(tiny_qwen2_path, monkeypatch, attention):
+    """`fp32_attention` runs the model's own attention (mask included: a shifted suffix on a cached prefix
+    gives the same log-probs bit for bit) with fp32 q, k, v under bf16 autocast, and puts it back after."""
+    from muke.engine import attention as attention_module
+
+    em = load(tiny_qwen2_path)
+    em.model.set_attn_implementation(attention)
+    seq = encode(em.tokenizer, QUESTION, ANSWER, em.end_of_turn, 8)
+    free, delta = [seq.hook_positions[1]], [torch.randn(em.hidden_size, generator=torch.Generator().manual_seed(0))]
+    plain = forward.shifted_lm(em, seq, 1).logprobs(free, delta)
+    with attention_module.fp32_attention(em.model):
+        assert em.model.config._attn_implementation == f"fp32-{attention}"
+        assert torch.equal(forward.shifted_lm(em, seq, 1).logprobs(free, delta), plain)
+    assert em.model.config._attn_implementation == attention
+
+    if attention != "sdpa":
+        return
+    # what the kernel runs in: autocast on (it casts q, k, v to bf16; v comes bf16 from v_proj) or off and all
+    # fp32 (q and k reach it in fp32 either way: the rotary embeddings promote them)
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda q, k, v, *a, **kw: seen.append((torch.is_autocast_enabled("cpu"), v.dtype)) or sdpa(q, k, v, *a, **kw),
+    )
+    runs = {}
+    for upcast in (True, False):
+        seen.clear()
+        cfg = MemoryConfig(layer=1, window=8, v_num_grad_steps=2, autocast="bfloat16", fp32_attention=upcast)
+        optimise_request(em, QUESTION, ANSWER, cfg)
+        runs[upcast] = list(seen)
+    assert set(runs[True]) == {(False, torch.float32)}
+    assert (True, torch.bfloat16) in runs[False] and len(runs[False]) == len(runs[True])  # h's pass: fp32

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 from muke.engine import hooks
 from muke.engine.affinity import request_lambdas
+from muke.engine.attention import fp32_attention
 from muke.engine.batched import batched_logprobs
 from muke.engine.forward import LAYERED_CACHE, CachedShiftedLM, ShiftedLM, n_needed, shifted_lm
 from muke.engine.objectives import OBJECTIVES, token_coefficients
@@ -50,6 +51,7 @@ class MemoryConfig:
     chat_template: bool = True
     fast: bool = True  # CachedShiftedLM and shared affinity passes; False: PlainShiftedLM
     autocast: str | None = None  # "bfloat16": the passes' matrix products in bf16 (`precision`); None: the model's
+    fp32_attention: bool = True  # under autocast, attention's core in fp32 (`attention.fp32_attention`)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -92,12 +94,17 @@ def precision(em: EditableModel, cfg: MemoryConfig):
     in bf16, while δ, h, the Adam state, the log-probs and the loss stay fp32 (`logprob.target_logprobs`),
     as do the weight solves, which run outside. h and the replayed lower layers come from the
     ShiftedLM's construction, outside, in the model's dtype. The weights of the layers above l_WM and of
-    the LM head, which every step reads, are cast once per request (`lower_precision_weights`)."""
+    the LM head, which every step reads, are cast once per request (`lower_precision_weights`); with
+    `cfg.fp32_attention` the attention core runs in fp32 (`attention.fp32_attention`)."""
     dtype = AUTOCAST[cfg.autocast]
     if dtype is None:
         yield
         return
-    with lower_precision_weights(upper_linears(em, cfg.layer), dtype), torch.autocast(em.device.type, dtype=dtype):
+    with (
+        lower_precision_weights(upper_linears(em, cfg.layer), dtype),
+        fp32_attention(em.model) if cfg.fp32_attention else nullcontext(),
+        torch.autocast(em.device.type, dtype=dtype),
+    ):
         yield
 
 

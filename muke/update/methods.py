@@ -43,6 +43,7 @@ MEMORY_OPTIONS = (
     "chat_template",
     "fast",
     "autocast",
+    "fp32_attention",
 )
 # preset key -> backend keyword
 BACKEND_OPTIONS = {
@@ -68,14 +69,16 @@ BACKEND_OPTIONS = {
 def memory_options(memory: dict) -> dict:
     """Every option of the δ loop (muke.engine.memory.MemoryConfig) that the objective reads, defaults
     filled in, so a stage's spec (its manifest, the report) says what ran, e.g. which λ order; the
-    affinity options only for the objective that has affinities (`matryoshka`), so that a value no
-    method reads stays out of its identity."""
+    affinity options only for the objective that has affinities (`matryoshka`), fp32_attention only under
+    autocast, so that a value no method reads stays out of its identity."""
     from muke.engine.memory import MemoryConfig
 
     full = asdict(MemoryConfig(**memory))
     if full["objective"] != "matryoshka":
         for key in AFFINITY_OPTIONS:
             del full[key]
+    if full["autocast"] is None:  # read under autocast only
+        del full["fp32_attention"]
     return full
 
 
