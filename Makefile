@@ -28,10 +28,11 @@ test: install
 	$(PY) -m pytest -q -m "not slow"
 
 # The oldest transformers pyproject.toml allows (4.56.0, with the huggingface_hub and tokenizers it
-# needs) first on the path, under the model-level tests: prompts, decoding, the δ engine, generation,
+# needs) first on the path, under the model-level tests: prompts, decoding, the δ engine and its savings (the
+# fp32 attention reaches into transformers' attention and mask registries), generation,
 # the architecture adapters.
 FLOOR ?= transformers==4.56.0 huggingface_hub==0.36.0 tokenizers==0.22.1
-FLOOR_TESTS ?= tests/test_prompts.py tests/test_decoding.py tests/test_engine.py tests/test_generate.py tests/test_adapters.py
+FLOOR_TESTS ?= tests/test_prompts.py tests/test_decoding.py tests/test_engine.py tests/test_speed.py tests/test_generate.py tests/test_adapters.py
 # Its contrast (the llama-style update must miss z by > 0.3) was set on transformers 5: on 4.56.2 the
 # tiny random gemma2 / gemma3_text give 0.22 / 0.26, while muke's update still reaches z (gap 4e-7 < 1e-4).
 POST_NORM_TEST := tests/test_adapters.py::test_memit_through_the_post_mlp_norm_reproduces_a_reachable_target

@@ -127,8 +127,7 @@ def test_fp32_attention_wraps_the_models_own_attention(tiny_qwen2_path, monkeypa
 
     if attention != "sdpa":
         return
-    # what the kernel runs in: autocast on (it casts q, k, v to bf16; v comes bf16 from v_proj) or off and all
-    # fp32 (q and k reach it in fp32 either way: the rotary embeddings promote them)
+    # what the kernel runs in: autocast on (it casts q, k, v to bf16 itself), or off with q, k, v all fp32
     seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(
         torch.nn.functional,
@@ -142,4 +141,4 @@ def test_fp32_attention_wraps_the_models_own_attention(tiny_qwen2_path, monkeypa
         optimise_request(em, QUESTION, ANSWER, cfg)
         runs[upcast] = list(seen)
     assert set(runs[True]) == {(False, torch.float32)}
-    assert (True, torch.bfloat16) in runs[False] and len(runs[False]) == len(runs[True])  # h's pass: fp32
+    assert any(on for on, _ in runs[False]) and len(runs[False]) == len(runs[True])  # h's own pass: autocast off
