@@ -21,19 +21,17 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 UPCAST = ("sdpa", "eager")  # the implementations `fp32_attention` wraps
 
 
-def inner_attention(name: str, module: torch.nn.Module):
-    """The function implementation `name` runs: a registered one, or the modeling file's own eager one."""
+def model_attention(model: torch.nn.Module, name: str):
+    """The function implementation `name` runs in `model`: a registered one, or its modeling file's own eager one."""
     if name in ALL_ATTENTION_FUNCTIONS:
         return ALL_ATTENTION_FUNCTIONS[name]
-    return sys.modules[type(module).__module__].eager_attention_forward
+    return sys.modules[type(model).__module__].eager_attention_forward
 
 
-def upcast_attention(name: str, module, query, key, value, attention_mask, **kwargs):
-    """Attention implementation `name` on fp32 q, k, v with autocast off; the output in the query's dtype."""
+def upcast_attention(inner, module, query, key, value, attention_mask, **kwargs):
+    """Attention function `inner` on fp32 q, k, v with autocast off; the output in the query's dtype."""
     with torch.autocast(query.device.type, enabled=False):
-        out, weights = inner_attention(name, module)(
-            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
-        )
+        out, weights = inner(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
     return out.to(query.dtype), weights
 
 
@@ -46,7 +44,7 @@ def fp32_attention(model: torch.nn.Module):
         yield
         return
     wrapped = f"fp32-{name}"
-    AttentionInterface.register(wrapped, partial(upcast_attention, name))
+    AttentionInterface.register(wrapped, partial(upcast_attention, model_attention(model, name)))
     AttentionMaskInterface.register(wrapped, ALL_MASK_ATTENTION_FUNCTIONS[name])
     model.set_attn_implementation(wrapped)
     try:
