@@ -7,6 +7,10 @@
 # A --configfile replaces config/config.yaml (it is not merged into it). Every output path carries the
 # identity of its stage's parameters, inputs and code (muke/workflow/plan.py, muke/workflow/identity.py):
 # change a value and only what it reaches reruns; set it back and the earlier results are found again.
+#
+# No rule names a conda env or container (`snakemake --lint` asks for one): every rule runs the one `muke`
+# package, from the environment that runs Snakemake (muke_cmd). Its software is pyproject.toml's pins, with
+# torch's CUDA build chosen for the cluster; a per-rule env would duplicate those pins and drift from them.
 
 from pathlib import Path
 

@@ -41,7 +41,7 @@ SPEC_OF = {
 
 def widths() -> dict:
     """Qwen2.5-7B-Instruct's config.json values as muke estimate knows them, less the layer count."""
-    from muke.workflow.estimate import KNOWN_WIDTHS
+    from muke.workflow.widths import KNOWN_WIDTHS
 
     known = {k: v for k, v in KNOWN_WIDTHS[QWEN].items() if k not in ("model_type", "num_hidden_layers")}
     return {**known, "rms_norm_eps": 1e-6, "rope_theta": 1e6}
@@ -68,7 +68,7 @@ def build(out: Path, layers: int) -> None:
 def compare(configfile: str) -> None:
     from muke.eval.environment import memory_table, read_benchmarks
     from muke.workflow.config import ROOT, load_yaml
-    from muke.workflow.estimate import job_memory
+    from muke.workflow.job_costs import job_memory
     from muke.workflow.plan import Plan
 
     plan = Plan(load_yaml(configfile), basedir=ROOT)
@@ -136,7 +136,8 @@ def snakemake_samples(timeline: list[tuple[float, int]]) -> int:
 
 def peak(configfile: str, rule: str, method: str, tmp: str | None) -> None:
     from muke.workflow.config import ROOT, load_yaml
-    from muke.workflow.estimate import GiB, job_memory
+    from muke.workflow.footprint import GiB
+    from muke.workflow.job_costs import job_memory
     from muke.workflow.plan import Plan
 
     plan = Plan(load_yaml(configfile), basedir=ROOT)

@@ -136,7 +136,7 @@ def test_edit_json_with_stats_file(tiny_qwen2_path, stats_file, capsys, tmp_path
 
 def test_edit_requests_file_text_output_and_default_stats_cache(tiny_qwen2_path, corpus, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("MUKE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cli, "DEMO_CORPUS", corpus)
+    monkeypatch.setattr("muke.cli.edit.DEMO_CORPUS", corpus)
     requests = tmp_path / "r.jsonl"
     requests.write_text(
         json.dumps({"id": "a", "question": "Who founded Velmora?", "answer": "Salt traders."})
@@ -256,6 +256,30 @@ def test_edit_sequential_reports_each_request_after_its_batch_and_after_the_last
     with apply(em, chain):
         assert abs(target_nll(em, seq) - rows[0]["nll_post"]) < 1e-5
     assert len(json_rows((tmp_path / "run" / "results.jsonl").read_text())) == 3
+
+
+@pytest.mark.parametrize("mode", [[], ["--sequential"]], ids=["single", "sequential"])
+def test_edit_scores_the_target_nll_on_the_prompts_the_preset_renders(
+    tiny_qwen2_path, stats_file, capsys, monkeypatch, tmp_path, mode
+):
+    """The NLL before, after (and after its own batch) is that of the prompt with the preset's system turn."""
+    import muke.update.edit
+
+    system = "You are a terse archivist."
+    preset = tmp_path / "system.yaml"
+    preset.write_text(json.dumps({"system_prompt": system}))
+    prompts, target_nll = [], muke.update.edit.target_nll
+    monkeypatch.setattr(
+        muke.update.edit, "target_nll", lambda em, seq: prompts.append(seq.prompt) or target_nll(em, seq)
+    )
+    argv = ["edit", "--model", str(tiny_qwen2_path), "--method", "muke-memit", *REQUEST, "--stats", str(stats_file)]
+    assert cli.main([*argv, *SMALL, "--preset", str(preset), "--json", *mode]) == 0
+    (row,) = json_rows(capsys.readouterr().out)
+    assert system in row["prompt"] and len(prompts) >= (3 if mode else 2)
+    assert set(prompts) == {row["prompt"]}
+    em = load(tiny_qwen2_path)
+    seq = encode(em.tokenizer, REQUEST[1], REQUEST[3], em.end_of_turn, None, system_prompt=system)
+    assert abs(target_nll(em, seq) - row["nll_pre"]) < 1e-5
 
 
 def test_prepare_model_converts_a_gguf_recipe_into_the_cache_by_default(monkeypatch, capsys, tmp_path):

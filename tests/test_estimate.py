@@ -16,22 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from muke.workflow.estimate import (
-    KNOWN_WIDTHS,
+from muke.update.backends import BACKENDS
+from muke.workflow.footprint import (
     RUNTIME_BYTES,
+    UPDATE_COSTS,
     Edit,
     GiB,
-    Lengths,
-    Widths,
     collect_stats_cost,
     generate_cost,
     head_copy,
-    job_memory,
     memories_cost,
-    request_lengths,
     resident_weights,
     update_cost,
 )
+from muke.workflow.job_costs import Lengths, job_memory, request_lengths
+from muke.workflow.widths import KNOWN_WIDTHS, Widths
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024**2
@@ -155,6 +154,10 @@ def test_qwen_7b_figures_of_the_issue():
     assert abs(w.d_ff**2 * 4 / 1e9 - 1.435) < 0.01
     memit = update_cost(w, "float32", "memit", [4, 5, 6, 7, 8], 400, 0, 0)
     assert memit.device < 40e9  # fp32 weights and one streamed layer fit a 40 GB card
+
+
+def test_every_backend_has_an_update_estimate():
+    assert set(UPDATE_COSTS) == set(BACKENDS)
 
 
 def test_estimate_command_lists_every_stage_of_the_tiny_workflow(capsys, monkeypatch):

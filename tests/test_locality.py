@@ -108,6 +108,6 @@ def test_result_rows_and_aggregate():
     ]
     runs = [dict(r, value=v) for r, v in zip([rows[0]] * 3, (0.2, 0.4, 0.6))]
     (agg,) = aggregate(runs, "muke:demo")
-    assert agg["model_state"] == "muke:demo" and agg["n_runs"] == 3
+    assert agg["model_state"] == "muke:demo" and agg["n_models"] == 3 and agg["n_samples"] == 10
     assert agg["value"] == pytest.approx(0.4) and agg["stderr"] == pytest.approx(0.2 / math.sqrt(3))
     assert aggregate(rows[:1], "x")[0]["stderr"] == 0.1

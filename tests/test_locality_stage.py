@@ -95,8 +95,11 @@ def test_pre_edit_and_edited_rows(tmp_path, monkeypatch, model_dir, tiny_qwen2_p
         == {("retention", m) for m in ANSWER_METRICS} | {("text_shift", "kl"), ("text_shift", "ppl")} | answer_shift
     )
     assert all(pre[k].value == (1 if k[0] == "retention" else 0) for k in answer_shift)
-    assert pre["retention", "first_token_agreement"].n == 3
-    assert all(pre["retention", m].value == pytest.approx(1) and pre["retention", m].n == 3 for m in ANSWER_METRICS)
+    assert pre["retention", "first_token_agreement"].n_samples == 3
+    assert all(
+        pre["retention", m].value == pytest.approx(1) and pre["retention", m].n_samples == 3 for m in ANSWER_METRICS
+    )
+    assert all(row.n_models == 1 for row in pre.values())
     assert pre["text_shift", "kl"].value == 0 and pre["text_shift", "ppl"].value > 1
     answers = pd.read_parquet(pre_out.parent / RETENTION_ANSWERS)
     assert (
@@ -109,20 +112,30 @@ def test_pre_edit_and_edited_rows(tmp_path, monkeypatch, model_dir, tiny_qwen2_p
     out = Path(plan.locality_path(run))
     locality(as_spec(run.locality), model_dir, out, updates=[index], device="cpu")
     df = pd.read_parquet(out)
-    assert list(df.columns) == ["model_state", "request_id", "task", "metric", "value", "stderr", "n"]
+    assert list(df.columns) == [
+        "model_state",
+        "request_id",
+        "task",
+        "metric",
+        "value",
+        "stderr",
+        "n_samples",
+        "n_models",
+    ]
     per_edit = [rows_of(df, "edited", rid) for rid in ("demo-00", "demo-01")]
     for rows in per_edit:
         assert set(rows) == set(pre)
         assert (
             rows["text_shift", "kl"].value > 1e-3 and rows["text_shift", "ppl"].value != pre["text_shift", "ppl"].value
         )
-        assert rows["text_shift", "kl"].n == pre["text_shift", "kl"].n > 0  # tokens
-        assert all(0 <= rows["retention", m].value <= 1 and rows["retention", m].n == 3 for m in ANSWER_METRICS)
+        assert rows["text_shift", "kl"].n_samples == pre["text_shift", "kl"].n_samples > 0  # tokens
+        assert all(0 <= rows["retention", m].value <= 1 and rows["retention", m].n_samples == 3 for m in ANSWER_METRICS)
         assert rows["text_shift", "first_token_kl"].value > 0 and rows["retention", "token_agreement"].value < 1
     assert min(rows["retention", "answer_char_bleu"].value for rows in per_edit) < 1  # the edit changed an answer
     mean = rows_of(df, "edited")
     for key, row in mean.items():
-        assert row.n == 2 and row.value == pytest.approx(sum(r[key].value for r in per_edit) / 2)
+        assert row.n_models == 2 and row.n_samples == per_edit[0][key].n_samples
+        assert row.value == pytest.approx(sum(r[key].value for r in per_edit) / 2)
         assert row.stderr is not None and not math.isnan(row.stderr)
     answers = pd.read_parquet(out.parent / RETENTION_ANSWERS)
     assert len(answers) == 6 and set(answers["request_id"]) == {"demo-00", "demo-01"}

@@ -14,7 +14,6 @@ from muke.eval.metrics import (
     paper_hypothesis,
     rouge_l_f1,
     rouge_l_recall,
-    sub_question_rouge_l,
     word_bleu,
 )
 
@@ -74,8 +73,12 @@ def test_rouge_l_recall_package_quirks():
         rouge_l_recall("a b", " . ")
 
 
-def test_sub_question_rouge_l():
-    assert sub_question_rouge_l(["a b", "c d"], ["a b c d", "c"]) == pytest.approx([50.0, 100.0])
+@needs_minilm
+def test_sub_questions_are_scored_against_their_own_answers():
+    """The score stage's path (score_frame): each sub-question's answer against its sub_answer."""
+    df = pd.DataFrame({"kind": "sub_questions", "generated": ["a b", "c d"], "target": ["a b c d", "c"]})
+    scored = metrics.score_frame(df, families=("paper",), device="cpu")
+    assert scored["rouge_l"].tolist() == pytest.approx([50.0, 100.0])
 
 
 def test_rouge_l_recall_matches_rouge_package():
@@ -156,9 +159,15 @@ def test_bert_score_identical_and_scorer_reused():
 # ------------------------------------------------------------------------- API
 
 
+def one_pair(generated: str, target: str) -> dict:
+    """{family: {metric: score}} of one pair through score_lists."""
+    scores = metrics.score_lists([generated], [target], device="cpu")
+    return {family: {metric: values[0] for metric, values in cols.items()} for family, cols in scores.items()}
+
+
 @needs_minilm
-def test_score_pair_and_frame():
-    scores = metrics.score_pair(" the hat\n", "the cat", device="cpu")
+def test_score_lists_and_frame():
+    scores = one_pair(" the hat\n", "the cat")
     assert set(scores) == {"paper", "standard"}
     assert all(set(cols) == set(metrics.METRICS) for cols in scores.values())
     assert scores["paper"]["bleu"] == pytest.approx(char_bleu("the hat", "the cat"))
@@ -176,8 +185,8 @@ def test_score_pair_and_frame():
 
 
 @needs_minilm
-def test_score_pair_empty_generation():
-    scores = metrics.score_pair("  ", "Paris is the capital of France.", device="cpu")
+def test_score_lists_empty_generation():
+    scores = one_pair("  ", "Paris is the capital of France.")
     assert scores["standard"] == {"bleu": 0.0, "rouge_l": 0.0, "bertscore": 0.0}
     assert scores["paper"]["bleu"] < 1e-50 and scores["paper"]["rouge_l"] == 0.0
     assert scores["paper"]["bertscore"] < 60
@@ -185,4 +194,4 @@ def test_score_pair_empty_generation():
 
 def test_unknown_family_rejected():
     with pytest.raises(ValueError, match="unknown metric families"):
-        metrics.score_pair("a", "b", families=("papers",))
+        metrics.score_lists(["a"], ["b"], families=("papers",))

@@ -72,17 +72,34 @@ NO_SYSTEM_ROLE_TEMPLATE = (
     "{{ '<start_of_turn>' + message['role'] + '\n' + message['content'] + '<end_of_turn>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
+# Llama-3.1's: BOS once, then a header turn per message, a dated system turn on every conversation.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\n' + system }}"
+    "{{ '<|eot_id|>' }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Gemma's: BOS once, a system message merged into the first user turn.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set messages = messages[1:] %}{% else %}{% set prefix = '' %}{% endif %}{% for message in messages %}"
+    "{{ '<start_of_turn>' + message['role'] + '\n' + (prefix if loop.first else '') + message['content'] }}"
+    "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 Q = "What is the city of Velmora known for?"
 PAPER_PROMPT = f"<|im_start|>user\n{Q}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture
 def tokenizer(tiny_qwen2_path):
-    """The tiny ChatML tokenizer, its template set per test."""
+    """The tiny ChatML tokenizer, its template (None: its own) and BOS set per test."""
 
-    def with_template(template: str, bos: str | None = None):
+    def with_template(template: str | None, bos: str | None = None):
         tok = AutoTokenizer.from_pretrained(tiny_qwen2_path)
-        tok.chat_template = template
+        if template is not None:
+            tok.chat_template = template
         if bos is not None:
             tok.bos_token = bos
         return tok
@@ -109,13 +126,38 @@ def test_an_explicit_system_prompt_is_kept(tokenizer):
     "template, bos, expected",
     [
         (SMOLLM2_TEMPLATE, None, PAPER_PROMPT),
+        (SMOLLM2_TEMPLATE, "<|im_start|>", PAPER_PROMPT),  # its real BOS: not kept as a lead of its own
         (DATED_TEMPLATE, "<|endoftext|>", "<|endoftext|>" + PAPER_PROMPT),  # the BOS stays, the header goes
         (NO_SYSTEM_ROLE_TEMPLATE, None, f"<start_of_turn>user\n{Q}<end_of_turn>\n<start_of_turn>model\n"),
     ],
-    ids=["smollm2", "dated-header-with-bos", "no-system-role"],
+    ids=["smollm2", "smollm2-bos", "dated-header-with-bos", "no-system-role"],
 )
 def test_other_templates(tokenizer, template, bos, expected):
     assert render_prompt(tokenizer(template, bos), Q) == expected
+
+
+@pytest.mark.parametrize(
+    "template, bos, opener, lead",
+    [
+        (None, None, "<|im_start|>", ""),  # muke.tiny's plain ChatML
+        (QWEN25_TEMPLATE, None, "<|im_start|>", ""),
+        (SMOLLM2_TEMPLATE, "<|im_start|>", "<|im_start|>", ""),  # SmolLM2's BOS is the ChatML turn opener
+        (DATED_TEMPLATE, "<|endoftext|>", "<|im_start|>", "<|endoftext|>"),
+        (LLAMA3_TEMPLATE, "<|begin_of_text|>", "<|start_header_id|>", "<|begin_of_text|>"),
+        (GEMMA_TEMPLATE, "<bos>", "<start_of_turn>", "<bos>"),
+        (NO_SYSTEM_ROLE_TEMPLATE, None, "<start_of_turn>", ""),
+    ],
+    ids=["chatml", "qwen2.5", "smollm2-bos", "dated-header", "llama-3", "gemma", "no-system-role"],
+)
+def test_no_system_turn_leaves_one_opener_per_turn_and_no_system_text(tokenizer, template, bos, opener, lead):
+    prompt = render_prompt(tokenizer(template, bos), Q)
+    assert prompt.startswith(lead + opener + "user")
+    assert prompt.count(opener) == 2  # the user's turn and the assistant's
+    assert "system" not in prompt and "Cutting Knowledge" not in prompt and "SmolLM" not in prompt
+
+
+def test_plain_prompts_are_the_question(tokenizer):
+    assert render_prompt(tokenizer(QWEN25_TEMPLATE), Q, chat_template=False) == Q
 
 
 def test_a_template_without_a_default_renders_as_before(tiny_qwen2_path):

@@ -103,8 +103,9 @@ def _per_sample() -> pd.DataFrame:
 
 
 def _case_rows() -> pd.DataFrame:
-    """Original-question answers of pre-edit and both methods to 10 requests (muke.eval.tables.case_rows)."""
-    return pd.DataFrame(
+    """Original-question answers of pre-edit and both methods to 10 requests (muke.eval.tables.case_rows);
+    r0's pre-edit answer a long run without spaces (a degenerate model's)."""
+    rows = pd.DataFrame(
         [
             dict(
                 method=method,
@@ -118,6 +119,8 @@ def _case_rows() -> pd.DataFrame:
             for method in ["pre-edit"] + METHODS
         ]
     )
+    rows.loc[0, "output"] = "daboatschu." * 60
+    return rows
 
 
 def _traces() -> pd.DataFrame:
@@ -324,6 +327,13 @@ def _chromium() -> str | None:
     return path
 
 
+# Counts the case-study tables wider than their box, into <body data-wide-cases> (read back by --dump-dom).
+WIDE_CASES = (
+    "<script>document.body.dataset.wideCases = [...document.querySelectorAll('.case-study .scroll')]"
+    ".filter(box => box.scrollWidth > box.clientWidth).length</script>"
+)
+
+
 def test_renders_in_headless_chromium(report, tmp_path):
     chromium = _chromium()
     if chromium is None:
@@ -346,9 +356,18 @@ def test_renders_in_headless_chromium(report, tmp_path):
     subprocess.run(
         flags + [f"--screenshot={shot}", "--window-size=1280,4000", url], capture_output=True, timeout=60, check=True
     )
-    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=60, check=True).stdout
+    probed = tmp_path / "probed.html"
+    probed.write_text(path.read_text().replace("</body>", f"{WIDE_CASES}</body>"))
+    dom = subprocess.run(
+        flags + ["--window-size=1280,4000", "--dump-dom", probed.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert dom.count("<table") >= 4 + 8 and dom.count("<img") >= 4 and "Locality (Table 2)" in dom
     assert "Case study (paper App. C)" in dom and dom.count('<section class="case-study">') == 8
+    assert 'data-wide-cases="0"' in dom  # r0's answer without spaces wraps inside its column
     raw = shot.read_bytes()
     assert raw.startswith(PNG_SIGNATURE) and len(raw) > 20_000
     try:

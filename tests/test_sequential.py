@@ -7,10 +7,11 @@ import torch
 from muke.data import EditRequest
 from muke.model import load
 from muke.update.alphaedit import without_keys
+from muke.update.backends import BACKENDS
 from muke.update.edit import edit
 from muke.update.sequential import SequentialEditor, batches_of, chain_sum, edit_sequence
 from muke.update.stats import StatsConfig, collect_stats, load_stats
-from muke.update.weights import WeightUpdate, apply
+from muke.update.weights import WeightUpdate, apply, touched
 
 DEMO_CORPUS = "resources/demo_corpus.txt"
 REQUESTS = [
@@ -74,6 +75,18 @@ def chains(em, stats, preset):
         )
         out[method] = (chain, *seen)
     return out
+
+
+def test_each_backend_declares_what_its_updates_change(em, chains):
+    """Backend.changes / factored / edit_keys (muke.update.backends) are what its updates in a sequence hold."""
+    for chain, *_ in chains.values():
+        update, b = chain[0], BACKENDS[chain[0].backend]
+        assert {id(p) for p in touched(em, update)} == {id(p) for p in b.changes(em, update.layers)}
+        assert (bool(update.factors), bool(update.params), bool(update.keys)) == (
+            b.factored,
+            not b.factored,
+            b.edit_keys,
+        )
 
 
 def test_batches_of():

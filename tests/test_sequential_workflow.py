@@ -20,7 +20,7 @@ from muke.eval import sequential
 from muke.update.weights import WeightUpdate
 from muke.workflow.config import ConfigError
 from muke.workflow.plan import Plan
-from tests.test_workflow import TINY, env, make_workdir, needs_snakemake, planned, snakemake, snapshot
+from tests.test_workflow import REPO, TINY, env, make_workdir, needs_snakemake, planned, snakemake, snapshot
 
 SEQUENTIAL = {"mode": "sequential", "batch_size": 1, "checkpoints": [1, 2]}
 
@@ -91,7 +91,7 @@ def test_edit_sequence_killed_after_a_batch_resumes_to_the_uninterrupted_chain(t
     model, stats = _prepare(plan, run, workdir)
     requests = run.dataset.path
     whole, killed = workdir / "whole" / "chain.parquet", workdir / "killed" / "chain.parquet"
-    e = env(tests_repo())
+    e = env(REPO)
     subprocess.run(_edit_sequence_cmd(run, model, requests, stats, whole), check=True, env=e, capture_output=True)
 
     proc = subprocess.Popen(_edit_sequence_cmd(run, model, requests, stats, killed), env=e, stderr=subprocess.PIPE)
@@ -117,12 +117,6 @@ def test_edit_sequence_killed_after_a_batch_resumes_to_the_uninterrupted_chain(t
         for layer, (U, V) in u.factors.items():
             assert torch.equal(U, v.factors[layer][0]) and torch.equal(V, v.factors[layer][1])
         assert all(torch.equal(K, v.keys[layer]) for layer, K in u.keys.items())
-
-
-def tests_repo():
-    from tests.test_workflow import REPO
-
-    return REPO
 
 
 # ---------------------------------------------------------------------------- the report's curves

@@ -196,11 +196,12 @@ def test_plan_checks_presets_sweeps_and_files(tmp_path, monkeypatch):
 
 
 def test_schema_knows_every_hyperparameter_of_resolve_method():
-    from muke.update.methods import BACKEND_OPTIONS, DEFAULT_PRESET, MEMORY_OPTIONS
+    from muke.update.backends import BACKENDS
+    from muke.update.methods import DEFAULT_PRESET, MEMORY_OPTIONS
 
     schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
     known = set(schema["$defs"]["hparams"]["properties"])
-    wanted = set(DEFAULT_PRESET) | set(MEMORY_OPTIONS) | {k for o in BACKEND_OPTIONS.values() for k in o}
+    wanted = set(DEFAULT_PRESET) | set(MEMORY_OPTIONS) | {k for b in BACKENDS.values() for k in b.options}
     assert wanted - {"null_space_cache"} <= known  # the projector cache is a runtime folder, not a setting
 
 
@@ -238,6 +239,18 @@ def test_plan_identities_follow_the_stage_graph(tmp_path, monkeypatch):
     assert moved(changed(locality={"limit": 2})) == {"locality"}
     assert moved(changed(score={"families": ["paper"]})) == {"score"}
     assert ids(changed(hparams={"v_lr": 0.5})) == base  # the preset's value, written out
+    assert moved(changed(hparams={"key_position": "question"})) == {
+        "memories",
+        "update",
+        "generate",
+        "score",
+        "locality",
+    }
+    assert ids(changed(hparams={"key_position": "template"})) == base  # the paper's placement keeps old identities
+    placed = Plan(changed(sweep={"key_position": ["template", "question"]}))
+    runs = [r for r in placed.runs if r.method == "muke-memit"]
+    assert sorted(r.setting.get("key_position") for r in runs) == ["question", "template"]
+    assert len({r.memories.identity for r in runs}) == 2
     sweep = Plan(changed(sweep={"v_lr": [0.5, 1.0]}))
     assert sorted(r.setting.get("v_lr") for r in sweep.runs if r.method == "muke-memit") == [0.5, 1.0]
     listed = Plan(changed(hparams={"v_lr": [0.5, 1.0]}))
@@ -380,6 +393,7 @@ def test_tiny_run_produces_the_tables(tiny_run):
     assert set(locality["model_state"]) == {"pre-edit", "edited"}
     assert set(locality["task"]) == {"muke_mmlu_demo", "muke_ifeval_demo"}
     assert set(locality.loc[locality.model_state == "edited", "method"]) == {"muke-memit", "anyedit-memit"}
+    assert (locality["n_models"] == 1).all() and (locality["n_samples"] == 3).all()  # locality.edits 1, limit 3
     (manifest,) = (results / "memories" / "tiny" / "demo").glob("matryoshka-*/manifest.json")
     assert '"v_lr": 0.5' in manifest.read_text()
     generations = pd.concat(map(pd.read_parquet, (results / "generate").rglob("shard*.parquet")))
@@ -441,12 +455,15 @@ BELOW_DELTAS = dict(update_weights=2, generate=2, score=2, locality=2, report=1)
         (dict(hparams={"v_lr": 1.0}), dict(optimize_memories=2, **BELOW_DELTAS)),
         (dict(hparams={"mom2_update_weight": 200}), BELOW_DELTAS),
         (dict(stats={"max_docs": 32}), dict(collect_stats=1, **BELOW_DELTAS)),
+        # how jobs run, not what they compute (run_setting() params): only the report, which records the config
+        (dict(muke_cmd="muke stage", runtime={"device": "cuda:1", "stats_checkpoint_every": 7}), dict(report=1)),
     ],
     ids=[
         "generation-reruns-generate-score-report",
         "v_lr-reruns-memories-and-below-not-stats",
         "mom2-reruns-update-and-below-not-memories",
         "stats-reruns-stats-and-updates",
+        "runtime-settings-rerun-only-the-report",
     ],
 )
 def test_a_change_reruns_only_the_stages_it_reaches(tiny_run, repo, change, reruns):

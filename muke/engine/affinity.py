@@ -20,7 +20,7 @@ from muke.engine.windows import EditSequence
 from muke.numerics import check_finite
 
 if TYPE_CHECKING:
-    from muke.engine.memory import MemoryConfig
+    from muke.engine.config import MemoryConfig
 
 MIN_CHUNK = 64  # positions per chunk of a shared affinity pass; shorter ones re-read the weights too often
 

@@ -23,46 +23,12 @@ from muke.engine import hooks
 from muke.engine.affinity import request_lambdas
 from muke.engine.attention import fp32_attention
 from muke.engine.batched import batched_logprobs
+from muke.engine.config import AUTOCAST, MemoryConfig
 from muke.engine.forward import LAYERED_CACHE, CachedShiftedLM, ShiftedLM, n_needed, shifted_lm
-from muke.engine.objectives import OBJECTIVES, token_coefficients
+from muke.engine.objectives import token_coefficients
 from muke.engine.windows import EditSequence, encode
 from muke.model import EditableModel, cache_arg
 from muke.numerics import NumericalError, check_finite
-
-
-@dataclass(frozen=True)
-class MemoryConfig:
-    """Hyperparameters of the δ loop; defaults are the authors' (ALGORITHM §4)."""
-
-    layer: int  # l_WM: δ is added to this decoder layer's output
-    objective: str = "matryoshka"
-    window: int | None = 20  # W tokens per window; ignored by one_for_all
-    lambda_order: str = "reference"
-    affinity_steps: int = 3  # T_aff
-    v_lr: float = 0.5
-    v_num_grad_steps: int = 25
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    early_stop: float = 1e-2  # 5e-3 for UnKE-based edits
-    # Stop window i's loop once each of its tokens has p ≥ v_stop_prob under teacher forcing (`reproduces`);
-    # None: the authors' rule alone. v_num_grad_steps is then the most a window may take.
-    v_stop_prob: float | None = None
-    system_prompt: str | None = None
-    chat_template: bool = True
-    fast: bool = True  # CachedShiftedLM and shared affinity passes; False: PlainShiftedLM
-    autocast: str | None = None  # "bfloat16": the passes' matrix products in bf16 (`precision`); None: the model's
-    fp32_attention: bool = True  # under autocast, attention's core in fp32 (`attention.fp32_attention`)
-
-    def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
-        if self.v_stop_prob is not None and not 0 < self.v_stop_prob < 1:
-            raise ValueError(f"v_stop_prob must lie in (0, 1), got {self.v_stop_prob!r}")
-        if self.autocast not in AUTOCAST:
-            raise ValueError(f"autocast must be one of {sorted(AUTOCAST, key=str)}, got {self.autocast!r}")
-
-
-AUTOCAST = {None: None, "bfloat16": torch.bfloat16}
 
 
 def upper_linears(em: EditableModel, layer: int) -> list[nn.Linear]:
@@ -382,7 +348,9 @@ def optimise_batch(
 def encode_request(em: EditableModel, question: str, answer: str, cfg: MemoryConfig) -> EditSequence:
     """A request encoded for this model and objective (one_for_all: a single window)."""
     window = None if cfg.objective == "one_for_all" else cfg.window
-    return encode(em.tokenizer, question, answer, em.end_of_turn, window, cfg.system_prompt, cfg.chat_template)
+    return encode(
+        em.tokenizer, question, answer, em.end_of_turn, window, cfg.system_prompt, cfg.chat_template, cfg.key_position
+    )
 
 
 def optimise_request(

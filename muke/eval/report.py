@@ -228,15 +228,16 @@ def sweep_table(df: pd.DataFrame, name: str, family: str) -> pd.DataFrame:
 # ---------------------------------------------------------------------------- the page
 
 
-def _failures(failures: pd.DataFrame | None) -> tuple[list[str], pd.DataFrame | None]:
+def _failures(failures: pd.DataFrame | None) -> tuple[list[str], dict]:
+    """The failures section's parts and its table ({"failures": …}; {} without failure records)."""
     if failures is None:
-        return [note("No failure records given.")], None
+        return [note("No failure records given.")], {}
     cols = [c for c in ["id", "stage", "reason"] if c in failures] + [
         c for c in failures if c not in ("id", "stage", "reason")
     ]
     failures = failures[cols].reset_index(drop=True)
     parts = [f"<p>Failed requests: <b>{len(failures)}</b></p>"]
-    return parts + ([table(failures, text=True)] if len(failures) else []), failures
+    return parts + ([table(failures, text=True)] if len(failures) else []), {"failures": failures}
 
 
 def _edit_caption(edit: pd.DataFrame) -> str:
@@ -340,29 +341,23 @@ def build_report(
     `benchmark_identities`: read only the benchmark files whose path names one of these.
     `jobs`, `run_settings`: muke.eval.tables.job_hosts / run_settings (where the jobs ran; what each run
     ran with). `memory_estimates`: muke estimate's peak memory of each job as {rule, identity, host_bytes,
-    device_bytes, cpu_bytes} (muke.workflow.estimate.job_memory), beside the benchmarks' measured peaks.
+    device_bytes, cpu_bytes} (muke.workflow.job_costs.job_memory), beside the benchmarks' measured peaks.
     `layer_traces`: trace_layers folders as {model, dataset, path} (muke.eval.layer_trace)."""
     out_dir = Path(out_dir)
     edit, loc = _read(edit_metrics), _read(locality)
-    traces, failures, per_sample, case_rows = _read(traces), _read(failures), _read(per_sample), _read(case_rows)
+    traces, failures, per_sample, case_rows = map(_read, (traces, failures, per_sample, case_rows))
     edit_parts, tables = _edit_section(edit)
     loc_parts, loc_tables = _locality_section(loc)
     seq_parts, seq_tables = sequential.section(per_sample, loc)
-    fail_parts, fail_table = _failures(failures)
+    fail_parts, fail_tables = _failures(failures)
     bench = read_benchmarks(benchmarks_dir, benchmark_identities)
     repro_parts, repro_tables = reproducibility(
         config, stage_identities, inputs, bench, jobs, run_settings, memory_estimates
     )
-    tables.update(loc_tables, **seq_tables, **repro_tables)
-    if fail_table is not None:
-        tables["failures"] = fail_table
-    shown = [s for s in SECTIONS if seq_parts or s[0] != sequential.ANCHOR]
-    after_plots = shown.index(("plots", "Plots")) + 1
-    shown[after_plots:after_plots] = [("layers", "Layers")] * bool(layer_traces)
-    nav = "".join(f"<a href='#{anchor}'>{name}</a>" for anchor, name in shown)
+    tables.update(loc_tables, **seq_tables, **repro_tables, **fail_tables)
     body = [
         f"<h1>{esc(title)}</h1>",
-        f"<nav>{nav}</nav>",
+        _nav(sequential_runs=bool(seq_parts), traced_layers=bool(layer_traces)),
         *edit_parts,
         *_case_section(case_rows),
         *loc_parts,
@@ -376,8 +371,21 @@ def build_report(
     ]
     for name, t in tables.items():
         _write_csv(_flat(t), out_dir / f"{name}.csv")
-    page = (
+    return write_text(out_dir / "index.html", _page(title, body))
+
+
+def _nav(sequential_runs: bool, traced_layers: bool) -> str:
+    """The page's links to its SECTIONS: Sequential editing where there are sequential runs, Layers
+    after the plots where layers were traced."""
+    shown = [s for s in SECTIONS if sequential_runs or s[0] != sequential.ANCHOR]
+    after_plots = shown.index(("plots", "Plots")) + 1
+    shown[after_plots:after_plots] = [("layers", "Layers")] * traced_layers
+    return "<nav>" + "".join(f"<a href='#{anchor}'>{name}</a>" for anchor, name in shown) + "</nav>"
+
+
+def _page(title: str, body: list[str]) -> str:
+    """The self-contained HTML page: the stylesheet inline, then the body's parts."""
+    return (
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
         f"<style>{CSS}{case_study.CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
-    return write_text(out_dir / "index.html", page)

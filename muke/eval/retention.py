@@ -254,7 +254,7 @@ def _score_row(metric: str, values: list[float], scale: float) -> dict:
         metric=metric,
         value=statistics.fmean(values) * scale if n else math.nan,
         stderr=statistics.stdev(values) / math.sqrt(n) * scale if n > 1 else None,
-        n=n,
+        n_samples=n,
     )
 
 
@@ -264,10 +264,10 @@ def locality_rows(
     """(rows, samples) of one model state: the unedited model (update None, the reference itself: scores
     1, kl 0) or the model inside apply(em, update).
 
-    rows {model_state, request_id, task, metric, value, stderr, n}: task "retention", metrics
+    rows {model_state, request_id, task, metric, value, stderr, n_samples}: task "retention", metrics
     answer_char_bleu / answer_word_bleu / answer_exact_match as fractions 0–1 like lm-eval's acc (the
-    report shows ×100), stderr over questions, n questions; task "text_shift", metrics kl (nats per
-    token) and ppl (the state's perplexity), n tokens; `answer_shift` on the unedited answers: task
+    report shows ×100), stderr over questions, n_samples questions; task "text_shift", metrics kl (nats
+    per token) and ppl (the state's perplexity), n_samples tokens; `answer_shift` on the unedited answers: task
     "retention" first_token_agreement / token_agreement (fractions), task "text_shift" first_token_kl /
     answer_kl (nats). samples: one per question {model_state,
     request_id, id, question, pre, post, char_bleu, word_bleu, exact}.
@@ -286,12 +286,19 @@ def locality_rows(
         for key, metric in ANSWER_METRICS.items()
     ]
     rows += [
-        {**state, "task": "text_shift", "metric": metric, "value": shift[key], "stderr": None, "n": shift["n_tokens"]}
+        {
+            **state,
+            "task": "text_shift",
+            "metric": metric,
+            "value": shift[key],
+            "stderr": None,
+            "n_samples": shift["n_tokens"],
+        }
         for metric, key in (("kl", "kl"), ("ppl", "ppl_post"))
     ]
     drift = answer_shift(em, ref.questions, ref.answers, update, batch_size=s["batch_size"], **_chat(s))
     rows += [
-        {**state, "task": task, "metric": metric, "value": drift[key] * scale, "stderr": None, "n": drift[n]}
+        {**state, "task": task, "metric": metric, "value": drift[key] * scale, "stderr": None, "n_samples": drift[n]}
         for task, metric, key, scale, n in (
             ("retention", "first_token_agreement", "first_agreement", 1 / 100, "n"),
             ("retention", "token_agreement", "answer_agreement", 1 / 100, "n_tokens"),

@@ -17,7 +17,7 @@ METRICS = ["bleu", "rouge_l", "bertscore"]
 # each metric's 95 % bootstrap interval over requests (muke.eval.intervals, the score stage's summary)
 INTERVAL_COLUMNS = [f"{m}_ci_{side}" for m in METRICS for side in ("low", "high")]
 EDIT_COLUMNS = ["kind", "family", *METRICS, *INTERVAL_COLUMNS, "n", "n_samples", "edit_failed", "run"]
-LOCALITY_COLUMNS = ["model_state", "request_id", "task", "metric", "value", "stderr", "n", "run"]
+LOCALITY_COLUMNS = ["model_state", "request_id", "task", "metric", "value", "stderr", "n_samples", "n_models", "run"]
 SAMPLE_COLUMNS = ["id", "kind", "index", "family", *METRICS, "target_tokens", "tokens", "edit_failed"]
 CASE_COLUMNS = ["id", "kind", "index", "output", "target"]
 FAILURE_COLUMNS = ["id", "stage", "reason", *LABELS, "run", "record"]
@@ -73,13 +73,14 @@ def edit_metrics(runs: list[dict]):
 
 
 def locality(runs: list[dict]):
-    """One row per run's model state × task × metric: the pre-edit model and the mean over edited models."""
+    """One row per run's model state × task × metric: the pre-edit model and the mean over edited models;
+    count columns a locality file lacks (one written before n_samples / n_models) are empty."""
     import pandas as pd
 
     loc = read_labelled(runs, run_file("locality"))
     loc = pd.DataFrame(columns=LABELS + LOCALITY_COLUMNS) if loc is None else loc
     loc = loc[loc["request_id"].isna()]
-    return loc[LABELS + [c for c in LOCALITY_COLUMNS if c != "request_id"]].reset_index(drop=True)
+    return loc.reindex(columns=LABELS + [c for c in LOCALITY_COLUMNS if c != "request_id"]).reset_index(drop=True)
 
 
 def _requests(datasets: dict):

@@ -1,2 +1,3 @@
 """The batch weight update (ALGORITHM §5): second-moment statistics, the MEMIT / AlphaEdit / UnKE
-backends that map target memories z to a weight update ΔW, and applying, reverting and exporting ΔW."""
+backends (by name: `backends.BACKENDS`) that map target memories z to a weight update ΔW, and applying,
+reverting and exporting ΔW."""

@@ -1,6 +1,7 @@
 """Batch weight updates (ALGORITHM §5): map target memories z to weights, as a revertible ΔW.
 
-Backends, each reading keys on the edit sequence with the CURRENT weights, layer by layer in order:
+Backends (by name: muke.update.backends), each reading keys on the edit sequence with the CURRENT weights,
+layer by layer in order:
 - memit: for layer index i of L, ΔW = (R / (L - i)) Aᵀ with A = (w·C + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks, on the
   MLP down-projection; R = Z - hidden at l_WM (recomputed per layer). Rank ≤ n keys: stored as factors.
 - alphaedit: ΔWᵀ = (P (Ks Ksᵀ + Kp Kpᵀ) + l2·I)⁻¹ P Ks Rᵀ, P the projector on C's null space.
@@ -20,17 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from muke.engine.batch_size import delta_batch_size
-from muke.engine.memory import MemoryConfig, MemoryResult, encode_request, optimise_batch
+from muke.engine.memory import MemoryConfig, MemoryResult
 from muke.engine.windows import EditSequence
 from muke.model import EditableModel, ModelError
-from muke.numerics import NumericalError
-from muke.update.alphaedit import alphaedit_update
+from muke.update.backends import BACKENDS
 from muke.update.keys import Target
-from muke.update.memit import memit_update
-from muke.update.methods import BACKENDS, layer_list, resolve_method
+from muke.update.memories import optimise_memories
+from muke.update.methods import layer_list, resolve_method
 from muke.update.stats import Stats, StatsError, d_ff
-from muke.update.unke import unke_update
 from muke.update.weights import WeightUpdate
 
 
@@ -51,8 +49,8 @@ def compute_update(
     edited_keys (AlphaEdit in a sequence, muke.update.sequential): {layer: keys of the earlier edits},
     projected out of the null space; the update then keeps its own keys (update.keys) for the next batches."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    layers = layer_list(layers)
+        raise ValueError(f"unknown backend {backend!r}; choose one of {tuple(BACKENDS)}")
+    b, layers = BACKENDS[backend], layer_list(layers)
     for layer in layers:
         em.check_layer(layer)
     for t in targets:
@@ -60,44 +58,22 @@ def compute_update(
             raise ModelError(
                 f"request {t.id!r}: target memories of size {t.z.shape[-1]}, model hidden size {em.hidden_size}"
             )
+    if b.stats:
+        check_stats(em, stats, backend, layers)
     start = time.perf_counter()
     info = {"keys": keys, **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}}
     update = WeightUpdate(method or backend, backend, layers, [t.id for t in targets], info=info)
-    if backend == "unke":
-        update.params, info["trace"] = unke_update(em, targets, layers, keys, **options)
-    else:
-        if stats is None:
-            raise StatsError(f"backend {backend!r} needs second-moment statistics of layers {layers}")
-        if stats.meta.get("d_ff") != d_ff(em):
-            raise StatsError(
-                f"{stats.path}: statistics are for d_ff {stats.meta.get('d_ff')}, the model has {d_ff(em)}"
-            )
-        if backend == "memit":
-            update.factors = memit_update(em, targets, stats, layers, keys, **options)
-        else:
-            update.factors, read = alphaedit_update(
-                em, targets, stats, layers, keys, edited_keys=edited_keys, **options
-            )
-            update.keys = read if edited_keys is not None else {}
+    b.fill(em, update, targets, keys, stats, edited_keys, **options)
     info["seconds"] = time.perf_counter() - start
     return update
 
 
-def optimise_memories(
-    em: EditableModel, requests, cfg: MemoryConfig, batch: int | str = "auto"
-) -> list[tuple[EditSequence, MemoryResult]]:
-    """Target memories of EditRequests, `batch` requests sharing each δ step's passes (`optimise_batch`;
-    "auto": as many as the device's free memory holds, `batch_size.delta_batch_size`). A request whose loss
-    turns non-finite raises its NumericalError."""
-    seqs = [encode_request(em, r.question, r.answer, cfg) for r in requests]
-    size = delta_batch_size(em, seqs, cfg.layer, cfg.autocast is not None) if batch == "auto" else int(batch)
-    out = []
-    for k in range(0, len(seqs), size):
-        for seq, result in zip(seqs[k : k + size], optimise_batch(em, seqs[k : k + size], cfg)):
-            if isinstance(result, NumericalError):
-                raise result
-            out.append((seq, result))
-    return out
+def check_stats(em: EditableModel, stats: Stats | None, backend: str, layers: list[int]) -> None:
+    """The second-moment statistics a backend reads must be there, and be the model's (its d_ff)."""
+    if stats is None:
+        raise StatsError(f"backend {backend!r} needs second-moment statistics of layers {layers}")
+    if stats.meta.get("d_ff") != d_ff(em):
+        raise StatsError(f"{stats.path}: statistics are for d_ff {stats.meta.get('d_ff')}, the model has {d_ff(em)}")
 
 
 def edit(

@@ -12,7 +12,8 @@ import torch
 from muke.engine import hooks
 from muke.engine.windows import EditSequence
 from muke.model import EditableModel
-from muke.update.methods import KEYS
+
+KEYS = ("sequence", "last")  # where keys are read: every window of question + answer, or the question's last token
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ def edit_context(target: Target, keys: str) -> tuple[torch.Tensor, list[int]]:
     """(input_ids (1, T), edit positions) where keys and values are read.
 
     "sequence": question + answer (EditSequence.input_ids) at every window's hook position;
-    "last": the question alone at its last token (plain MEMIT / AlphaEdit / UnKE; one window).
+    "last": the question alone at window 0's hook position, its last token or, with key_position "question",
+    the last token of the user's own text (plain MEMIT / AlphaEdit / UnKE; one window).
     """
     if keys not in KEYS:
         raise ValueError(f"keys must be one of {KEYS}, got {keys!r}")
@@ -38,7 +40,7 @@ def edit_context(target: Target, keys: str) -> tuple[torch.Tensor, list[int]]:
     if keys == "last":
         if n != 1:
             raise ValueError(f"request {target.id!r}: keys='last' needs one window (objective one_for_all), got {n}")
-        return torch.tensor([seq.prompt_ids]), [len(seq.prompt_ids) - 1]
+        return torch.tensor([seq.prompt_ids]), seq.hook_positions[:1]
     return seq.input_ids, seq.hook_positions
 
 
@@ -51,6 +53,16 @@ def read_layer(
     with hooks.capture(em.down_proj(layer), "input") as k, hooks.stop_after(em.layer(wm_layer), out):
         em.model(input_ids=input_ids.to(em.device), use_cache=False)
     return k[0][0].float(), hooks.hidden_of(out[0])[0].float()
+
+
+def down_projections(em: EditableModel, layers: Iterable[int]) -> Iterator[torch.Tensor]:
+    """The MLP down-projection weights of `layers` (what the MEMIT family changes)."""
+    return (em.down_proj(layer).weight for layer in layers)
+
+
+def blocks(em: EditableModel, layers: Iterable[int]) -> Iterator[torch.Tensor]:
+    """Every parameter of the decoder blocks `layers` (what UnKE changes)."""
+    return (p for layer in layers for p in em.layer(layer).parameters())
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import torch
 
 from muke.model import EditableModel, ModelError
 from muke.numerics import check_finite
-from muke.update.keys import Target, edit_context, preserved, read_layer
+from muke.update.keys import Target, down_projections, edit_context, preserved, read_layer
 from muke.update.stats import Stats
 
 SOLVE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -104,7 +104,7 @@ def low_rank_update(
     contexts = [edit_context(t, keys) for t in targets]
     Z = torch.cat([t.z for t in targets]).to(em.device, torch.float32)  # (n, d_model)
     factors = {}
-    with preserved(em.down_proj(l).weight for l in layers):
+    with preserved(down_projections(em, layers)):
         for i, layer in enumerate(layers):
             Ks, Kp, cur = [], [], []
             for input_ids, positions in contexts:

@@ -18,8 +18,10 @@ import torch
 
 from muke.engine.memory import MemoryResult
 from muke.model import EditableModel
+from muke.update.backends import BACKENDS
 from muke.update.edit import edit_resolved
 from muke.update.keys import preserved
+from muke.update.memories import batches_of as batches_of  # re-exported: the batches of a sequence
 from muke.update.methods import resolve_method
 from muke.update.stats import Stats
 from muke.update.weights import WeightUpdate, add
@@ -45,16 +47,11 @@ class SequentialEditor:
         self.memory, self.backend, self.options = resolved or resolve_method(method, preset)
         self.layers = self.options["layers"]
         self.n_batches = 0
-        self.edited_keys: dict[int, torch.Tensor] | None = {} if self.backend == "alphaedit" else None
+        self.edited_keys: dict[int, torch.Tensor] | None = {} if BACKENDS[self.backend].edit_keys else None
         self._stack = ExitStack()
 
-    def _touchable(self) -> Iterable[torch.Tensor]:
-        if self.backend == "unke":
-            return (p for layer in self.layers for p in self.em.layer(layer).parameters())
-        return (self.em.down_proj(layer).weight for layer in self.layers)
-
     def __enter__(self) -> SequentialEditor:
-        self._stack.enter_context(preserved(self._touchable()))
+        self._stack.enter_context(preserved(BACKENDS[self.backend].changes(self.em, self.layers)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -133,10 +130,3 @@ def chain_sum(updates: Iterable[WeightUpdate]) -> WeightUpdate:
     if total is None:
         raise ValueError("an empty chain has no sum")
     return total
-
-
-def batches_of(requests: Sequence, size: int) -> list[list]:
-    """Consecutive batches of `size` requests (the last may be shorter)."""
-    if size < 1:
-        raise ValueError(f"batch size must be ≥ 1, got {size}")
-    return [list(requests[i : i + size]) for i in range(0, len(requests), size)]

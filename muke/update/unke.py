@@ -17,7 +17,7 @@ from muke.engine import hooks
 from muke.engine.windows import render_chat
 from muke.model import DTYPES, EditableModel, pad
 from muke.numerics import check_finite
-from muke.update.keys import Target, edit_context, preserved
+from muke.update.keys import Target, blocks, edit_context, preserved
 
 
 def load_preservation(path: str | Path) -> list[dict]:
@@ -173,7 +173,7 @@ def unke_update(
     pres_ids, pres_mask = pad(encoded, em.pad_id)
 
     diffs, trace = {}, []
-    with preserved(p for layer in layers for p in em.layer(layer).parameters()):
+    with preserved(blocks(em, layers)):
         for i, layer in enumerate(layers):
             edits, edit_outputs = [], []
             for t, (input_ids, positions) in zip(targets, contexts):

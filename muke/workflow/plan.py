@@ -12,72 +12,21 @@ Hyperparameters are resolved by muke.workflow.hparams (its docstring gives the o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from muke.data import DEFAULT_PRESERVATION
+from muke.update.backends import BACKENDS
+from muke.update.methods import layer_keys, parse_method, resolve_method
 from muke.workflow import hparams as hp
 from muke.workflow.config import ROOT, ConfigError, check_config
 from muke.workflow.identity import Spec, file_identity
-from muke.workflow.inputs import Dataset, Model, dataset, locality_retention, model, preset_file
+from muke.workflow.inputs import Model, dataset, locality_retention, model, preset_file
+from muke.workflow.report_spec import report_inputs, report_spec
+from muke.workflow.runs import PRE_EDIT, Pair, Run
 
-PRE_EDIT = "pre-edit"
 STATS_DEFAULTS = {"max_docs": None, "max_length": None, "seed": 0, "text_field": "text", "batch_tokens": 8192}
 RESOURCE_DEFAULTS = {"gpu": 0, "mem_mb": 4000, "runtime": 60, "cpus_per_task": 1}
 REPORT_RESOURCES = {"gpu": 0, "mem_mb": 2000, "runtime": 30, "cpus_per_task": 1}
-RUN_STAGES = ("stats", "memories", "update", "sequence", "generate", "score", "locality")
-
-
-@dataclass
-class Run:
-    """One model × dataset × method × sweep point (method "pre-edit": the unedited model)."""
-
-    model: Model
-    dataset: Dataset
-    method: str
-    setting: dict  # the sweep point ({} without a sweep)
-    hparams: dict = field(default_factory=dict)
-    stats: Spec | None = None
-    memories: Spec | None = None
-    update: Spec | None = None
-    sequence: Spec | None = None  # editing.mode sequential: the edit_sequence job this checkpoint reads
-    n_edits: int | None = None  # its checkpoint: edits made before generate / score / locality
-    generate: Spec | None = None
-    score: Spec | None = None
-    locality: Spec | None = None
-
-    def run_id(self, spec: Spec) -> str:
-        """The folder of one of this run's stages. The δ stage's is named by its objective: the backend is
-        not part of that stage's identity, so methods that share an objective and memory settings
-        (muke-memit, matryoshka+alphaedit) share one set of memories instead of computing it twice."""
-        name = spec.params["memory"]["objective"] if spec.stage == "optimize_memories" else self.method
-        return f"{name}-{spec.identity}"
-
-    def specs(self) -> dict[str, Spec]:
-        """{run attribute: spec} of the stages this run has."""
-        return {stage: getattr(self, stage) for stage in RUN_STAGES if getattr(self, stage) is not None}
-
-
-@dataclass(frozen=True)
-class Pair:
-    """What every run of one model × dataset shares."""
-
-    model: Model
-    dataset: Dataset
-
-    def run(self, method: str, point: dict, hparams: dict) -> Run:
-        return Run(self.model, self.dataset, method, point, hparams)
-
-    def generate(self, hparams: dict, config: dict, point: dict, inputs: dict) -> Spec:
-        return Spec(
-            "generate",
-            {
-                "generation": hp.generation(config, hparams, point),
-                "dtype": self.model.dtype,
-                "selection": self.dataset.selection,
-            },
-            inputs,
-        )
 
 
 class Plan:
@@ -104,8 +53,6 @@ class Plan:
     # ------------------------------------------------------------------ runs
 
     def _build(self) -> None:
-        from muke.update.methods import parse_method
-
         for method in self.config["methods"]:
             try:
                 parse_method(method)
@@ -154,15 +101,13 @@ class Plan:
 
     def _add_run(self, pair: Pair, method: str, settings: dict[str, hp.Setting], point: dict) -> None:
         """The run of one method at one sweep point (`settings`: every resolved hyperparameter)."""
-        from muke.update.methods import resolve_method
-
         hparams = hp.values(settings)
         try:
             memory, backend, options = resolve_method(method, hp.without_generation(hparams))
         except ValueError as e:
             raise ConfigError(f"hyperparameters of method {method} (model {pair.model.name}): {e}") from None
-        names = ["unke_layer", "unke_layers"] if backend == "unke" else ["layers"]
-        self._check_layers(pair.model, method, options["layers"], hp.source_of(settings, names))
+        key = hp.source_of(settings, layer_keys(backend))
+        self._check_layers(pair.model, method, options["layers"], key)
         if self.config["editing"]["mode"] == "sequential":
             return self._add_sequence(pair, method, hparams, point, memory, backend, options)
         run = pair.run(method, point, hp.without_generation(hparams))
@@ -243,12 +188,13 @@ class Plan:
             self._register(run)
 
     def _backend_inputs(self, run: Run, backend: str, options: dict) -> tuple[dict, dict, str | None]:
-        """(input identities, options, preservation path) of a weight update: the MEMIT family's
-        statistics (run.stats is set), UnKE's preservation samples (by content; the path leaves the options)."""
-        if backend in ("memit", "alphaedit"):
+        """(input identities, options, preservation path) of a weight update: the statistics of a backend
+        that reads them (run.stats is set; the MEMIT family), the preservation samples of one that reads
+        them (by content; the path leaves the options; UnKE)."""
+        if BACKENDS[backend].stats:
             run.stats = self._stats_spec(run.model, options["layers"])
             return {"stats": run.stats.identity}, options, None
-        if backend != "unke":
+        if not BACKENDS[backend].preservation:
             return {}, options, None
         options = dict(options)
         preservation = options.pop("preservation", None) or str(DEFAULT_PRESERVATION)
@@ -443,12 +389,8 @@ class Plan:
 
     def report_inputs(self) -> dict[str, list[str]]:
         """Every file the report reads, for the rule's inputs (the spec names them again, labelled)."""
-        from muke.workflow.report_spec import report_inputs
-
         return report_inputs(self)
 
     def report_spec(self, estimates: bool = False) -> str:
         """What the report stage reads, as JSON (muke.workflow.report_spec.report_spec)."""
-        from muke.workflow.report_spec import report_spec
-
         return report_spec(self, estimates)

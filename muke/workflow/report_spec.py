@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from muke.workflow.estimate import job_memory
-from muke.workflow.plan import PRE_EDIT
+from muke.update.backends import BACKENDS
+from muke.workflow.job_costs import job_memory
+from muke.workflow.runs import PRE_EDIT
 
 
 def _run_files(plan, run) -> dict:
@@ -97,7 +98,7 @@ def data_files(plan) -> list[str]:
     for run in plan.runs:
         if run.stats is not None and not plan.stats_corpus(run.stats).startswith("hf:"):
             files.append(plan.stats_corpus(run.stats))
-        if run.update is not None and run.update.params["backend"] == "unke":
+        if run.update is not None and BACKENDS[run.update.params["backend"]].preservation:
             files.append(plan.preservation_path(run))
     loc = plan.config["locality"]
     if loc["enabled"]:
@@ -130,7 +131,7 @@ def layer_traces(plan) -> list[dict]:
 
 
 def memory_estimates(plan) -> list[dict]:
-    """muke estimate's peak memory of each job (muke.workflow.estimate.job_memory); none where a model's
+    """muke estimate's peak memory of each job (muke.workflow.job_costs.job_memory); none where a model's
     widths are unknown (a hub id that muke estimate does not know)."""
     try:
         return job_memory(plan)

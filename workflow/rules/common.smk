@@ -1,5 +1,5 @@
 # Look-ups into the plan (muke/workflow/identity.py): paths, specs (the parameter identities) and resources of
-# every job. Rules stay thin: they name their files and call `{MUKE} <stage>`.
+# every job. Rules stay thin: they name their files and call `{params.muke} <stage>`.
 
 import shlex
 import sys
@@ -8,7 +8,7 @@ R = PLAN.results
 MUKE = config["muke_cmd"]                       # "python -m muke stage" or "muke stage"
 if MUKE.split()[0] == "python":                 # the interpreter running Snakemake, which has muke
     MUKE = shlex.quote(sys.executable) + MUKE[len("python"):]
-DEVICE = config["runtime"]["device"]            # formatted into commands, never a rerun trigger
+DEVICE = config["runtime"]["device"]            # passed as run_setting(): never a rerun trigger
 CHECKPOINT_EVERY = config["runtime"]["stats_checkpoint_every"]
 STATS_STORE = config["runtime"]["stats_store"]  # statistics shared across experiments (collect_stats.py)
 STORE_ARG = f"--store {shlex.quote(STATS_STORE)}" if STATS_STORE else ""
@@ -23,6 +23,14 @@ wildcard_constraints:
     stats_id=r"[^/]+",
     shard=r"\d+",
     trace_id=r"[^/]+",
+
+
+def run_setting(value):
+    """params: a setting of how a job runs (the muke command, the device, a batch size), not of what it
+    computes. The function takes `input`, which makes it a derived param that Snakemake leaves out of the
+    `params` rerun trigger: moving the checkout or switching device reruns nothing (the output paths carry
+    the identity of what each job computes)."""
+    return lambda wildcards, input: value
 
 
 def run_of(stage, wildcards):

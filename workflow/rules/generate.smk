@@ -7,6 +7,8 @@ rule generate:
         spec=spec("generate"),
         weights=lambda wildcards, input: f"--update {input.weights}" if "weights" in input.keys() else "",
         chain=chain_arg,
+        muke=run_setting(MUKE),
+        device=run_setting(DEVICE),
     log:
         f"{R}/logs/generate/{{model}}/{{dataset}}/{{run}}/shard{{shard}}.log",
     benchmark:
@@ -15,6 +17,6 @@ rule generate:
         **resources_of("generate"),
     threads: resource("generate", "cpus_per_task")
     shell:
-        "{MUKE} generate --spec {params.spec:q} --model {input.model} --requests {input.requests:q}"
+        "{params.muke} generate --spec {params.spec:q} --model {input.model} --requests {input.requests:q}"
         " --shard {wildcards.shard} {params.weights} {params.chain} --out {output}"
-        " --device {DEVICE} --threads {threads} > {log} 2>&1"
+        " --device {params.device} --threads {threads} > {log} 2>&1"

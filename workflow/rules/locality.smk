@@ -7,6 +7,8 @@ rule locality:
     params:
         spec=lambda wildcards: locality_job(wildcards)[1].to_json(),
         chain=chain_arg,
+        muke=run_setting(MUKE),
+        device=run_setting(DEVICE),
     log:
         f"{R}/logs/locality/{{model}}/{{dataset}}/{{run}}.log",
     benchmark:
@@ -15,5 +17,5 @@ rule locality:
         **resources_of("locality"),
     threads: resource("locality", "cpus_per_task")
     shell:
-        "{MUKE} locality --spec {params.spec:q} --model {input.model} --updates {input.updates} {params.chain}"
-        " --out {output} --device {DEVICE} --threads {threads} > {log} 2>&1"
+        "{params.muke} locality --spec {params.spec:q} --model {input.model} --updates {input.updates} {params.chain}"
+        " --out {output} --device {params.device} --threads {threads} > {log} 2>&1"

@@ -6,6 +6,8 @@ rule optimize_memories:
         trace=f"{R}/memories/{{model}}/{{dataset}}/{{run}}/shard{{shard}}.trace.parquet",
     params:
         spec=spec("memories"),
+        muke=run_setting(MUKE),
+        device=run_setting(DEVICE),
     log:
         f"{R}/logs/optimize_memories/{{model}}/{{dataset}}/{{run}}/shard{{shard}}.log",
     benchmark:
@@ -16,6 +18,6 @@ rule optimize_memories:
     # the longest stage on every path to the report: start it before anything that can wait
     priority: 10
     shell:
-        "{MUKE} optimize-memories --spec {params.spec:q} --model {input.model} --requests {input.requests:q}"
+        "{params.muke} optimize-memories --spec {params.spec:q} --model {input.model} --requests {input.requests:q}"
         " --shard {wildcards.shard} --out {output.memories} --trace {output.trace}"
-        " --device {DEVICE} --threads {threads} > {log} 2>&1"
+        " --device {params.device} --threads {threads} > {log} 2>&1"

@@ -18,6 +18,7 @@ rule report:
         spec=f"{R}/report/spec.json",
     params:
         spec=PLAN.report_spec(),
+        muke=run_setting(MUKE),
     log:
         f"{R}/logs/report.log",
     benchmark:
@@ -28,5 +29,5 @@ rule report:
         # with muke estimate's peak memory of each job, which reads the prepared models' widths: added
         # now that they are prepared, outside params.spec (a rerun trigger)
         write_text(output.spec, PLAN.report_spec(estimates=True))
-        shell("{MUKE} report --spec @{output.spec:q} --metrics {output.metrics} --locality {output.locality}"
+        shell("{params.muke} report --spec @{output.spec:q} --metrics {output.metrics} --locality {output.locality}"
               " --html {output.html} > {log} 2>&1")

@@ -7,6 +7,8 @@ rule score:
         summary=f"{R}/score/{{model}}/{{dataset}}/{{run}}/summary.parquet",
     params:
         spec=spec("score"),
+        muke=run_setting(MUKE),
+        device=run_setting(DEVICE),
     log:
         f"{R}/logs/score/{{model}}/{{dataset}}/{{run}}.log",
     benchmark:
@@ -15,6 +17,6 @@ rule score:
         **resources_of("score"),
     threads: resource("score", "cpus_per_task")
     shell:
-        "{MUKE} score --spec {params.spec:q} --generations {input.generations} --model {input.model}"
-        " --samples {output.samples} --summary {output.summary} --device {DEVICE} --threads {threads}"
+        "{params.muke} score --spec {params.spec:q} --generations {input.generations} --model {input.model}"
+        " --samples {output.samples} --summary {output.summary} --device {params.device} --threads {threads}"
         " > {log} 2>&1"

@@ -9,6 +9,8 @@ rule edit_sequence:
         spec=spec("sequence"),
         optional=optional_args,
         cache=f"{R}/cache/nullspace",
+        muke=run_setting(MUKE),
+        device=run_setting(DEVICE),
     log:
         f"{R}/logs/edit_sequence/{{model}}/{{dataset}}/{{run}}.log",
     benchmark:
@@ -18,6 +20,6 @@ rule edit_sequence:
     threads: resource("optimize_memories", "cpus_per_task")
     priority: 10
     shell:
-        "{MUKE} edit-sequence --spec {params.spec:q} --model {input.model} --requests {input.requests:q}"
+        "{params.muke} edit-sequence --spec {params.spec:q} --model {input.model} --requests {input.requests:q}"
         " {params.optional} --cache-dir {params.cache} --out {output}"
-        " --device {DEVICE} --threads {threads} > {log} 2>&1"
+        " --device {params.device} --threads {threads} > {log} 2>&1"

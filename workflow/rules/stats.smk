@@ -8,6 +8,10 @@ rule collect_stats:
         # the local file (an input) or "hf:NAME"; derived from the input: never a rerun trigger
         corpus=lambda wildcards, input: input.get("corpus") or PLAN.stats_corpus(
             PLAN.stats(wildcards.model, wildcards.stats_id)[1]),
+        muke=run_setting(MUKE),
+        device=run_setting(DEVICE),
+        checkpoint_every=run_setting(CHECKPOINT_EVERY),
+        store=run_setting(STORE_ARG),
     log:
         f"{R}/logs/collect_stats/{{model}}/{{stats_id}}.log",
     benchmark:
@@ -16,6 +20,6 @@ rule collect_stats:
         **resources_of("collect_stats"),
     threads: resource("collect_stats", "cpus_per_task")
     shell:
-        "{MUKE} collect-stats --spec {params.spec:q} --model {input.model} --corpus {params.corpus:q}"
-        " --out {output} --checkpoint-every {CHECKPOINT_EVERY} {STORE_ARG} --device {DEVICE} --threads {threads}"
+        "{params.muke} collect-stats --spec {params.spec:q} --model {input.model} --corpus {params.corpus:q}"
+        " --out {output} --checkpoint-every {params.checkpoint_every} {params.store} --device {params.device} --threads {threads}"
         " > {log} 2>&1"

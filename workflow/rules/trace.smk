@@ -1,5 +1,5 @@
 # Causal tracing of a model on a dataset (with trace.enabled): effects, heat maps and a layer band for the report.
-TRACE_BATCH = config["trace"]["batch_size"]     # formatted into the command: never a rerun trigger
+TRACE_BATCH = config["trace"]["batch_size"]     # a run_setting(): never a rerun trigger
 
 
 rule trace_layers:
@@ -10,6 +10,9 @@ rule trace_layers:
         directory(f"{R}/trace/{{model}}/{{dataset}}/trace-{{trace_id}}"),
     params:
         spec=lambda wildcards: PLAN.layer_traces[(wildcards.model, wildcards.dataset)].to_json(),
+        muke=run_setting(MUKE),
+        device=run_setting(DEVICE),
+        batch_size=run_setting(TRACE_BATCH),
     log:
         f"{R}/logs/trace_layers/{{model}}/{{dataset}}/trace-{{trace_id}}.log",
     benchmark:
@@ -18,5 +21,5 @@ rule trace_layers:
         **resources_of("trace_layers"),
     threads: resource("trace_layers", "cpus_per_task")
     shell:
-        "{MUKE} trace-layers --spec {params.spec:q} --model {input.model} --requests {input.requests:q}"
-        " --out {output} --batch-size {TRACE_BATCH} --device {DEVICE} --threads {threads} > {log} 2>&1"
+        "{params.muke} trace-layers --spec {params.spec:q} --model {input.model} --requests {input.requests:q}"
+        " --out {output} --batch-size {params.batch_size} --device {params.device} --threads {threads} > {log} 2>&1"

@@ -9,6 +9,8 @@ rule update_weights:
         spec=spec("update"),
         optional=optional_args,
         cache=f"{R}/cache/nullspace",
+        muke=run_setting(MUKE),
+        device=run_setting(DEVICE),
     log:
         f"{R}/logs/update_weights/{{model}}/{{dataset}}/{{run}}/shard{{shard}}.log",
     benchmark:
@@ -17,6 +19,6 @@ rule update_weights:
         **resources_of("update_weights"),
     threads: resource("update_weights", "cpus_per_task")
     shell:
-        "{MUKE} update-weights --spec {params.spec:q} --model {input.model} --memories {input.memories}"
+        "{params.muke} update-weights --spec {params.spec:q} --model {input.model} --memories {input.memories}"
         " {params.optional} --cache-dir {params.cache} --out {output.index}"
-        " --device {DEVICE} --threads {threads} > {log} 2>&1"
+        " --device {params.device} --threads {threads} > {log} 2>&1"

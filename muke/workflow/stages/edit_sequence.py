@@ -13,7 +13,7 @@ from pathlib import Path
 
 from muke.io import write_json, write_parquet
 from muke.workflow.stages.command import command
-from muke.workflow.stages.common import check_layers, load_model, log, shard_requests, write_manifest
+from muke.workflow.stages.common import log, shard_requests, write_manifest
 from muke.workflow.stages.optimize_memories import fit_for_model
 
 CHAIN_COLUMNS = ["batch", "file", "request_ids", "n_edits", "failed", "seconds", "reason"]
@@ -33,6 +33,45 @@ def _finished(folder: Path, t: int, identity: str, ids: list[str]):
         if record.get("identity") == identity and record.get("request_ids") == ids:
             return record["reason"]
     return None
+
+
+def _edit_batch(editor, folder: Path, t: int, batch: list, identity: str, resuming: bool) -> tuple:
+    """(the WeightUpdate of batch t or why it failed, whether this job wrote it earlier): while the job
+    resumes, replayed from its files; else edited into the model and written at once."""
+    from muke.numerics import NumericalError
+
+    ids = [r.id for r in batch]
+    done = _finished(folder, t, identity, ids) if resuming else None
+    if isinstance(done, str):
+        log(f"batch {t}: failed earlier ({done})")
+        return done, True
+    if done is not None:
+        log(f"batch {t}: finished earlier, replayed ({ids})")
+        editor.replay(done)
+        return done, True
+    log(f"batch {t}: editing {ids} into the model edited with {editor.n_batches} batches")
+    try:
+        done, _ = editor.edit(batch)
+    except NumericalError as e:
+        log(f"batch {t}: failed ({e})")
+        write_json(folder / f"{t:04d}.failed.json", {"identity": identity, "request_ids": ids, "reason": str(e)})
+        return str(e), False
+    done.info["identity"] = identity
+    done.save(folder / f"{t:04d}.safetensors")
+    return done, False
+
+
+def _chain_row(t: int, ids: list[str], n_edits: int, done) -> dict:
+    failed = isinstance(done, str)
+    return {
+        "batch": t,
+        "file": None if failed else f"{t:04d}.safetensors",
+        "request_ids": json.dumps(ids),
+        "n_edits": n_edits,
+        "failed": failed,
+        "seconds": 0.0 if failed else done.info["seconds"] + done.info.get("memory_seconds", 0.0),
+        "reason": done if failed else None,
+    }
 
 
 @command(
@@ -61,60 +100,21 @@ def edit_sequence(
     import pandas as pd
 
     from muke.engine.memory import MemoryConfig
-    from muke.numerics import NumericalError
-    from muke.update.sequential import SequentialEditor, batches_of
-    from muke.workflow.stages.update_weights import load_statistics
+    from muke.update.memories import batches_of
+    from muke.update.sequential import SequentialEditor
+    from muke.workflow.stages.update_weights import set_up
 
     p, out = spec["params"], Path(out)
-    options, backend = dict(p["options"]), p["backend"]
-    if backend == "unke":
-        options["preservation"] = str(preservation)
-    if backend == "alphaedit" and cache_dir:
-        options["cache_dir"] = str(cache_dir)
-    em = load_model(model, p["dtype"], device)
-    check_layers(em, options["layers"], "hparams.unke_layers" if backend == "unke" else "hparams.layers")
+    em, options, loaded = set_up(spec, model, device, stats, preservation, cache_dir)
     cfg = MemoryConfig(**p["memory"])
     chosen = shard_requests(requests, p["selection"], 0)
     chosen, _ = fit_for_model(chosen, em, cfg, requests, p["selection"].get("on_bad_record", "error"))
-    loaded = load_statistics(spec, stats, em, options["layers"])
     folder, rows, n_edits, resuming = out.with_suffix(""), [], 0, True
-    resolved = (p["memory"], backend, options)
-    with SequentialEditor(em, p["method"], stats=loaded, resolved=resolved) as editor:
+    with SequentialEditor(em, p["method"], stats=loaded, resolved=(p["memory"], p["backend"], options)) as editor:
         for t, batch in enumerate(batches_of(chosen, p["batch_size"])):
-            ids, n_edits = [r.id for r in batch], n_edits + len(batch)
-            done = _finished(folder, t, spec["identity"], ids) if resuming else None
-            resuming = done is not None
-            if isinstance(done, str):
-                log(f"batch {t}: failed earlier ({done})")
-            elif done is not None:
-                log(f"batch {t}: finished earlier, replayed ({ids})")
-                editor.replay(done)
-            else:
-                log(f"batch {t}: editing {ids} into the model edited with {editor.n_batches} batches")
-                try:
-                    done, _ = editor.edit(batch)
-                except NumericalError as e:
-                    log(f"batch {t}: failed ({e})")
-                    done = str(e)
-                    write_json(
-                        folder / f"{t:04d}.failed.json",
-                        {"identity": spec["identity"], "request_ids": ids, "reason": done},
-                    )
-                else:
-                    done.info["identity"] = spec["identity"]
-                    done.save(folder / f"{t:04d}.safetensors")
-            failed = isinstance(done, str)
-            rows.append(
-                {
-                    "batch": t,
-                    "file": None if failed else f"{t:04d}.safetensors",
-                    "request_ids": json.dumps(ids),
-                    "n_edits": n_edits,
-                    "failed": failed,
-                    "seconds": 0.0 if failed else done.info["seconds"] + done.info.get("memory_seconds", 0.0),
-                    "reason": done if failed else None,
-                }
-            )
+            done, resuming = _edit_batch(editor, folder, t, batch, spec["identity"], resuming)
+            n_edits += len(batch)
+            rows.append(_chain_row(t, [r.id for r in batch], n_edits, done))
     frame = pd.DataFrame(rows, columns=CHAIN_COLUMNS).astype({"file": "string", "reason": "string"})
     write_parquet(frame, out)
     write_manifest(out.parent / "manifest.json", spec)

@@ -4,6 +4,7 @@ identity, so a killed job resumes after the batches it finished."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -37,12 +38,18 @@ def generation_groups(sizes: list[int], batch_size: int) -> list[tuple[int, int]
     return out
 
 
-def _read_generation_part(path: Path, identity: str, ids: list[str]) -> list[dict] | None:
-    """Rows of a finished group of this job (same identity, same requests), else None."""
+def parts_dir(out: Path) -> Path:
+    """The folder beside a stage's output where its job keeps what it finished (removed at the end)."""
+    return out.with_name(out.stem + ".parts")
+
+
+def read_part(path: Path, identity: str, **same) -> dict | None:
+    """A JSON part file that a job of this identity wrote (with these `same` values, where given), else None."""
     if not path.is_file():
         return None
     part = json.loads(path.read_text())
-    return part["rows"] if part.get("identity") == identity and part.get("ids") == ids else None
+    matches = part.get("identity") == identity and all(part.get(key) == value for key, value in same.items())
+    return part if matches else None
 
 
 def _edits(chosen: dict, update: str | Path | None) -> list[tuple[list[str], Path | None]]:
@@ -126,44 +133,55 @@ def generate(
     the chain's updates up to the spec's n_edits edits; a request whose batch failed is flagged `edit_failed`.
     Parquet rows: id, kind, index, prompt, output, target, tokens, seconds, edit_failed, shard.
     """
-    import pandas as pd
+    p, out = spec["params"], Path(out)
+    chosen = {r.id: r for r in shard_requests(requests, p["selection"], shard)}
+    load = functools.cache(lambda: load_model(model, p["dtype"], device))
+    rows = _answer_shard(spec, chosen, update, chain, load, parts_dir(out))
+    write_parquet(_shard_frame(rows, chosen, shard), out)
+    # the decoding settings need the model's generation config, also where every batch finished earlier
+    write_manifest(out.parent / "manifest.json", spec, decoding=_decoding(p["generation"]).settings(load()))
+    shutil.rmtree(parts_dir(out), ignore_errors=True)
+    return out
 
+
+def _answer_shard(spec: dict, chosen: dict, update, chain, load, parts: Path) -> list[dict]:
+    """Rows of every generate batch of the shard: a batch a killed job finished is read from its part
+    file, the others answered (by the model `load` gives, plus the chain's edits) and kept in theirs."""
     from muke.eval.generate import n_questions
 
-    p, out = spec["params"], Path(out)
-    g = p["generation"]
-    chosen = {r.id: r for r in shard_requests(requests, p["selection"], shard)}
+    p, g = spec["params"], spec["params"]["generation"]
     edits = _edits(chosen, update)
-    sizes = [sum(n_questions(chosen[rid], g["kinds"]) for rid in ids) for ids, _ in edits]
-    parts = out.with_name(out.stem + ".parts")
-    em, rows, failed = None, [], set()
-    groups = generation_groups(sizes, g["batch_size"])
+    groups = generation_groups(
+        [sum(n_questions(chosen[rid], g["kinds"]) for rid in ids) for ids, _ in edits], g["batch_size"]
+    )
+    edited = functools.cache(
+        lambda: (load(), set()) if chain is None else _edited_by_chain(load(), chain, p["n_edits"])
+    )
+    rows = []
     for k, (a, b) in enumerate(groups):
         ids = [rid for request_ids, _ in edits[a:b] for rid in request_ids]
-        part = parts / f"{k:05d}.json"
-        done = _read_generation_part(part, spec["identity"], ids)
-        if done is None:
-            if em is None:
-                em = load_model(model, p["dtype"], device)
-                if chain is not None:
-                    em, failed = _edited_by_chain(em, chain, p["n_edits"])
-            log(f"batch {k + 1}/{len(groups)}: generating for {ids}")
-            done = [
-                {**row, "edit_failed": row["edit_failed"] or row["id"] in failed}
-                for row in _answer(em, edits[a:b], chosen, update is not None, g)
-            ]
-            write_json(part, {"identity": spec["identity"], "ids": ids, "rows": done})
-        else:
+        path = parts / f"{k:05d}.json"
+        part = read_part(path, spec["identity"], ids=ids)
+        if part is not None:
             log(f"batch {k + 1}/{len(groups)} {ids}: finished earlier (part file)")
+            rows += part["rows"]
+            continue
+        log(f"batch {k + 1}/{len(groups)}: generating for {ids}")
+        em, failed = edited()
+        done = [
+            {**row, "edit_failed": row["edit_failed"] or row["id"] in failed}
+            for row in _answer(em, edits[a:b], chosen, update is not None, g)
+        ]
+        write_json(path, {"identity": spec["identity"], "ids": ids, "rows": done})
         rows += done
+    return rows
+
+
+def _shard_frame(rows: list[dict], chosen: dict, shard: int):
+    """The shard's rows in the requests' order (then kind, index), `n_tokens` named `tokens`."""
+    import pandas as pd
+
     order = {rid: i for i, rid in enumerate(chosen)}
     df = pd.DataFrame(rows, columns=COLUMNS).rename(columns={"n_tokens": "tokens"})
-    df = df.sort_values(
-        ["id", "kind", "index"], key=lambda c: c.map(order) if c.name == "id" else c, kind="stable"
-    ).assign(shard=shard)
-    write_parquet(df.reset_index(drop=True), out)
-    if em is None:  # every batch finished earlier: the decoding settings need the model's generation config
-        em = load_model(model, p["dtype"], device)
-    write_manifest(out.parent / "manifest.json", spec, decoding=_decoding(g).settings(em))
-    shutil.rmtree(parts, ignore_errors=True)
-    return out
+    df = df.sort_values(["id", "kind", "index"], key=lambda c: c.map(order) if c.name == "id" else c, kind="stable")
+    return df.assign(shard=shard).reset_index(drop=True)

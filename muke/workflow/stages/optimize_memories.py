@@ -1,4 +1,6 @@
-"""optimize_memories: target memories z = h + δ of every request of a shard (ALGORITHM §4).
+"""optimize_memories: target memories z = h + δ of every request of a shard (ALGORITHM §4), in the δ
+batches of muke.update.memories (the stage keeps its rule's and command's name, `optimize`; the code says
+`optimise`, as the engine does).
 
 Each request's result is kept in a part file tagged with the job's identity as soon as its batch of δ
 loops ends, so a killed job resumes after the requests it finished.
@@ -16,21 +18,15 @@ from muke.workflow.stages.common import check_layers, load_model, log, shard_req
 
 
 def _optimise_many(em, requests, cfg) -> list[tuple[dict, dict, list[dict]]]:
-    """(tensors, record, trace rows) of each request, their δ loops batched (memory.optimise_batch); a
-    NumericalError gives that request a failed record."""
+    """(tensors, record, trace rows) of each request of one δ batch (muke.update.memories.optimise_group);
+    a NumericalError gives that request a failed record."""
     import torch
 
-    from muke.engine.memory import encode_request, optimise_batch
-    from muke.numerics import NumericalError, check_finite
+    from muke.numerics import NumericalError
+    from muke.update.memories import optimise_group
 
-    seqs = [encode_request(em, r.question, r.answer, cfg) for r in requests]
     out = []
-    for request, seq, res in zip(requests, seqs, optimise_batch(em, seqs, cfg)):
-        if not isinstance(res, NumericalError):
-            try:
-                check_finite(f"request {request.id}", target_memories_z=res.z)
-            except NumericalError as e:
-                res = e
+    for request, (seq, res) in zip(requests, optimise_group(em, requests, cfg)):
         if isinstance(res, NumericalError):
             log(f"request {request.id}: failed ({res})")
             out.append(({}, {"id": request.id, "failed": True, "error": str(res)}, []))
@@ -96,12 +92,13 @@ def _optimise_shard(em, chosen: list, cfg, parts: Path, *, batch: int, identity:
     """(tensors, record, trace rows) of every request; finished part files are reused, new ones written."""
     import torch
 
+    from muke.update.memories import batches_of
+
     done = {i: _read_part(parts / f"{i:05d}.safetensors", identity) for i in range(len(chosen))}
     for i in (i for i, d in done.items() if d is not None):
         log(f"request {i + 1}/{len(chosen)} {chosen[i].id}: finished earlier (part file)")
     todo = [i for i, d in done.items() if d is None]
-    for b in range(0, len(todo), batch):
-        group = todo[b : b + batch]
+    for group in batches_of(todo, batch):
         names = ", ".join(f"{i + 1}/{len(chosen)} {chosen[i].id}" for i in group)
         log(f"request{'s' * (len(group) > 1)} {names}: optimising {cfg.objective} memories at layer {cfg.layer}")
         for i, result in zip(group, _optimise_many(em, [chosen[i] for i in group], cfg)):
@@ -138,6 +135,7 @@ def optimize_memories(
     import torch
 
     from muke.engine.memory import MemoryConfig
+    from muke.update.memories import delta_batch
 
     p, out = spec["params"], Path(out)
     skipped = []
@@ -148,13 +146,8 @@ def optimize_memories(
     chosen, unfit = fit_for_model(chosen, em, cfg, requests, p["selection"].get("on_bad_record", "error"))
     skipped += unfit
     parts = out.with_name(out.stem + ".parts")
-    batch = p.get("batch", 1)
-    if batch == "auto":
-        from muke.engine.batch_size import delta_batch_size
-        from muke.engine.memory import encode_request
-
-        seqs = [encode_request(em, r.question, r.answer, cfg) for r in chosen]
-        batch = delta_batch_size(em, seqs, cfg.layer, cfg.autocast is not None)
+    batch = delta_batch(em, chosen, cfg, p.get("batch", 1))
+    if p.get("batch", 1) == "auto":
         log(f"{len(chosen)} requests, {batch} per δ batch (delta_batch_size auto: the device's free memory)")
     results = _optimise_shard(em, chosen, cfg, parts, batch=batch, identity=spec["identity"])
     tensors, records, rows = {}, [], []

@@ -15,7 +15,6 @@ INDEX_COLUMNS = ["batch", "file", "request_ids", "failed", "seconds", "reason"]
 def targets(path: str | Path) -> tuple[list, list[tuple[str, str]]]:
     """(update.Target of each optimised request, (id, reason) of each failed or skipped request) of a
     memories shard."""
-    from muke.engine.windows import EditSequence
     from muke.update.keys import Target
 
     meta, t = read_memories(path)
@@ -25,22 +24,37 @@ def targets(path: str | Path) -> tuple[list, list[tuple[str, str]]]:
         if rec["failed"]:
             failed.append((rec["id"], rec.get("error") or "optimize_memories failed"))
             continue
-        i = rec["index"]
-        seq = EditSequence(
-            rec["prompt"],
-            tuple(t[f"{i}.prompt_ids"].tolist()),
-            tuple(t[f"{i}.target_ids"].tolist()),
-            tuple(map(tuple, t[f"{i}.windows"].tolist())),
-        )
-        found.append(Target(rec["id"], seq, t[f"{i}.z"]))
+        found.append(Target(rec["id"], _sequence(path, rec, t), t[f"{rec['index']}.z"]))
     return found, failed
 
 
+def _sequence(path, rec: dict, t: dict):
+    """The EditSequence a request's memories were optimised on; window 0's hook (key_position) from the
+    stored positions."""
+    from muke.engine.windows import EditSequence
+
+    i = rec["index"]
+    prompt_ids = tuple(t[f"{i}.prompt_ids"].tolist())
+    positions = t[f"{i}.positions"].tolist()
+    first = positions[0] if positions[0] != len(prompt_ids) - 1 else None
+    seq = EditSequence(
+        rec["prompt"],
+        prompt_ids,
+        tuple(t[f"{i}.target_ids"].tolist()),
+        tuple(map(tuple, t[f"{i}.windows"].tolist())),
+        first,
+    )
+    if seq.hook_positions != positions:
+        raise ValueError(f"{path}: request {rec['id']!r}: stored positions {positions} do not match its windows")
+    return seq
+
+
 def load_statistics(spec: dict, stats: str | Path | None, em, layers: list[int]):
-    """The second moments a MEMIT-family update needs, refused when another statistics job wrote them."""
+    """The second moments a backend that reads them needs, refused when another statistics job wrote them."""
+    from muke.update.backends import BACKENDS
     from muke.update.stats import StatsError, load_stats
 
-    if spec["params"]["backend"] == "unke":
+    if not BACKENDS[spec["params"]["backend"]].stats:
         return None
     loaded = load_stats(stats, em, layers)
     expected = spec.get("inputs", {}).get("stats")
@@ -52,6 +66,23 @@ def load_statistics(spec: dict, stats: str | Path | None, em, layers: list[int])
             f"documents, max_length {m.get('max_length')}); this update needs job {expected}"
         )
     return loaded
+
+
+def set_up(spec: dict, model, device: str, stats, preservation, cache_dir) -> tuple:
+    """(model, backend options, statistics or None) of a weight-update job (update_weights, edit_sequence):
+    the spec's options with the preservation file and the projector cache folder where the backend reads
+    them, its layers checked on the model."""
+    from muke.update.backends import BACKENDS
+
+    p = spec["params"]
+    backend, options = BACKENDS[p["backend"]], dict(p["options"])
+    if backend.preservation:
+        options["preservation"] = str(preservation)
+    if cache_dir and "cache_dir" in backend.options.values():
+        options["cache_dir"] = str(cache_dir)
+    em = load_model(model, p["dtype"], device)
+    check_layers(em, options["layers"], f"hparams.{backend.layers_key}")
+    return em, options, load_statistics(spec, stats, em, options["layers"])
 
 
 def _row(
@@ -92,17 +123,10 @@ def update_weights(
     from muke.update.edit import compute_update
     from muke.update.weights import WeightUpdate
 
-    p, out = spec["params"], Path(out)
-    options = dict(p["options"])
-    layers, keys, backend = options.pop("layers"), options.pop("keys"), p["backend"]
-    if backend == "unke":
-        options["preservation"] = str(preservation)
-    if backend == "alphaedit" and cache_dir:
-        options["cache_dir"] = str(cache_dir)
-    em = load_model(model, p["dtype"], device)
-    check_layers(em, layers, "hparams.unke_layers" if backend == "unke" else "hparams.layers")
+    p, out, backend = spec["params"], Path(out), spec["params"]["backend"]
+    em, options, loaded = set_up(spec, model, device, stats, preservation, cache_dir)
+    layers, keys = options.pop("layers"), options.pop("keys")
     found, failed = targets(memories)
-    loaded = load_statistics(spec, stats, em, layers)
     rows = [_row(-1, [rid], reason=reason) for rid, reason in failed]
     size = p["edit_batch_size"]
     for b, start in enumerate(range(0, len(found), size)):

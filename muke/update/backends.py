@@ -1,0 +1,87 @@
+"""The weight-update backends by name (ALGORITHM §5): what each needs, what it changes, its options and
+how it fills a WeightUpdate. Methods, plan, stages, sequential mode and the estimate look a backend up
+here (`BACKENDS[name]`) instead of comparing names; a new backend is its module and one entry below."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from muke.model import EditableModel
+from muke.update.alphaedit import alphaedit_update
+from muke.update.keys import blocks, down_projections
+from muke.update.memit import memit_update
+from muke.update.unke import unke_update
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend. `fill(em, update, targets, keys, stats, edited_keys, **options)` computes the update
+    of `targets` on update.layers and stores it in `update` (factors or params, keys, info)."""
+
+    name: str
+    fill: Callable[..., None]
+    options: dict[str, str]  # preset key -> keyword of `fill`
+    early_stop: float  # the δ loop's early-stop loss of its methods (MemoryConfig.early_stop; ALGORITHM §4)
+    changes: Callable[[EditableModel, Iterable[int]], Iterator[torch.Tensor]]  # the parameters its ΔW touches
+    layers_key: str = "layers"  # the preset key naming its layers (the last: l_WM)
+    stats: bool = False  # reads second-moment statistics C of its layers (muke.update.stats)
+    preservation: bool = False  # reads preservation samples (option `preservation`: a file)
+    edit_keys: bool = False  # in a sequence, preserves the earlier edits' keys (WeightUpdate.keys)
+    factored: bool = True  # ΔW as low-rank factors (WeightUpdate.factors), else parameter differences (params)
+
+
+def _memit(em, update, targets, keys, stats, edited_keys, **options) -> None:
+    update.factors = memit_update(em, targets, stats, update.layers, keys, **options)
+
+
+def _alphaedit(em, update, targets, keys, stats, edited_keys, **options) -> None:
+    update.factors, read = alphaedit_update(em, targets, stats, update.layers, keys, edited_keys=edited_keys, **options)
+    update.keys = read if edited_keys is not None else {}
+
+
+def _unke(em, update, targets, keys, stats, edited_keys, **options) -> None:
+    update.params, update.info["trace"] = unke_update(em, targets, update.layers, keys, **options)
+
+
+BACKENDS = {
+    "memit": Backend(
+        "memit",
+        _memit,
+        dict(mom2_update_weight="mom2_update_weight", solve_dtype="solve_dtype"),
+        early_stop=1e-2,
+        changes=down_projections,
+        stats=True,
+    ),
+    "alphaedit": Backend(
+        "alphaedit",
+        _alphaedit,
+        dict(
+            null_space_threshold="threshold", alphaedit_l2="l2", solve_dtype="solve_dtype", null_space_cache="cache_dir"
+        ),
+        early_stop=1e-2,
+        changes=down_projections,
+        stats=True,
+        edit_keys=True,
+    ),
+    "unke": Backend(
+        "unke",
+        _unke,
+        dict(
+            unke_lr="lr",
+            unke_weight_decay="weight_decay",
+            unke_steps="steps",
+            n_preserve="n_preserve",
+            preservation="preservation",
+            seed="seed",
+            unke_delta_dtype="delta_dtype",
+        ),
+        early_stop=5e-3,
+        changes=blocks,
+        layers_key="unke_layers",
+        preservation=True,
+        factored=False,
+    ),
+}
