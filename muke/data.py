@@ -139,7 +139,7 @@ def _triplets(rw, prefix):
         prompt, subject = _text(t, "prompt", f + ".prompt"), _text(t, "subject", f + ".subject")
         try:
             qs.append(prompt.format(subject))
-        except (IndexError, KeyError, ValueError) as e:
+        except (IndexError, KeyError, ValueError, TypeError, AttributeError) as e:  # e.g. '{0[x]}', '{0.y}'
             raise _Fail(f + ".prompt", f"is not a '{{}}' template ({e!r})") from None
         ans.append(_text(t, "target", f + ".target"))
     return tuple(qs), tuple(ans)
@@ -225,6 +225,12 @@ _ID_KEY = {"akew-counterfact": "case_id", "akew-mquake": "case_id"}
 # ---------------------------------------------------------------------------- reading
 
 
+def _json_problem(e: ValueError) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON: {e.msg} (column {e.colno})"
+    return f"invalid JSON: {e}"
+
+
 def jsonl_records(path: Path, text_fields: tuple[str, ...]) -> list[dict]:
     """The records of a JSONL file of objects whose `text_fields` are strings; the first bad line raises a
     DataError naming the line (and field). Used for the statistics corpus and the preservation set."""
@@ -234,8 +240,8 @@ def jsonl_records(path: Path, text_fields: tuple[str, ...]) -> list[dict]:
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})", line=line_no) from None
+        except ValueError as e:  # JSONDecodeError, or a number too long for Python's int
+            raise DataError(path, _json_problem(e), line=line_no) from None
         for key in text_fields:
             if not isinstance(rec.get(key) if isinstance(rec, dict) else None, str):
                 raise DataError(path, "must be a string", line=line_no, field=key)
@@ -255,8 +261,8 @@ def _raw_records(path: Path, fmt: str):
                 yield index, line_no, json.loads(line.decode("utf-8-sig"))
             except UnicodeDecodeError as e:
                 yield index, line_no, DataError(path, f"not UTF-8 (byte {e.start} of the line)", index, line=line_no)
-            except json.JSONDecodeError as e:
-                yield index, line_no, DataError(path, f"invalid JSON: {e.msg} (column {e.colno})", index, line=line_no)
+            except ValueError as e:  # JSONDecodeError, or a number too long for Python's int
+                yield index, line_no, DataError(path, _json_problem(e), index, line=line_no)
             index += 1
         return
     try:
@@ -266,8 +272,8 @@ def _raw_records(path: Path, fmt: str):
         raise DataError(path, f"not UTF-8 (byte offset {e.start})", line=line) from None
     try:
         raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})", line=e.lineno) from None
+    except ValueError as e:  # JSONDecodeError, or a number too long for Python's int
+        raise DataError(path, _json_problem(e), line=getattr(e, "lineno", None)) from None
     if not isinstance(raw, list):
         raise DataError(path, f"format {fmt!r} expects a JSON list of records, got {type(raw).__name__}")
     for index, rec in enumerate(raw):

@@ -1,7 +1,10 @@
-"""Files: atomic artifact writes (a temporary file beside the target, fsync, rename), content hashes and
-the user's cache folder.
+"""Files: atomic artifact writes (a temporary file beside the target, fsync, rename), content hashes,
+recorded checksums and the user's cache folder.
 
-A killed job leaves either the old file or none, never a half-written one that a rerun would trust.
+A killed job leaves either the old file or none, never a half-written one that a rerun would trust. A file
+that later stages or experiments trust without recomputing has its sha256 recorded beside it
+(`record_sha256`: NAME.sha256, in `sha256sum` format) or in the index that lists it, and its readers
+verify it (`verify_sha256`): a truncated or bit-flipped file is refused with an error naming it.
 """
 
 from __future__ import annotations
@@ -22,9 +25,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class WriteError(OSError):
+    """A write that failed midway (disk full, quota, permission), naming the file it was to write."""
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path` (dropping the
+    sha256 recorded for the old content, `record_sha256`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -32,8 +40,14 @@ def atomic_path(path: str | Path):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        checksum_path(path).unlink(missing_ok=True)
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        raise WriteError(
+            f"writing {path} failed ({e.strerror or e}): nothing new was left there; check the free space, "
+            f"quota and permissions of {path.parent}"
+        ) from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -57,10 +71,14 @@ def write_parquet(df, path: str | Path) -> Path:
 
 def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str]) -> Path:
     """Tensors (moved to the CPU, made contiguous) and string metadata as one safetensors file."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as e:  # an I/O error of the writer (e.g. "File too large (os error 27)")
+            raise OSError(str(e)) from e
     return Path(path)
 
 
@@ -84,6 +102,48 @@ def sha256(path: str | Path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+class ChecksumError(ValueError):
+    """A file whose content is not what was written: truncated, corrupted, or missing its checksum."""
+
+
+def checksum_path(path: str | Path) -> Path:
+    """Where a file's recorded sha256 lies: NAME.sha256 beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def record_sha256(path: str | Path, digest: str | None = None) -> str:
+    """Record the sha256 of `path` (or `digest`, already known) in its checksum file; returns it."""
+    digest = digest or sha256(path)
+    write_text(checksum_path(path), f"{digest}  {Path(path).name}\n")
+    return digest
+
+
+def recorded_sha256(path: str | Path) -> str | None:
+    """The sha256 recorded for `path`, or None where none was."""
+    record = checksum_path(path)
+    return record.read_text().split()[0] if record.is_file() and record.stat().st_size else None
+
+
+def verify_sha256(path: str | Path, expected: str | None = None, required: bool = False) -> None:
+    """Refuse `path` (ChecksumError naming it) where its sha256 is not `expected`, by default the one recorded
+    beside it; a file with no recorded sha256 (written before checksums) passes unless `required`."""
+    path, where = Path(path), "its index" if expected else checksum_path(path).name
+    expected = expected or recorded_sha256(path)
+    if expected is None:
+        if required:
+            raise ChecksumError(f"{path}: no sha256 recorded ({checksum_path(path).name} missing)")
+        return
+    if not path.is_file():
+        raise ChecksumError(f"{path}: file missing (its sha256 is recorded in {where})")
+    got = sha256(path)
+    if got != expected:
+        raise ChecksumError(
+            f"{path}: sha256 {got[:16]}… is not the {expected[:16]}… recorded in {where} when it was written: "
+            "the file is truncated or corrupted; delete it and rerun the stage that wrote it"
+        )
 
 
 def cache_dir() -> Path:

@@ -39,7 +39,8 @@ def test_each_backend_declares_its_needs_options_and_layers():
         assert b.name == name and callable(b.fill) and b.early_stop > 0
         assert b.layers_key in DEFAULT_PRESET
         assert set(b.options) - {"null_space_cache"} <= known  # the projector cache is a runtime folder
-        assert b.changes in (down_projections, blocks) and b.factored == (b.changes is down_projections)
+        assert b.changes in (down_projections, blocks) and b.factored <= (b.changes is down_projections)
+        assert b.memories or not (b.factored or b.stats or b.edit_keys)  # a fine-tuning baseline stores params
         assert not (b.stats and b.preservation)
 
 
@@ -56,6 +57,7 @@ def test_the_registry_resolves_methods_as_before():
         2.0,
         "/c",
     )
-    assert [BACKENDS[b].stats for b in BACKENDS] == [True, True, False]
-    assert [BACKENDS[b].preservation for b in BACKENDS] == [False, False, True]
-    assert [BACKENDS[b].edit_keys for b in BACKENDS] == [False, True, False]
+    assert [b for b in BACKENDS if BACKENDS[b].stats] == ["memit", "alphaedit"]
+    assert [b for b in BACKENDS if BACKENDS[b].preservation] == ["unke"]
+    assert [b for b in BACKENDS if BACKENDS[b].edit_keys] == ["alphaedit"]
+    assert [b for b in BACKENDS if not BACKENDS[b].memories] == ["ft", "lora"]

@@ -132,6 +132,7 @@ def test_edit_json_with_stats_file(tiny_qwen2_path, stats_file, capsys, tmp_path
         == 0
     )
     AutoModelForCausalLM.from_pretrained(out)
+    assert "What is the city of Velmora known for?" in (out / "README.md").read_text()  # the model card
 
 
 def test_edit_requests_file_text_output_and_default_stats_cache(tiny_qwen2_path, corpus, capsys, monkeypatch, tmp_path):

@@ -58,3 +58,31 @@ def test_distinct_words_never_repeat_and_a_text_said_twice_does(tokens):
     text = " ".join(tokens)
     assert repetition_rate(text) == 0.0
     assert repetition_rate(text + " " + text) > 0.0
+
+
+def test_fluency_columns_pair_each_answer_with_its_target():
+    from muke.eval.fluency import FLUENCY_COLUMNS, fluency_columns
+
+    loop, target = "x x x x x", "The capital of France is Paris."
+    got = fluency_columns([loop, target], [target, target])
+    assert tuple(got) == FLUENCY_COLUMNS
+    assert got["repetition"] == pytest.approx([2 / 3, 0.0]) and got["target_repetition"] == [0.0, 0.0]
+    assert got["ngram_entropy"] == pytest.approx([ngram_entropy(loop), ngram_entropy(target)])
+    assert got["target_ngram_entropy"] == [ngram_entropy(target)] * 2
+    with pytest.raises(ValueError):
+        fluency_columns([loop], [])
+
+
+def test_score_summary_averages_fluency_per_request_then_over_requests():
+    import pandas as pd
+
+    from muke.workflow.stages.score import _summary
+
+    rows = [
+        dict(id=rid, kind="sub_questions", index=i, family="paper", bleu=50.0, rouge_l=50.0, bertscore=50.0)
+        | dict(edit_failed=False, repetition=rep, target_repetition=0.0, ngram_entropy=1.0, target_ngram_entropy=2.0)
+        for rid, i, rep in (("a", 0, 0.0), ("a", 1, 1.0), ("b", 0, 0.2))
+    ]
+    summary = _summary(pd.DataFrame(rows)).iloc[0]
+    assert summary["repetition"] == pytest.approx((0.5 + 0.2) / 2) and summary["target_repetition"] == 0
+    assert summary["ngram_entropy"] == 1 and summary["target_ngram_entropy"] == 2 and summary["n"] == 2

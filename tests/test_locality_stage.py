@@ -23,7 +23,9 @@ from muke.workflow.stages.locality import RETENTION_ANSWERS, locality
 REPO = Path(__file__).resolve().parent.parent
 TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
 SMALL = {"enabled": True, "n_questions": 3, "max_new_tokens": 6, "texts": 2, "max_length": 48}
-ANSWER_METRICS = {"answer_char_bleu", "answer_word_bleu", "answer_exact_match"}
+ANSWER_METRICS = {"answer_char_bleu", "answer_word_bleu", "answer_exact_match", "prefix_exact_match"}
+KINDS = ["question", "instruction", "code"]  # the first three default prompts
+PER_KIND = {("retention", f"{m} ({k})") for k in KINDS for m in ("first_token_agreement", "prefix_exact_match")}
 
 
 def make_plan(tmp_path, monkeypatch, tasks=(), edits=1, **retention) -> Plan:
@@ -92,7 +94,10 @@ def test_pre_edit_and_edited_rows(tmp_path, monkeypatch, model_dir, tiny_qwen2_p
     answer_shift |= {("text_shift", "first_token_kl"), ("text_shift", "answer_kl")}
     assert (
         set(pre)
-        == {("retention", m) for m in ANSWER_METRICS} | {("text_shift", "kl"), ("text_shift", "ppl")} | answer_shift
+        == {("retention", m) for m in ANSWER_METRICS}
+        | {("text_shift", "kl"), ("text_shift", "ppl")}
+        | answer_shift
+        | PER_KIND
     )
     assert all(pre[k].value == (1 if k[0] == "retention" else 0) for k in answer_shift)
     assert pre["retention", "first_token_agreement"].n_samples == 3
@@ -105,7 +110,9 @@ def test_pre_edit_and_edited_rows(tmp_path, monkeypatch, model_dir, tiny_qwen2_p
     assert (
         len(answers) == 3
         and (answers["pre"] == answers["post"]).all()
-        and answers["id"].tolist() == ["u00", "u01", "u02"]
+        and answers["id"].tolist() == ["p-q00", "p-i00", "p-c00"]
+        and answers["kind"].tolist() == KINDS
+        and answers["prefix_exact"].all()
     )
 
     index = write_updates(Path(plan.update_path(run, 0)), ["demo-00", "demo-01"], shape, scale=20.0)

@@ -4,7 +4,9 @@
 before the DAG runs), 3. jobs killed with SIGKILL midway (the rerun finishes, redoes nothing finished,
 and its artifact equals an uninterrupted run's), 4. non-finite numbers (the request or batch is
 recorded as failed, the others go on), 5. determinism (same config and seed, same bits on CPU),
-6. safety (no pickle loading, no remote code unless the config says so, foreign statistics refused).
+6. safety (no pickle loading, no remote code unless the config says so, foreign statistics refused),
+7. a statistics store shared by concurrent jobs (one computes, the others wait), and checksums (a truncated
+or bit-flipped artifact is refused naming it; a damaged store entry is collected again).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 import muke.cli as cli
 from muke.data import DataError, load_requests_checked, model_problems
-from muke.io import write_json
+from muke.io import ChecksumError, checksum_path, record_sha256, recorded_sha256, sha256, write_json
 from muke.model import load
 from muke.numerics import NumericalError
 from muke.update.stats import StatsError, load_stats, read_metadata
@@ -362,6 +364,7 @@ def test_validate_data_command(work, tmp_path, capsys, tiny_qwen2_path):
         ),
         ({"generation": {"max_new_tokens": "many"}}, r"config key generation\.max_new_tokens: 'many' is not of type"),
         ({"hparams": {"layers": "1,2"}}, r"config key hparams\.layers: '1,2' is not valid"),
+        ({"hparams": {"delta_memory_gib": 0}}, r"config key hparams\.delta_memory_gib: 0 is less than or equal"),
         ({"methods": ["rome"]}, r"config key methods\[0\]: 'rome' is not valid"),
         ({"methods": ["matryoshka+rome"]}, r"config key methods\[0\]: 'matryoshka\+rome' is not valid"),
         (
@@ -705,6 +708,20 @@ def test_same_config_and_seed_give_identical_results(work, clean):
 # ---------------------------------------------------------------------------- 6. safety
 
 
+def test_auto_delta_batches_carry_their_memory_budget_in_the_identity(work):
+    """delta_batch_size auto: the budget that sizes the δ batches is a parameter of the memories job (4 GiB
+    unless set); a fixed batch size leaves it out, so those jobs keep their identity."""
+
+    def memories(**hparams):
+        return the_run(Plan(config(hparams=hparams))).memories
+
+    auto, smaller = memories(delta_batch_size="auto"), memories(delta_batch_size="auto", delta_memory_gib=0.5)
+    assert auto.params["delta_memory_gib"] == 4.0 and smaller.params["delta_memory_gib"] == 0.5
+    assert auto.identity != smaller.identity
+    fixed, fixed_budget = memories(), memories(delta_memory_gib=0.5)
+    assert "delta_memory_gib" not in fixed.params and fixed.identity == fixed_budget.identity
+
+
 def test_no_pickle_loading_in_the_package():
     sources = [*(REPO / "muke").rglob("*.py"), *(REPO / "workflow").rglob("*.smk"), REPO / "Snakefile"]
     for path in sources:
@@ -802,3 +819,186 @@ def test_chat_statistics_enter_the_stats_identity_only_when_on(work):
     assert plain and all("chat" not in s.params for s in plain + off)
     assert [s.identity for s in off] == [s.identity for s in plain]  # existing statistics keep their identity
     assert all(s.params["chat"] is True for s in on) and {s.identity for s in on}.isdisjoint(s.identity for s in plain)
+
+
+# ---------------------------------------------------------------------------- 7. shared store, checksums
+
+
+def stats_job(name: str, **stats):
+    """(the stats spec, its corpus) of a plan on results/`name`."""
+    plan = Plan(config(results=f"results/{name}", stats=stats))
+    run = the_run(plan)
+    return spec(run.stats), plan.stats_corpus(run.stats), Path(plan.stats_path(run.model, run.stats))
+
+
+def test_two_jobs_sharing_a_store_collect_its_statistics_once(work):
+    """Two experiments (two folders, one store) started together: one computes, the other waits for it and
+    links its file; both outputs are that file, checksummed."""
+    root, model = work
+    job, corpus, path = stats_job("store-a")
+    store = root / "shared-store"
+    outs = [root / f"results/store-{x}" / path.name for x in "ab"]
+    procs = [
+        start("collect-stats", job, "--model", model, "--corpus", corpus, "--out", o, "--store", store) for o in outs
+    ]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, "".join(proc.log)
+        proc.log_text = "".join(proc.log)
+    assert sorted("found in the store" in p.log_text for p in procs) == [False, True]
+    assert sum("loading" in p.log_text for p in procs) == 1  # one model load: one computation
+    entry = next(store.glob("stats-*.safetensors"))
+    assert all(os.path.samefile(o, entry) for o in outs)
+    digest = recorded_sha256(entry)
+    assert digest == sha256(entry) == recorded_sha256(outs[0]) == recorded_sha256(outs[1])
+    assert json.loads(outs[0].with_name(outs[0].stem + ".manifest.json").read_text())["sha256"] == digest
+    assert not list(store.glob("*.partial")) and not list(store.glob("*.owner"))
+
+
+def test_killed_store_collection_resumes_and_matches_an_uninterrupted_run(work, capfd):
+    """kill -9 while the store's entry is being collected: its lock dies with the job, the rerun resumes
+    from the store's checkpoint and ends with the sums of a run never interrupted."""
+    root, model = work
+    job, corpus, path = stats_job("kill-store", max_docs=None, batch_tokens=1024)
+    store, out = root / "kill-store", root / "results/kill-store" / path.name
+    proc = start(
+        "collect-stats",
+        job,
+        "--model",
+        model,
+        "--corpus",
+        corpus,
+        "--out",
+        out,
+        "--store",
+        store,
+        "--checkpoint-every",
+        8,
+    )
+    kill_when(proc, lambda log: any(store.glob("*.partial")))
+    assert not out.exists() and not list(store.glob("stats-*.safetensors"))
+    capfd.readouterr()
+    collect_stats(job, model, corpus, out, device="cpu", checkpoint_every=8, store=store)
+    assert "waiting" not in capfd.readouterr().err  # the killed job's lock went with it
+    ref = root / "results/kill-store-ref" / path.name
+    collect_stats(job, model, corpus, ref, device="cpu", checkpoint_every=8)
+    same_tensors(out, ref)
+
+
+def test_a_corrupted_store_entry_is_collected_again(work, capfd):
+    root, model = work
+    job, corpus, path = stats_job("corrupt-store")
+    store, out = root / "corrupt-store", root / "results/corrupt-store" / path.name
+    collect_stats(job, model, corpus, out, device="cpu", store=store)
+    entry = next(store.glob("stats-*.safetensors"))
+    data = entry.read_bytes()
+    out.unlink()
+    entry.write_bytes(data[: len(data) // 2])  # a truncated file, as a full disk leaves it
+    capfd.readouterr()
+    collect_stats(job, model, corpus, out, device="cpu", store=store)
+    assert "truncated or corrupted" in capfd.readouterr().err
+    same_tensors(out, entry)
+    assert entry.read_bytes() == data or recorded_sha256(entry) == sha256(entry)
+
+
+def flip(path: Path, at: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def copy_with_checksum(src: Path, dst: Path) -> Path:
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst)
+    if checksum_path(src).is_file():
+        shutil.copy(checksum_path(src), checksum_path(dst))
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_artifacts_are_refused_naming_the_file(work, clean, tmp_path, damage):
+    """Memories, statistics, a ΔW file and the index that lists it: each is refused once damaged."""
+    import shutil
+
+    root, model = work
+    _, reference = clean
+    hurt = (lambda p: p.write_bytes(p.read_bytes()[:-9])) if damage == "truncate" else flip
+
+    memories = copy_with_checksum(reference["memories"], tmp_path / "memories" / "shard0.safetensors")
+    read_memories(memories)
+    hurt(memories)
+    with pytest.raises(ChecksumError, match=re.escape(str(memories))):
+        read_memories(memories)
+
+    stats = copy_with_checksum(reference["stats"], tmp_path / "stats.safetensors")
+    hurt(stats)
+    with pytest.raises(ChecksumError, match=re.escape(str(stats))):
+        load_stats(stats, load(model_path(model)), [1, 2])
+
+    index = copy_with_checksum(reference["update"], tmp_path / "update" / "shard0.parquet")
+    shutil.copytree(reference["update"].with_suffix(""), index.with_suffix(""))
+    delta = read_update_index(index)[0]["path"]
+    hurt(delta)
+    with pytest.raises(ChecksumError, match=re.escape(str(delta))):
+        read_update_index(index)
+    hurt(index)
+    with pytest.raises(ChecksumError, match=re.escape(str(index))):
+        read_update_index(index)
+
+
+def test_a_damaged_chain_file_is_refused(tmp_path):
+    """read_chain verifies the chain's index and each ΔW file it lists (sha256 column)."""
+    from muke.workflow.stages.common import read_chain
+
+    chain = tmp_path / "chain.parquet"
+    (tmp_path / "chain").mkdir()
+    for t in range(2):
+        (tmp_path / "chain" / f"{t:04d}.safetensors").write_bytes(b"delta %d" % t)
+    rows = [
+        {"batch": t, "file": f"{t:04d}.safetensors", "request_ids": json.dumps([f"r{t}"]), "n_edits": t + 1}
+        | {
+            "failed": False,
+            "seconds": 0.0,
+            "reason": None,
+            "sha256": sha256(tmp_path / "chain" / f"{t:04d}.safetensors"),
+        }
+        for t in range(2)
+    ]
+    pd.DataFrame(rows).to_parquet(chain, index=False)
+    record_sha256(chain)
+    assert [p.name for p in read_chain(chain, 2)[0]] == ["0000.safetensors", "0001.safetensors"]
+    flip(tmp_path / "chain" / "0001.safetensors", at=0)
+    assert len(read_chain(chain, 1)[0]) == 1  # the first edit only: the damaged file is not read
+    with pytest.raises(ChecksumError, match="0001.safetensors"):
+        read_chain(chain, 2)
+
+
+FULL_DISK = """
+import json, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from muke.workflow.stages.collect_stats import collect_stats
+collect_stats(json.loads(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], device="cpu", store=sys.argv[6])
+"""
+
+
+def test_a_write_that_fails_midway_leaves_nothing_a_rerun_would_trust(work, clean):
+    """The store's statistics file cannot be written whole (RLIMIT_FSIZE: "File too large", as a full disk
+    or a quota says it): the job fails naming the file and its folder, the store holds no entry, no
+    checksum and no temporary file, and the rerun collects the statistics of an uninterrupted run."""
+    root, model = work
+    _, reference = clean
+    job, corpus, path = stats_job("full-disk")
+    store, out = root / "full-disk-store", root / "results/full-disk" / path.name
+    limit = reference["stats"].stat().st_size // 2
+    args = [str(limit), json.dumps(job), str(model), corpus, str(out), str(store)]
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert re.search(rf"WriteError: writing {re.escape(str(store))}/stats-\S+ failed \(.*File too large", proc.stderr)
+    assert f"permissions of {store}" in proc.stderr
+    assert sorted(p.name for p in store.iterdir()) == [next(store.glob("*.lock")).name]  # the lock file only
+    assert not out.exists()
+    collect_stats(job, model, corpus, out, device="cpu", store=store)
+    same_tensors(out, reference["stats"])

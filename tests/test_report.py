@@ -25,7 +25,8 @@ BENCH_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmea
 
 def _edit_metrics() -> pd.DataFrame:
     """2 methods × 2 kinds × 2 families × 2 swept step counts, plus pre-edit rows; values distinct, each
-    with an interval mean ± 1 (so each method's lies above pre-edit's)."""
+    with an interval mean ± 1 (so each method's lies above pre-edit's); repetition 0.1 per method beside
+    the targets' 0.02."""
     rows = []
     for m, method in enumerate(["pre-edit"] + METHODS):
         for k, kind in enumerate(KINDS):
@@ -45,6 +46,8 @@ def _edit_metrics() -> pd.DataFrame:
                             bertscore=base + 40,
                             n=4,
                             v_num_grad_steps=steps,
+                            repetition=0.1 * m,
+                            target_repetition=0.02,
                             **{
                                 f"{metric}_ci_{side}": value + sign
                                 for metric, value in (("bleu", base), ("rouge_l", base + 20), ("bertscore", base + 40))
@@ -56,8 +59,17 @@ def _edit_metrics() -> pd.DataFrame:
 
 
 def _locality() -> pd.DataFrame:
+    """lm-eval's MMLU and IFEval and muke.eval.retention's first-token and prefix rows, pre-edit and edited."""
     rows = []
     for state, method, shift in [("edited", "muke-memit", -0.002), ("pre-edit", "pre-edit", 0.0)]:
+        rows += [
+            dict(model="qwen", method=method, model_state=state, task=task, metric=metric, value=value, stderr=None)
+            for task, metric, value in (
+                ("retention", "first_token_agreement", 1 + 50 * shift),
+                ("text_shift", "first_token_kl", -10 * shift),
+                ("retention", "prefix_exact_match", 1 + 100 * shift),
+            )
+        ]
         rows += [
             dict(
                 model="qwen",
@@ -190,8 +202,9 @@ def test_family_tables_hold_the_numbers(report):
     edit = _edit_metrics()
     for family in FAMILIES:
         table = _section(text, f"<h3>{family} family</h3>")
-        for col in ("Ori", "Para", "BLEU", "BERTScore", "ROUGE-L"):
+        for col in ("Ori", "Para", "BLEU", "BERTScore", "ROUGE-L", "repetition (target)"):
             assert f">{col}<" in table
+        assert ">0.10 (0.02)<" in table and ">0.00 (0.02)<" in table
         row = edit[
             (edit.family == family)
             & (edit.method == "muke-memit")
@@ -219,6 +232,46 @@ def test_sweep_table_and_csvs(report):
         assert (path.parent / f"{name}.csv").stat().st_size > 0
     paper = pd.read_csv(path.parent / "edit_metrics_paper.csv")
     assert "Ori BLEU" in paper.columns and len(paper) == 6  # 3 methods × 2 step counts
+
+
+def test_integrity_view(report):
+    """Per run: efficacy, paraphrase beside the unedited model's, repetition vs target, the retention rows."""
+    path, text, _ = report
+    assert "<a href='#integrity'>Integrity</a>" in text
+    view = text[text.index("id='integrity'") : text.index("id='case-study'")]
+    for col in ("question BLEU", "paraphrase BLEU", "repetition (target)", "first-token agreement"):
+        assert f">{col}<" in view
+    assert ">first-token KL<" in view and ">prefix exact match<" in view and ">mmlu acc<" in view
+    assert ">13.12 (3.12)<" in view and ">90.00<" in view and ">80.00<" in view and ">0.02<" in view
+    assert view.index("pre-edit") < view.index("muke-memit")
+    table = pd.read_csv(path.parent / "integrity.csv")
+    assert len(table) == 6 and "paraphrase BLEU" in table.columns
+
+
+def test_integrity_marks_a_drop_below_the_unedited_model():
+    from muke.eval.integrity import integrity_table
+
+    def row(method, kind, bleu, rouge_l):
+        return dict(model="m", dataset="d", method=method, kind=kind, family="paper", bleu=bleu, rouge_l=rouge_l)
+
+    edit = pd.DataFrame(
+        [
+            row("pre-edit", "para_question", 30.0, 40.0),
+            row("pre-edit", "sub_questions", 30.0, 40.0),
+            row("a", "para_question", 20.0, 50.0),
+            row("a", "sub_questions", 35.0, 10.0),
+            row("pre-edit", "question", 5.0, 5.0),
+            row("a", "question", 90.0, 90.0),
+        ]
+    )
+    t = integrity_table(edit, None)
+    assert t.index.get_level_values("method").tolist() == ["pre-edit", "a"]
+    assert t.loc[("m", "d", "a"), "paraphrase BLEU"] == "20.00\u00a0▼ (30.00)"
+    assert t.loc[("m", "d", "a"), "sub-question ROUGE-L"] == "10.00\u00a0▼ (40.00)"
+    assert t.loc[("m", "d", "pre-edit"), "paraphrase BLEU"] == "30.00"
+    assert t.loc[("m", "d", "a"), "question BLEU"] == "90.00" and "repetition (target)" not in t
+    better = integrity_table(edit.assign(bleu=edit["bleu"].where(edit["method"] != "a", 99.0)), None)
+    assert better.loc[("m", "d", "a"), "paraphrase BLEU"] == "99.00 (30.00)"
 
 
 def test_locality_table_pre_edit_first(report):

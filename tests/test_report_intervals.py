@@ -116,7 +116,7 @@ def _edit(methods: dict) -> pd.DataFrame:
 
 def _cells(text: str) -> dict:
     """{row label: its cells} of the paper-family table."""
-    table = text[text.index("<h3>paper family</h3>") : text.index("id='case-study'")]
+    table = text[text.index("<h3>paper family</h3>") : text.index("id='integrity'")]
     rows = [
         (re.findall(r"<th[^>]*>(.*?)</th>", row), re.findall(r"<td>(.*?)</td>", row, re.S))
         for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)
@@ -166,7 +166,7 @@ def test_sweep_table_shows_intervals(tmp_path):
         ]
     )
     text = build_report(edit, None, tmp_path, config={}, stage_identities={}).read_text()
-    sweep = text[text.index("<h3>Sweep over v_lr</h3>") : text.index("id='case-study'")]
+    sweep = text[text.index("<h3>Sweep over v_lr</h3>") : text.index("id='integrity'")]
     assert "v_lr=0" in sweep and "v_lr=2" in sweep
     assert f"20.00 [15.00,{NBSP}25.00]<" in sweep and f"40.00{NBSP}▲ [35.00,{NBSP}45.00]<" in sweep  # vs pre-edit
 

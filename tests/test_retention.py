@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from muke.eval.retention import answer_retention, edit_retention, held_out_texts, text_shift, unrelated_questions
+from muke.eval.retention import (
+    UNRELATED_PROMPTS,
+    answer_retention,
+    edit_retention,
+    held_out_texts,
+    prefix_exact,
+    text_shift,
+    unrelated_questions,
+)
 from muke.model import load
 from muke.update.weights import WeightUpdate
 
@@ -35,6 +43,28 @@ def test_unrelated_questions_file():
     assert len(records) >= 24
     assert len({r["id"] for r in records}) == len(records)
     assert all(r["question"].strip().endswith("?") for r in records)
+
+
+def test_unrelated_prompts_file_interleaves_four_kinds():
+    records = unrelated_questions(UNRELATED_PROMPTS)
+    kinds = ["question", "instruction", "code", "arithmetic"]
+    assert len(records) >= 100 and len({r["id"] for r in records}) == len(records)
+    assert [r["kind"] for r in records[:4]] == kinds and all(r["question"].strip() for r in records)
+    assert {k: sum(r["kind"] == k for r in records) for k in kinds} == dict.fromkeys(kinds, 30)
+    assert {r["kind"] for r in unrelated_questions()} == {"question"}  # a file without kinds
+
+
+def test_prefix_exact_compares_the_first_tokens(em):
+    tok = em.tokenizer
+    ids = tok(ANSWERS[0], add_special_tokens=False)["input_ids"]
+    changed_late = tok.decode(ids[:4]) + " and something else entirely"
+    assert prefix_exact(tok, ANSWERS[:1], [changed_late], 3) == [True]
+    assert prefix_exact(tok, ANSWERS[:1], [changed_late], len(ids)) == [False]
+    assert prefix_exact(tok, ANSWERS, ANSWERS, 32) == [True] * 3
+    assert prefix_exact(tok, [ANSWERS[0]], [tok.decode(ids[:2])], 32) == [False]  # ended early
+    assert prefix_exact(tok, [], [], 8) == []
+    with pytest.raises(ValueError):
+        prefix_exact(tok, ANSWERS, ANSWERS[:1], 8)
 
 
 def test_held_out_texts_are_the_first_documents():
@@ -151,7 +181,7 @@ def test_reference_and_rows_ask_with_the_runs_system_prompt(em, monkeypatch):
     from muke.eval import retention
 
     settings = dict(
-        questions=None, n_questions=2, max_new_tokens=4, batch_size=2, texts=2, text_file=None,
+        questions=None, n_questions=2, max_new_tokens=4, prefix_tokens=32, batch_size=2, texts=2, text_file=None,
         text_batch_size=2, max_length=32, system_prompt="Answer in one word.", chat_template=True,
     )  # fmt: skip
     prompts = []
@@ -161,3 +191,27 @@ def test_reference_and_rows_ask_with_the_runs_system_prompt(em, monkeypatch):
     ref = retention.reference(em, settings)
     retention.locality_rows(em, ref, "edited", "r0", low_rank_update(em, scale=5.0))
     assert len(prompts) == 2 * 3 and set(prompts) == {("Answer in one word.", True)}
+
+
+def test_rows_per_prompt_kind_and_prefix_match(em):
+    """The default prompts' first four, one of each kind: first-token agreement and prefix match overall
+    and per kind; the unedited model's are 1, an update that changes every answer drops them."""
+    from muke.eval import retention
+
+    settings = dict(
+        questions=None, n_questions=4, max_new_tokens=4, prefix_tokens=32, batch_size=4, texts=1, text_file=None,
+        text_batch_size=1, max_length=16,
+    )  # fmt: skip
+    ref = retention.reference(em, settings)
+    assert ref.kinds == ["question", "instruction", "code", "arithmetic"]
+    rows, samples = retention.locality_rows(em, ref, "pre-edit")
+    found = {(r["task"], r["metric"]): r for r in rows}
+    per_kind = {("retention", f"{m} ({k})") for k in ref.kinds for m in ("first_token_agreement", "prefix_exact_match")}
+    assert per_kind <= set(found) and ("retention", "prefix_exact_match") in found
+    assert all(found[key]["value"] == 1 and found[key]["n_samples"] == 1 for key in per_kind)
+    assert found["retention", "prefix_exact_match"]["n_samples"] == 4
+    assert [s["kind"] for s in samples] == ref.kinds and all(s["prefix_exact"] for s in samples)
+    edited, _ = retention.locality_rows(em, ref, "edited", "r0", low_rank_update(em, scale=50.0))
+    moved = {(r["task"], r["metric"]): r["value"] for r in edited}
+    assert moved["retention", "prefix_exact_match"] < 1 and 0 <= moved["retention", "first_token_agreement"] <= 1
+    assert moved["text_shift", "first_token_kl"] > 0

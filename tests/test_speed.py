@@ -90,23 +90,64 @@ def test_weights_cast_once_give_autocast_numbers_and_are_put_back(tiny, monkeypa
     assert torch.equal(once.z, every_call.z)
 
 
-def test_delta_batch_size_fills_half_the_free_memory(tiny, monkeypatch):
+def test_delta_batch_size_fills_the_memory_budget(tiny):
     from muke.engine import batch_size
 
     seqs = [encode(tiny.tokenizer, q, a, tiny.end_of_turn, 8) for q, a in [(QUESTION, ANSWER), ("Who?", "Masons.")] * 3]
     largest = max(batch_size.step_bytes(tiny, s, 1, 4) for s in seqs)
     assert largest > batch_size.step_bytes(tiny, seqs[1], 1, 4) > 0
     for room, expected in [(3, 3), (0.2, 1), (100, len(seqs))]:
-        monkeypatch.setattr(batch_size, "free_bytes", lambda device, room=room: int(2 * room * largest))
-        assert batch_size.delta_batch_size(tiny, seqs, 1) == expected
+        assert batch_size.delta_batch_size(tiny, seqs, 1, budget_gib=room * largest / batch_size.GIB) == expected
     assert batch_size.step_bytes(tiny, seqs[0], 1, 2) < largest  # bf16 autocast: half the activations
-    # ... and the bf16 copies of the upper layers' and the head's weights come off the free memory first
+    # ... and the bf16 copies of the upper layers' and the head's weights come off the budget first
     copies = batch_size.cast_weight_bytes(tiny, 1)
     upper = [tiny.layer(i) for i in range(2, tiny.n_layers)] + [tiny.lm_head]
     assert copies == 2 * sum(m.weight.numel() for u in upper for m in u.modules() if isinstance(m, torch.nn.Linear)) > 0
     half = batch_size.step_bytes(tiny, seqs[0], 1, 2)
-    monkeypatch.setattr(batch_size, "free_bytes", lambda device: copies + int(2 * 2 * half))
-    assert batch_size.delta_batch_size(tiny, seqs, 1, autocast=True) == 2
+    budget = (copies + 2 * half) / batch_size.GIB
+    assert batch_size.delta_batch_size(tiny, seqs, 1, autocast=True, budget_gib=budget) == 2
+    with pytest.raises(ValueError, match="delta_memory_gib"):
+        batch_size.delta_batch_size(tiny, seqs, 1, budget_gib=0)
+
+
+def _edit_auto(em, requests, stats):
+    from muke.update.edit import edit
+
+    preset = {"layers": [1], "window": 8, "v_num_grad_steps": 4}
+    return edit(em, requests, "muke-memit", preset, stats)
+
+
+def test_auto_batches_ignore_the_free_memory(tiny, tmp_path, monkeypatch):
+    """delta_batch_size auto (`muke edit`'s and the workflow's default): the same requests give the same
+    batches, hence bit for bit the same memories and ΔW, with plenty of memory free and beside a ballast
+    with (as the host and the GPU report it) almost nothing free."""
+    import os
+
+    from muke.data import RESOURCES, EditRequest
+    from muke.engine.memory import MemoryConfig
+    from muke.update.memories import delta_batch
+    from muke.update.stats import StatsConfig, collect_stats, load_stats
+
+    requests = [EditRequest(f"r{i}", q, a) for i, (q, a) in enumerate([(QUESTION, ANSWER), ("Who?", "Masons.")] * 2)]
+    cfg = StatsConfig(layers=(1,), corpus=str(RESOURCES / "demo_corpus.txt"), max_docs=16)
+    stats = load_stats(collect_stats(tiny, cfg, tmp_path / "stats.safetensors", progress=False), tiny, [1])
+    first = _edit_auto(tiny, requests, stats)
+    sizes = [delta_batch(tiny, requests, MemoryConfig(layer=1, window=8), "auto")]
+
+    ballast = torch.ones(1 << 27)  # 512 MiB, touched
+    real_sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else real_sysconf(name))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1 << 20, 1 << 30))
+    second = _edit_auto(tiny, requests, stats)
+    sizes.append(delta_batch(tiny, requests, MemoryConfig(layer=1, window=8), "auto"))
+    del ballast
+
+    assert sizes == [len(requests)] * 2  # the tiny model's four requests fit the default budget together
+    (u1, r1), (u2, r2) = first, second
+    for a, b in zip(r1, r2):
+        assert torch.equal(a.z, b.z) and torch.equal(a.delta, b.delta)
+    for layer in u1.factors:
+        assert torch.equal(u1.dense(layer), u2.dense(layer))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

@@ -389,17 +389,23 @@ def test_tiny_run_produces_the_tables(tiny_run):
     assert set(metrics["family"]) == {"paper", "standard"}
     assert len(metrics) == 3 * 3 * 2 and (metrics["n"] == 2).all()
     assert metrics[["bleu", "rouge_l", "bertscore"]].notna().all().all()
+    fluency = ["ngram_entropy", "repetition", "target_ngram_entropy", "target_repetition"]  # muke.eval.fluency
+    assert metrics[fluency].notna().all().all() and metrics[["repetition", "target_repetition"]].le(1).all().all()
     locality = pd.read_parquet(results / "tables" / "locality.parquet")
     assert set(locality["model_state"]) == {"pre-edit", "edited"}
-    assert set(locality["task"]) == {"muke_mmlu_demo", "muke_ifeval_demo"}
+    assert set(locality["task"]) == {"muke_mmlu_demo", "muke_ifeval_demo", "retention", "text_shift"}
     assert set(locality.loc[locality.model_state == "edited", "method"]) == {"muke-memit", "anyedit-memit"}
-    assert (locality["n_models"] == 1).all() and (locality["n_samples"] == 3).all()  # locality.edits 1, limit 3
+    lm_eval = locality[locality["task"].str.startswith("muke_")]
+    assert (locality["n_models"] == 1).all() and (lm_eval["n_samples"] == 3).all()  # locality.edits 1, limit 3
+    # retention on the first 4 unrelated prompts, one of each kind (config/tiny.yaml)
+    retention = set(locality.loc[locality["task"] == "retention", "metric"])
+    assert {"first_token_agreement", "prefix_exact_match", "first_token_agreement (code)"} <= retention
     (manifest,) = (results / "memories" / "tiny" / "demo").glob("matryoshka-*/manifest.json")
     assert '"v_lr": 0.5' in manifest.read_text()
     generations = pd.concat(map(pd.read_parquet, (results / "generate").rglob("shard*.parquet")))
     assert {"id", "kind", "prompt", "output", "target", "tokens", "seconds"} <= set(generations.columns)
     samples = pd.concat(map(pd.read_parquet, (results / "score").rglob("samples.parquet")))
-    assert (samples["target_tokens"] > 0).all()
+    assert (samples["target_tokens"] > 0).all() and samples[fluency].notna().all().all()
     assert not list(results.rglob(".*.tmp")) and not list(results.rglob("*.parts"))
 
 
@@ -412,6 +418,9 @@ def test_tiny_run_writes_the_full_report(tiny_run):
     html = (report / "index.html").read_text()
     assert "paper family" in html and "standard family" in html and "muke-memit" in html
     assert "Locality (Table 2)" in html and "muke_ifeval_demo" in html
+    integrity = html[html.index("id='integrity'") : html.index("id='case-study'")]
+    assert ">paraphrase BLEU<" in integrity and ">repetition (target)<" in integrity
+    assert ">first-token agreement<" in integrity and ">prefix exact match<" in integrity
     assert "<img alt='BLEU vs target length (paper Fig. 5)'" in html and "<img alt='δ-loss traces'" in html
     assert "Failed requests: <b>0</b>" in html
     repro = html[html.index("id='repro'") :]
@@ -531,7 +540,7 @@ def test_a_second_experiment_reuses_the_stored_statistics(tmp_path, repo):
         return out
 
     first = experiment("results/a")
-    (stored,) = store.iterdir()
+    (stored,) = store.glob("*.safetensors")  # beside it: its .sha256 and its .lock
     second = experiment("results/b")
     assert first.read_bytes() == second.read_bytes()
     assert first.stat().st_ino == second.stat().st_ino == stored.stat().st_ino  # one file, linked twice

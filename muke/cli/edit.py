@@ -5,60 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from muke.cli.common import load_model, model_options
 from muke.cli.hparams import hparam_flags, preset_hparams
-from muke.cli.rows import answers, describe, questions, safe_name, write_results
-from muke.cli.sequential import edit_sequential
+from muke.cli.rows import describe, write_results
 from muke.data import DEMO_CORPUS
-
-
-@dataclass
-class EditRun:
-    """What both modes of `muke edit` share: the options, the model, the requests, the resolved preset,
-    the statistics, and the chat settings (system_prompt, chat_template) of every prompt, answered or scored."""
-
-    args: argparse.Namespace
-    em: Any
-    requests: list
-    preset_path: str | None
-    preset: dict
-    stats: Any
-    chat: dict
-
-    @property
-    def out(self) -> Path | None:
-        return Path(self.args.out) if self.args.out else None
-
-    def generate(self, requests) -> list:
-        """Greedy answers to each request's question (and paraphrase)."""
-        from muke.eval.generate import greedy
-
-        prompts = [q for r in requests for q in questions(r)]
-        return greedy(self.em, prompts, max_new_tokens=self.args.max_new_tokens, **self.chat)
-
-    def sequence(self, r):
-        """Request r's question and answer as the model sees them, for its target NLL."""
-        from muke.engine.windows import encode
-
-        return encode(self.em.tokenizer, r.question, r.answer, self.em.end_of_turn, None, **self.chat)
-
-    def row(self, r) -> dict:
-        return {
-            "id": r.id,
-            "method": self.args.method,
-            "preset": self.preset_path,
-            "question": r.question,
-            "target": r.answer,
-        }
-
-    def emit(self, row: dict) -> dict:
-        print(json.dumps(row, ensure_ascii=False) if self.args.json else describe(row), flush=True)
-        return row
 
 
 def _requests(args):
@@ -75,79 +27,61 @@ def _requests(args):
 
 
 def _stats_for(em, backend: str, options: dict, args):
-    """Statistics for the MEMIT-family layers: --stats FILE, else collected once on the demo corpus."""
-    from muke.update.backends import BACKENDS
-    from muke.update.stats import StatsConfig, cached_stats, load_stats
+    """Statistics for the MEMIT-family layers: --stats FILE, else collected once on the demo corpus; with
+    template_weight > 0 the template's second moment attached (muke.update.template_keys, cached)."""
+    from muke.editor import statistics
 
-    if not BACKENDS[backend].stats:
-        return None
-    if args.stats:
-        return load_stats(args.stats, em, options["layers"])
-    print(f"muke: statistics for layers {options['layers']} from {DEMO_CORPUS.name} (cached)", file=sys.stderr)
-    return cached_stats(
-        em, StatsConfig(layers=tuple(options["layers"]), corpus=str(DEMO_CORPUS)), progress=not args.quiet
-    )
-
-
-def _check_requests(em, requests, memory: dict, path) -> None:
-    """Every request must fit the model (templating, context length): one error listing all that do not."""
-    from muke.data import model_problems
-
-    context = em.context_length or float("inf")
-    problems = model_problems(
-        requests, em.tokenizer, context, path, memory.get("system_prompt"), memory.get("chat_template", True)
-    )
-    if problems:
-        raise ValueError("; ".join(map(str, problems)))
+    return statistics(em, backend, options, args.stats, DEMO_CORPUS, progress=not args.quiet)
 
 
 def cmd_edit(args) -> None:
-    from muke.update.methods import resolve_method
+    """The requests edited through muke.Editor: each batch alone, or one after another (--sequential)."""
+    from muke.editor import Editor
 
     em = load_model(args)
     requests = _requests(args)
     preset_path, preset = preset_hparams(args)
-    memory, backend, options = resolve_method(args.method, preset)
-    for layer in [memory["layer"], *options["layers"]]:
-        em.check_layer(layer)
-    _check_requests(em, requests, memory, args.requests or "--question")
-    stats = _stats_for(em, backend, options, args)
-    chat = {"system_prompt": memory.get("system_prompt"), "chat_template": memory.get("chat_template", True)}
-    run = EditRun(args, em, requests, preset_path, preset, stats, chat)
-    rows = edit_sequential(run) if args.sequential else _edit_single(run, memory)
-    if run.out:
-        write_results(run.out, rows)
+    editor = Editor(em, args.method, preset, max_new_tokens=args.max_new_tokens, delta_batch_size=args.delta_batch_size)
+    editor.preset_name = preset_path
+    editor.check(requests, args.requests or "--question")
+    editor.stats = _stats_for(em, editor.backend, editor.options, args)
+    out = Path(args.out) if args.out else None
+    rows = (
+        _edit_sequential(editor, requests, args, out) if args.sequential else _edit_single(editor, requests, args, out)
+    )
+    if out:
+        write_results(out, rows)
 
 
-def _edit_single(run: EditRun, memory: dict) -> list[dict]:
+def _emit(row: dict, args) -> dict:
+    print(json.dumps(row, ensure_ascii=False) if args.json else describe(row), flush=True)
+    return row
+
+
+def _edit_single(editor, requests: list, args, out: Path | None) -> list[dict]:
     """Each --batch-size batch edited alone into the unedited model: answers and target NLL before and after."""
-    from muke.engine.memory import MemoryConfig
-    from muke.update.edit import edit, optimise_memories, target_nll
-    from muke.update.weights import apply
+    from muke.result import safe_name
 
-    args, em, requests, size = run.args, run.em, run.requests, run.args.batch_size
-    pre = iter(run.generate(requests))
-    memories = optimise_memories(em, requests, MemoryConfig(**memory), args.delta_batch_size)
     rows = []
-    for start in range(0, len(requests), size):
-        batch = requests[start : start + size]
-        begin = time.perf_counter()
-        update, found = edit(em, batch, args.method, run.preset, run.stats, memories[start : start + size])
-        seconds = (time.perf_counter() - begin) / len(batch) + sum(r.seconds for r in found) / len(batch)
-        if run.out:
-            update.save(run.out / "updates" / f"{safe_name(batch[0].id)}.safetensors")
-        seqs = [run.sequence(r) for r in batch]
-        nll_pre = [target_nll(em, s) for s in seqs]
-        with apply(em, update):
-            post = iter(run.generate(batch))
-            nll_post = [target_nll(em, s) for s in seqs]
-        for r, before, after in zip(batch, nll_pre, nll_post):
-            row = run.row(r)
-            row.update(answers(r, next(pre), next(post)), nll_pre=before, nll_post=after, seconds=seconds)
-            if r.para_question:
-                row.update(answers(r, next(pre), next(post), "para_"), para_question=r.para_question)
-            rows.append(run.emit(row))
+    for result in editor.edit_each(requests, args.batch_size):
+        if out:
+            result.update.save(out / "updates" / f"{safe_name(result.requests[0].id)}.safetensors")
+        rows += [_emit(row, args) for row in result.rows]
     return rows
+
+
+def _edit_sequential(editor, requests: list, args, out: Path | None) -> list[dict]:
+    """The batches edited one after another (Editor.edit_sequence): every request's answers and target NLL
+    right after its own batch (`own_*`, `nll_own`) and after the last (`generated`, `bleu`, `nll_post`, ...)."""
+    from muke.result import safe_name
+
+    def on_batch(t: int, update, seconds: float) -> None:
+        if out:
+            update.save(out / "updates" / f"{t:04d}-{safe_name(update.request_ids[0])}.safetensors")
+        print(f"muke: batch {t + 1} ({update.request_ids}) edited in {seconds:.1f} s per request", file=sys.stderr)
+
+    result = editor.edit_sequence(requests, args.batch_size, on_batch=on_batch)
+    return [_emit(row, args) for row in result.rows]
 
 
 def _batch_size(value: str) -> int | str:

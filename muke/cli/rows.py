@@ -1,33 +1,9 @@
-"""The result rows of `muke edit`: answers and their scores, the text and JSON forms, results.jsonl."""
+"""The result rows of `muke edit` (made by muke.result): their text form, results.jsonl."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
-
-
-def score(generated: str, target: str) -> dict:
-    from muke.eval.metrics import char_bleu, rouge_l_recall
-
-    return {"bleu": char_bleu(generated, target), "rouge_l": rouge_l_recall(generated, target)}
-
-
-def questions(r) -> list[str]:
-    return [r.question] + ([r.para_question] if r.para_question else [])
-
-
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:100]
-
-
-def answers(r, before, after, prefix: str = "") -> dict:
-    """The exact prompt the model saw, the pre- and post-edit answers to one question of request r, and
-    their scores against its answer."""
-    row = {f"{prefix}prompt": after.prompt, f"{prefix}generated": after.text, f"{prefix}generated_pre": before.text}
-    row.update({f"{prefix}{k}": v for k, v in score(after.text, r.answer).items()})
-    row.update({f"{prefix}{k}_pre": v for k, v in score(before.text, r.answer).items()})
-    return row
 
 
 def describe(row: dict) -> str:

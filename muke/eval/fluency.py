@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 
 WORD = re.compile(r"\w+")
 ENTROPY_ORDERS = ((2, 2 / 3), (3, 4 / 3))  # (n, weight), as ROME's compute_n_gram_entropy
@@ -53,3 +54,19 @@ def repetition_rate(text: str, n: int = REPEAT_ORDER) -> float:
 def fluency(text: str) -> dict[str, float]:
     """Both measures of one text, as score columns."""
     return {"ngram_entropy": ngram_entropy(text), "repetition": repetition_rate(text)}
+
+
+FLUENCY_COLUMNS = ("ngram_entropy", "repetition", "target_ngram_entropy", "target_repetition")
+
+
+def fluency_columns(answers: Sequence[str], targets: Sequence[str]) -> dict[str, list[float]]:
+    """`fluency` of each answer and, beside it, of its target (`target_` columns): the score stage's
+    per-answer columns FLUENCY_COLUMNS, one value per pair."""
+    if len(answers) != len(targets):
+        raise ValueError(f"{len(answers)} answers for {len(targets)} targets")
+    own = [fluency(a) for a in answers]
+    known = {t: fluency(t) for t in dict.fromkeys(targets)}
+    return {
+        **{key: [f[key] for f in own] for key in ("ngram_entropy", "repetition")},
+        **{f"target_{key}": [known[t][key] for t in targets] for key in ("ngram_entropy", "repetition")},
+    }

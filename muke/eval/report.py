@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from muke.eval import case_study, sequential
+from muke.eval import case_study, integrity, sequential
 from muke.eval.case_study import PRE_EDIT
 from muke.eval.environment import read_benchmarks, reproducibility
 from muke.eval.intervals import DESCRIPTION, separated
@@ -46,6 +46,7 @@ figure{margin:1em 0 2em}figure img{max-width:100%;border:1px solid #ddd}figcapti
 
 SECTIONS = [
     ("edit", "Edit metrics"),
+    (integrity.ANCHOR, "Integrity"),
     ("case-study", "Case study"),
     ("locality", "Locality"),
     (sequential.ANCHOR, "Sequential editing"),
@@ -53,6 +54,7 @@ SECTIONS = [
     ("failures", "Failures"),
     ("repro", "Reproducibility"),
 ]  # (anchor, title) of the page's navigation
+REPETITION = {"repetition": "repetition (target)"}  # the edit table's fluency column (muke.eval.fluency)
 UNSCALED_TASK = "text_shift"  # muke.eval.retention: KL (nats/token) and perplexity, not fractions
 
 
@@ -129,7 +131,8 @@ def with_cells(df: pd.DataFrame) -> pd.DataFrame:
         **{
             f"{m}_cell": [_cell(*v) for v in zip(d[m], *(d[b] for b in _bounds(m)), *(ref[b] for b in _bounds(m)))]
             for m in metrics
-        }
+        },
+        **({} if (rep := integrity.repetition_cells(df)) is None else {"repetition_cell": rep}),
     )
 
 
@@ -139,7 +142,7 @@ def _has_intervals(df: pd.DataFrame) -> bool:
 
 def _long_cells(d: pd.DataFrame, id_vars: list[str]) -> pd.DataFrame:
     """The `with_cells` cells of `d` in long format: id_vars, metric, value."""
-    cells = {f"{m}_cell": m for m in METRICS if f"{m}_cell" in d}
+    cells = {f"{m}_cell": m for m in [*METRICS, *REPETITION] if f"{m}_cell" in d}
     long = d.melt(id_vars=id_vars, value_vars=list(cells), var_name="metric")
     return long.assign(metric=long["metric"].map(cells))
 
@@ -163,8 +166,8 @@ def _row_labels(df: pd.DataFrame, keys: list[str]) -> list[str]:
 
 
 def edit_table(df: pd.DataFrame, family: str) -> pd.DataFrame:
-    """Table 1: rows = model × dataset × method, columns = kind (Ori/Para/Sub) × metric; `df` holds the
-    cells (`with_cells`)."""
+    """Table 1: rows = model × dataset × method, columns = kind (Ori/Para/Sub) × metric, then the answers'
+    repetition beside their targets' where the samples had it; `df` holds the cells (`with_cells`)."""
     d = df[df["family"] == family]
     labels = _row_labels(d, ["kind"])
     d = _pre_edit_first(d, "method") if "method" in d else d
@@ -176,10 +179,10 @@ def edit_table(df: pd.DataFrame, family: str) -> pd.DataFrame:
     order = [
         (k, m)
         for k in list(KINDS.values()) + sorted(set(long["kind"]) - set(KINDS.values()))
-        for m in METRICS
+        for m in [*METRICS, *REPETITION]
         if (k, m) in wide.columns and wide[(k, m)].notna().any()
     ]
-    return wide[order].rename(columns=METRICS, level=1).fillna("—")
+    return wide[order].rename(columns={**METRICS, **REPETITION}, level=1).fillna("—")
 
 
 def locality_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -245,6 +248,8 @@ def _edit_caption(edit: pd.DataFrame) -> str:
         "×100 against the target answer; Ori = original question, Para = paraphrased question, Sub = "
         "sub-questions (mean per request, then over requests)."
     )
+    if integrity.repetition_cells(edit) is not None:
+        text += " " + integrity.REPETITION_CAPTION
     if _has_intervals(edit):
         text += (
             f" Cells: mean [low, high], the {DESCRIPTION}. An ordering between two methods is claimed "
@@ -301,8 +306,9 @@ def _locality_section(loc: pd.DataFrame) -> tuple[list[str], dict]:
     parts = [
         "<h2 id='locality'>Locality (Table 2)</h2>",
         "<p class='caption'>lm-eval scores ×100, value ± standard error; the pre-edit model is the "
-        "reference row. <code>retention</code>: the unrelated questions' answers after the edit scored "
-        "against the unedited model's (×100, 100 = unchanged); <code>text_shift</code>: KL(pre ‖ post) "
+        "reference row. <code>retention</code>: the unrelated chat prompts' answers after the edit scored "
+        "against the unedited model's (×100, 100 = unchanged; <code>prefix_exact_match</code>: their first "
+        "tokens equal; “(code)” etc.: one prompt kind); <code>text_shift</code>: KL(pre ‖ post) "
         "of the next-token distributions on held-out text (nats per token) and the perplexity; "
         "<code>first_token_*</code> / <code>token_agreement</code> / <code>answer_kl</code>: the same, "
         "teacher-forced on the unedited answers, at the prompt's last token and inside the answers.</p>",
@@ -347,6 +353,7 @@ def build_report(
     edit, loc = _read(edit_metrics), _read(locality)
     traces, failures, per_sample, case_rows = map(_read, (traces, failures, per_sample, case_rows))
     edit_parts, tables = _edit_section(edit)
+    integrity_parts, integrity_tables = integrity.section(edit, loc)
     loc_parts, loc_tables = _locality_section(loc)
     seq_parts, seq_tables = sequential.section(per_sample, loc)
     fail_parts, fail_tables = _failures(failures)
@@ -354,11 +361,12 @@ def build_report(
     repro_parts, repro_tables = reproducibility(
         config, stage_identities, inputs, bench, jobs, run_settings, memory_estimates
     )
-    tables.update(loc_tables, **seq_tables, **repro_tables, **fail_tables)
+    tables.update(integrity_tables, **loc_tables, **seq_tables, **repro_tables, **fail_tables)
     body = [
         f"<h1>{esc(title)}</h1>",
         _nav(sequential_runs=bool(seq_parts), traced_layers=bool(layer_traces)),
         *edit_parts,
+        *integrity_parts,
         *_case_section(case_rows),
         *loc_parts,
         *seq_parts,

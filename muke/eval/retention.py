@@ -4,8 +4,10 @@ about things it was not asked to change.
 SmolLM2-class models answer MMLU at chance, so an unchanged MMLU score proves little. Three measures
 that do not need a capable model:
 
-- answer retention: greedy answers to unrelated questions (resources/unrelated_questions.jsonl) after
-  the edit, scored against the model's own answers before it (`answer_retention`, `edit_retention`);
+- answer retention: greedy answers to unrelated prompts of several kinds (questions, instructions, code,
+  arithmetic: resources/unrelated_prompts.jsonl) after the edit, scored against the model's own answers
+  before it (`answer_retention`, `edit_retention`), and whether their first tokens are the same
+  (`prefix_exact`);
 - text shift: the per-token KL(pre ‖ post) of next-token distributions and the perplexity before and
   after, on held-out texts (`text_shift`, texts from `held_out_texts`);
 - answer shift: the same KL and the top-1 agreement teacher-forced on the unedited answers, at the
@@ -35,15 +37,18 @@ from muke.update.corpus import load_corpus
 from muke.update.weights import WeightUpdate, apply
 
 UNRELATED_QUESTIONS = RESOURCES / "unrelated_questions.jsonl"
+UNRELATED_PROMPTS = RESOURCES / "unrelated_prompts.jsonl"  # the locality stage's default
 Updates = WeightUpdate | Sequence[WeightUpdate]
 # answer_retention's per-pair key -> the metric name of a locality row (task "retention")
 ANSWER_METRICS = {"char_bleu": "answer_char_bleu", "word_bleu": "answer_word_bleu", "exact": "answer_exact_match"}
 
 
 def unrelated_questions(path: str | Path = UNRELATED_QUESTIONS) -> list[dict]:
-    """Records {"id", "question"} of a JSONL file; by default the project's own general-knowledge
-    questions, written to share no topic with any demo edit or preservation sample."""
-    return jsonl_records(Path(path), ("id", "question"))
+    """Records {"id", "question", "kind"} of a JSONL file (kind "question" where a record has none); by
+    default the project's own general-knowledge questions, written to share no topic with any demo edit
+    or preservation sample. UNRELATED_PROMPTS: 120 chat prompts, 30 of each kind (question, instruction,
+    code, arithmetic), interleaved, so that a file's first N hold every kind."""
+    return [{"kind": "question", **r} for r in jsonl_records(Path(path), ("id", "question"))]
 
 
 def held_out_texts(n: int = 32, path: str | Path = DEMO_CORPUS) -> list[str]:
@@ -81,6 +86,17 @@ def answer_retention(pre: Sequence[str], post: Sequence[str]) -> dict:
         "n": len(rows),
         "rows": rows,
     }
+
+
+def prefix_exact(tokenizer, pre: Sequence[str], post: Sequence[str], n_tokens: int) -> list[bool]:
+    """Per pair of answers, whether their first `n_tokens` tokens (each answer tokenised on its own) are
+    equal; an answer shorter than that matches only an answer that ends where it does."""
+    if len(pre) != len(post):
+        raise ValueError(f"{len(pre)} pre-edit answers for {len(post)} post-edit answers")
+    if not pre:
+        return []
+    ids = tokenizer([*pre, *post], add_special_tokens=False)["input_ids"]
+    return [a[:n_tokens] == b[:n_tokens] for a, b in zip(ids[: len(pre)], ids[len(pre) :])]
 
 
 def edit_retention(em: EditableModel, update: Updates, questions: Sequence[str] | None = None, **greedy_kwargs) -> dict:
@@ -179,7 +195,8 @@ def answer_shift(
     prompt), and at every answer position that predicts the next answer token:
       first_kl / answer_kl  = mean KL(p_pre ‖ p_post) over those positions, nats,
       first_agreement / answer_agreement = % of them where argmax p_post = argmax p_pre.
-    n: questions; n_tokens: answer positions. update None: post = pre (kl 0, agreement 100).
+    n: questions; n_tokens: answer positions; first_kls / first_agreements: per question, its first-token
+    KL and agreement (True / False). update None: post = pre (kl 0, agreement 100).
     """
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
@@ -189,27 +206,29 @@ def answer_shift(
         for q in questions
     ]
     targets = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
-    sums = {"first_kl": 0.0, "first_agreement": 0.0, "answer_kl": 0.0, "answer_agreement": 0.0}
-    n_tokens = 0
+    sums = {"answer_kl": 0.0, "answer_agreement": 0.0}
+    first_kls, first_agreements, n_tokens = [], [], 0
     sequences = [a + b for a, b in zip(prompts, targets)]
     for start, _, _, pre, post in _pre_post(em, sequences, update, batch_size):
         kl = _kl(pre, post).double()  # (B, T-1)
         agree = (pre.argmax(-1) == post.argmax(-1)).double()
         for i, (a, b) in enumerate(zip(prompts[start : start + batch_size], targets[start : start + batch_size])):
             first, answer = len(a) - 1, slice(len(a), len(a) + len(b) - 1)
-            sums["first_kl"] += kl[i, first].item()
-            sums["first_agreement"] += agree[i, first].item()
+            first_kls.append(kl[i, first].item())
+            first_agreements.append(bool(agree[i, first].item()))
             sums["answer_kl"] += kl[i, answer].sum().item()
             sums["answer_agreement"] += agree[i, answer].sum().item()
             n_tokens += max(len(b) - 1, 0)
     n = len(prompts)
     return {
-        "first_kl": sums["first_kl"] / n if n else math.nan,
-        "first_agreement": 100 * sums["first_agreement"] / n if n else math.nan,
+        "first_kl": sum(first_kls) / n if n else math.nan,
+        "first_agreement": 100 * sum(first_agreements) / n if n else math.nan,
         "answer_kl": sums["answer_kl"] / n_tokens if n_tokens else math.nan,
         "answer_agreement": 100 * sums["answer_agreement"] / n_tokens if n_tokens else math.nan,
         "n": n,
         "n_tokens": n_tokens,
+        "first_kls": first_kls,
+        "first_agreements": first_agreements,
     }
 
 
@@ -225,6 +244,7 @@ class Reference:
     questions: list[str]
     answers: list[str]  # the unedited model's greedy answers
     texts: list[str]  # held-out texts of the text shift
+    kinds: list[str]  # each prompt's kind (question, instruction, code, arithmetic)
 
 
 def _chat(settings: dict) -> dict:
@@ -238,24 +258,64 @@ def _answers(em: EditableModel, questions: list[str], settings: dict) -> list[st
 
 
 def reference(em: EditableModel, settings: dict) -> Reference:
-    """Questions, texts and the unedited model's answers (em must be unedited) for `settings` =
-    {questions, n_questions, max_new_tokens, batch_size, texts, text_file, ...}; a null file is muke's own."""
-    records = unrelated_questions(settings["questions"] or UNRELATED_QUESTIONS)[: settings["n_questions"]]
+    """Prompts, texts and the unedited model's answers (em must be unedited) for `settings` =
+    {questions, n_questions, max_new_tokens, prefix_tokens, batch_size, texts, text_file, ...}; a null
+    file is muke's own (UNRELATED_PROMPTS, the demo corpus)."""
+    records = unrelated_questions(settings["questions"] or UNRELATED_PROMPTS)[: settings["n_questions"]]
     questions = [r["question"] for r in records]
     texts = held_out_texts(settings["texts"], settings["text_file"] or DEMO_CORPUS)
-    return Reference(settings, [r["id"] for r in records], questions, _answers(em, questions, settings), texts)
+    answers = _answers(em, questions, settings)
+    return Reference(settings, [r["id"] for r in records], questions, answers, texts, [r["kind"] for r in records])
 
 
-def _score_row(metric: str, values: list[float], scale: float) -> dict:
+def _score_row(metric: str, values: list[float], scale: float, task: str = "retention") -> dict:
     """Mean of per-question scores (×scale) ± their standard error."""
     n = len(values)
     return dict(
-        task="retention",
+        task=task,
         metric=metric,
         value=statistics.fmean(values) * scale if n else math.nan,
         stderr=statistics.stdev(values) / math.sqrt(n) * scale if n > 1 else None,
         n_samples=n,
     )
+
+
+def _per_question_rows(result: dict, drift: dict, prefix: list[bool]) -> list[dict]:
+    """The rows averaged over questions: answer retention, first-token agreement and KL, prefix match."""
+    rows = [
+        _score_row(metric, [float(r[key]) for r in result["rows"]], 1 / 100 if key != "exact" else 1)
+        for key, metric in ANSWER_METRICS.items()
+    ]
+    return rows + [
+        _score_row("first_token_agreement", [float(a) for a in drift["first_agreements"]], 1),
+        _score_row("prefix_exact_match", [float(m) for m in prefix], 1),
+        _score_row("first_token_kl", drift["first_kls"], 1, task="text_shift"),
+    ]
+
+
+def _per_token_rows(shift: dict, drift: dict) -> list[dict]:
+    """The rows averaged over tokens: text shift (kl, ppl) and teacher-forced answer drift."""
+    return [
+        dict(task=task, metric=metric, value=value, stderr=None, n_samples=n)
+        for task, metric, value, n in (
+            ("text_shift", "kl", shift["kl"], shift["n_tokens"]),
+            ("text_shift", "ppl", shift["ppl_post"], shift["n_tokens"]),
+            ("retention", "token_agreement", drift["answer_agreement"] / 100, drift["n_tokens"]),
+            ("text_shift", "answer_kl", drift["answer_kl"], drift["n_tokens"]),
+        )
+    ]
+
+
+def _kind_rows(kinds: list[str], drift: dict, prefix: list[bool]) -> list[dict]:
+    """First-token agreement and prefix match per prompt kind, as metrics "first_token_agreement (code)"
+    etc.; none where every prompt is of one kind."""
+    if len(set(kinds)) < 2:
+        return []
+    return [
+        _score_row(f"{metric} ({kind})", [float(v) for v, k in zip(values, kinds) if k == kind], 1)
+        for kind in dict.fromkeys(kinds)
+        for metric, values in (("first_token_agreement", drift["first_agreements"]), ("prefix_exact_match", prefix))
+    ]
 
 
 def locality_rows(
@@ -266,11 +326,13 @@ def locality_rows(
 
     rows {model_state, request_id, task, metric, value, stderr, n_samples}: task "retention", metrics
     answer_char_bleu / answer_word_bleu / answer_exact_match as fractions 0–1 like lm-eval's acc (the
-    report shows ×100), stderr over questions, n_samples questions; task "text_shift", metrics kl (nats
-    per token) and ppl (the state's perplexity), n_samples tokens; `answer_shift` on the unedited answers: task
-    "retention" first_token_agreement / token_agreement (fractions), task "text_shift" first_token_kl /
-    answer_kl (nats). samples: one per question {model_state,
-    request_id, id, question, pre, post, char_bleu, word_bleu, exact}.
+    report shows ×100), stderr over questions, n_samples questions; prefix_exact_match, the share of
+    answers whose first min(prefix_tokens, max_new_tokens) tokens are the unedited answer's
+    (`prefix_exact`); task "text_shift", metrics kl (nats per token) and ppl (the state's perplexity),
+    n_samples tokens; `answer_shift` on the unedited answers: task "retention" first_token_agreement /
+    token_agreement (fractions), task "text_shift" first_token_kl / answer_kl (nats); with prompts of
+    several kinds, first_token_agreement and prefix_exact_match per kind (`_kind_rows`). samples: one per
+    question {model_state, request_id, id, kind, question, pre, post, char_bleu, word_bleu, exact, prefix_exact}.
     """
     s = ref.settings
     if update is None:
@@ -279,35 +341,21 @@ def locality_rows(
         with apply(em, update):
             post = _answers(em, ref.questions, s)
     result = answer_retention(ref.answers, post)
+    prefix = prefix_exact(em.tokenizer, ref.answers, post, min(s["prefix_tokens"], s["max_new_tokens"]))
     shift = text_shift(em, ref.texts, update, batch_size=s["text_batch_size"], max_length=s["max_length"])
+    drift = answer_shift(em, ref.questions, ref.answers, update, batch_size=s["batch_size"], **_chat(s))
     state = dict(model_state=model_state, request_id=request_id)
-    rows = [
-        {**state, **_score_row(metric, [float(r[key]) for r in result["rows"]], 1 / 100 if key != "exact" else 1)}
-        for key, metric in ANSWER_METRICS.items()
-    ]
-    rows += [
+    found = _per_question_rows(result, drift, prefix) + _per_token_rows(shift, drift)
+    rows = [{**state, **row} for row in found + _kind_rows(ref.kinds, drift, prefix)]
+    samples = [
         {
             **state,
-            "task": "text_shift",
-            "metric": metric,
-            "value": shift[key],
-            "stderr": None,
-            "n_samples": shift["n_tokens"],
+            "id": i,
+            "kind": k,
+            "question": q,
+            **{c: r[c] for c in ("pre", "post", *ANSWER_METRICS)},
+            "prefix_exact": m,
         }
-        for metric, key in (("kl", "kl"), ("ppl", "ppl_post"))
-    ]
-    drift = answer_shift(em, ref.questions, ref.answers, update, batch_size=s["batch_size"], **_chat(s))
-    rows += [
-        {**state, "task": task, "metric": metric, "value": drift[key] * scale, "stderr": None, "n_samples": drift[n]}
-        for task, metric, key, scale, n in (
-            ("retention", "first_token_agreement", "first_agreement", 1 / 100, "n"),
-            ("retention", "token_agreement", "answer_agreement", 1 / 100, "n_tokens"),
-            ("text_shift", "first_token_kl", "first_kl", 1, "n"),
-            ("text_shift", "answer_kl", "answer_kl", 1, "n_tokens"),
-        )
-    ]
-    samples = [
-        {**state, "id": i, "question": q, **{k: r[k] for k in ("pre", "post", *ANSWER_METRICS)}}
-        for i, q, r in zip(ref.ids, ref.questions, result["rows"])
+        for i, k, q, r, m in zip(ref.ids, ref.kinds, ref.questions, result["rows"], prefix)
     ]
     return rows, samples

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from muke.eval.fluency import FLUENCY_COLUMNS  # the answers' fluency beside their targets'
+
 LABELS = ["model", "dataset", "method", "setting", "sweep_param", "sweep_value"]
 METRICS = ["bleu", "rouge_l", "bertscore"]
 # each metric's 95 % bootstrap interval over requests (muke.eval.intervals, the score stage's summary)
 INTERVAL_COLUMNS = [f"{m}_ci_{side}" for m in METRICS for side in ("low", "high")]
-EDIT_COLUMNS = ["kind", "family", *METRICS, *INTERVAL_COLUMNS, "n", "n_samples", "edit_failed", "run"]
+EDIT_COLUMNS = ["kind", "family", *METRICS, *INTERVAL_COLUMNS, *FLUENCY_COLUMNS, "n", "n_samples", "edit_failed", "run"]
 LOCALITY_COLUMNS = ["model_state", "request_id", "task", "metric", "value", "stderr", "n_samples", "n_models", "run"]
-SAMPLE_COLUMNS = ["id", "kind", "index", "family", *METRICS, "target_tokens", "tokens", "edit_failed"]
+SAMPLE_COLUMNS = ["id", "kind", "index", "family", *METRICS, *FLUENCY_COLUMNS, "target_tokens", "tokens", "edit_failed"]
 CASE_COLUMNS = ["id", "kind", "index", "output", "target"]
 FAILURE_COLUMNS = ["id", "stage", "reason", *LABELS, "run", "record"]
 
@@ -64,8 +66,8 @@ def read_labelled(runs: list[dict], files, columns: list[str] | None = None):
 
 
 def edit_metrics(runs: list[dict]):
-    """One row per run × question kind × metric family (the score summaries); interval columns a
-    summary lacks (one written before they existed) are empty."""
+    """One row per run × question kind × metric family (the score summaries); interval and fluency
+    columns a summary lacks (one written before they existed) are empty."""
     import pandas as pd
 
     edit = read_labelled(runs, run_file("summary"))

@@ -1,5 +1,7 @@
 """AlphaEdit (ALGORITHM §5): ΔWᵀ = (P (Ks Ksᵀ + Kp Kpᵀ) + l2·I)⁻¹ P Ks Rᵀ, with P the projector on the
-null space of the preserved keys' second moment C (eigenvalues < threshold), cached per layer.
+null space of the preserved keys' second moment C (eigenvalues < threshold), cached per layer; with
+template_weight w_t > 0, of C + w_t·C_t, C_t the chat template's keys (muke.update.template_keys), so that
+the template's keys join the preserved subspace.
 
 In a sequence of edits (AlphaEdit §3.3, muke.update.sequential) the keys of the earlier batches are
 preserved too: P is narrowed to the part of C's null space orthogonal to them (`without_keys`), so a later
@@ -18,6 +20,7 @@ from muke.model import EditableModel
 from muke.update.keys import Target
 from muke.update.memit import SOLVE_DTYPES, cached_on, low_rank_update, second_moment
 from muke.update.stats import Stats
+from muke.update.template_keys import TEMPLATE_PROMPTS, attached_template
 
 
 def null_space_projector(C: torch.Tensor, threshold: float = 2e-2, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -53,27 +56,48 @@ def without_keys(P: torch.Tensor, K: torch.Tensor, rtol: float = 1e-6) -> torch.
     return (P.double() - B @ B.T).float()
 
 
-def projector(
-    stats: Stats, layer: int, device, threshold: float, dtype: torch.dtype, cache_dir: str | Path | None = None
+def preserved_moment(
+    stats: Stats, layer: int, device, template: Stats | None = None, template_weight: float = 0.0
 ) -> torch.Tensor:
-    """AlphaEdit's P for `layer` on `device`: computed there once, then kept on the host (and, with cache_dir,
-    in a file keyed by the stats file hash) and streamed to the device for each use."""
+    """The second moment whose null space AlphaEdit keeps: C, or C + w_t·C_t with the template's keys
+    (template_weight w_t > 0, muke.update.template_keys): (d_ff, d_ff) fp32 on `device`."""
+    C = second_moment(stats, layer, device)
+    if template_weight:
+        C.add_(template.second_moment(layer, device), alpha=template_weight)
+    return C
+
+
+def projector(
+    stats: Stats,
+    layer: int,
+    device,
+    threshold: float,
+    dtype: torch.dtype,
+    cache_dir: str | Path | None = None,
+    template: Stats | None = None,
+    template_weight: float = 0.0,
+) -> torch.Tensor:
+    """AlphaEdit's P for `layer` on `device` (of `preserved_moment`): computed there once, then kept on the host
+    (and, with cache_dir, in a file keyed by the stats file hash, and the template's with its weight) and
+    streamed to the device for each use."""
+    tag = f"-template{template.sha256[:12]}x{template_weight:g}" if template_weight else ""
 
     def make():
         path = None
         if cache_dir is not None:
-            path = Path(cache_dir) / f"nullspace-{stats.sha256[:20]}-layer{layer}-{threshold:g}.safetensors"
+            path = Path(cache_dir) / f"nullspace-{stats.sha256[:20]}{tag}-layer{layer}-{threshold:g}.safetensors"
             if path.exists():
                 with safe_open(str(path), framework="pt") as f:
                     return f.get_tensor("P")
-        P = null_space_projector(second_moment(stats, layer, device), threshold, dtype).cpu()
+        C = preserved_moment(stats, layer, device, template, template_weight)
+        P = null_space_projector(C, threshold, dtype).cpu()
         if path is not None:
             write_safetensors(
                 path, {"P": P}, {"stats": str(stats.path), "layer": str(layer), "threshold": repr(threshold)}
             )
         return P
 
-    return cached_on(stats, ("P", layer, threshold), make).to(device)
+    return cached_on(stats, ("P", layer, threshold, tag), make).to(device)
 
 
 def alphaedit_update(
@@ -87,15 +111,23 @@ def alphaedit_update(
     solve_dtype: str = "float32",
     cache_dir: str | Path | None = None,
     edited_keys: dict[int, torch.Tensor] | None = None,
+    template_weight: float = 0.0,
+    template_prompts: int = TEMPLATE_PROMPTS,
+    system_prompt: str | None = None,
+    chat_template: bool = True,
 ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict[int, torch.Tensor]]:
-    """AlphaEdit: V = (P (Ks Ksᵀ + Kp Kpᵀ) + l2·I)⁻¹ P Ks per layer, P cached per layer; with
+    """AlphaEdit: V = (P (Ks Ksᵀ + Kp Kpᵀ) + l2·I)⁻¹ P Ks per layer, P cached per layer, on the null space of
+    C + w_t·C_t (template_weight w_t > 0: the template's keys, as in memit_update); with
     `edited_keys` ({layer: (d_ff, m) keys of earlier edits}) P narrowed to their orthogonal complement.
     Returns (factors, {layer: this batch's edit keys Ks (d_ff, n)})."""
     dtype = SOLVE_DTYPES[solve_dtype]
     read = {}
+    template = None
+    if template_weight:
+        template = attached_template(em, stats, layers, template_prompts, system_prompt, chat_template)
 
     def solve(layer, Ks, Kp):
-        P = projector(stats, layer, em.device, threshold, dtype, cache_dir)
+        P = projector(stats, layer, em.device, threshold, dtype, cache_dir, template, template_weight)
         if edited_keys and layer in edited_keys:
             P = without_keys(P, edited_keys[layer])
         read[layer] = Ks.cpu()

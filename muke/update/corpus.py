@@ -45,6 +45,11 @@ def chat_documents(docs: list[str], tokenizer, end_of_turn: str) -> list[str]:
     return out
 
 
+def sentences(text: str) -> list[str]:
+    """The sentences of a text: split after ".", "!" or "?" followed by white space."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
 def _subset(n_total: int, max_docs: int | None, seed: int) -> list[int]:
     """All indices, or a seeded random subset of `max_docs` of them in corpus order."""
     if max_docs is None or max_docs >= n_total:

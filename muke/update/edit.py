@@ -7,6 +7,8 @@ layer by layer in order:
 - alphaedit: ΔWᵀ = (P (Ks Ksᵀ + Kp Kpᵀ) + l2·I)⁻¹ P Ks Rᵀ, P the projector on C's null space.
 - unke: fine-tune every parameter of the decoder block(s) so the block maps the edit keys to the
   edited outputs and preservation keys to their old outputs.
+- ft, lora: no target memories; fine-tune the down-projections (ft) or LoRA adapters (lora) of the layers
+  on the requests' target tokens (muke.update.finetune).
 
 Every request of a batch contributes its windows' z_i as columns. `WeightUpdate` holds the result;
 `apply(em, update)` (muke.update.weights) adds it and restores the original weights bit-exactly on exit.
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from muke.engine.memory import MemoryConfig, MemoryResult
+from muke.engine.memory import MemoryConfig, MemoryResult, encode_request
 from muke.engine.windows import EditSequence
 from muke.model import EditableModel, ModelError
 from muke.update.backends import BACKENDS
@@ -103,7 +105,13 @@ def edit_resolved(
     memories: list[tuple[EditSequence, MemoryResult]] | None = None,
     edited_keys: dict[int, torch.Tensor] | None = None,
 ) -> tuple[WeightUpdate, list[MemoryResult]]:
-    """`edit` with the method resolved (muke.update.methods.resolve_method: δ-loop and backend options)."""
+    """`edit` with the method resolved (muke.update.methods.resolve_method: δ-loop and backend options).
+    A backend without target memories (ft, lora) trains on the encoded requests (`encoded_targets`):
+    no δ loop runs, `memories` are not read and no MemoryResult is returned."""
+    if not BACKENDS[backend].memories:
+        targets = encoded_targets(em, requests, memory)
+        update = compute_update(em, targets, backend, stats=stats, method=method, edited_keys=edited_keys, **options)
+        return update, []
     if memories is None:
         memories = optimise_memories(em, requests, MemoryConfig(**memory))
     targets = [Target(r.id, seq, result.z) for r, (seq, result) in zip(requests, memories)]
@@ -111,6 +119,14 @@ def edit_resolved(
     update = compute_update(em, targets, backend, stats=stats, method=method, edited_keys=edited_keys, **options)
     update.info["memory_seconds"] = sum(r.seconds for r in results)
     return update, results
+
+
+def encoded_targets(em: EditableModel, requests, memory: dict) -> list[Target]:
+    """The requests as a backend without target memories reads them: each encoded as the δ loop would
+    (chat prompt + target + end-of-turn, muke.engine.memory.encode_request), with no z."""
+    cfg = MemoryConfig(**memory)
+    empty = torch.empty(0, em.hidden_size)
+    return [Target(r.id, encode_request(em, r.question, r.answer, cfg), empty) for r in requests]
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """MEMIT (ALGORITHM §5): for layer index i of L, ΔW = (R / (L - i)) Aᵀ with
-A = (w·C + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks on the MLP down-projection, R = Z - H(l_WM) recomputed per layer.
-ΔW has rank ≤ n keys and is kept as factors U Vᵀ; `low_rank_update` is the loop AlphaEdit shares. Where a
+A = (w·C + w_t·C_t + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks on the MLP down-projection, R = Z - H(l_WM) recomputed per layer
+(C_t: the template's keys, muke.update.template_keys; w_t = template_weight, 0 by default). ΔW has rank ≤ n keys and is kept as factors U Vᵀ; `low_rank_update` is the loop AlphaEdit shares. Where a
 layer normalises its MLP output before the residual (Gemma 2/3, OLMo 2), R / (L - i) is mapped through that norm
 (`down_proj_change`)."""
 
@@ -14,20 +14,30 @@ from muke.model import EditableModel, ModelError
 from muke.numerics import check_finite
 from muke.update.keys import Target, down_projections, edit_context, preserved, read_layer
 from muke.update.stats import Stats
+from muke.update.template_keys import TEMPLATE_PROMPTS, attached_template
 
 SOLVE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def memit_solve(
-    C: torch.Tensor, Ks: torch.Tensor, Kp: torch.Tensor, mom2_update_weight: float, dtype: torch.dtype = torch.float32
+    C: torch.Tensor,
+    Ks: torch.Tensor,
+    Kp: torch.Tensor,
+    mom2_update_weight: float,
+    dtype: torch.dtype = torch.float32,
+    C_t: torch.Tensor | None = None,
+    template_weight: float = 0.0,
 ) -> torch.Tensor:
-    """A = (w·C + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks (MEMIT Eq. 14 with the sequence's preserved keys): (d_ff, n).
+    """A = (w·C + w_t·C_t + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks (MEMIT Eq. 14 with the sequence's preserved keys and, for
+    w_t = template_weight > 0, the template's keys, ALGORITHM §5): (d_ff, n).
 
-    C: (d_ff, d_ff); Ks: (d_ff, n) edit keys; Kp: (d_ff, m) preserved keys (m may be 0). One d_ff² matrix
-    besides C and the solve's factorisation: M = w·C + K Kᵀ with K = [Kp Ks] in one addmm.
+    C, C_t: (d_ff, d_ff); Ks: (d_ff, n) edit keys; Kp: (d_ff, m) preserved keys (m may be 0). One d_ff² matrix
+    besides C and the solve's factorisation: M = w·C + K Kᵀ with K = [Kp Ks] in one addmm (+ w_t·C_t in place).
     """
     K = torch.cat([Kp, Ks], 1).to(dtype)  # (d_ff, m + n)
     M = torch.addmm(C.to(dtype), K, K.T, beta=mom2_update_weight)
+    if template_weight:
+        M.add_(C_t.to(M.device, dtype), alpha=template_weight)
     return torch.linalg.solve(M, Ks.to(dtype)).float()
 
 
@@ -131,11 +141,21 @@ def memit_update(
     keys: str = "sequence",
     mom2_update_weight: float = 15000.0,
     solve_dtype: str = "float32",
+    template_weight: float = 0.0,
+    template_prompts: int = TEMPLATE_PROMPTS,
+    system_prompt: str | None = None,
+    chat_template: bool = True,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """MEMIT: V = A = (w·C + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks per layer."""
+    """MEMIT: V = A = (w·C + w_t·C_t + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks per layer; C_t (template_weight w_t > 0) over
+    `template_prompts` chat prompts rendered with the run's chat settings (muke.update.template_keys)."""
     dtype = SOLVE_DTYPES[solve_dtype]
+    template = None
+    if template_weight:
+        template = attached_template(em, stats, layers, template_prompts, system_prompt, chat_template)
 
     def solve(layer, Ks, Kp):
-        return memit_solve(second_moment(stats, layer, em.device), Ks, Kp, mom2_update_weight, dtype)
+        C_t = template.second_moment(layer, em.device) if template else None
+        C = second_moment(stats, layer, em.device)
+        return memit_solve(C, Ks, Kp, mom2_update_weight, dtype, C_t, template_weight)
 
     return low_rank_update(em, targets, layers, keys, solve)

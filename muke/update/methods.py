@@ -19,6 +19,9 @@ METHODS = {
     "memit": ("one_for_all", "memit", "last"),
     "alphaedit": ("one_for_all", "alphaedit", "last"),
     "unke": ("one_for_all", "unke", "last"),
+    # fine-tuning baselines (no δ loop): the request is encoded as one_for_all's single window, prompt + target
+    "ft": ("one_for_all", "ft", "last"),
+    "lora": ("one_for_all", "lora", "last"),
 }
 # Per-model defaults (the authors' Qwen2.5 column, ALGORITHM §8); a preset overrides any of them.
 DEFAULT_PRESET = {
@@ -30,6 +33,7 @@ DEFAULT_PRESET = {
 LAYER_ALIASES = {"unke_layer": "unke_layers"}  # another name of a layers key; when set, it replaces that key
 AFFINITY_OPTIONS = ("lambda_order", "affinity_steps")  # read by the matryoshka objective (Eq. 12) only
 MEMORY_OPTIONS = tuple(f.name for f in user_options())  # the δ loop's options a preset sets: MemoryConfig's
+ENCODING_OPTIONS = ("layer", "objective", "system_prompt", "chat_template")  # how a request is encoded (prompt)
 
 
 def memory_options(memory: dict) -> dict:
@@ -49,16 +53,34 @@ def memory_options(memory: dict) -> dict:
     return full
 
 
+def chat_options(backend: str, options: dict, memory: dict) -> dict:
+    """The backend options with the run's chat settings (system_prompt, chat_template) where the backend
+    renders chat prompts of its own (ALGORITHM §5): UnKE's preservation samples, the MEMIT family's template
+    prompts (template_weight > 0). A template_weight of 0 leaves template_weight and template_prompts out, and
+    only values other than the defaults (no system turn, the template on) enter, so that identities of runs
+    made before stay as they were."""
+    options = dict(options)
+    if not options.get("template_weight"):
+        options.pop("template_weight", None)
+        options.pop("template_prompts", None)
+        if not BACKENDS[backend].preservation:
+            return options
+    defaults = {"system_prompt": None, "chat_template": True}
+    options.update({k: memory[k] for k, v in defaults.items() if memory.get(k, v) != v})
+    return options
+
+
 def parse_method(name: str) -> tuple[str, str, str]:
     """(objective, backend, keys) of a named method or of an "objective+backend" pair."""
     if name in METHODS:
         return METHODS[name]
     objective, plus, backend = name.partition("+")
-    if plus and objective in OBJECTIVES and backend in BACKENDS:
+    if plus and objective in OBJECTIVES and backend in BACKENDS and BACKENDS[backend].memories:
         return objective, backend, "sequence"
+    paired = ", ".join(b for b in BACKENDS if BACKENDS[b].memories)  # the fine-tuning baselines pair with none
     raise ValueError(
         f"unknown method {name!r}: choose one of {', '.join(METHODS)} or an objective+backend "
-        f"pair (objectives: {', '.join(OBJECTIVES)}; backends: {', '.join(BACKENDS)})"
+        f"pair (objectives: {', '.join(OBJECTIVES)}; backends: {paired})"
     )
 
 
@@ -93,4 +115,12 @@ def resolve_method(name: str, preset: dict | None = None) -> tuple[dict, str, di
     memory = memory_options(memory)
     options = {"layers": layers, "keys": keys}
     options.update({kw: preset[k] for k, kw in b.options.items() if k in preset})
-    return memory, backend, options
+    if not b.memories:
+        memory, options["early_stop"] = without_delta_loop(memory), memory["early_stop"]
+    return memory, backend, chat_options(backend, options, memory)
+
+
+def without_delta_loop(memory: dict) -> dict:
+    """The options of a backend without target memories (ft, lora; ALGORITHM §5): how its requests are
+    encoded (one window on the chat prompt), so that no δ-loop option enters its identity."""
+    return {k: memory[k] for k in ENCODING_OPTIONS}

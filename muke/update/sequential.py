@@ -3,10 +3,11 @@
 Each batch's target memories z are optimised on the edited model, its keys are read on the edited
 weights, and its weight update ΔW_t is added before batch t + 1 starts. MEMIT is applied as is; AlphaEdit
 also preserves the keys of the earlier edits (projected out of its null space, muke.update.alphaedit);
-UnKE fine-tunes the block as edited so far. The result is the chain ΔW_1 .. ΔW_T: adding it in order
-(`muke.update.weights.apply(em, chain)`) reproduces the final model bit for bit, and the original weights
-come back bit-exactly when the editor closes. Each link is what a single update is — low-rank factors
-for the MEMIT family (rank = the batch's keys), the changed blocks for UnKE — never a dense copy of the model.
+UnKE fine-tunes the block as edited so far; ft and lora (no target memories) train on the edited model.
+The result is the chain ΔW_1 .. ΔW_T: adding it in order (`muke.update.weights.apply(em, chain)`)
+reproduces the final model bit for bit, and the original weights come back bit-exactly when the editor
+closes. Each link is what a single update is — low-rank factors for the MEMIT family (rank = the batch's
+keys), the changed parameters for UnKE, ft and lora — never a dense copy of the model.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from muke.data import DataError
 from muke.engine import hooks
-from muke.io import cache_dir, sha256, write_safetensors
+from muke.io import cache_dir, sha256, verify_sha256, write_safetensors
 from muke.model import DTYPES, EditableModel
 from muke.update.corpus import chat_documents, chunk_batches, load_corpus
 
@@ -148,7 +148,8 @@ def mirror(total: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _tensors(sums: dict[int, torch.Tensor], counts: dict[int, int]) -> dict[str, torch.Tensor]:
+def sum_tensors(sums: dict[int, torch.Tensor], counts: dict[int, int]) -> dict[str, torch.Tensor]:
+    """The file's tensors: each layer's sum (mirrored, `mirror`) and count."""
     out = {}
     for layer in sums:
         out[f"layer{layer}.mom2"] = mirror(sums[layer])
@@ -246,7 +247,7 @@ def collect_stats(em: EditableModel, cfg: StatsConfig, out: str | Path, progress
             bar.set_postfix(tok_s=f"{run_tokens / (time.perf_counter() - start):.0f}")
             if done - last_ckpt >= cfg.checkpoint_every and done < len(docs):
                 meta = {"job": job, "docs_done": done, "tokens": tokens}
-                write_safetensors(partial, _tensors(sums, counts), {"muke": json.dumps(meta)})
+                write_safetensors(partial, sum_tensors(sums, counts), {"muke": json.dumps(meta)})
                 last_ckpt = done
     bar.close()
     if tokens == 0:
@@ -258,7 +259,7 @@ def collect_stats(em: EditableModel, cfg: StatsConfig, out: str | Path, progress
         "tokens": tokens,
         "tokens_per_second_last_run": run_tokens / seconds if seconds else None,
     }
-    write_safetensors(out, _tensors(sums, counts), {"muke": json.dumps(meta)})
+    write_safetensors(out, sum_tensors(sums, counts), {"muke": json.dumps(meta)})
     partial.unlink(missing_ok=True)
     return out
 
@@ -317,6 +318,7 @@ def load_stats(path: str | Path, em: EditableModel, layers) -> Stats:
     path = Path(path)
     if not path.is_file():
         raise StatsError(f"{path}: statistics file not found")
+    verify_sha256(path)  # where its sha256 was recorded (muke.store, the collect_stats stage)
     meta = read_metadata(path)
     if not meta.get("complete"):
         raise StatsError(f"{path}: statistics file is incomplete")
@@ -332,8 +334,10 @@ def load_stats(path: str | Path, em: EditableModel, layers) -> Stats:
 
 
 def cached_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True) -> Stats:
-    """Stats for cfg, from the cache or collected into it; keyed by model weights, layers, corpus and
-    every setting the sums depend on."""
+    """Stats for cfg, from the cache or collected into it (once, however many processes ask: muke.store);
+    keyed by model weights, layers, corpus and every setting the sums depend on."""
+    from muke.store import complete_safetensors, ensure_entry
+
     docs_ident = sha256(cfg.corpus) if Path(cfg.corpus).is_file() else cfg.corpus
     key = {
         **asdict(cfg),
@@ -346,6 +350,5 @@ def cached_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True) -> 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     layers = "-".join(map(str, key["layers"]))
     path = cache_dir() / "stats" / f"{em.model_type}-L{layers}-{digest}.safetensors"
-    if not path.exists():
-        collect_stats(em, cfg, path, progress)
+    ensure_entry(path, lambda out: collect_stats(em, cfg, out, progress), legacy=complete_safetensors)
     return load_stats(path, em, cfg.layers)

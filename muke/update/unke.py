@@ -14,7 +14,7 @@ from torch import nn
 
 from muke.data import DEFAULT_PRESERVATION, DataError, jsonl_records
 from muke.engine import hooks
-from muke.engine.windows import render_chat
+from muke.engine.windows import render_chat, uses_chat_template
 from muke.model import DTYPES, EditableModel, pad
 from muke.numerics import check_finite
 from muke.update.keys import Target, blocks, edit_context, preserved
@@ -31,15 +31,23 @@ def load_preservation(path: str | Path) -> list[dict]:
     return records
 
 
-def preservation_texts(tokenizer, records: list[dict], n: int, rng: random.Random) -> list[str]:
-    """n random records as chat-templated user/assistant exchanges with no system turn, as the edit
-    prompts (render_chat); plain text without a template."""
+def preservation_texts(
+    tokenizer,
+    records: list[dict],
+    n: int,
+    rng: random.Random,
+    system_prompt: str | None = None,
+    chat_template: bool = True,
+) -> list[str]:
+    """n random records as user/assistant exchanges rendered with the run's chat settings, as the edit
+    prompts are (render_chat: `system_prompt` as the system turn, or none; ALGORITHM §5); plain text where
+    the prompts are plain (chat_template false, or a tokenizer without a template: uses_chat_template)."""
     texts = []
     for rec in rng.sample(records, min(n, len(records))):
         user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
-        if tokenizer.chat_template:
+        if uses_chat_template(tokenizer, chat_template):
             messages = [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
-            texts.append(render_chat(tokenizer, messages, generation=False))
+            texts.append(render_chat(tokenizer, messages, system_prompt, generation=False))
         else:
             texts.append(f"{user}\n{rec['output']}")
     return texts
@@ -155,19 +163,23 @@ def unke_update(
     preservation: str | Path = DEFAULT_PRESERVATION,
     seed: int = 0,
     delta_dtype: str = "float32",
+    system_prompt: str | None = None,
+    chat_template: bool = True,
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """UnKE: per layer index i of L, block outputs on the edit keys + (z - H(l_WM)) / (L - i) at the edit
     positions become the block's new targets; returns ({parameter name: new - old in `delta_dtype`}, loss
     trace). The change is rounded to delta_dtype before the next layer is fitted on the edited model, so the
     returned differences are exactly the edit the later layers saw (bfloat16: half the bytes of fp32).
 
-    Preservation: n_preserve records drawn with a generator seeded by (seed, request ids), so a batch
-    gets the same samples whatever else runs.
+    Preservation: n_preserve records (the authors' 20) drawn with a generator seeded by (seed, request ids),
+    so a batch gets the same samples whatever else runs, rendered with the run's chat settings (system_prompt,
+    chat_template) as the edit prompts are.
     """
     wm = layers[-1]
     contexts = [edit_context(t, keys) for t in targets]
     rng = random.Random(f"{seed}|" + "|".join(t.id for t in targets))
-    texts = preservation_texts(em.tokenizer, load_preservation(preservation), n_preserve, rng)
+    records = load_preservation(preservation)
+    texts = preservation_texts(em.tokenizer, records, n_preserve, rng, system_prompt, chat_template)
     tok = em.tokenizer
     encoded = [tok(t, add_special_tokens=False, truncation=True, max_length=512)["input_ids"] for t in texts]
     pres_ids, pres_mask = pad(encoded, em.pad_id)

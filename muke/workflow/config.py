@@ -33,8 +33,13 @@ def schema(path: str | Path | None = None) -> dict:
     return load_yaml(path or ROOT / "config" / "schema.yaml")
 
 
+def _key(key: str) -> str:
+    """A config key as written in a message: quoted where it is empty or holds spaces or control characters."""
+    return key if key.isprintable() and key and key.strip() == key and " " not in key else repr(key)
+
+
 def _where(path) -> str:
-    parts = [str(p) if isinstance(p, str) else f"[{p}]" for p in path]
+    parts = [_key(p) if isinstance(p, str) else f"[{p}]" for p in path]
     return ".".join(parts).replace(".[", "[") or "(top level)"
 
 
@@ -45,7 +50,7 @@ def _message(error) -> str:
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
         hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
-        keys = ", ".join(f"{where}.{k}" if where != "(top level)" else k for k in extra)
+        keys = ", ".join(f"{where}.{_key(k)}" if where != "(top level)" else _key(k) for k in extra)
         return f"unknown config key {keys}{hint}"
     if error.validator == "propertyNames":
         return f"config key {where}: name {error.instance!r} is not allowed: {error.message}"

@@ -106,6 +106,7 @@ class UpdateJob:
     preserve: int = 0
     delta_dtype: str = "float32"
     mapped: bool = True
+    template: int = 0  # template prompts of C_t (template_weight > 0, muke.update.template_keys); 0: none
 
     def weights(self) -> int:
         return self.w.params() * DTYPE_BYTES[self.dtype]
@@ -130,10 +131,12 @@ def update_cost(
     preserve: int,
     delta_dtype: str = "float32",
     mapped: bool = True,
+    template: int = 0,
 ) -> JobCost:
     """update_weights of one edit batch by `backend` (UPDATE_COSTS). Every backend first clones the
-    parameters it edits (muke.update.keys.preserved) to restore them on exit."""
-    return UPDATE_COSTS[backend](UpdateJob(w, dtype, layers, n_keys, steps, preserve, delta_dtype, mapped))
+    parameters it edits (muke.update.keys.preserved) to restore them on exit; `template`: see UpdateJob."""
+    job = UpdateJob(w, dtype, layers, n_keys, steps, preserve, delta_dtype, mapped, template)
+    return UPDATE_COSTS[backend](job)
 
 
 def _solve_cost(job: UpdateJob, solve: int, kept: int, flops: float) -> JobCost:
@@ -144,10 +147,21 @@ def _solve_cost(job: UpdateJob, solve: int, kept: int, flops: float) -> JobCost:
     w, L = job.w, len(job.layers)
     d2 = w.d_ff**2 * FP32
     originals = L * w.hidden * w.d_ff * DTYPE_BYTES[job.dtype]
-    device = job.weights() + originals + solve * d2
-    host = RUNTIME_BYTES + max(job.weights(), (1 + kept) * L * d2)
-    cpu = RUNTIME_BYTES + job.read() + originals + (L + kept * (L - 1) + solve) * d2
-    return JobCost(device, host, cpu, job.forward() + L * flops * w.d_ff**3)
+    t = 1 if job.template else 0  # C_t (template_keys): its L sums, then kept on the host, streamed per layer
+    device = job.weights() + originals + max(solve + t, t * L) * d2
+    host = RUNTIME_BYTES + max(job.weights(), (1 + kept + t) * L * d2)
+    cpu = RUNTIME_BYTES + job.read() + originals + ((1 + t) * L + kept * (L - 1) + solve + t) * d2
+    return JobCost(device, host, cpu, job.forward() + L * flops * w.d_ff**3 + template_flops(job))
+
+
+def template_flops(job: UpdateJob) -> float:
+    """C_t's pass (muke.update.template_keys.template_sums): `template` prompts of ~TEMPLATE_TOKENS tokens up to
+    l_WM, and Σ k kᵀ (half, add_gram) over ~TEMPLATE_POSITIONS template positions each, per layer."""
+    tokens, keys = job.template * TEMPLATE_TOKENS, job.template * TEMPLATE_POSITIONS
+    return 2 * job.w.params(max(job.layers) + 1) * tokens + len(job.layers) * keys * job.w.d_ff**2
+
+
+TEMPLATE_TOKENS, TEMPLATE_POSITIONS = 40, 6  # a template prompt (demo corpus sentence + ChatML) and its tail
 
 
 def memit_cost(job: UpdateJob) -> JobCost:
@@ -186,9 +200,32 @@ def unke_cost(job: UpdateJob) -> JobCost:
     return JobCost(device, host, cpu, flops)
 
 
+def _finetune_cost(job: UpdateJob, trained: int, steps: int) -> JobCost:
+    """A fine-tuning baseline (muke.update.finetune.train): `trained` fp32 numbers held four times (ft: the
+    originals, the fp32 copies, their gradients; Adam's two moments; lora: the adapters' likewise), and a
+    step's forward and backward over the whole model, one request at a time: every block's activations of
+    the request's tokens and its target logits (`logit_bytes`), `steps` steps (ft_steps / lora_steps)."""
+    w, b = job.w, DTYPE_BYTES[job.dtype]
+    kept = 5 * trained * FP32
+    act = job.n_keys * (w.n_layers * w.token_activations(b) + w.vocab * logit_bytes(job.dtype))
+    cpu = RUNTIME_BYTES + resident_weights(w, job.dtype, w.n_layers, True, job.mapped) + kept + act
+    return JobCost(job.weights() + kept + act, RUNTIME_BYTES + job.weights(), cpu, 6 * w.params() * job.n_keys * steps)
+
+
+def ft_cost(job: UpdateJob) -> JobCost:
+    """ft: the down-projections of the edited layers; 25 steps where ft_steps is not set (its default)."""
+    return _finetune_cost(job, len(job.layers) * job.w.hidden * job.w.d_ff, job.steps or 25)
+
+
+def lora_cost(job: UpdateJob) -> JobCost:
+    """lora: rank-8 adapters on two hidden × hidden projections of each edited layer (the defaults; their
+    size is small beside the activations); 70 steps where lora_steps is not set (its default)."""
+    return _finetune_cost(job, len(job.layers) * 2 * 2 * 8 * job.w.hidden, job.steps or 70)
+
+
 # the estimate of each backend's update job (muke.update.backends.BACKENDS); kept here, not in the registry,
 # so that recalibrating a formula does not move the update stages' code identity (muke.workflow.identity)
-UPDATE_COSTS = {"memit": memit_cost, "alphaedit": alphaedit_cost, "unke": unke_cost}
+UPDATE_COSTS = {"memit": memit_cost, "alphaedit": alphaedit_cost, "unke": unke_cost, "ft": ft_cost, "lora": lora_cost}
 
 
 def memories_cost(

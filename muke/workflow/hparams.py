@@ -8,7 +8,7 @@ Resolution (later wins):
   4. config `models.<name>.hparams`                    models.<name>.hparams.K
   5. config `method_hparams.<method>`                  method_hparams.<method>.K
   6. one point of config `sweep`                       sweep.K
-A list given for a scalar hyperparameter (a list of lists for layers / unke_layers / unke_layer) is a
+A list given for a scalar hyperparameter (a list of lists for the LIST_KEYS) is a
 sweep axis at its level; a later fixed value replaces an earlier axis and the other way round. Every
 value of `sweep` is an axis. Keys "generation.<setting>" (in `sweep` only) sweep generation settings.
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 from muke.workflow.config import ConfigError, check, subschema
 
-LIST_KEYS = ("layers", "unke_layers", "unke_layer")  # hyperparameters whose single value is itself a list
+LIST_KEYS = ("layers", "unke_layers", "unke_layer", "lora_modules")  # hyperparameters whose value is a list
 GENERATION = "generation."
 
 

@@ -21,7 +21,7 @@ from muke.workflow.config import ConfigError, load_preset
 from muke.workflow.identity import Spec, digest, file_identity
 
 TINY_DEFAULTS = {"arch": "qwen2", "seed": 0, "corpus": None}
-UNRELATED_QUESTIONS = RESOURCES / "unrelated_questions.jsonl"  # = muke.eval.retention's (not imported: transformers)
+UNRELATED_PROMPTS = RESOURCES / "unrelated_prompts.jsonl"  # = muke.eval.retention's (not imported: transformers)
 
 
 @dataclass
@@ -185,11 +185,11 @@ def dataset(name: str, entry: dict) -> Dataset:
 def locality_retention(settings: dict) -> tuple[dict, dict]:
     """(params, input identities) of the config's locality.retention: off, nothing but `enabled` (so its
     other values move no identity); on, its values, and the question and text files by content (a null
-    file is muke's own: resources/unrelated_questions.jsonl, the demo corpus)."""
+    file is muke's own: resources/unrelated_prompts.jsonl, the demo corpus)."""
     if not settings["enabled"]:
         return {"enabled": False}, {}
     files = {
-        "questions": settings["questions"] or UNRELATED_QUESTIONS,
+        "questions": settings["questions"] or UNRELATED_PROMPTS,
         "text_file": settings["text_file"] or DEMO_CORPUS,
     }
     for key, path in files.items():

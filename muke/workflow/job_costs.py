@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from muke.update.backends import BACKENDS
+from muke.update.template_keys import TEMPLATE_PROMPTS
 from muke.workflow.footprint import (
     DTYPE_BYTES,
     Edit,
@@ -84,11 +85,12 @@ def _lengths(tok, run) -> Lengths | None:
     ]
     prompts = [render_prompt(tok, q, gen.get("system_prompt"), gen.get("chat_template", True)) for q in questions]
     question = max((len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=64)
-    if run.memories is None:
+    encoding = run.memories or (run.update if run.update and "memory" in run.update.params else None)
+    if encoding is None:
         return Lengths(question=question)
-    mem = run.memories.params["memory"]
+    mem = encoding.params["memory"]
     seqs = [
-        encode(tok, r.question, r.answer, tok.eos_token, mem["window"], mem["system_prompt"], mem["chat_template"])
+        encode(tok, r.question, r.answer, tok.eos_token, mem.get("window"), mem["system_prompt"], mem["chat_template"])
         for r in chosen
     ]
     return Lengths(max(len(s.prompt_ids) for s in seqs), max(len(s.target_ids) for s in seqs), question)
@@ -106,10 +108,11 @@ def job_costs(plan, lengths_of, doc_tokens: int):
         if run.stats is not None and run.stats.identity not in seen_stats:
             seen_stats.add(run.stats.identity)
             yield m.name, "collect_stats", run.stats, _stats(w, m.dtype, run.stats.params, doc_tokens, mapped), 1
-        if run.memories is None:
-            continue
-        yield m.name, "optimize_memories", run.memories, _memories(w, m.dtype, run, n, mapped), run.dataset.n_shards
-        yield m.name, "update_weights", run.update, _update(w, m.dtype, run, n, mapped), run.dataset.n_shards
+        if run.memories is not None:
+            memories = _memories(w, m.dtype, run, n, mapped)
+            yield m.name, "optimize_memories", run.memories, memories, run.dataset.n_shards
+        if run.update is not None:  # a run with no target memories (ft, lora) still has its update
+            yield m.name, "update_weights", run.update, _update(w, m.dtype, run, n, mapped), run.dataset.n_shards
         if run.locality is not None:
             yield m.name, "locality", run.locality, _locality(w, m.dtype, run.locality.params, mapped), 1
     for name, spec in plan.pre_edit_locality.items():
@@ -152,7 +155,8 @@ def _update(w: Widths, dtype: str, run, n: Lengths, mapped: bool) -> JobCost:
     n_keys = (n.prompt + n.answer) * batch
     steps, preserve = options.get("steps", 0), options.get("n_preserve", 0)
     delta = options.get("delta_dtype", "float32")
-    cost = update_cost(w, dtype, u["backend"], options["layers"], n_keys, steps, preserve, delta, mapped)
+    template = options.get("template_prompts", TEMPLATE_PROMPTS) if options.get("template_weight") else 0
+    cost = update_cost(w, dtype, u["backend"], options["layers"], n_keys, steps, preserve, delta, mapped, template)
     cost.flops *= math.ceil(len(run.dataset.request_ids) / batch)
     return cost
 

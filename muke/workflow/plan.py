@@ -16,6 +16,7 @@ from pathlib import Path
 
 from muke.data import DEFAULT_PRESERVATION
 from muke.update.backends import BACKENDS
+from muke.update.memories import budget_params
 from muke.update.methods import layer_keys, parse_method, resolve_method
 from muke.workflow import hparams as hp
 from muke.workflow.config import ROOT, ConfigError, check_config
@@ -111,17 +112,9 @@ class Plan:
         if self.config["editing"]["mode"] == "sequential":
             return self._add_sequence(pair, method, hparams, point, memory, backend, options)
         run = pair.run(method, point, hp.without_generation(hparams))
-        run.memories = Spec(
-            "optimize_memories",
-            {
-                "memory": memory,
-                "dtype": pair.model.dtype,
-                "batch": hparams.get("delta_batch_size", "auto"),
-                "selection": pair.dataset.selection,
-            },
-            {"model": pair.model.spec.identity},
-        )
-        run.update = self._update_spec(run, backend, options)
+        if BACKENDS[backend].memories:  # else the update stage reads the requests itself (ft, lora)
+            run.memories = self._memories_spec(pair, memory, hparams)
+        run.update = self._update_spec(run, backend, options, memory)
         run.generate = pair.generate(hparams, self.config, point, {"update": run.update.identity})
         run.score = Spec("score", dict(self.config["score"]), {"generate": run.generate.identity})
         loc, (params, inputs) = self.config["locality"], self._locality
@@ -133,6 +126,21 @@ class Plan:
                 {"update": run.update.identity, **inputs},
             )
         self._register(run)
+
+    @staticmethod
+    def _memories_spec(pair: Pair, memory: dict, hparams: dict) -> Spec:
+        """optimize_memories of a run: the δ loop's options, its batching and the dataset's selection."""
+        return Spec(
+            "optimize_memories",
+            {
+                "memory": memory,
+                "dtype": pair.model.dtype,
+                "batch": hparams.get("delta_batch_size", "auto"),
+                **budget_params(hparams),
+                "selection": pair.dataset.selection,
+            },
+            {"model": pair.model.spec.identity},
+        )
 
     def _add_sequence(self, pair: Pair, method: str, hparams: dict, point: dict, memory, backend, options) -> None:
         """editing.mode sequential: one edit_sequence job (its identity without the checkpoints, so that
@@ -202,20 +210,24 @@ class Plan:
             raise ConfigError(f"config key hparams.preservation: file {preservation!r} not found")
         return {"preservation": file_identity(preservation)}, options, preservation
 
-    def _update_spec(self, run: Run, backend: str, options: dict) -> Spec:
-        """update_weights of a run; the MEMIT family's needs statistics, UnKE's its preservation samples."""
+    def _update_spec(self, run: Run, backend: str, options: dict, memory: dict) -> Spec:
+        """update_weights of a run; the MEMIT family's needs statistics, UnKE's its preservation samples. It
+        reads the run's target memories or, for a backend without them (ft, lora), the model and the
+        dataset's selection, its requests encoded as `memory` says (muke.update.methods.without_delta_loop)."""
         inputs, options, preservation = self._backend_inputs(run, backend, options)
-        spec = Spec(
-            "update_weights",
-            {
-                "method": run.method,
-                "backend": backend,
-                "options": options,
-                "edit_batch_size": run.hparams.get("edit_batch_size", 1),
-                "dtype": run.model.dtype,
-            },
-            {"memories": run.memories.identity, **inputs},
-        )
+        params = {
+            "method": run.method,
+            "backend": backend,
+            "options": options,
+            "edit_batch_size": run.hparams.get("edit_batch_size", 1),
+            "dtype": run.model.dtype,
+        }
+        if run.memories is None:
+            params.update(memory=memory, selection=run.dataset.selection)
+            inputs = {"model": run.model.spec.identity, **inputs}
+        else:
+            inputs = {"memories": run.memories.identity, **inputs}
+        spec = Spec("update_weights", params, inputs)
         if preservation is not None:
             self._paths[spec.identity] = preservation
         return spec

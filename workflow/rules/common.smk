@@ -84,12 +84,24 @@ def memories_inputs(wildcards):
 
 def update_inputs(wildcards):
     run = run_of("update", wildcards)
-    files = {"model": PLAN.model_dir(run.model), "memories": PLAN.memories_path(run, int(wildcards.shard))}
+    files = {"model": PLAN.model_dir(run.model)}
+    if run.memories is not None:
+        files["memories"] = PLAN.memories_path(run, int(wildcards.shard))
+    else:  # a backend without target memories (ft, lora) reads the requests
+        files["requests"] = run.dataset.path
     if run.stats is not None:
         files["stats"] = PLAN.stats_path(run.model, run.stats)
     if run.update.params["backend"] == "unke":
         files["preservation"] = PLAN.preservation_path(run)
     return files
+
+
+def update_source(wildcards, input):
+    """--memories, or --requests and --shard for a backend without target memories (a derived param: never
+    a rerun trigger)."""
+    if "memories" in input.keys():
+        return f"--memories {shlex.quote(str(input.memories))}"
+    return f"--requests {shlex.quote(str(input.requests))} --shard {wildcards.shard}"
 
 
 def sequence_inputs(wildcards):

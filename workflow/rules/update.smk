@@ -7,6 +7,7 @@ rule update_weights:
         **({} if KEEP_UPDATES else {"files": temp(directory(f"{R}/updates/{{model}}/{{dataset}}/{{run}}/shard{{shard}}"))}),
     params:
         spec=spec("update"),
+        source=update_source,
         optional=optional_args,
         cache=f"{R}/cache/nullspace",
         muke=run_setting(MUKE),
@@ -19,6 +20,6 @@ rule update_weights:
         **resources_of("update_weights"),
     threads: resource("update_weights", "cpus_per_task")
     shell:
-        "{params.muke} update-weights --spec {params.spec:q} --model {input.model} --memories {input.memories}"
+        "{params.muke} update-weights --spec {params.spec:q} --model {input.model} {params.source}"
         " {params.optional} --cache-dir {params.cache} --out {output.index}"
         " --device {params.device} --threads {threads} > {log} 2>&1"

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from muke.io import sha256, write_json
+from muke.io import sha256, verify_sha256, write_json
 
 MODEL_REF = "muke_model.json"  # in a prepared model folder: where the weights are, and their provenance
 
@@ -126,41 +126,50 @@ def shard_requests(path: str | Path, selection: dict, shard: int, skipped: list 
 
 
 def read_memories(path: str | Path) -> tuple[dict, dict]:
-    """(metadata, tensors) of an optimize_memories shard file."""
+    """(metadata, tensors) of an optimize_memories shard file, its recorded sha256 verified."""
     from safetensors.torch import load_file
 
     return read_memories_meta(path), load_file(str(path))
 
 
 def read_memories_meta(path: str | Path) -> dict:
-    """The metadata of an optimize_memories shard file (its requests, failures and skipped records)."""
+    """The metadata of an optimize_memories shard file (its requests, failures and skipped records), its
+    recorded sha256 (NAME.sha256) verified."""
     from safetensors import safe_open
 
+    verify_sha256(path)
     with safe_open(str(path), framework="pt") as f:
         return json.loads(f.metadata()["muke"])
 
 
 def read_update_index(path: str | Path) -> list[dict]:
     """Rows of an update_weights index, with `request_ids` as lists, `path` the ΔW file (or None)
-    and `reason` why a row failed (None for a ΔW)."""
+    and `reason` why a row failed (None for a ΔW); the index's and each ΔW file's sha256 verified."""
     import pandas as pd
 
     path = Path(path)
+    verify_sha256(path)
     rows = pd.read_parquet(path).to_dict("records")
     for row in rows:
         row["request_ids"] = json.loads(row["request_ids"])
-        for key in ("file", "reason"):  # a missing value reads back as None, NaN or NA
+        for key in ("file", "reason", "sha256"):  # a missing value reads back as None, NaN or NA
             row[key] = row.get(key) if isinstance(row.get(key), str) else None
         row["path"] = path.with_suffix("") / row["file"] if row["file"] else None
+        if row["sha256"] and row["path"].exists():  # runtime.keep_updates false: gone once answered
+            verify_sha256(row["path"], row["sha256"])
     return rows
 
 
 def read_chain(path: str | Path, n_edits: int) -> tuple[list[Path], set[str]]:
     """(the ΔW files of an edit_sequence chain up to `n_edits` edits, in order; the ids of the requests among
-    them whose batch failed)."""
+    them whose batch failed); the chain's and each ΔW file's sha256 verified."""
     import pandas as pd
 
     path = Path(path)
+    verify_sha256(path)
     rows = [row for row in pd.read_parquet(path).to_dict("records") if row["n_edits"] <= n_edits]
     files = [path.with_suffix("") / row["file"] for row in rows if not row["failed"]]
+    for file, row in zip(files, (row for row in rows if not row["failed"])):
+        if isinstance(row.get("sha256"), str) and file.exists():  # runtime.keep_updates false: gone once answered
+            verify_sha256(file, row["sha256"])
     return files, {rid for row in rows if row["failed"] for rid in json.loads(row["request_ids"])}

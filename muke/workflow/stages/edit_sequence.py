@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from muke.io import write_json, write_parquet
+from muke.io import record_sha256, sha256, write_json, write_parquet
 from muke.workflow.stages.command import command
 from muke.workflow.stages.common import log, shard_requests, write_manifest
 from muke.workflow.stages.optimize_memories import fit_for_model
 
-CHAIN_COLUMNS = ["batch", "file", "request_ids", "n_edits", "failed", "seconds", "reason"]
+CHAIN_COLUMNS = ["batch", "file", "request_ids", "n_edits", "failed", "seconds", "reason", "sha256"]  # of `file`
 
 
 def _finished(folder: Path, t: int, identity: str, ids: list[str]):
@@ -114,8 +114,10 @@ def edit_sequence(
         for t, batch in enumerate(batches_of(chosen, p["batch_size"])):
             done, resuming = _edit_batch(editor, folder, t, batch, spec["identity"], resuming)
             n_edits += len(batch)
-            rows.append(_chain_row(t, [r.id for r in batch], n_edits, done))
-    frame = pd.DataFrame(rows, columns=CHAIN_COLUMNS).astype({"file": "string", "reason": "string"})
+            row = _chain_row(t, [r.id for r in batch], n_edits, done)
+            rows.append({**row, "sha256": None if row["failed"] else sha256(folder / row["file"])})
+    frame = pd.DataFrame(rows, columns=CHAIN_COLUMNS).astype({"file": "string", "reason": "string", "sha256": "string"})
     write_parquet(frame, out)
+    record_sha256(out)
     write_manifest(out.parent / "manifest.json", spec)
     return out

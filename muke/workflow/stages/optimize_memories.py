@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from muke.io import write_parquet, write_safetensors
+from muke.io import record_sha256, write_parquet, write_safetensors
 from muke.workflow.stages.command import command
 from muke.workflow.stages.common import check_layers, load_model, log, shard_requests, write_manifest
 
@@ -95,10 +95,11 @@ def _optimise_shard(em, chosen: list, cfg, parts: Path, *, batch: int, identity:
     from muke.update.memories import batches_of
 
     done = {i: _read_part(parts / f"{i:05d}.safetensors", identity) for i in range(len(chosen))}
-    for i in (i for i, d in done.items() if d is not None):
+    # whole batches of the uninterrupted run only: a batch a kill left part-written is optimised again, together
+    groups = [g for g in batches_of(range(len(chosen)), batch) if any(done[i] is None for i in g)]
+    for i in (i for i, d in done.items() if d is not None and not any(i in g for g in groups)):
         log(f"request {i + 1}/{len(chosen)} {chosen[i].id}: finished earlier (part file)")
-    todo = [i for i, d in done.items() if d is None]
-    for group in batches_of(todo, batch):
+    for group in groups:
         names = ", ".join(f"{i + 1}/{len(chosen)} {chosen[i].id}" for i in group)
         log(f"request{'s' * (len(group) > 1)} {names}: optimising {cfg.objective} memories at layer {cfg.layer}")
         for i, result in zip(group, _optimise_many(em, [chosen[i] for i in group], cfg)):
@@ -129,11 +130,13 @@ def optimize_memories(
     lists the requests (`failed`, `error`) and the records left out (`skipped`: record, line, id,
     field, reason, message, check "file" or "model"; see common.shard_requests). `trace` (Parquet):
     the loss per window and step of every request. Params "batch" (hparams.delta_batch_size):
-    requests optimised together (memory.optimise_batch); "auto": sized from the free device memory.
+    requests optimised together (memory.optimise_batch); "auto": as many as the budget "delta_memory_gib"
+    (hparams.delta_memory_gib) holds, whatever memory is free (muke.engine.batch_size).
     """
     import pandas as pd
     import torch
 
+    from muke.engine.batch_size import DEFAULT_BUDGET_GIB
     from muke.engine.memory import MemoryConfig
     from muke.update.memories import delta_batch
 
@@ -146,9 +149,10 @@ def optimize_memories(
     chosen, unfit = fit_for_model(chosen, em, cfg, requests, p["selection"].get("on_bad_record", "error"))
     skipped += unfit
     parts = out.with_name(out.stem + ".parts")
-    batch = delta_batch(em, chosen, cfg, p.get("batch", 1))
+    budget = p.get("delta_memory_gib", DEFAULT_BUDGET_GIB)
+    batch = delta_batch(em, chosen, cfg, p.get("batch", 1), budget)
     if p.get("batch", 1) == "auto":
-        log(f"{len(chosen)} requests, {batch} per δ batch (delta_batch_size auto: the device's free memory)")
+        log(f"{len(chosen)} requests, {batch} per δ batch (delta_batch_size auto: a {budget:g} GiB budget)")
     results = _optimise_shard(em, chosen, cfg, parts, batch=batch, identity=spec["identity"])
     tensors, records, rows = {}, [], []
     for i, (t, record, trace_rows) in enumerate(results):
@@ -164,6 +168,7 @@ def optimize_memories(
         "skipped": skipped,
     }
     write_safetensors(out, tensors or {"empty": torch.zeros(0)}, {"muke": json.dumps(meta)})
+    record_sha256(out)
     write_manifest(out.parent / "manifest.json", spec)
     shutil.rmtree(parts, ignore_errors=True)
     return out

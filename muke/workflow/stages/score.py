@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from muke.eval.fluency import FLUENCY_COLUMNS, fluency_columns
 from muke.io import write_parquet
 from muke.workflow.stages.command import command
 from muke.workflow.stages.common import log, model_path, write_manifest
@@ -14,13 +15,15 @@ METRICS = ["bleu", "rouge_l", "bertscore"]
 def _summary(scored):
     """Per question kind × metric family: the mean over requests of each request's mean (the
     paper's averaging of sub-questions) with its bootstrap interval over requests (`{m}_ci_low`,
-    `{m}_ci_high`: muke.eval.intervals.with_intervals); n = requests, n_samples = answers."""
+    `{m}_ci_high`: muke.eval.intervals.with_intervals), the fluency columns averaged alike (where the
+    samples have them); n = requests, n_samples = answers."""
     import pandas as pd
 
     from muke.eval.intervals import with_intervals
 
     keys = ["kind", "family"]
-    per_request = scored.groupby([*keys, "id"], sort=False)[METRICS].mean()
+    means = METRICS + [c for c in FLUENCY_COLUMNS if c in scored]
+    per_request = scored.groupby([*keys, "id"], sort=False)[means].mean()
     summary = per_request.groupby(level=keys, sort=False).mean()
     summary["n"] = per_request.groupby(level=keys, sort=False).size()
     summary["n_samples"] = scored.groupby(keys, sort=False).size()
@@ -42,7 +45,8 @@ def score(
 ) -> Path:
     """Per-answer metrics of both families (muke.eval.metrics.score_frame) and their summary. Each sample
     also gets `target_tokens`, the target's length in the model's tokens (the x axis of the paper's
-    BLEU vs length figure)."""
+    BLEU vs length figure), and the fluency of the answer and of its target (muke.eval.fluency:
+    ngram_entropy, repetition, target_ngram_entropy, target_repetition)."""
     import pandas as pd
     from transformers import AutoTokenizer
 
@@ -64,6 +68,7 @@ def score(
         device=None if device == "auto" else device,
     )
     scored = scored.merge(df[["id", "kind", "index", "output", "target"]], on=["id", "kind", "index"], how="left")
+    scored = scored.assign(**fluency_columns(scored["output"].tolist(), scored["target"].tolist()))
     write_parquet(scored, samples)
     write_parquet(_summary(scored), summary)
     write_manifest(Path(summary).parent / "manifest.json", spec)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from muke.io import write_parquet
+from muke.io import record_sha256, sha256, write_parquet
 from muke.workflow.stages.command import command
-from muke.workflow.stages.common import check_layers, load_model, log, read_memories, write_manifest
+from muke.workflow.stages.common import check_layers, load_model, log, read_memories, shard_requests, write_manifest
 
-INDEX_COLUMNS = ["batch", "file", "request_ids", "failed", "seconds", "reason"]
+INDEX_COLUMNS = ["batch", "file", "request_ids", "failed", "seconds", "reason", "sha256"]  # sha256 of `file`
 
 
 def targets(path: str | Path) -> tuple[list, list[tuple[str, str]]]:
@@ -26,6 +26,22 @@ def targets(path: str | Path) -> tuple[list, list[tuple[str, str]]]:
             continue
         found.append(Target(rec["id"], _sequence(path, rec, t), t[f"{rec['index']}.z"]))
     return found, failed
+
+
+def encoded(spec: dict, em, requests: str | Path, shard: int) -> tuple[list, list[tuple[str, str]]]:
+    """(update.Target of each request of a shard, (id, reason) of each skipped one) for a backend without
+    target memories (ft, lora): the shard's requests encoded on the spec's chat prompt (no z); a record
+    left out for the file or the model gets a failed row, as the δ stage's skipped records do."""
+    from muke.engine.memory import MemoryConfig
+    from muke.update.edit import encoded_targets
+    from muke.workflow.stages.optimize_memories import fit_for_model
+
+    p, skipped = spec["params"], []
+    chosen = shard_requests(requests, p["selection"], shard, skipped)
+    cfg = MemoryConfig(**p["memory"])
+    chosen, unfit = fit_for_model(chosen, em, cfg, requests, p["selection"].get("on_bad_record", "error"))
+    failed = [(s["id"] or f"record {s['record']}", f"skipped: {s['message']}") for s in skipped + unfit]
+    return encoded_targets(em, chosen, p["memory"]), failed
 
 
 def _sequence(path, rec: dict, t: dict):
@@ -71,8 +87,10 @@ def load_statistics(spec: dict, stats: str | Path | None, em, layers: list[int])
 def set_up(spec: dict, model, device: str, stats, preservation, cache_dir) -> tuple:
     """(model, backend options, statistics or None) of a weight-update job (update_weights, edit_sequence):
     the spec's options with the preservation file and the projector cache folder where the backend reads
-    them, its layers checked on the model."""
+    them, its layers checked on the model; the template's second moment attached where the options ask for it
+    (muke.update.template_keys.attach_template: computed once, on the unedited model)."""
     from muke.update.backends import BACKENDS
+    from muke.update.template_keys import attach_template
 
     p = spec["params"]
     backend, options = BACKENDS[p["backend"]], dict(p["options"])
@@ -82,7 +100,9 @@ def set_up(spec: dict, model, device: str, stats, preservation, cache_dir) -> tu
         options["cache_dir"] = str(cache_dir)
     em = load_model(model, p["dtype"], device)
     check_layers(em, options["layers"], f"hparams.{backend.layers_key}")
-    return em, options, load_statistics(spec, stats, em, options["layers"])
+    loaded = load_statistics(spec, stats, em, options["layers"])
+    attach_template(em, loaded, options)
+    return em, options, loaded
 
 
 def _row(
@@ -102,18 +122,22 @@ def _row(
 def update_weights(
     spec: dict,
     model: str | Path,
-    memories: str | Path,
-    out: str | Path,
+    memories: str | Path | None = None,
+    out: str | Path | None = None,
     *,
+    requests: str | Path | None = None,
+    shard: int | None = None,
     stats: str | Path | None = None,
     preservation: str | Path | None = None,
     device: str = "auto",
     cache_dir: str | Path | None = None,
 ) -> Path:
-    """Weight updates ΔW of a shard, one file per edit batch (one request per batch by default).
+    """Weight updates ΔW of a shard, one file per edit batch (one request per batch by default), from its
+    target memories (`memories`) or, for a backend without them (ft, lora), from shard `shard` of `requests`.
 
-    `out` (Parquet, one row per batch): batch, file, request_ids (JSON list), failed, seconds, reason;
-    the muke.update.weights.WeightUpdate files lie in the folder named like `out` without its suffix. A request
+    `out` (Parquet, one row per batch): batch, file, request_ids (JSON list), failed, seconds, reason, sha256
+    (of file, verified by read_update_index; the index's own in NAME.sha256); the
+    muke.update.weights.WeightUpdate files lie in the folder named like `out` without its suffix. A request
     whose δ optimisation failed or that was skipped gets a row of its own (batch -1, no file); a batch
     whose update is not finite (NumericalError) gets a failed row and the other batches go on.
     """
@@ -123,10 +147,14 @@ def update_weights(
     from muke.update.edit import compute_update
     from muke.update.weights import WeightUpdate
 
+    if out is None or (memories is None) == (requests is None or shard is None):
+        raise ValueError(
+            "update-weights needs --out, and --memories or (without target memories) --requests and --shard"
+        )
     p, out, backend = spec["params"], Path(out), spec["params"]["backend"]
     em, options, loaded = set_up(spec, model, device, stats, preservation, cache_dir)
     layers, keys = options.pop("layers"), options.pop("keys")
-    found, failed = targets(memories)
+    found, failed = targets(memories) if memories is not None else encoded(spec, em, requests, shard)
     rows = [_row(-1, [rid], reason=reason) for rid, reason in failed]
     size = p["edit_batch_size"]
     for b, start in enumerate(range(0, len(found), size)):
@@ -144,8 +172,11 @@ def update_weights(
             update.save(path)
         else:
             log(f"batch {b}: finished earlier ({path.name})")
-        rows.append(_row(b, update.request_ids, path.name, float(update.info.get("seconds", 0.0))))
-    frame = pd.DataFrame(rows, columns=INDEX_COLUMNS).astype({"file": "string", "reason": "string"})
+        rows.append(
+            {**_row(b, update.request_ids, path.name, float(update.info.get("seconds", 0.0))), "sha256": sha256(path)}
+        )
+    frame = pd.DataFrame(rows, columns=INDEX_COLUMNS).astype({"file": "string", "reason": "string", "sha256": "string"})
     write_parquet(frame, out)
+    record_sha256(out)
     write_manifest(out.parent / "manifest.json", spec)
     return out
