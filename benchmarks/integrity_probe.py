@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from muke.data import DEMO_CORPUS, RESOURCES, jsonl_records, load_requests, select
+from muke.data import RESOURCES, jsonl_records, load_requests, select
+from muke.editor import statistics as second_moments
 from muke.engine.windows import encode
 from muke.eval.fluency import repetition_rate
 from muke.eval.generate import greedy
@@ -35,7 +36,6 @@ from muke.eval.retention import answer_shift
 from muke.model import load
 from muke.update.edit import edit, target_nll
 from muke.update.methods import resolve_method
-from muke.update.stats import StatsConfig, cached_stats
 from muke.update.weights import apply
 
 
@@ -115,9 +115,7 @@ def main() -> None:
         preset = {**base, **overrides}
         memory, backend, options = resolve_method(args.method, preset)
         chat = {"system_prompt": memory.get("system_prompt"), "chat_template": memory.get("chat_template", True)}
-        stats = None
-        if backend != "unke":
-            stats = cached_stats(em, StatsConfig(layers=tuple(options["layers"]), corpus=str(DEMO_CORPUS)))
+        stats = second_moments(em, backend, options)  # with the template's C_t where template_weight > 0
         reference = greedy(em, prompts, max_new_tokens=args.prefix_tokens, batch_size=32, **chat)
         for r in requests:
             if (r.id, name) in done:

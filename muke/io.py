@@ -127,10 +127,14 @@ def recorded_sha256(path: str | Path) -> str | None:
     return record.read_text().split()[0] if record.is_file() and record.stat().st_size else None
 
 
-def verify_sha256(path: str | Path, expected: str | None = None, required: bool = False) -> None:
-    """Refuse `path` (ChecksumError naming it) where its sha256 is not `expected`, by default the one recorded
-    beside it; a file with no recorded sha256 (written before checksums) passes unless `required`."""
-    path, where = Path(path), "its index" if expected else checksum_path(path).name
+def verify_sha256(
+    path: str | Path, expected: str | None = None, required: bool = False, where: str = "its index"
+) -> None:
+    """Refuse `path` (ChecksumError naming it) where its sha256 is not `expected` (recorded in `where`), by
+    default the one recorded beside it; a file with no recorded sha256 (written before checksums) passes
+    unless `required`."""
+    path = Path(path)
+    where = where if expected else checksum_path(path).name
     expected = expected or recorded_sha256(path)
     if expected is None:
         if required:

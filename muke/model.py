@@ -220,7 +220,7 @@ class EditableModel:
 
     @property
     def end_of_turn(self) -> str:
-        """The token that closes an assistant turn; part of every edit target (ALGORITHM §1)."""
+        """The token that closes an assistant turn; part of every edit target (docs/ALGORITHM.md §1)."""
         tok = self.tokenizer.eos_token
         if not tok:
             raise ModelError("the tokenizer defines no eos_token: cannot mark the end of the edited answer")

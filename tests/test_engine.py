@@ -37,7 +37,7 @@ def cfg(**kw) -> MemoryConfig:
     return MemoryConfig(**{**base, **kw})
 
 
-# ---- windows and hook positions (ALGORITHM §2) ----
+# ---- windows and hook positions (docs/ALGORITHM.md §2) ----
 
 
 def test_windows_cover_target_without_overlap():
@@ -63,7 +63,7 @@ def test_encode_appends_end_of_turn_and_uses_chat_template(tiny):
     assert tiny.tokenizer.decode(seq.target_ids[:-1]) == ANSWER
 
 
-# ---- token coefficients (ALGORITHM §3) ----
+# ---- token coefficients (docs/ALGORITHM.md §3) ----
 
 
 def test_matryoshka_vanilla_coefficients_are_nested_figure_counts():
@@ -152,7 +152,7 @@ def test_engine_lambda_equals_brute_force(tiny, order, fast):
     assert result.lambdas[-1] == [1.0]
 
 
-# ---- the δ loop (ALGORITHM §4) ----
+# ---- the δ loop (docs/ALGORITHM.md §4) ----
 
 
 @pytest.mark.parametrize(

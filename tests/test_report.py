@@ -132,7 +132,35 @@ def _case_rows() -> pd.DataFrame:
         ]
     )
     rows.loc[0, "output"] = "daboatschu." * 60
-    return rows
+    return pd.concat([rows, _unrelated_rows()], ignore_index=True)
+
+
+def _unrelated_rows() -> pd.DataFrame:
+    """Retention answers (muke.eval.tables.unrelated_rows) of both methods' edits of r0–r5 (locality ran
+    on the first 6 edits) to four prompts of four kinds; muke-memit's r0 edit turns the code answer into a
+    long run without spaces, every other answer stays the unedited one."""
+    prompts = [("p-q00", "question", "Which planet?"), ("p-i00", "instruction", "Write a haiku.")]
+    prompts += [("p-c00", "code", "Square a number."), ("p-m00", "arithmetic", "17 + 25?")]
+    rows = pd.DataFrame(
+        [
+            dict(method=m, id=f"r{i}", kind="unrelated", prompt_id=pid, prompt_kind=k, question=q, pre=f"{k} answer")
+            for i in range(6)
+            for m in METHODS
+            for pid, k, q in prompts
+        ]
+    )
+    broken = (rows["id"] == "r0") & (rows["method"] == "muke-memit") & (rows["prompt_id"] == "p-c00")
+    return rows.assign(output=rows["pre"].where(~broken, "daboatschu." * 60))
+
+
+def test_case_study_shows_unrelated_prompts_before_and_after_each_edit(report):
+    _, text, _ = report
+    blocks = re.findall(r"<section class='case-study'>.*?</section>", text[text.index("id='case-study'") :])
+    assert len(blocks) == 8 and all("not measured for this request" in b for b in blocks[6:])
+    tables = [re.search(r"<table class='text unrelated'>.*?</table>", b).group(0) for b in blocks[:6]]
+    assert all(t.count("<tr>") == 4 and "17 + 25?" not in t for t in tables)
+    assert tables[0].count("<b>changed</b>") == 1 and tables[1].count("unchanged") == 6
+    assert "unrelated prompts answered before and after" in text
 
 
 def _traces() -> pd.DataFrame:
@@ -420,7 +448,8 @@ def test_renders_in_headless_chromium(report, tmp_path):
     ).stdout
     assert dom.count("<table") >= 4 + 8 and dom.count("<img") >= 4 and "Locality (Table 2)" in dom
     assert "Case study (paper App. C)" in dom and dom.count('<section class="case-study">') == 8
-    assert 'data-wide-cases="0"' in dom  # r0's answer without spaces wraps inside its column
+    assert dom.count('<table class="text unrelated">') == 6 and dom.count("not measured for this request") == 2
+    assert 'data-wide-cases="0"' in dom  # r0's answers without spaces wrap inside their columns
     raw = shot.read_bytes()
     assert raw.startswith(PNG_SIGNATURE) and len(raw) > 20_000
     try:

@@ -1,4 +1,4 @@
-"""The template's keys preserved (ALGORITHM §5, "Template preservation"): C_t over the chat template's own
+"""The template's keys preserved (docs/ALGORITHM.md §5, "Template preservation"): C_t over the chat template's own
 positions of unrelated chat prompts, in MEMIT's solve and AlphaEdit's null space; UnKE's chat-rendered
 preservation samples."""
 

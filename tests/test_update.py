@@ -56,7 +56,7 @@ def random_spd(n, generator, low=1e-3, high=1.0, n_low=None):
     return (Q * lam) @ Q.T, Q, lam
 
 
-# ---- the solves (ALGORITHM §5) ----
+# ---- the solves (docs/ALGORITHM.md §5) ----
 
 
 def test_memit_solve_equals_lstsq_of_the_normal_equations():

@@ -421,6 +421,9 @@ def test_tiny_run_writes_the_full_report(tiny_run):
     integrity = html[html.index("id='integrity'") : html.index("id='case-study'")]
     assert ">paraphrase BLEU<" in integrity and ">repetition (target)<" in integrity
     assert ">first-token agreement<" in integrity and ">prefix exact match<" in integrity
+    cases = html[html.index("id='case-study'") : html.index("id='locality'")]  # unrelated prompts (edits: 1)
+    assert "<table class='text unrelated'>" in cases and "<i>question</i>: Which planet is known as the red" in cases
+    assert cases.count("<table class='text unrelated'>") == 1 and "not measured for this request" in cases
     assert "<img alt='BLEU vs target length (paper Fig. 5)'" in html and "<img alt='δ-loss traces'" in html
     assert "Failed requests: <b>0</b>" in html
     repro = html[html.index("id='repro'") :]

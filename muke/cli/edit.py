@@ -118,7 +118,8 @@ def add_parsers(sub) -> None:
         type=_batch_size,
         default="auto",
         help="requests whose δ loops share each step's passes (each its own Adam state and early stop); "
-        "auto (default): as many as fit half the device's free memory",
+        "auto (default): as many as the preset's delta_memory_gib budget holds (never the memory free now); "
+        "1 is the reference setting (docs/ALGORITHM.md §4)",
     )
     p.add_argument("--stats", help="statistics file (default: computed on the demo corpus and cached)")
     p.add_argument(

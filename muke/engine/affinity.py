@@ -1,4 +1,4 @@
-"""Adaptive affinity λ_{i,j} of every window (Eq. 12, ALGORITHM §3).
+"""Adaptive affinity λ_{i,j} of every window (Eq. 12, docs/ALGORITHM.md §3).
 
 For window i: T_aff Adam steps on window i's own loss from δ = 0; at each step the gradients of every
 nested target figure Y_i..Y_j; aff_{i,j} = mean over steps of cos(∇ L(Y_i), ∇ L(Y_i..Y_j)),

@@ -1,4 +1,4 @@
-"""The δ loop's hyperparameters (ALGORITHM §4), each declared once: its default, help text and command-line
+"""The δ loop's hyperparameters (docs/ALGORITHM.md §4), each declared once: its default, help text and command-line
 form live on its MemoryConfig field; presets, the schema, `muke edit`'s flags and config/README.md follow them
 (tests/test_hparams_declared.py). Only torch is imported here, so a command that parses options stays light."""
 
@@ -27,7 +27,7 @@ def _internal(help: str, **default):
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """Hyperparameters of the δ loop; defaults are the authors' (ALGORITHM §4). Each user option is
+    """Hyperparameters of the δ loop; defaults are the authors' (docs/ALGORITHM.md §4). Each user option is
     declared here once: its help text, the `muke edit` flag and the preset key (MEMORY_OPTIONS) come from
     the field; config/schema.yaml and config/README.md are checked against it (tests/test_hparams_declared.py)."""
 

@@ -1,4 +1,4 @@
-"""δ optimisation (ALGORITHM §4): target working memories z_i = h_i + δ_i for one edit request.
+"""δ optimisation (docs/ALGORITHM.md §4): target working memories z_i = h_i + δ_i for one edit request.
 
 The memory shift δ_i is added to the output of decoder layer l_WM at hook position p_i. Windows are
 optimised in order; earlier, already optimised shifts stay applied and frozen.
@@ -93,7 +93,7 @@ class MemoryResult:
     affinity_seconds: float = 0.0
 
 
-# ---------------------------------------------------------------------------- the δ loop (ALGORITHM §4)
+# ---------------------------------------------------------------------------- the δ loop (docs/ALGORITHM.md §4)
 
 
 def own_tokens(seq: EditSequence, label: int) -> slice:

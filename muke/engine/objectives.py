@@ -1,4 +1,4 @@
-"""Memory-update objectives (ALGORITHM §3), in the paper's order:
+"""Memory-update objectives (docs/ALGORITHM.md §3), in the paper's order:
 windows → token coefficients → affinity λ → the Matryoshka loss L_μ.
 
 Every objective of one window i is a coefficient vector c over target tokens, and its loss is

@@ -1,4 +1,4 @@
-"""Edit request → token ids, windows and hook positions (ALGORITHM §2).
+"""Edit request → token ids, windows and hook positions (docs/ALGORITHM.md §2).
 
 Model input = prompt ++ target minus its last token (teacher forcing). Target token t is predicted
 at position len(prompt) - 1 + t. The memory shift δ_i of window i sits on the token just before

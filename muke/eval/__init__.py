@@ -1,2 +1,2 @@
-"""What an edit did (ALGORITHM §6): greedy generation, both metric families, lm-eval locality and the
+"""What an edit did (docs/ALGORITHM.md §6): greedy generation, both metric families, lm-eval locality and the
 reproducibility report."""

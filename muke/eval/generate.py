@@ -1,4 +1,4 @@
-"""Generation for evaluation (ALGORITHM §6): chat template, left-padded batches, stop at end-of-turn;
+"""Generation for evaluation (docs/ALGORITHM.md §6): chat template, left-padded batches, stop at end-of-turn;
 greedy by default, or the paper's sampling protocol (`Decoding`).
 
 Evaluating many single-request edits: the protocol edits a fresh model per request, answers its questions

@@ -1,4 +1,4 @@
-"""General-ability locality (ALGORITHM §6): MMLU and IFEval through lm-evaluation-harness on a model in memory.
+"""General-ability locality (docs/ALGORITHM.md §6): MMLU and IFEval through lm-evaluation-harness on a model in memory.
 
 Tasks are named as lm-eval names them: the hub tasks (`mmlu`, `ifeval`) on clusters, or tasks defined
 under an include path such as the offline demo tasks in resources/lm_eval_tasks (`muke_mmlu_demo`,
@@ -149,7 +149,7 @@ def evaluate(
 
     lm = HFLM(pretrained=em.model, tokenizer=em.tokenizer, batch_size=batch_size)
     manager = task_manager(tasks, include_path)
-    # multi-turn chat few-shot, as the paper's protocol (ALGORITHM §6)
+    # multi-turn chat few-shot, as the paper's protocol (docs/ALGORITHM.md §6)
     chat = uses_chat_template(em.tokenizer)
     options = dict(task_manager=manager, limit=limit, apply_chat_template=chat, fewshot_as_multiturn=chat)
     rows = []

@@ -1,4 +1,4 @@
-"""Scores (×100) of a generated answer against its target, in two labelled families (ALGORITHM §6).
+"""Scores (×100) of a generated answer against its target, in two labelled families (docs/ALGORITHM.md §6).
 
 ``paper``: reproduces the μKE/AnyEdit/UnKE evaluation scripts (PurCL/muke
 experiments/summarize_uns.py, TrustedLLM/UnKE code/evaluate.py), so numbers compare with the papers'

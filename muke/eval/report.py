@@ -292,12 +292,14 @@ def _case_section(rows: pd.DataFrame | None) -> list[str]:
     if "dataset" in rows and rows["dataset"].nunique() > 1:
         rows = rows.assign(id=rows["dataset"].astype(str) + ": " + rows["id"].astype(str))
     rows = rows.assign(method=series(rows, exclude=("dataset",)))
-    if "run" in rows and rows.duplicated(["id", "method"]).any():
+    questions = rows[rows["kind"] != case_study.UNRELATED] if "kind" in rows else rows
+    if "run" in rows and questions.duplicated(["id", "method"]).any():
         rows = rows.assign(method=rows["method"] + " · " + rows["run"].astype(str))
-    n = rows["id"].nunique()
+    n = questions["id"].nunique()
     parts.append(
         f"<p class='caption'>Original questions of the first {min(n, CASE_LIMIT)} of {n} requests: "
-        "the target beside the pre-edit model's answer and each edited model's.</p>"
+        "the target beside the pre-edit model's answer and each edited model's; below them, where "
+        "locality ran, unrelated prompts answered before and after the request's edit.</p>"
     )
     return parts + [case_study.case_study_html(rows, limit=CASE_LIMIT)]
 
@@ -341,8 +343,8 @@ def build_report(
 ) -> Path:
     """Write `out_dir/index.html` and the tables as CSV beside it; return the HTML path.
 
-    `edit_metrics`, `locality`, `traces`, `failures`, `per_sample`, `case_rows`: DataFrames or Parquet/CSV
-    paths; case_rows: the answers of the case study (muke.eval.tables.case_rows).
+    `edit_metrics`, `locality`, `traces`, `failures`, `per_sample`, `case_rows` (muke.eval.tables.case_rows):
+    DataFrames or Parquet/CSV paths.
     `stage_identities`: {stage: identity}, or a table (one row per run, a column per stage).
     `benchmark_identities`: read only the benchmark files whose path names one of these.
     `jobs`, `run_settings`: muke.eval.tables.job_hosts / run_settings (where the jobs ran; what each run
@@ -377,9 +379,13 @@ def build_report(
         *fail_parts,
         *repro_parts,
     ]
+    _write_tables(tables, out_dir)
+    return write_text(out_dir / "index.html", _page(title, body))
+
+
+def _write_tables(tables: dict, out_dir: Path) -> None:
     for name, t in tables.items():
         _write_csv(_flat(t), out_dir / f"{name}.csv")
-    return write_text(out_dir / "index.html", _page(title, body))
 
 
 def _nav(sequential_runs: bool, traced_layers: bool) -> str:

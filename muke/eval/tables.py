@@ -22,6 +22,10 @@ EDIT_COLUMNS = ["kind", "family", *METRICS, *INTERVAL_COLUMNS, *FLUENCY_COLUMNS,
 LOCALITY_COLUMNS = ["model_state", "request_id", "task", "metric", "value", "stderr", "n_samples", "n_models", "run"]
 SAMPLE_COLUMNS = ["id", "kind", "index", "family", *METRICS, *FLUENCY_COLUMNS, "target_tokens", "tokens", "edit_failed"]
 CASE_COLUMNS = ["id", "kind", "index", "output", "target"]
+UNRELATED = "unrelated"  # case_rows' kind of the unrelated prompts' answers (muke.eval.case_study)
+UNRELATED_COLUMNS = ["id", "kind", "prompt_id", "prompt_kind", "question", "pre", "output"]
+# the locality stage's per-prompt answers beside its output (muke.workflow.stages.locality.RETENTION_ANSWERS)
+RETENTION_ANSWERS = "retention_answers.parquet"
 FAILURE_COLUMNS = ["id", "stage", "reason", *LABELS, "run", "record"]
 
 
@@ -104,9 +108,38 @@ def categories(datasets: dict):
     return pd.DataFrame(rows) if rows else None
 
 
+def _retention_answers(run: dict) -> list[str]:
+    """The per-prompt retention answers beside a run's locality file, if it wrote them: [path] or []."""
+    path = run["files"]["locality"] and Path(run["files"]["locality"]).parent / RETENTION_ANSWERS
+    return [str(path)] if path and path.is_file() else []
+
+
+def unrelated_rows(runs: list[dict]):
+    """Each edited model's answers to the unrelated prompts (the locality stage's retention answers of a
+    model edited with one request), one row per run × request × prompt in UNRELATED_COLUMNS' terms:
+    kind "unrelated", id the edited request, question the prompt, pre the unedited model's answer,
+    output the edited model's; None where no run has them. Unlike `read_labelled`, each run reads the file
+    itself (runs that differ only after locality, e.g. in decoding, share it) and `run` names its samples'
+    folder, so that the rows carry the labels of the run's question answers (case_rows)."""
+    import pandas as pd
+
+    frames = [
+        pd.read_parquet(path).assign(**_label(run), run=Path(run["files"]["samples"] or path).parent.name)
+        for run in runs
+        for path in _retention_answers(run)
+    ]
+    if not frames:
+        return None
+    answers = pd.concat(frames, ignore_index=True)
+    answers = answers[(answers["model_state"] == "edited") & answers["request_id"].notna()]
+    answers = answers.rename(columns={"id": "prompt_id", "kind": "prompt_kind", "post": "output"})
+    return answers.assign(id=answers["request_id"], kind=UNRELATED)[LABELS + ["run", *UNRELATED_COLUMNS]]
+
+
 def case_rows(runs: list[dict], datasets: dict):
     """Each run's answer to each original question (one metric family's copy), with the question
-    text from the dataset file ("—" where the record is gone) and the target; None without samples."""
+    text from the dataset file ("—" where the record is gone) and the target, followed by the
+    `unrelated_rows`; None without samples."""
     import pandas as pd
 
     samples = read_labelled(runs, run_file("samples"), CASE_COLUMNS)
@@ -118,7 +151,8 @@ def case_rows(runs: list[dict], datasets: dict):
         columns=["dataset", "id", "question"],
     )
     rows = samples.merge(questions.drop_duplicates(["dataset", "id"]), on=["dataset", "id"], how="left")
-    return rows.fillna({"question": "—"}).reset_index(drop=True)
+    rows = rows.fillna({"question": "—"})
+    return pd.concat([rows, unrelated_rows(runs)], ignore_index=True)
 
 
 def per_sample(runs: list[dict], datasets: dict):

@@ -1,4 +1,4 @@
-"""AlphaEdit (ALGORITHM §5): ΔWᵀ = (P (Ks Ksᵀ + Kp Kpᵀ) + l2·I)⁻¹ P Ks Rᵀ, with P the projector on the
+"""AlphaEdit (docs/ALGORITHM.md §5): ΔWᵀ = (P (Ks Ksᵀ + Kp Kpᵀ) + l2·I)⁻¹ P Ks Rᵀ, with P the projector on the
 null space of the preserved keys' second moment C (eigenvalues < threshold), cached per layer; with
 template_weight w_t > 0, of C + w_t·C_t, C_t the chat template's keys (muke.update.template_keys), so that
 the template's keys join the preserved subspace.

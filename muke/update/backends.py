@@ -1,4 +1,4 @@
-"""The weight-update backends by name (ALGORITHM §5): what each needs, what it changes, its options and
+"""The weight-update backends by name (docs/ALGORITHM.md §5): what each needs, what it changes, its options and
 how it fills a WeightUpdate. Methods, plan, stages, sequential mode and the estimate look a backend up
 here (`BACKENDS[name]`) instead of comparing names; a new backend is its module and one entry below."""
 
@@ -25,7 +25,7 @@ class Backend:
     name: str
     fill: Callable[..., None]
     options: dict[str, str]  # preset key -> keyword of `fill`
-    early_stop: float  # the δ loop's early-stop loss of its methods (MemoryConfig.early_stop; ALGORITHM §4)
+    early_stop: float  # the δ loop's early-stop loss of its methods (MemoryConfig.early_stop; docs/ALGORITHM.md §4)
     changes: Callable[
         [EditableModel, Iterable[int]], Iterator[torch.Tensor]
     ]  # parameters its ΔW touches (lora: a subset)
@@ -58,16 +58,13 @@ def _lora(em, update, targets, keys, stats, edited_keys, **options) -> None:
     update.params, update.info["trace"] = lora_update(em, targets, update.layers, **options)
 
 
+# C_t of the chat template's keys beside C (docs/ALGORITHM.md §5, template preservation)
+TEMPLATE_OPTIONS = dict(template_weight="template_weight", template_prompts="template_prompts")
 BACKENDS = {
     "memit": Backend(
         "memit",
         _memit,
-        dict(
-            mom2_update_weight="mom2_update_weight",
-            solve_dtype="solve_dtype",
-            template_weight="template_weight",
-            template_prompts="template_prompts",
-        ),
+        dict(mom2_update_weight="mom2_update_weight", solve_dtype="solve_dtype", **TEMPLATE_OPTIONS),
         early_stop=1e-2,
         changes=down_projections,
         stats=True,
@@ -80,8 +77,7 @@ BACKENDS = {
             alphaedit_l2="l2",
             solve_dtype="solve_dtype",
             null_space_cache="cache_dir",
-            template_weight="template_weight",
-            template_prompts="template_prompts",
+            **TEMPLATE_OPTIONS,
         ),
         early_stop=1e-2,
         changes=down_projections,

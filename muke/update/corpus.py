@@ -1,4 +1,4 @@
-"""The statistics corpus (ALGORITHM §5, "Covariance statistics"): loading documents, and forming them
+"""The statistics corpus (docs/ALGORITHM.md §5, "Covariance statistics"): loading documents, and forming them
 into batches, padded (one document per row) or packed (several per row, each attending to itself only).
 
 Packing: every document restarts at position 0 and attends only to itself (a block-diagonal causal

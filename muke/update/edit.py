@@ -1,4 +1,4 @@
-"""Batch weight updates (ALGORITHM §5): map target memories z to weights, as a revertible ΔW.
+"""Batch weight updates (docs/ALGORITHM.md §5): map target memories z to weights, as a revertible ΔW.
 
 Backends (by name: muke.update.backends), each reading keys on the edit sequence with the CURRENT weights,
 layer by layer in order:

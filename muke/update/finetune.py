@@ -1,4 +1,4 @@
-"""The fine-tuning baselines (ALGORITHM §5, "Fine-tuning baselines"): no δ loop, no target memories; the
+"""The fine-tuning baselines (docs/ALGORITHM.md §5, "Fine-tuning baselines"): no δ loop, no target memories; the
 chosen weights are trained on every target token of the requests' chat prompts, the prompt masked.
 
 - ft: the MLP down-projections of the edited layers (EasyEdit's FT: rewrite_module_tmp mlp.down_proj),

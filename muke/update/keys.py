@@ -1,4 +1,4 @@
-"""Keys and values of the batch update (ALGORITHM §5): each request's target memories z, the edit
+"""Keys and values of the batch update (docs/ALGORITHM.md §5): each request's target memories z, the edit
 context its keys are read on, and reading down_proj inputs K and the working memory H with the current weights."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MEMIT (ALGORITHM §5): for layer index i of L, ΔW = (R / (L - i)) Aᵀ with
+"""MEMIT (docs/ALGORITHM.md §5): for layer index i of L, ΔW = (R / (L - i)) Aᵀ with
 A = (w·C + w_t·C_t + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks on the MLP down-projection, R = Z - H(l_WM) recomputed per layer
 (C_t: the template's keys, muke.update.template_keys; w_t = template_weight, 0 by default). ΔW has rank ≤ n keys and is kept as factors U Vᵀ; `low_rank_update` is the loop AlphaEdit shares. Where a
 layer normalises its MLP output before the residual (Gemma 2/3, OLMo 2), R / (L - i) is mapped through that norm
@@ -29,7 +29,7 @@ def memit_solve(
     template_weight: float = 0.0,
 ) -> torch.Tensor:
     """A = (w·C + w_t·C_t + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks (MEMIT Eq. 14 with the sequence's preserved keys and, for
-    w_t = template_weight > 0, the template's keys, ALGORITHM §5): (d_ff, n).
+    w_t = template_weight > 0, the template's keys, docs/ALGORITHM.md §5): (d_ff, n).
 
     C, C_t: (d_ff, d_ff); Ks: (d_ff, n) edit keys; Kp: (d_ff, m) preserved keys (m may be 0). One d_ff² matrix
     besides C and the solve's factorisation: M = w·C + K Kᵀ with K = [Kp Ks] in one addmm (+ w_t·C_t in place).
@@ -103,7 +103,7 @@ def down_proj_change(em: EditableModel, layer: int, Ks: torch.Tensor, R: torch.T
 def low_rank_update(
     em: EditableModel, targets: Sequence[Target], layers: list[int], keys: str, solve
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """The MEMIT-family loop of ALGORITHM §5; returns {layer: (U (d_model, n), V (d_ff, n))}.
+    """The MEMIT-family loop of docs/ALGORITHM.md §5; returns {layer: (U (d_model, n), V (d_ff, n))}.
 
     For layer index i of L, with the earlier layers' updates applied: K at all positions, Ks = K at the
     edit positions, Kp = K elsewhere (keys "sequence" only), R = Z - H(l_WM) at the edit positions,

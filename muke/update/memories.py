@@ -1,4 +1,4 @@
-"""Target memories z of many requests, in δ batches (ALGORITHM §4): the batching that `muke edit`,
+"""Target memories z of many requests, in δ batches (docs/ALGORITHM.md §4): the batching that `muke edit`,
 muke.update.edit and the optimize_memories stage share. It imports no backend, so that the δ stage's code
 identity (muke.workflow.identity) does not move when a weight update changes."""
 

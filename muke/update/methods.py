@@ -23,7 +23,7 @@ METHODS = {
     "ft": ("one_for_all", "ft", "last"),
     "lora": ("one_for_all", "lora", "last"),
 }
-# Per-model defaults (the authors' Qwen2.5 column, ALGORITHM §8); a preset overrides any of them.
+# Per-model defaults (the authors' Qwen2.5 column, docs/ALGORITHM.md §8); a preset overrides any of them.
 DEFAULT_PRESET = {
     "layers": [4, 5, 6, 7, 8],  # MEMIT family; l_WM = the last
     "unke_layers": [7],  # UnKE; l_WM = the last ("unke_layer": another name, LAYER_ALIASES)
@@ -55,7 +55,7 @@ def memory_options(memory: dict) -> dict:
 
 def chat_options(backend: str, options: dict, memory: dict) -> dict:
     """The backend options with the run's chat settings (system_prompt, chat_template) where the backend
-    renders chat prompts of its own (ALGORITHM §5): UnKE's preservation samples, the MEMIT family's template
+    renders chat prompts of its own (docs/ALGORITHM.md §5): UnKE's preservation samples, the MEMIT family's template
     prompts (template_weight > 0). A template_weight of 0 leaves template_weight and template_prompts out, and
     only values other than the defaults (no system turn, the template on) enter, so that identities of runs
     made before stay as they were."""
@@ -121,6 +121,6 @@ def resolve_method(name: str, preset: dict | None = None) -> tuple[dict, str, di
 
 
 def without_delta_loop(memory: dict) -> dict:
-    """The options of a backend without target memories (ft, lora; ALGORITHM §5): how its requests are
+    """The options of a backend without target memories (ft, lora; docs/ALGORITHM.md §5): how its requests are
     encoded (one window on the chat prompt), so that no δ-loop option enters its identity."""
     return {k: memory[k] for k in ENCODING_OPTIONS}

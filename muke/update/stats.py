@@ -1,4 +1,4 @@
-"""Second-moment statistics C = E[k kᵀ] of the down_proj input k (ALGORITHM §5, "Covariance statistics").
+"""Second-moment statistics C = E[k kᵀ] of the down_proj input k (docs/ALGORITHM.md §5, "Covariance statistics").
 
 k: (d_ff,) is the input of the MLP down-projection of a decoder layer at one token position. One forward
 pass over a batch hooks every requested layer and stops after the last of them; padded positions are

@@ -1,4 +1,4 @@
-"""The template's keys preserved (ALGORITHM §5, "Template preservation"): the second moment C_t of the
+"""The template's keys preserved (docs/ALGORITHM.md §5, "Template preservation"): the second moment C_t of the
 down_proj inputs at the chat template's own positions of many unrelated chat prompts.
 
 A chat prompt ends with template tokens every prompt shares (ChatML's "<|im_end|>\\n<|im_start|>assistant\\n"),

@@ -1,4 +1,4 @@
-"""UnKE (ALGORITHM §5): fine-tune every parameter of the edited decoder block(s) so that the block maps
+"""UnKE (docs/ALGORITHM.md §5): fine-tune every parameter of the edited decoder block(s) so that the block maps
 the edit keys to the edited outputs and the preservation samples' keys to their old outputs."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def preservation_texts(
     chat_template: bool = True,
 ) -> list[str]:
     """n random records as user/assistant exchanges rendered with the run's chat settings, as the edit
-    prompts are (render_chat: `system_prompt` as the system turn, or none; ALGORITHM §5); plain text where
+    prompts are (render_chat: `system_prompt` as the system turn, or none; docs/ALGORITHM.md §5); plain text where
     the prompts are plain (chat_template false, or a tokenizer without a template: uses_chat_template)."""
     texts = []
     for rec in rng.sample(records, min(n, len(records))):

@@ -16,7 +16,7 @@ import os
 from functools import partial
 from pathlib import Path
 
-from muke.io import link_or_copy, record_sha256, recorded_sha256, verify_sha256
+from muke.io import checksum_path, link_or_copy, record_sha256, recorded_sha256, verify_sha256
 from muke.workflow.stages.command import command
 from muke.workflow.stages.common import load_model, log, write_manifest
 
@@ -55,7 +55,7 @@ def _link(target: Path, out: Path) -> None:
     tmp = out.with_name(f".{out.name}.link")
     tmp.unlink(missing_ok=True)
     link_or_copy(target, tmp)
-    verify_sha256(tmp, recorded_sha256(target), required=True)
+    verify_sha256(tmp, recorded_sha256(target), required=True, where=checksum_path(target).name)
     os.replace(tmp, out)
 
 

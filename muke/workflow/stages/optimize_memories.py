@@ -1,4 +1,4 @@
-"""optimize_memories: target memories z = h + δ of every request of a shard (ALGORITHM §4), in the δ
+"""optimize_memories: target memories z = h + δ of every request of a shard (docs/ALGORITHM.md §4), in the δ
 batches of muke.update.memories (the stage keeps its rule's and command's name, `optimize`; the code says
 `optimise`, as the engine does).
 
@@ -123,7 +123,7 @@ def optimize_memories(
     trace: str | Path,
     device: str = "auto",
 ) -> Path:
-    """Target memories z = h + δ of every request of a shard (ALGORITHM §4).
+    """Target memories z = h + δ of every request of a shard (docs/ALGORITHM.md §4).
 
     `out` (safetensors): f"{i}.z", "{i}.h", "{i}.delta" (n_windows, d_model), "{i}.positions",
     "{i}.prompt_ids", "{i}.target_ids", "{i}.windows" for request i of the shard; metadata "muke"
