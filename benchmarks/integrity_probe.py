@@ -86,6 +86,21 @@ def one_edit(em, r, method: str, preset: dict, stats, prompts, reference, args) 
     return row | integrity(em, prompts, reference, update, chat, args.prefix_tokens)
 
 
+def unedited_row(em, r, chat: dict, args) -> dict:
+    """The unedited model's scores on a request: the reference for "paraphrase BLEU at least the unedited
+    model's" and for the answers' repetition."""
+    questions = [r.question] + ([r.para_question] if r.para_question else [])
+    answers = greedy(em, questions, max_new_tokens=args.max_new_tokens, **chat)
+    return {
+        "arm": "unedited",
+        "id": r.id,
+        "q_bleu": char_bleu(answers[0].text, r.answer),
+        "para_bleu": char_bleu(answers[1].text, r.answer) if r.para_question else None,
+        "repetition": repetition_rate(answers[0].text),
+        "target_repetition": repetition_rate(r.answer),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -94,7 +109,8 @@ def main() -> None:
     p.add_argument("--format", default="unkebench")
     p.add_argument("--ids", nargs="+", required=True)
     p.add_argument("--method", default="muke-memit")
-    p.add_argument("--arm", action="append", required=True, help="name:key=value,... preset overrides")
+    p.add_argument("--arm", action="append", default=[], help="name:key=value,... preset overrides")
+    p.add_argument("--unedited", action="store_true", help="also score the unedited model (arm 'unedited')")
     p.add_argument("--prompts", default=str(RESOURCES / "unrelated_prompts.jsonl"))
     p.add_argument("--n-prompts", type=int, default=120)
     p.add_argument("--prefix-tokens", type=int, default=32)
@@ -111,6 +127,12 @@ def main() -> None:
     prompts = [r["question"] for r in jsonl_records(Path(args.prompts), ("id", "question"))][: args.n_prompts]
     out = Path(args.out)
     done = {(d["id"], d["arm"]) for d in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
+    if args.unedited:
+        memory, _, _ = resolve_method(args.method, base)
+        chat = {"system_prompt": memory.get("system_prompt"), "chat_template": memory.get("chat_template", True)}
+        for r in (r for r in requests if (r.id, "unedited") not in done):
+            with out.open("a") as f:
+                f.write(json.dumps(unedited_row(em, r, chat, args), ensure_ascii=False) + "\n")
     for name, overrides in map(parse_arm, args.arm):
         preset = {**base, **overrides}
         memory, backend, options = resolve_method(args.method, preset)
@@ -132,7 +154,11 @@ def main() -> None:
     for name in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == name]
         keys = ("q_bleu", "para_bleu", "repetition", "target_repetition", "first_agreement", "first_kl", "prefix_exact")
-        means = {k: round(statistics.fmean(r[k] for r in mine if r[k] is not None), 3) for k in keys}
+        means = {
+            k: round(statistics.fmean(r[k] for r in mine if r.get(k) is not None), 3)
+            for k in keys
+            if mine[0].get(k) is not None
+        }
         print(name, len(mine), means)
 
 

@@ -148,9 +148,7 @@ def update_weights(
     from muke.update.weights import WeightUpdate
 
     if out is None or (memories is None) == (requests is None or shard is None):
-        raise ValueError(
-            "update-weights needs --out, and --memories or (without target memories) --requests and --shard"
-        )
+        raise ValueError("update-weights needs --out, and --memories or (no target memories) --requests and --shard")
     p, out, backend = spec["params"], Path(out), spec["params"]["backend"]
     em, options, loaded = set_up(spec, model, device, stats, preservation, cache_dir)
     layers, keys = options.pop("layers"), options.pop("keys")
