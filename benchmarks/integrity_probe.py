@@ -34,6 +34,7 @@ from muke.eval.generate import greedy
 from muke.eval.metrics import char_bleu
 from muke.eval.retention import answer_shift
 from muke.model import load
+from muke.result import questions
 from muke.update.edit import edit, target_nll
 from muke.update.methods import resolve_method
 from muke.update.weights import apply
@@ -60,17 +61,19 @@ def integrity(em, prompts: list[str], reference: list, update, chat: dict, prefi
     }
 
 
-def one_edit(em, r, method: str, preset: dict, stats, prompts, reference, args) -> dict:
-    memory, _, _ = resolve_method(method, preset)
-    chat = {"system_prompt": memory.get("system_prompt"), "chat_template": memory.get("chat_template", True)}
-    questions = [r.question] + ([r.para_question] if r.para_question else [])
+def chat_of(memory: dict) -> dict:
+    """The prompts' chat settings of a resolved method (as muke.Editor renders them)."""
+    return {"system_prompt": memory.get("system_prompt"), "chat_template": memory.get("chat_template", True)}
+
+
+def one_edit(em, r, method: str, preset: dict, chat: dict, stats, prompts, reference, args) -> dict:
     seq = encode(em.tokenizer, r.question, r.answer, em.end_of_turn, None, **chat)
     begin = time.perf_counter()
     torch.manual_seed(args.seed)
     update, results = edit(em, [r], method, preset, stats)
     seconds = time.perf_counter() - begin
     with apply(em, update):
-        answers = greedy(em, questions, max_new_tokens=args.max_new_tokens, **chat)
+        answers = greedy(em, questions(r), max_new_tokens=args.max_new_tokens, **chat)
         nll = target_nll(em, seq)
     row = {
         "id": r.id,
@@ -89,8 +92,7 @@ def one_edit(em, r, method: str, preset: dict, stats, prompts, reference, args) 
 def unedited_row(em, r, chat: dict, args) -> dict:
     """The unedited model's scores on a request: the reference for "paraphrase BLEU at least the unedited
     model's" and for the answers' repetition."""
-    questions = [r.question] + ([r.para_question] if r.para_question else [])
-    answers = greedy(em, questions, max_new_tokens=args.max_new_tokens, **chat)
+    answers = greedy(em, questions(r), max_new_tokens=args.max_new_tokens, **chat)
     return {
         "arm": "unedited",
         "id": r.id,
@@ -128,15 +130,14 @@ def main() -> None:
     out = Path(args.out)
     done = {(d["id"], d["arm"]) for d in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
     if args.unedited:
-        memory, _, _ = resolve_method(args.method, base)
-        chat = {"system_prompt": memory.get("system_prompt"), "chat_template": memory.get("chat_template", True)}
+        chat = chat_of(resolve_method(args.method, base)[0])
         for r in (r for r in requests if (r.id, "unedited") not in done):
             with out.open("a") as f:
                 f.write(json.dumps(unedited_row(em, r, chat, args), ensure_ascii=False) + "\n")
     for name, overrides in map(parse_arm, args.arm):
         preset = {**base, **overrides}
         memory, backend, options = resolve_method(args.method, preset)
-        chat = {"system_prompt": memory.get("system_prompt"), "chat_template": memory.get("chat_template", True)}
+        chat = chat_of(memory)
         stats = second_moments(em, backend, options)  # with the template's C_t where template_weight > 0
         reference = greedy(em, prompts, max_new_tokens=args.prefix_tokens, batch_size=32, **chat)
         for r in requests:
@@ -145,7 +146,7 @@ def main() -> None:
             row = {
                 "arm": name,
                 "method": args.method,
-                **one_edit(em, r, args.method, preset, stats, prompts, reference, args),
+                **one_edit(em, r, args.method, preset, chat, stats, prompts, reference, args),
             }
             with out.open("a") as f:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
