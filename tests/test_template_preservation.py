@@ -67,6 +67,27 @@ def test_template_positions_are_the_tokens_after_the_question(em):
     assert template_positions(em.tokenizer, QUESTION, chat_template=False)[1] == []  # a plain prompt has none
 
 
+def test_template_span_question_adds_the_question_last_token_where_question_keys_are_written(em):
+    ids, template = template_positions(em.tokenizer, QUESTION)
+    _, span = template_positions(em.tokenizer, QUESTION, span="question")
+    assert span == [template[0] - 1, *template]
+    seq = encode(em.tokenizer, QUESTION, ANSWER, "<|im_end|>", 4, key_position="question")
+    assert seq.first_hook == span[0]
+    assert template_positions(em.tokenizer, QUESTION, chat_template=False, span="question")[1] == []
+    with pytest.raises(ValueError, match="template_span"):
+        template_positions(em.tokenizer, QUESTION, span="answer")
+
+
+def test_template_span_has_its_own_cached_second_moment(em):
+    template, question = (template_stats(em, [2], n=4, span=s) for s in ("template", "question"))
+    assert template.path != question.path
+    assert question.count[2] == template.count[2] + 4  # one more position per prompt
+    _, _, options = resolve_method("memit", {"template_weight": 2.0, "template_span": "question"})
+    assert options["template_span"] == "question"
+    _, _, options = resolve_method("memit", {"template_weight": 2.0, "template_span": "template"})
+    assert "template_span" not in options  # the default leaves identities as they were
+
+
 def test_template_questions_are_distinct_and_no_evaluation_prompt():
     questions = template_questions(1000)
     held_out = {json.loads(line)["question"].strip() for p in EVALUATION_PROMPTS for line in p.open()}

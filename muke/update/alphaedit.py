@@ -113,6 +113,7 @@ def alphaedit_update(
     edited_keys: dict[int, torch.Tensor] | None = None,
     template_weight: float = 0.0,
     template_prompts: int = TEMPLATE_PROMPTS,
+    template_span: str = "template",
     system_prompt: str | None = None,
     chat_template: bool = True,
 ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict[int, torch.Tensor]]:
@@ -124,7 +125,7 @@ def alphaedit_update(
     read = {}
     template = None
     if template_weight:
-        template = attached_template(em, stats, layers, template_prompts, system_prompt, chat_template)
+        template = attached_template(em, stats, layers, template_prompts, system_prompt, chat_template, template_span)
 
     def solve(layer, Ks, Kp):
         P = projector(stats, layer, em.device, threshold, dtype, cache_dir, template, template_weight)

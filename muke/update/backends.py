@@ -59,7 +59,9 @@ def _lora(em, update, targets, keys, stats, edited_keys, **options) -> None:
 
 
 # C_t of the chat template's keys beside C (docs/ALGORITHM.md §5, template preservation)
-TEMPLATE_OPTIONS = dict(template_weight="template_weight", template_prompts="template_prompts")
+TEMPLATE_OPTIONS = dict(
+    template_weight="template_weight", template_prompts="template_prompts", template_span="template_span"
+)
 BACKENDS = {
     "memit": Backend(
         "memit",

@@ -143,6 +143,7 @@ def memit_update(
     solve_dtype: str = "float32",
     template_weight: float = 0.0,
     template_prompts: int = TEMPLATE_PROMPTS,
+    template_span: str = "template",
     system_prompt: str | None = None,
     chat_template: bool = True,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -151,7 +152,7 @@ def memit_update(
     dtype = SOLVE_DTYPES[solve_dtype]
     template = None
     if template_weight:
-        template = attached_template(em, stats, layers, template_prompts, system_prompt, chat_template)
+        template = attached_template(em, stats, layers, template_prompts, system_prompt, chat_template, template_span)
 
     def solve(layer, Ks, Kp):
         C_t = template.second_moment(layer, em.device) if template else None

@@ -56,13 +56,15 @@ def memory_options(memory: dict) -> dict:
 def chat_options(backend: str, options: dict, memory: dict) -> dict:
     """The backend options with the run's chat settings (system_prompt, chat_template) where the backend
     renders chat prompts of its own (docs/ALGORITHM.md §5): UnKE's preservation samples, the MEMIT family's template
-    prompts (template_weight > 0). A template_weight of 0 leaves template_weight and template_prompts out, and
-    only values other than the defaults (no system turn, the template on) enter, so that identities of runs
-    made before stay as they were."""
+    prompts (template_weight > 0). A template_weight of 0 leaves template_weight, template_prompts and
+    template_span out, and only values other than the defaults (no system turn, the template on, the span
+    "template") enter, so that identities of runs made before stay as they were."""
     options = dict(options)
+    if options.get("template_span") == "template":
+        del options["template_span"]
     if not options.get("template_weight"):
-        options.pop("template_weight", None)
-        options.pop("template_prompts", None)
+        for name in ("template_weight", "template_prompts", "template_span"):
+            options.pop(name, None)
         if not BACKENDS[backend].preservation:
             return options
     defaults = {"system_prompt": None, "chat_template": True}

@@ -6,7 +6,9 @@ whose keys are nearly the same in every prompt: an update written at one of them
 template prompts are distinct sentences of the project's demo corpus, each the user turn of a prompt rendered
 with the run's chat settings (render_prompt: system_prompt, chat_template), none of them an evaluation prompt
 (resources/unrelated_prompts.jsonl, unrelated_questions.jsonl). Their template positions are the tokens after
-the user's text: question_end + 1 … len(prompt) - 1, the last being where key_position "template" writes.
+the user's text: question_end + 1 … len(prompt) - 1, the last being where key_position "template" writes;
+with span "question" from question_end on, the user's text's last token too, where key_position "question"
+writes: a prompt of the same form as the edit's has its key there close to the edit key.
 
 C_t = (1 / n) Σ k kᵀ over those positions, per edited layer, is kept as a `Stats` (the sums and counts of
 muke.update.stats) in the muke cache, keyed by the model's weights, the layers, the prompts and the chat
@@ -38,6 +40,7 @@ from muke.update.stats import (
 )
 
 TEMPLATE_PROMPTS = 1000  # template prompts when template_weight > 0 (option template_prompts)
+SPANS = ("template", "question")  # option template_span: the preserved positions start after / at question_end
 EVALUATION_PROMPTS = (RESOURCES / "unrelated_prompts.jsonl", RESOURCES / "unrelated_questions.jsonl")
 FORMAT = "muke.template-stats/1"
 BATCH = 64  # prompts per forward pass
@@ -54,22 +57,32 @@ def template_questions(n: int = TEMPLATE_PROMPTS, seed: int = 0) -> list[str]:
 
 
 def template_positions(
-    tokenizer, question: str, system_prompt: str | None = None, chat_template: bool = True
+    tokenizer, question: str, system_prompt: str | None = None, chat_template: bool = True, span: str = "template"
 ) -> tuple[list[int], list[int]]:
     """(prompt ids, template positions): the question rendered as an edit prompt is, and the indices of the
-    tokens after the user's text (question_end + 1 … len - 1; none for a plain prompt)."""
+    tokens after the user's text (question_end + 1 … len - 1; none for a plain prompt), from question_end on
+    with span "question"."""
+    if span not in SPANS:
+        raise ValueError(f"template_span must be one of {SPANS}, got {span!r}")
     prompt = render_prompt(tokenizer, question, system_prompt, chat_template)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     end = question_end(tokenizer, prompt, tuple(ids), question)
-    return ids, list(range(end + 1, len(ids)))
+    if end == len(ids) - 1:  # a plain prompt: no template tokens
+        return ids, []
+    return ids, list(range(end + (span == "template"), len(ids)))
 
 
 def template_sums(
-    em: EditableModel, layers: list[int], questions: list[str], system_prompt: str | None, chat_template: bool
+    em: EditableModel,
+    layers: list[int],
+    questions: list[str],
+    system_prompt: str | None,
+    chat_template: bool,
+    span: str = "template",
 ) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
     """({layer: Σ k kᵀ (d_ff, d_ff) fp32, upper triangle valid}, {layer: count}) over the template positions
     of `questions`, right-padded batches of BATCH prompts, all layers in one pass (stats.accumulate)."""
-    encoded = [template_positions(em.tokenizer, q, system_prompt, chat_template) for q in questions]
+    encoded = [template_positions(em.tokenizer, q, system_prompt, chat_template, span) for q in questions]
     size = d_ff(em)
     sums = {l: torch.zeros(size, size, dtype=torch.float32, device=em.device) for l in layers}
     counts = {l: 0 for l in layers}
@@ -89,6 +102,7 @@ def template_stats(
     n: int = TEMPLATE_PROMPTS,
     system_prompt: str | None = None,
     chat_template: bool = True,
+    span: str = "template",
 ) -> Stats:
     """C_t's sums for `layers` from the muke cache, or computed into it (`template_sums`)."""
     layers = sorted(set(layers))
@@ -104,11 +118,12 @@ def template_stats(
         "prompts_sha256": hashlib.sha256(json.dumps(questions).encode()).hexdigest(),
         "system_prompt": system_prompt,
         "chat_template": chat_template,
+        **({"span": span} if span != "template" else {}),  # C_t cached before the option keeps its name
     }
     digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "stats" / f"{em.model_type}-template-L{'-'.join(map(str, layers))}-{digest}.safetensors"
     if not path.exists():
-        sums, counts = template_sums(em, layers, questions, system_prompt, chat_template)
+        sums, counts = template_sums(em, layers, questions, system_prompt, chat_template, span)
         if not counts[layers[0]]:
             raise StatsError("template_weight: the prompts have no template tokens (no chat template)")
         write_safetensors(path, sum_tensors(sums, counts), {"muke": json.dumps({**job, "complete": True})})
@@ -116,13 +131,19 @@ def template_stats(
 
 
 def attached_template(
-    em: EditableModel, stats: Stats, layers, n: int, system_prompt: str | None, chat_template: bool
+    em: EditableModel,
+    stats: Stats,
+    layers,
+    n: int,
+    system_prompt: str | None,
+    chat_template: bool,
+    span: str = "template",
 ) -> Stats:
     """`template_stats` kept in the run's statistics' cache: computed (or read) once per process, on the
     model as it is at the first update, as C is collected on the unedited model."""
-    key = ("template", tuple(sorted(set(layers))), n, system_prompt, chat_template)
+    key = ("template", tuple(sorted(set(layers))), n, system_prompt, chat_template, span)
     if key not in stats.cache:
-        stats.cache[key] = template_stats(em, layers, n, system_prompt, chat_template)
+        stats.cache[key] = template_stats(em, layers, n, system_prompt, chat_template, span)
     return stats.cache[key]
 
 
@@ -132,4 +153,4 @@ def attach_template(em: EditableModel, stats: Stats | None, options: dict) -> No
     if stats is not None and options.get("template_weight"):
         n = options.get("template_prompts", TEMPLATE_PROMPTS)
         chat = options.get("system_prompt"), options.get("chat_template", True)
-        attached_template(em, stats, options["layers"], n, *chat)
+        attached_template(em, stats, options["layers"], n, *chat, options.get("template_span", "template"))
