@@ -1,4 +1,4 @@
-"""Efficacy and integrity of single edits, per arm (docs/study/integrity.md).
+"""Efficacy and integrity of single edits, per arm (docs/study/smollm2-8-integrity.md).
 
 For each request and arm (a method plus preset overrides, e.g. key_position question), one edit from the
 unedited model, then:
@@ -28,7 +28,7 @@ import yaml
 
 from muke.data import RESOURCES, jsonl_records, load_requests, select
 from muke.editor import statistics as second_moments
-from muke.engine.windows import encode
+from muke.engine.windows import chat_settings, encode
 from muke.eval.fluency import repetition_rate
 from muke.eval.generate import greedy
 from muke.eval.metrics import char_bleu
@@ -59,11 +59,6 @@ def integrity(em, prompts: list[str], reference: list, update, chat: dict, prefi
         "token_agreement": shift["answer_agreement"],
         "prefix_exact": 100.0 * sum(exact) / len(exact),
     }
-
-
-def chat_of(memory: dict) -> dict:
-    """The prompts' chat settings of a resolved method (as muke.Editor renders them)."""
-    return {"system_prompt": memory.get("system_prompt"), "chat_template": memory.get("chat_template", True)}
 
 
 def one_edit(em, r, method: str, preset: dict, chat: dict, stats, prompts, reference, args) -> dict:
@@ -130,14 +125,14 @@ def main() -> None:
     out = Path(args.out)
     done = {(d["id"], d["arm"]) for d in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
     if args.unedited:
-        chat = chat_of(resolve_method(args.method, base)[0])
+        chat = chat_settings(resolve_method(args.method, base)[0])
         for r in (r for r in requests if (r.id, "unedited") not in done):
             with out.open("a") as f:
                 f.write(json.dumps(unedited_row(em, r, chat, args), ensure_ascii=False) + "\n")
     for name, overrides in map(parse_arm, args.arm):
         preset = {**base, **overrides}
         memory, backend, options = resolve_method(args.method, preset)
-        chat = chat_of(memory)
+        chat = chat_settings(memory)
         stats = second_moments(em, backend, options)  # with the template's C_t where template_weight > 0
         reference = greedy(em, prompts, max_new_tokens=args.prefix_tokens, batch_size=32, **chat)
         for r in requests:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from muke.data import DEMO_CORPUS, DataError, EditRequest
+from muke.engine.windows import chat_settings
 from muke.model import EditableModel
 from muke.result import EditResult, questions, request_record, score, sequence_row, single_row
 
@@ -140,10 +141,7 @@ class Editor:
         self.memory, self.backend, self.options = resolve_method(method, self.hparams)
         for layer in [self.memory["layer"], *self.options["layers"]]:
             self.em.check_layer(layer)
-        self.chat = {
-            "system_prompt": self.memory.get("system_prompt"),
-            "chat_template": self.memory.get("chat_template", True),
-        }
+        self.chat = chat_settings(self.memory)
         self.max_new_tokens, self.delta_batch_size, self.progress = max_new_tokens, delta_batch_size, progress
         self.applied_results: list[EditResult] = []  # the results whose ΔW the model holds, in order
         self._stats = stats

@@ -163,6 +163,12 @@ def plain_prompt(tokenizer, question: str) -> str:
     return tokenizer.bos_token + question if adds_bos else question
 
 
+def chat_settings(settings) -> dict:
+    """The chat settings of a run's hyperparameters (or resolved memory settings), as render_prompt takes
+    them: {system_prompt (None: no system turn), chat_template (True: the tokenizer's template)}."""
+    return {"system_prompt": settings.get("system_prompt"), "chat_template": settings.get("chat_template", True)}
+
+
 def render_prompt(tokenizer, question: str, system_prompt: str | None = None, chat_template: bool = True) -> str:
     """The chat-templated question, ending where the assistant's answer starts: with `system_prompt` as
     the system turn, or (None) with none, as the paper's prompts have none even where the template would

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from muke.data import DEMO_CORPUS, RESOURCES, jsonl_records
-from muke.engine.windows import render_prompt
+from muke.engine.windows import chat_settings, render_prompt
 from muke.eval.generate import greedy
 from muke.eval.metrics import char_bleu, word_bleu
 from muke.model import EditableModel, pad
@@ -247,14 +247,9 @@ class Reference:
     kinds: list[str]  # each prompt's kind (question, instruction, code, arithmetic)
 
 
-def _chat(settings: dict) -> dict:
-    """The prompts' chat settings: the edited run's (system_prompt, chat_template), no system turn by default."""
-    return {"system_prompt": settings.get("system_prompt"), "chat_template": settings.get("chat_template", True)}
-
-
 def _answers(em: EditableModel, questions: list[str], settings: dict) -> list[str]:
     batch = dict(max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"])
-    return [g.text for g in greedy(em, questions, **batch, **_chat(settings))]
+    return [g.text for g in greedy(em, questions, **batch, **chat_settings(settings))]
 
 
 def reference(em: EditableModel, settings: dict) -> Reference:
@@ -343,7 +338,7 @@ def locality_rows(
     result = answer_retention(ref.answers, post)
     prefix = prefix_exact(em.tokenizer, ref.answers, post, min(s["prefix_tokens"], s["max_new_tokens"]))
     shift = text_shift(em, ref.texts, update, batch_size=s["text_batch_size"], max_length=s["max_length"])
-    drift = answer_shift(em, ref.questions, ref.answers, update, batch_size=s["batch_size"], **_chat(s))
+    drift = answer_shift(em, ref.questions, ref.answers, update, batch_size=s["batch_size"], **chat_settings(s))
     state = dict(model_state=model_state, request_id=request_id)
     found = _per_question_rows(result, drift, prefix) + _per_token_rows(shift, drift)
     rows = [{**state, **row} for row in found + _kind_rows(ref.kinds, drift, prefix)]

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from muke.data import DEFAULT_PRESERVATION
+from muke.engine.windows import chat_settings
 from muke.update.backends import BACKENDS
 from muke.update.memories import budget_params
 from muke.update.methods import layer_keys, parse_method, resolve_method
@@ -93,7 +94,7 @@ class Plan:
         model's window W and prompt format, and the dataset's selection."""
         hparams = hp.values(hp.resolve(hp.levels(self.config, pair.model, None))[0])
         settings = {k: v for k, v in self.config["trace"].items() if k not in ("enabled", "batch_size")}
-        prompt = {k: hparams.get(k, default) for k, default in (("system_prompt", None), ("chat_template", True))}
+        prompt = chat_settings(hparams)
         params = {**settings, **prompt, "window": hparams["window"], "dtype": pair.model.dtype}
         spec = Spec(
             "trace_layers", {**params, "selection": pair.dataset.selection}, {"model": pair.model.spec.identity}
@@ -291,7 +292,7 @@ class Plan:
         chat_template), as the answers to its edit requests are."""
         if not params["retention"].get("enabled"):
             return params
-        chat = {"system_prompt": hparams.get("system_prompt"), "chat_template": hparams.get("chat_template", True)}
+        chat = chat_settings(hparams)
         return {**params, "retention": {**params["retention"], **chat}}
 
     def _register(self, run: Run) -> None:
