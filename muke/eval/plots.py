@@ -1,5 +1,6 @@
 """The report's figures (paper Fig. 4 per category, Fig. 5 BLEU vs target length, Fig. 6 metric vs swept
-value, δ-loss traces) as inline base64 PNG, each with a note where its data is missing."""
+value, δ-loss traces, the Integrity section's efficacy–integrity frontier) as inline base64 PNG, each with
+a note where its data is missing."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ import io
 import pandas as pd
 
 from muke.eval.page import LABELS, METRICS, esc, note, sorted_values
+
+FRONTIER_TITLE = "Efficacy–integrity frontier"
+FRONTIER_CAPTION = (
+    "One point per edited run: x, its question BLEU (×100, the Integrity table's family); y, its first-token "
+    "agreement (% of unrelated chat prompts whose first answer token is the unedited model's top-1; the "
+    "unedited model scores 100 by definition and is not drawn). Colour: the repetition rate of the question "
+    "answers (share of word 3-grams repeating an earlier one; grey where not measured). The upper right is "
+    "better; the named points on the step line are not dominated: no other run is at least as good on both "
+    "axes and better on one."
+)
 
 
 def _png(fig) -> str:
@@ -111,6 +122,33 @@ def plot_traces(traces: pd.DataFrame):
     ax.set(xlabel="δ optimisation step", ylabel="loss")
     ax.legend(fontsize=8)
     return fig
+
+
+def plot_frontier(points: pd.DataFrame):
+    """Question BLEU against first-token agreement per run of `points` (muke.eval.integrity.frontier_points),
+    coloured by the answers' repetition rate; the Pareto-optimal runs joined by a step line and named."""
+    fig, axes = _subplots()
+    ax = axes[0, 0]
+    grey = points[points["repetition"].isna()]
+    ax.scatter(grey["question_bleu"], grey["first_token_agreement"], color="0.75", edgecolors="k")
+    coloured = points.dropna(subset=["repetition"])
+    if len(coloured):
+        xy = coloured["question_bleu"], coloured["first_token_agreement"]
+        dots = ax.scatter(*xy, c=coloured["repetition"], cmap="viridis", edgecolors="k")
+        fig.colorbar(dots, ax=ax, label="repetition rate of the answers")
+    front = points[points["pareto"]].sort_values(["question_bleu", "first_token_agreement"], ascending=[True, False])
+    ax.step(front["question_bleu"], front["first_token_agreement"], where="pre", color="k", linewidth=1)
+    for run in front.itertuples():
+        xy = (run.question_bleu, run.first_token_agreement)
+        ax.annotate(run.run, xy, xytext=(4, 4), textcoords="offset points", fontsize=8)
+    ax.margins(0.1)  # room for the names
+    ax.set(xlabel="question BLEU (×100)", ylabel="first-token agreement (%)")
+    return fig
+
+
+def frontier_figure(points: pd.DataFrame) -> list[str]:
+    """The frontier figure (`plot_frontier`) where `points` has ≥ 2 runs to compare, else nothing."""
+    return [_figure(FRONTIER_TITLE, plot_frontier(points), FRONTIER_CAPTION)] if len(points) >= 2 else []
 
 
 def _figure_or_note(ok: bool, title: str, plot, caption: str, missing: str) -> str:
