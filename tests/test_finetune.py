@@ -195,6 +195,47 @@ def test_the_update_stage_reads_the_requests_of_its_shard(tmp_path, monkeypatch)
         update_weights(spec, model, out=index, device="cpu")
 
 
+def test_the_report_lists_a_baselines_failed_update(tmp_path, monkeypatch):
+    """A run without δ memories (ft) still has update shards in the report spec, and a batch whose update
+    failed shows in the report's failures with the stage and the reason."""
+    from muke.eval import tables
+    from muke.numerics import NumericalError
+    from muke.update import edit as update_edit
+    from muke.workflow.report_spec import report_runs
+    from muke.workflow.stages.prepare_model import prepare_model
+    from muke.workflow.stages.report import _read_shard
+    from muke.workflow.stages.update_weights import update_weights
+
+    workdir = make_workdir(tmp_path)
+    monkeypatch.chdir(workdir)
+    plan = Plan(_config())
+    run = next(r for r in plan.runs if r.method == "ft")
+    model = workdir / plan.model_dir(run.model)
+    prepare_model(json.loads(run.model.spec.to_json()), model)
+    first = run.dataset.request_ids[0]
+
+    def failing(em, batch, *args, **kwargs):
+        if batch[0].id == first:
+            raise NumericalError("ft update: loss is nan")
+        return compute(em, batch, *args, **kwargs)
+
+    compute = update_edit.compute_update
+    monkeypatch.setattr(update_edit, "compute_update", failing)
+    update_weights(
+        json.loads(run.update.to_json()),
+        model,
+        out=plan.update_path(run, 0),
+        requests=run.dataset.path,
+        shard=0,
+        device="cpu",
+    )
+    (spec,) = [r for r in report_runs(plan) if r["method"] == "ft"]
+    assert spec["files"]["shards"] == [{"memories": None, "trace": None, "update": plan.update_path(run, 0)}]
+    failures = tables.failures([spec], _read_shard)
+    assert failures[["id", "stage", "reason"]].values.tolist() == [[first, "update_weights", "ft update: loss is nan"]]
+    assert tables.traces([spec]) is None  # no δ traces to read
+
+
 @needs_snakemake
 def test_the_workflow_runs_the_baselines_into_the_report(tmp_path_factory):
     repo = snapshot(tmp_path_factory.mktemp("snapshot") / "repo")

@@ -165,12 +165,12 @@ def per_sample(runs: list[dict], datasets: dict):
 
 
 def traces(runs: list[dict]):
-    """The δ-loss traces (id, window, step, loss) of every shard."""
-    return read_labelled(runs, lambda r: [s["trace"] for s in r["files"]["shards"]])
+    """The δ-loss traces (id, window, step, loss) of every shard that has them."""
+    return read_labelled(runs, lambda r: [s["trace"] for s in r["files"]["shards"] if s["trace"]])
 
 
 def _shard_failures(label: dict, shard: dict, memories_meta: dict, update_rows: list[dict]) -> list[dict]:
-    where = {"run": Path(shard["memories"]).parent.name, **label}
+    where = {"run": Path(shard["memories"] or shard["update"]).parent.name, **label}
     lost = [
         {
             "id": s["id"],

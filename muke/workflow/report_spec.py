@@ -15,18 +15,16 @@ from muke.workflow.runs import PRE_EDIT
 
 
 def _run_files(plan, run) -> dict:
-    shards = (
-        []
-        if run.memories is None
-        else [
-            {
-                "memories": plan.memories_path(run, k),
-                "trace": plan.trace_path(run, k),
-                "update": plan.update_path(run, k),
-            }
-            for k in plan.shards(run)
-        ]
-    )
+    """A run's result files; its shards' δ memories and traces are None where its method has none (ft, lora)."""
+    memories = run.memories is not None
+    shards = [
+        {
+            "memories": plan.memories_path(run, k) if memories else None,
+            "trace": plan.trace_path(run, k) if memories else None,
+            "update": plan.update_path(run, k),
+        }
+        for k in (plan.shards(run) if run.update is not None else ())
+    ]
     return {**plan.score_paths(run), "locality": plan.locality_path(run) if run.locality else None, "shards": shards}
 
 

@@ -11,7 +11,9 @@ from muke.workflow.stages.common import log, read_memories_meta, read_update_ind
 
 
 def _read_shard(shard: dict) -> tuple[dict, list[dict]]:
-    return read_memories_meta(shard["memories"]), read_update_index(shard["update"])
+    """(the memories file's metadata, none for a method without memories; the update index's rows)."""
+    meta = read_memories_meta(shard["memories"]) if shard["memories"] else {"requests": [], "skipped": []}
+    return meta, read_update_index(shard["update"])
 
 
 @command(
