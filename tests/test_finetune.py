@@ -171,10 +171,9 @@ def test_the_plan_gives_the_baselines_an_update_that_reads_the_requests(tmp_path
     assert run.sequence.params["memory"] == runs["lora"].update.params["memory"] and run.stats is None
 
 
-def test_the_update_stage_reads_the_requests_of_its_shard(tmp_path, monkeypatch):
-    from muke.workflow.stages.common import read_update_index
+def _prepared_ft_run(tmp_path, monkeypatch):
+    """(workdir, plan, the ft run, its prepared model folder) of the tiny config with the baselines."""
     from muke.workflow.stages.prepare_model import prepare_model
-    from muke.workflow.stages.update_weights import update_weights
 
     workdir = make_workdir(tmp_path)
     monkeypatch.chdir(workdir)
@@ -182,6 +181,14 @@ def test_the_update_stage_reads_the_requests_of_its_shard(tmp_path, monkeypatch)
     run = next(r for r in plan.runs if r.method == "ft")
     model = workdir / plan.model_dir(run.model)
     prepare_model(json.loads(run.model.spec.to_json()), model)
+    return workdir, plan, run, model
+
+
+def test_the_update_stage_reads_the_requests_of_its_shard(tmp_path, monkeypatch):
+    from muke.workflow.stages.common import read_update_index
+    from muke.workflow.stages.update_weights import update_weights
+
+    workdir, plan, run, model = _prepared_ft_run(tmp_path, monkeypatch)
     index = workdir / plan.update_path(run, 0)
     spec = json.loads(run.update.to_json())
     update_weights(spec, model, out=index, requests=run.dataset.path, shard=0, device="cpu")
@@ -202,16 +209,10 @@ def test_the_report_lists_a_baselines_failed_update(tmp_path, monkeypatch):
     from muke.numerics import NumericalError
     from muke.update import edit as update_edit
     from muke.workflow.report_spec import report_runs
-    from muke.workflow.stages.prepare_model import prepare_model
     from muke.workflow.stages.report import _read_shard
     from muke.workflow.stages.update_weights import update_weights
 
-    workdir = make_workdir(tmp_path)
-    monkeypatch.chdir(workdir)
-    plan = Plan(_config())
-    run = next(r for r in plan.runs if r.method == "ft")
-    model = workdir / plan.model_dir(run.model)
-    prepare_model(json.loads(run.model.spec.to_json()), model)
+    workdir, plan, run, model = _prepared_ft_run(tmp_path, monkeypatch)
     first = run.dataset.request_ids[0]
 
     def failing(em, batch, *args, **kwargs):
