@@ -2,7 +2,9 @@
 (the preset was tuned on ids 2–21), edited with μKE (MEMIT) through muke.Editor, exported, and loaded by plain
 transformers. The edited model reproduces the target's first 40 tokens, and keeps the first answer token of
 most unrelated chat prompts (resources/unrelated_prompts.jsonl) where the paper's key position, the chat
-template's last token, changes almost all of them (docs/study/smollm2-8-integrity.md)."""
+template's last token, changes almost all of them (docs/study/smollm2-8-integrity.md). Record 55 with
+key_position question alone kept the first token of 82.5 % of the 120 prompts (study 8's probe); the bound
+below lies far above the template key position's ~10 %."""
 
 import os
 
@@ -47,7 +49,8 @@ def test_the_shipped_preset_edits_an_untuned_record_and_keeps_unrelated_first_to
         pytest.skip(f"benchmark sample {SAMPLE} not available")
     (request,) = [r for r in load_requests(SAMPLE, "unkebench") if r.id == RECORD]
     editor = muke.Editor(smollm2_path, "muke-memit", device="cpu", delta_batch_size=1, progress=False)
-    assert editor.memory["key_position"] == "question"  # the shipped preset's
+    assert editor.memory["key_position"] == "question"  # the shipped preset's, with the question-end keys kept
+    assert editor.options["template_weight"] > 0 and editor.options["template_span"] == "question"
     system = editor.chat["system_prompt"]
     render = lambda q: render_prompt(editor.tokenizer, q, system)  # noqa: E731
     unrelated = [r["question"] for r in jsonl_records(RESOURCES / "unrelated_prompts.jsonl", ("question",))][::3]
