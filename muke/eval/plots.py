@@ -134,15 +134,15 @@ def plot_frontier(points: pd.DataFrame):
     coloured = points.dropna(subset=["repetition"])
     if len(coloured):
         xy = coloured["question_bleu"], coloured["first_token_agreement"]
-        dots = ax.scatter(*xy, c=coloured["repetition"], cmap="viridis", edgecolors="k")
+        dots = ax.scatter(*xy, c=coloured["repetition"], cmap="viridis", vmin=0, edgecolors="k")
         fig.colorbar(dots, ax=ax, label="repetition rate of the answers")
     front = points[points["pareto"]].sort_values(["question_bleu", "first_token_agreement"], ascending=[True, False])
     ax.step(front["question_bleu"], front["first_token_agreement"], where="pre", color="k", linewidth=1)
     for run in front.itertuples():
         xy = (run.question_bleu, run.first_token_agreement)
         ax.annotate(run.run, xy, xytext=(4, 4), textcoords="offset points", fontsize=8)
-    ax.margins(0.1)  # room for the names
-    ax.set(xlabel="question BLEU (×100)", ylabel="first-token agreement (%)")
+    # both axes on their whole 0–100 scale: runs a few points apart are not drawn as far apart
+    ax.set(xlabel="question BLEU (×100)", ylabel="first-token agreement (%)", xlim=(0, 108), ylim=(0, 108))
     return fig
 
 
