@@ -111,6 +111,35 @@ def cost(folder: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def budget(runs: list[dict]) -> pd.DataFrame:
+    """Optimisation steps per request of each run: the δ loop's Adam updates (a window's trace rows less its
+    stopping row), or the fine-tuning steps of ft / lora (their update's trace, one row per step)."""
+    from muke.update.weights import WeightUpdate
+    from muke.workflow.stages.common import read_update_index
+
+    rows = []
+    for run in runs:
+        steps = []
+        for shard in run["files"]["shards"]:
+            if shard["trace"]:
+                t = pd.read_parquet(shard["trace"])
+                steps += list((t.groupby(["id", "window"]).size() - 1).groupby(level=0).sum())
+            else:
+                for entry in read_update_index(shard["update"]):
+                    if entry["path"] is not None:
+                        steps.append(len(WeightUpdate.load(entry["path"]).info["trace"]))
+        if steps:
+            rows.append(
+                {
+                    "method": run["method"],
+                    "setting": run["setting"] or "–",
+                    "requests": len(steps),
+                    "steps / request (mean, max)": f"{sum(steps) / len(steps):.0f}, {max(steps)}",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     png, folders = sys.argv[1], [read(a) for a in sys.argv[2:]]
     edit = pd.concat([labelled(pd.read_parquet(f / "tables/edit_metrics.parquet"), l) for f, l, _ in folders])
@@ -119,6 +148,7 @@ def main() -> None:
     print(md(points.round(3)), "\n")
     records = pd.concat([per_record(*f) for f in folders], ignore_index=True)
     print(md(spread(records)), "\n")
+    print(md(pd.concat([budget(runs) for _, _, runs in folders], ignore_index=True)), "\n")
     for f, _, _ in folders:
         c = cost(f)
         if len(c):
