@@ -278,11 +278,13 @@ class Editor:
         batch_size: int = 1,
         evaluate: bool = True,
         on_batch: Callable[[int, Any, float], None] | None = None,
+        **sequence_options,
     ) -> EditResult:
         """Edit batches of `batch_size` requests one after another into the model (lifelong editing,
         muke.update.sequential): each batch's memories and ΔW on the model the earlier batches left. Each
         row holds its answers right after its own batch (`own_*`) and after the last. on_batch(t, ΔW_t,
-        seconds per request) runs after batch t. The model holds the whole chain afterwards (`result.revert()`)."""
+        seconds per request) runs after batch t. The model holds the whole chain afterwards (`result.revert()`).
+        sequence_options: SequentialEditor's preserve_earlier, weight_growth, resolve_every."""
         from muke.update.memories import batches_of
         from muke.update.sequential import SequentialEditor
 
@@ -292,7 +294,7 @@ class Editor:
         nll_pre = {r.id: self._nll(r) for r in requests} if evaluate else {}
         answered = iter(pre or ())
         by_id = {r.id: [next(answered) for _ in questions(r)] for r in requests} if evaluate else {}
-        with SequentialEditor(self.em, self.method, stats=self.stats, resolved=resolved) as editor:
+        with SequentialEditor(self.em, self.method, stats=self.stats, resolved=resolved, **sequence_options) as editor:
             for t, batch in enumerate(batches_of(requests, batch_size)):
                 start = time.perf_counter()
                 update, _ = editor.edit(batch)

@@ -259,6 +259,24 @@ def test_edit_sequential_reports_each_request_after_its_batch_and_after_the_last
     assert len(json_rows((tmp_path / "run" / "results.jsonl").read_text())) == 3
 
 
+def test_edit_sequential_takes_the_sequence_options(tiny_qwen2_path, stats_file, capsys, tmp_path):
+    """--resolve-every 2: the second batch's ΔW is the re-solving link (dense, info resolved); --preserve-earlier:
+    each MEMIT link keeps its edit keys; a backend that cannot honour an option is refused by name."""
+    requests = tmp_path / "r.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in SEQUENTIAL_REQUESTS))
+    argv = ["edit", "--model", str(tiny_qwen2_path), "--method", "muke-memit", "--requests", str(requests)]
+    argv += ["--stats", str(stats_file), *SMALL, "--json", "--sequential", "--batch-size", "2"]
+    argv += ["--resolve-every", "2", "--preserve-earlier", "--weight-growth", "0.5"]
+    assert cli.main([*argv, "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    first, second = (WeightUpdate.load(f) for f in sorted((tmp_path / "run" / "updates").iterdir()))
+    assert first.factors and not first.params and first.keys
+    assert second.params and not second.factors and second.info["resolved"] and second.info["resolved_edits"] == 3
+    unke = ["edit", "--model", str(tiny_qwen2_path), "--method", "muke-unke", "--requests", str(requests)]
+    assert cli.main([*unke, "--stats", str(stats_file), *SMALL, "--sequential", "--preserve-earlier"]) != 0
+    assert "preserve_earlier: backend 'unke'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mode", [[], ["--sequential"]], ids=["single", "sequential"])
 def test_edit_scores_the_target_nll_on_the_prompts_the_preset_renders(
     tiny_qwen2_path, stats_file, capsys, monkeypatch, tmp_path, mode

@@ -125,3 +125,17 @@ def test_no_frontier_for_fewer_than_two_points(tmp_path):
     assert len(pd.read_csv(tmp_path / "one" / "frontier.csv")) == 1
     build_report(_edit(), None, tmp_path / "none")
     assert not (tmp_path / "none" / "frontier.csv").exists()
+
+
+def test_pareto_runs_are_numbered_on_the_plot_and_named_in_its_key():
+    """Runs a few points apart would print their names over each other: the dots get numbers, the key names."""
+    from muke.eval.plots import plot_frontier
+
+    close = {**RUNS, "b": (89.0, 0.52, 0.10)}
+    points = frontier_points(_edit(close), _locality(close))
+    ax = plot_frontier(points).axes[0]
+    front = points[points["pareto"]].sort_values("question_bleu")
+    assert [t.get_text() for t in ax.texts] == [str(k) for k in range(1, len(front) + 1)]
+    key = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert key == [f"{k}: {name}" for k, name in enumerate(front["run"], 1)]
+    assert [t.xy for t in ax.texts] == list(zip(front["question_bleu"], front["first_token_agreement"]))

@@ -8,7 +8,7 @@ from muke.data import EditRequest
 from muke.model import load
 from muke.update.alphaedit import without_keys
 from muke.update.backends import BACKENDS
-from muke.update.edit import edit
+from muke.update.edit import compute_update, edit
 from muke.update.sequential import SequentialEditor, batches_of, chain_sum, edit_sequence
 from muke.update.stats import StatsConfig, collect_stats, load_stats
 from muke.update.weights import WeightUpdate, apply, touched
@@ -57,6 +57,12 @@ def weights(em):
 
 def same(a, b):
     return all(torch.equal(a[n], b[n]) for n in a)
+
+
+def same_factors(a: WeightUpdate, b: WeightUpdate) -> bool:
+    return a.factors.keys() == b.factors.keys() and all(
+        torch.equal(x, y) for layer in a.factors for x, y in zip(a.factors[layer], b.factors[layer])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +191,116 @@ def test_without_keys_projects_onto_the_null_space_orthogonal_to_the_keys():
     torch.testing.assert_close(P @ Pt, Pt, atol=1e-5, rtol=0)  # inside range(P)
     assert round(torch.trace(Pt).item()) == 8
     assert torch.equal(without_keys(P, K[:, :0]), P)
+
+
+# ---------------------------------------------------------------------------- keeping the earlier edits
+
+
+def test_preserve_earlier_memit_moves_the_first_edits_outputs_less(em, stats, preset, chains):
+    """preserve_earlier: the first batch's keys join the second solve's Kp; ΔW_2 k_1 shrinks."""
+    chain = edit_sequence(em, batches_of(REQUESTS[:2], 1), "muke-memit", preset, stats, preserve_earlier=True)
+    first, second = chain
+    assert set(first.keys) == set(second.keys) == {0, 1, 2}
+    plain = chains["muke-memit"][0][1]
+    assert same_factors(first, chains["muke-memit"][0][0])  # nothing to preserve before batch 2
+    for layer, K in first.keys.items():
+        kept, moved = (second.dense(layer) @ K).norm(), (plain.dense(layer) @ K).norm()
+        assert kept < 0.8 * moved, (layer, kept, moved)  # 0.65-0.74 on the tiny model
+
+
+def test_preserve_earlier_resumes_from_the_keys_in_the_saved_update(em, stats, preset, tmp_path):
+    chain = edit_sequence(em, batches_of(REQUESTS[:2], 1), "muke-memit", preset, stats, preserve_earlier=True)
+    saved = WeightUpdate.load(chain[0].save(tmp_path / "0000.safetensors"))
+    with SequentialEditor(em, "muke-memit", preset, stats, preserve_earlier=True) as editor:
+        editor.replay(saved)
+        second, _ = editor.edit([REQUESTS[1]])
+    assert same_factors(second, chain[1])
+
+
+def test_weight_growth_solves_batch_t_with_the_grown_weight(em, stats, preset, chains):
+    """Batch 1 (one edit before it) of a sequence with growth g is the update at w·(1 + g) on batch 0's model;
+    growth 0 is today's sequence, bit for bit."""
+    g, w = 2.5, preset["mom2_update_weight"]
+    grown = edit_sequence(em, batches_of(REQUESTS[:2], 1), "muke-memit", preset, stats, weight_growth=g)
+    unchanged = edit_sequence(em, batches_of(REQUESTS[:2], 1), "muke-memit", preset, stats, weight_growth=0.0)
+    today = chains["muke-memit"][0]
+    with apply(em, grown[0]):
+        single, _ = edit(em, [REQUESTS[1]], "muke-memit", {**preset, "mom2_update_weight": w * (1 + g)}, stats)
+    assert grown[1].info["mom2_update_weight"] == w * (1 + g) and grown[0].info["mom2_update_weight"] == w
+    assert same_factors(grown[1], single) and same_factors(grown[0], today[0]) and not same_factors(grown[1], today[1])
+    assert all(same_factors(a, b) for a, b in zip(unchanged, today))
+    timing = ("seconds", "memory_seconds")
+    assert [{k: v for k, v in u.info.items() if k not in timing} for u in unchanged] == [
+        {k: v for k, v in u.info.items() if k not in timing} for u in today
+    ]
+
+
+def down_projections_of(em):
+    """The edited layers' down-projections."""
+    return {
+        f"model.layers.{layer}.mlp.down_proj.weight": em.down_proj(layer).weight.detach().clone()
+        for layer in PRESET["layers"]
+    }
+
+
+@pytest.mark.parametrize("method", ["muke-memit", "matryoshka+alphaedit"])
+def test_resolve_every_re_solves_on_the_original_weights_and_the_chain_replays_bit_for_bit(em, stats, preset, method):
+    """resolve_every 2: batch 1's link takes the down-projections to W_0 + ΔW(every target so far, on W_0);
+    batch 2 is an ordinary update on that model; the chain replays the final model and W_0 comes back."""
+    original, seen = weights(em), []
+    with SequentialEditor(em, method, preset, stats, resolve_every=2) as editor:
+        chain = [editor.edit([r])[0] for r in REQUESTS[:2]]
+        seen.append(weights(em))
+        chain.append(editor.edit([REQUESTS[2]])[0])
+        seen.append(weights(em))
+        targets, backend, options = editor.targets[:2], editor.backend, editor.options
+        keys = {layer: K.clone() for layer, K in (editor.edited_keys or {}).items()}
+    assert same(weights(em), original)
+    _, resolved, last = chain
+    assert resolved.info["resolved"] and resolved.request_ids == ["orlan"] and not resolved.factors
+    assert set(resolved.params) == set(down_projections_of(em)) and "resolved" not in last.info
+    assert all(d.dtype == torch.float32 for d in resolved.params.values())
+    one_shot = compute_update(em, targets, backend, stats=stats, **options)
+    with apply(em, one_shot):
+        expected = down_projections_of(em)
+    for name, W in expected.items():
+        torch.testing.assert_close(seen[0][name], W, rtol=1e-5, atol=1e-6)
+    for n, state in ((2, seen[0]), (3, seen[1])):
+        with apply(em, chain[:n]):
+            assert same(weights(em), state)
+    assert same(weights(em), original)
+    if method == "matryoshka+alphaedit":  # the earlier edits' keys keep accumulating across the re-solve
+        assert all(K.shape[1] == sum(u.keys[layer].shape[1] for u in chain) for layer, K in keys.items())
+
+
+def test_resolve_every_resumes_from_the_saved_chain_and_targets(em, stats, preset, tmp_path):
+    with SequentialEditor(em, "muke-memit", preset, stats, resolve_every=2) as editor:
+        whole = [editor.edit([r]) for r in REQUESTS[:2]]
+    saved = WeightUpdate.load(whole[0][0].save(tmp_path / "0000.safetensors"))
+    with SequentialEditor(em, "muke-memit", preset, stats, resolve_every=2) as editor:
+        with pytest.raises(ValueError, match="resolve_every: the update of"):
+            editor.replay(saved)
+        editor.replay(saved, editor.targets_of([REQUESTS[0]], [r.z for r in whole[0][1]]))
+        resolved, _ = editor.edit([REQUESTS[1]])
+    assert resolved.info["resolved"] and resolved.params.keys() == whole[1][0].params.keys()
+    assert all(torch.equal(d, whole[1][0].params[name]) for name, d in resolved.params.items())
+
+
+@pytest.mark.parametrize(
+    ("method", "option", "message"),
+    [
+        ("muke-unke", {"preserve_earlier": True}, "preserve_earlier: backend 'unke' has no edit keys"),
+        ("ft", {"preserve_earlier": True}, "preserve_earlier: backend 'ft'"),
+        ("lora", {"preserve_earlier": True}, "preserve_earlier: backend 'lora'"),
+        ("matryoshka+alphaedit", {"weight_growth": 0.1}, "weight_growth: backend 'alphaedit'"),
+        ("muke-unke", {"weight_growth": 0.1}, "weight_growth: backend 'unke'"),
+        ("muke-memit", {"weight_growth": -1.0}, "weight_growth: must be ≥ 0"),
+        ("muke-unke", {"resolve_every": 2}, "resolve_every: backend 'unke'"),
+        ("lora", {"resolve_every": 1}, "resolve_every: backend 'lora'"),
+        ("muke-memit", {"resolve_every": 0}, "resolve_every: must be ≥ 1"),
+    ],
+)
+def test_sequence_options_a_backend_cannot_honour_are_refused(em, method, option, message):
+    with pytest.raises(ValueError, match=message):
+        SequentialEditor(em, method, PRESET, **option)
+    SequentialEditor(em, "matryoshka+alphaedit", PRESET, preserve_earlier=True)  # implied there: accepted

@@ -55,6 +55,33 @@ def test_plan_a_run_per_checkpoint_sharing_one_sequence_whose_identity_ignores_t
         Plan(sequential_config(batch_size=2, checkpoints=[1]))
 
 
+def test_the_sequence_options_enter_the_edit_sequence_identity_where_set(tmp_path, monkeypatch):
+    """editing.preserve_earlier / weight_growth / resolve_every: in the spec and identity where not their
+    defaults (a sequence made before them keeps its identity); a backend that cannot honour one is refused."""
+    monkeypatch.chdir(make_workdir(tmp_path))
+
+    def sequence(method="muke-memit", **editing):
+        config = sequential_config(**editing)
+        config["methods"] = [method]
+        return next(r.sequence for r in Plan(config).runs if r.method == method)
+
+    today = sequence()
+    assert sequence(preserve_earlier=False, weight_growth=0, resolve_every=None).identity == today.identity
+    assert not {"preserve_earlier", "weight_growth", "resolve_every"} & set(today.params)
+    options = [{"resolve_every": 2}, {"resolve_every": 3}, {"preserve_earlier": True}, {"weight_growth": 0.5}]
+    changed = [sequence(**option) for option in options]
+    assert len({today.identity, *(s.identity for s in changed)}) == 5
+    assert all(spec.params[k] == v for spec, option in zip(changed, options) for k, v in option.items())
+    alphaedit = "matryoshka+alphaedit"  # preserve_earlier is implied there: the same sequence
+    assert sequence(alphaedit, preserve_earlier=True).identity == sequence(alphaedit).identity
+    with pytest.raises(ConfigError, match=r"editing\.weight_growth: backend 'alphaedit'.*matryoshka\+alphaedit"):
+        Plan(sequential_config(weight_growth=0.5))
+    with pytest.raises(ConfigError, match=r"editing\.resolve_every: backend 'unke'"):
+        sequence("muke-unke", resolve_every=2)
+    with pytest.raises(ConfigError, match="resolve_every"):
+        Plan(sequential_config(resolve_every=0))
+
+
 # ---------------------------------------------------------------------------- the stage: kill -9, resume
 
 
@@ -118,6 +145,39 @@ def test_edit_sequence_killed_after_a_batch_resumes_to_the_uninterrupted_chain(t
         for layer, (U, V) in u.factors.items():
             assert torch.equal(U, v.factors[layer][0]) and torch.equal(V, v.factors[layer][1])
         assert all(torch.equal(K, v.keys[layer]) for layer, K in u.keys.items())
+
+
+def test_edit_sequence_with_resolve_every_resumes_from_its_links_and_target_memories(tmp_path, monkeypatch, capsys):
+    """A job that re-solves every 2nd batch, stopped after batch 0 (its ΔW and z files kept), resumes to the
+    chain of an uninterrupted job: batch 1 re-solves with batch 0's z read back from its file."""
+    from muke.workflow.stages.edit_sequence import edit_sequence
+
+    workdir = make_workdir(tmp_path / "work")
+    monkeypatch.chdir(workdir)
+    config = sequential_config(checkpoints=[3], resolve_every=2)
+    config["methods"], config["datasets"]["demo"]["limit"] = ["muke-memit"], 3
+    plan = Plan(config)
+    (run,) = [r for r in plan.runs if r.method == "muke-memit"]
+    model, stats = _prepare(plan, run, workdir)
+    spec = json.loads(run.sequence.to_json())
+    whole, stopped = workdir / "whole" / "chain.parquet", workdir / "stopped" / "chain.parquet"
+    for out in (whole, stopped):
+        edit_sequence(spec, model, run.dataset.path, out, stats=stats, device="cpu")
+    for path in stopped.with_suffix("").glob("000[12]*"):
+        path.unlink()
+    stopped.unlink()
+    capsys.readouterr()
+    edit_sequence(spec, model, run.dataset.path, stopped, stats=stats, device="cpu")
+    assert "batch 0: finished earlier, replayed" in capsys.readouterr().err
+    a, b = pd.read_parquet(whole), pd.read_parquet(stopped)
+    assert list(a["n_edits"]) == [1, 2, 3] and not a["failed"].any()
+    u = [WeightUpdate.load(whole.with_suffix("") / name) for name in a["file"]]
+    v = [WeightUpdate.load(stopped.with_suffix("") / name) for name in b["file"]]
+    assert [x.info.get("resolved", False) for x in u] == [False, True, False]
+    for x, y in zip(u, v):
+        assert x.factors.keys() == y.factors.keys() and x.params.keys() == y.params.keys()
+        assert all(torch.equal(s, t) for layer in x.factors for s, t in zip(x.factors[layer], y.factors[layer]))
+        assert all(torch.equal(d, y.params[name]) for name, d in x.params.items())
 
 
 # ---------------------------------------------------------------------------- the report's curves

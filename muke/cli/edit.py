@@ -80,7 +80,10 @@ def _edit_sequential(editor, requests: list, args, out: Path | None) -> list[dic
             update.save(out / "updates" / f"{t:04d}-{safe_name(update.request_ids[0])}.safetensors")
         print(f"muke: batch {t + 1} ({update.request_ids}) edited in {seconds:.1f} s per request", file=sys.stderr)
 
-    result = editor.edit_sequence(requests, args.batch_size, on_batch=on_batch)
+    options = {"preserve_earlier": args.preserve_earlier, "weight_growth": args.weight_growth}
+    result = editor.edit_sequence(
+        requests, args.batch_size, on_batch=on_batch, resolve_every=args.resolve_every, **options
+    )
     return [_emit(row, args) for row in result.rows]
 
 
@@ -112,6 +115,24 @@ def add_parsers(sub) -> None:
         action="store_true",
         help="edit the batches one after another into the same model; report each request right after its "
         "batch and after the last",
+    )
+    p.add_argument(
+        "--preserve-earlier",
+        action="store_true",
+        help="--sequential, memit: the earlier batches' edit keys join the preserved keys of the later solves",
+    )
+    p.add_argument(
+        "--weight-growth",
+        type=float,
+        default=0.0,
+        help="--sequential, memit: batch t solves with mom2_update_weight × (1 + g · edits made before it)",
+    )
+    p.add_argument(
+        "--resolve-every",
+        type=int,
+        default=None,
+        help="--sequential, memit / alphaedit: every k-th batch re-solves one update over all targets so far, "
+        "on the original weights",
     )
     p.add_argument(
         "--delta-batch-size",

@@ -9,7 +9,7 @@ from dataclasses import Field, dataclass, field, fields
 import torch
 
 from muke.engine.objectives import LAMBDA_ORDERS, OBJECTIVES
-from muke.engine.windows import KEY_POSITIONS
+from muke.engine.windows import KEY_POSITIONS, RENDERING_PREFIXES
 
 AUTOCAST = {None: None, "bfloat16": torch.bfloat16}
 
@@ -74,12 +74,29 @@ class MemoryConfig:
         "every prompt shares (template, the paper's), or the last token of the user's own text (question)",
         choices=KEY_POSITIONS,
     )
+    renderings: int = _option(
+        1,
+        "renderings of the question window 0's δ is optimised over, one δ for all (the mean of their losses), and "
+        "whose keys the MEMIT family averages: 1, the question alone; k, also the question behind the first k - 1 "
+        "in-turn prefixes of muke.engine.windows.RENDERING_PREFIXES (MEMIT's context templates in the user turn)",
+    )
+    memory_noise: float = _option(
+        0.0,
+        "σ: Gaussian noise of norm ≈ σ · ‖h‖, drawn afresh at every δ step (seeded by window and step), added to "
+        "the optimised shifts in the forward pass only (after NAMET's noise on the memories); 0: none",
+    )
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
         if self.v_stop_prob is not None and not 0 < self.v_stop_prob < 1:
             raise ValueError(f"v_stop_prob must lie in (0, 1), got {self.v_stop_prob!r}")
+        if not 1 <= self.renderings <= len(RENDERING_PREFIXES) + 1:
+            raise ValueError(f"renderings must lie in 1..{len(RENDERING_PREFIXES) + 1}, got {self.renderings!r}")
+        if self.renderings > 1 and self.objective == "parallel_nll":
+            raise ValueError("renderings > 1 needs a window-by-window objective, not parallel_nll")
+        if self.memory_noise < 0:
+            raise ValueError(f"memory_noise must be ≥ 0, got {self.memory_noise!r}")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"autocast must be one of {sorted(AUTOCAST, key=str)}, got {self.autocast!r}")
 

@@ -159,6 +159,54 @@ def new_shifts(lms: list[ShiftedLM], free: list[int], cfg: MemoryConfig):
     return deltas, h_norms, torch.optim.Adam(deltas, lr=cfg.v_lr)
 
 
+def noisy(
+    deltas: list[torch.Tensor], h_norms: list[torch.Tensor], cfg: MemoryConfig, label: int, step: int, shared=False
+) -> list[torch.Tensor]:
+    """The shifts a δ step applies: δ_k + σ ‖h_k‖ ε_k / √d, ε_k ~ N(0, I) drawn from a generator seeded by
+    (window, step, k) (`shared`: k = 0 for every shift, one draw per request of a batch, as alone), so that a
+    rerun or a δ batch draws the same noise (memory_noise σ, after NAMET); the shifts themselves for σ = 0."""
+    if not cfg.memory_noise:
+        return deltas
+    out = []
+    for k, (d, h) in enumerate(zip(deltas, h_norms)):
+        seed = (label + 1) * 1_000_003 + step * 1_009 + (0 if shared else k)
+        eps = torch.randn(d.shape[-1], generator=torch.Generator().manual_seed(seed)).to(d.device)
+        out.append(d + eps * (cfg.memory_noise * h / d.shape[-1] ** 0.5))
+    return out
+
+
+def optimise_shared_shift(
+    lms: list[ShiftedLM], coeff: torch.Tensor, cfg: MemoryConfig, trace: list[dict], label: int = 0
+) -> torch.Tensor:
+    """Window `label`'s δ for every rendering of one request at once (renderings > 1; lms[0] the question
+    itself): one δ added at each rendering's hook, the loss the mean of their `step_loss`es, stopped when that
+    mean is below early_stop or every rendering `reproduces` its window; ‖h‖ (weight decay, clamp, noise) is
+    the question's own. MEMIT's context templates (δ shared by prefixed prompts) applied to the question."""
+    coeff = coeff.to(lms[0].em.device)
+    upto = n_needed(coeff)
+    free = [lm.seq.hook_positions[label] for lm in lms]
+    (delta,), (h_norm,), opt = new_shifts(lms[:1], free[:1], cfg)
+    for step in range(cfg.v_num_grad_steps):
+        (shift,) = noisy([delta], [h_norm], cfg, label, step)
+        losses, rows = [], []
+        for lm, p in zip(lms, free):
+            logp = lm.logprobs([p], [shift], {}, upto)[0]
+            loss, row = step_loss(coeff, logp, [delta], [h_norm], cfg, label, step, own_tokens(lm.seq, label))
+            losses.append(loss)
+            rows.append(row)
+        loss = torch.stack(losses).mean()
+        row = {**rows[0], "loss": loss.item(), "nll": sum(r["nll"] for r in rows) / len(rows)}
+        row["worst_logp"] = min(r["worst_logp"] for r in rows)
+        trace.append(row)
+        if finished(loss, row, step, cfg):
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        clamp_([delta], [h_norm], cfg)
+    return delta.detach()
+
+
 def optimise_shifts(
     lm: ShiftedLM,
     coeff: torch.Tensor,
@@ -174,7 +222,7 @@ def optimise_shifts(
     upto = n_needed(coeff)
     deltas, h_norms, opt = new_shifts([lm] * len(free), free, cfg)
     for step in range(cfg.v_num_grad_steps):
-        logp = lm.logprobs(free, deltas, fixed, upto)[0]
+        logp = lm.logprobs(free, noisy(deltas, h_norms, cfg, label, step), fixed, upto)[0]
         loss, row = step_loss(coeff, logp, deltas, h_norms, cfg, label, step, own_tokens(lm.seq, label))
         trace.append(row)
         if finished(loss, row, step, cfg):
@@ -208,7 +256,9 @@ def optimise_shifts_batched(
         logps = batched_logprobs(
             [lms[r] for r in active],
             [free[r] for r in active],
-            torch.stack([deltas[r] for r in active]),
+            torch.stack(
+                noisy([deltas[r] for r in active], [h_norms[r] for r in active], cfg, label, step, shared=True)
+            ),
             [fixed[r] for r in active],
             [upto[r] for r in active],
         )
@@ -270,14 +320,20 @@ def optimise(em: EditableModel, seq: EditSequence, cfg: MemoryConfig) -> MemoryR
             shifts = {}
             for i, p in enumerate(seq.hook_positions):
                 coeff = window_coefficients(seq, i, cfg, lambdas)
-                shifts.update(optimise_shifts(lm, coeff, [p], shifts, cfg, trace, label=i))
+                if i == 0 and seq.renderings:
+                    lms = [lm, *(shifted_lm(em, r, cfg.layer, cfg.fast) for r in seq.renderings)]
+                    shifts[p] = optimise_shared_shift(lms, coeff, cfg, trace)
+                else:
+                    shifts.update(optimise_shifts(lm, coeff, [p], shifts, cfg, trace, label=i))
     return _result(lm, shifts, lambdas, affinities, trace, time.perf_counter() - start, affinity_seconds)
 
 
 def can_batch(em: EditableModel, cfg: MemoryConfig) -> bool:
     """Whether `optimise_batch` batches requests: the fast path of a window-by-window objective, layers
-    above l_WM, and a KV cache with per-layer entries (`forward.LAYERED_CACHE`)."""
-    return cfg.fast and cfg.objective != "parallel_nll" and cfg.layer + 1 < em.n_layers and LAYERED_CACHE
+    above l_WM, and a KV cache with per-layer entries (`forward.LAYERED_CACHE`); requests with several
+    renderings (`optimise_shared_shift`) run one by one."""
+    window_by_window = cfg.objective != "parallel_nll" and cfg.renderings == 1
+    return cfg.fast and window_by_window and cfg.layer + 1 < em.n_layers and LAYERED_CACHE
 
 
 def _one_by_one(em: EditableModel, seqs: list[EditSequence], cfg: MemoryConfig) -> list[MemoryResult | NumericalError]:
@@ -349,7 +405,15 @@ def encode_request(em: EditableModel, question: str, answer: str, cfg: MemoryCon
     """A request encoded for this model and objective (one_for_all: a single window)."""
     window = None if cfg.objective == "one_for_all" else cfg.window
     return encode(
-        em.tokenizer, question, answer, em.end_of_turn, window, cfg.system_prompt, cfg.chat_template, cfg.key_position
+        em.tokenizer,
+        question,
+        answer,
+        em.end_of_turn,
+        window,
+        cfg.system_prompt,
+        cfg.chat_template,
+        cfg.key_position,
+        cfg.renderings,
     )
 
 

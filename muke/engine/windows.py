@@ -18,6 +18,19 @@ log = logging.getLogger(__name__)
 
 KEY_POSITIONS = ("template", "question")  # where window 0's memory sits: the prompt's last token, or the question's
 
+# In-turn prefixes of the question's other renderings (MemoryConfig.renderings): MEMIT's context templates
+# moved inside a chat model's user turn (docs/ALGORITHM.md §4). The question's own text, its last token included,
+# stays as it is: with key_position "question" each rendering's first memory sits on the same text token.
+RENDERING_PREFIXES = (
+    "Question: ",
+    "I have a question for you. ",
+    "Please answer in detail. ",
+    "Tell me what you know. ",
+    "Answer the following question. ",
+    "Here is something I would like to know. ",
+    "Quick question: ",
+)
+
 
 @dataclass(frozen=True)
 class EditSequence:
@@ -32,6 +45,7 @@ class EditSequence:
     target_ids: tuple[int, ...]
     windows: tuple[tuple[int, int], ...]
     first_hook: int | None = None  # δ_0's position; None: the prompt's last token (key position "template")
+    renderings: tuple[EditSequence, ...] = ()  # the same request with the question rendered otherwise (same target)
 
     @property
     def n_windows(self) -> int:
@@ -188,18 +202,26 @@ def encode(
     system_prompt: str | None = None,
     chat_template: bool = True,
     key_position: str = "template",
+    renderings: int = 1,
 ) -> EditSequence:
     """Tokenize a request: prompt via the chat template, target = answer + end-of-turn token; window 0's
-    memory at the prompt's last token (key_position "template") or at the question's ("question")."""
+    memory at the prompt's last token (key_position "template") or at the question's ("question"); with
+    renderings k > 1 the question also behind the first k - 1 RENDERING_PREFIXES (EditSequence.renderings)."""
     if key_position not in KEY_POSITIONS:
         raise ValueError(f"key_position must be one of {KEY_POSITIONS}, got {key_position!r}")
+    if not 1 <= renderings <= len(RENDERING_PREFIXES) + 1:
+        raise ValueError(f"renderings must lie in 1..{len(RENDERING_PREFIXES) + 1}, got {renderings!r}")
     prompt = render_prompt(tokenizer, question, system_prompt, chat_template)
     prompt_ids = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if not prompt_ids:
         raise ValueError(f"question {question!r} templates to no tokens")
     target_ids = tuple(tokenizer(answer + end_of_turn, add_special_tokens=False)["input_ids"])
     first_hook = question_end(tokenizer, prompt, prompt_ids, question) if key_position == "question" else None
-    return EditSequence(prompt, prompt_ids, target_ids, split_windows(len(target_ids), window), first_hook)
+    others = tuple(
+        encode(tokenizer, prefix + question, answer, end_of_turn, window, system_prompt, chat_template, key_position)
+        for prefix in RENDERING_PREFIXES[: renderings - 1]
+    )
+    return EditSequence(prompt, prompt_ids, target_ids, split_windows(len(target_ids), window), first_hook, others)
 
 
 def question_end(tokenizer, prompt: str, prompt_ids: tuple[int, ...], question: str) -> int:

@@ -126,7 +126,10 @@ def plot_traces(traces: pd.DataFrame):
 
 def plot_frontier(points: pd.DataFrame):
     """Question BLEU against first-token agreement per run of `points` (muke.eval.integrity.frontier_points),
-    coloured by the answers' repetition rate; the Pareto-optimal runs joined by a step line and named."""
+    coloured by the answers' repetition rate; the Pareto-optimal runs joined by a step line, numbered, and named
+    in a key."""
+    from matplotlib.lines import Line2D
+
     fig, axes = _subplots()
     ax = axes[0, 0]
     grey = points[points["repetition"].isna()]
@@ -138,9 +141,14 @@ def plot_frontier(points: pd.DataFrame):
         fig.colorbar(dots, ax=ax, label="repetition rate of the answers")
     front = points[points["pareto"]].sort_values(["question_bleu", "first_token_agreement"], ascending=[True, False])
     ax.step(front["question_bleu"], front["first_token_agreement"], where="pre", color="k", linewidth=1)
-    for run in front.itertuples():
+    # Pareto runs numbered beside their dots (alternately above and below) and named in a key: names of runs a
+    # few points apart would print over each other
+    for k, run in enumerate(front.itertuples(), 1):
         xy = (run.question_bleu, run.first_token_agreement)
-        ax.annotate(run.run, xy, xytext=(4, 4), textcoords="offset points", fontsize=8)
+        ax.annotate(str(k), xy, xytext=(4, 4 if k % 2 else -11), textcoords="offset points", fontsize=8)
+    if len(front):
+        names = [Line2D([], [], linestyle="none", label=f"{k}: {name}") for k, name in enumerate(front["run"], 1)]
+        ax.legend(handles=names, title="Pareto-optimal runs", loc="lower left", fontsize=7, handlelength=0)
     # both axes on their whole 0–100 scale: runs a few points apart are not drawn as far apart
     ax.set(xlabel="question BLEU (×100)", ylabel="first-token agreement (%)", xlim=(0, 108), ylim=(0, 108))
     return fig

@@ -38,7 +38,8 @@ class Backend:
 
 
 def _memit(em, update, targets, keys, stats, edited_keys, **options) -> None:
-    update.factors = memit_update(em, targets, stats, update.layers, keys, **options)
+    update.factors, read = memit_update(em, targets, stats, update.layers, keys, edited_keys=edited_keys, **options)
+    update.keys = read if edited_keys is not None else {}
 
 
 def _alphaedit(em, update, targets, keys, stats, edited_keys, **options) -> None:

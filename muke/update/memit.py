@@ -1,8 +1,10 @@
 """MEMIT (docs/ALGORITHM.md §5): for layer index i of L, ΔW = (R / (L - i)) Aᵀ with
 A = (w·C + w_t·C_t + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks on the MLP down-projection, R = Z - H(l_WM) recomputed per layer
-(C_t: the template's keys, muke.update.template_keys; w_t = template_weight, 0 by default). ΔW has rank ≤ n keys and is kept as factors U Vᵀ; `low_rank_update` is the loop AlphaEdit shares. Where a
-layer normalises its MLP output before the residual (Gemma 2/3, OLMo 2), R / (L - i) is mapped through that norm
-(`down_proj_change`)."""
+(C_t: the template's keys, muke.update.template_keys; w_t = template_weight, 0 by default). ΔW has rank ≤ n keys
+and is kept as factors U Vᵀ; `low_rank_update` is the loop AlphaEdit shares. Where a layer normalises its MLP
+output before the residual (Gemma 2/3, OLMo 2), R / (L - i) is mapped through that norm (`down_proj_change`). In a
+sequence with preserve_earlier (muke.update.sequential) the keys of the earlier edits join
+Kp, so that a later update moves their outputs less."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from muke.engine.windows import EditSequence
 from muke.model import EditableModel, ModelError
 from muke.numerics import check_finite
 from muke.update.keys import Target, down_projections, edit_context, preserved, read_layer
@@ -17,6 +20,7 @@ from muke.update.stats import Stats
 from muke.update.template_keys import TEMPLATE_PROMPTS, attached_template
 
 SOLVE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MOM2_UPDATE_WEIGHT = 15000.0  # w of memit_update where no preset sets mom2_update_weight
 
 
 def memit_solve(
@@ -100,15 +104,27 @@ def down_proj_change(em: EditableModel, layer: int, Ks: torch.Tensor, R: torch.T
     return (rms_norm_preimage(y, gain.to(y.device), eps, o.float()) - o.float()).T
 
 
+def rendered_keys(em: EditableModel, layer: int, wm: int, seq: EditSequence, Ks: torch.Tensor) -> torch.Tensor:
+    """A request's edit keys Ks (n_windows, d_ff) with window 0's averaged over the question's renderings
+    (MemoryConfig.renderings; each read at its own first hook, on its prompt), as MEMIT averages a key over its
+    context templates; Ks itself for a request rendered once."""
+    if not seq.renderings:
+        return Ks
+    first = [Ks[0]] + [
+        read_layer(em, layer, wm, torch.tensor([r.prompt_ids]))[0][r.hook_positions[0]] for r in seq.renderings
+    ]
+    return torch.cat([torch.stack(first).mean(0, keepdim=True), Ks[1:]])
+
+
 def low_rank_update(
     em: EditableModel, targets: Sequence[Target], layers: list[int], keys: str, solve
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The MEMIT-family loop of docs/ALGORITHM.md §5; returns {layer: (U (d_model, n), V (d_ff, n))}.
 
     For layer index i of L, with the earlier layers' updates applied: K at all positions, Ks = K at the
-    edit positions, Kp = K elsewhere (keys "sequence" only), R = Z - H(l_WM) at the edit positions,
-    U = R / (L - i) as a change of the down-projection's output (`down_proj_change`), V = solve(layer, Ks, Kp).
-    The model's weights are restored on return.
+    edit positions (window 0's averaged over the question's renderings, `rendered_keys`), Kp = K elsewhere (keys
+    "sequence" only), R = Z - H(l_WM) at the edit positions, U = R / (L - i) as a change of the down-projection's
+    output (`down_proj_change`), V = solve(layer, Ks, Kp). The model's weights are restored on return.
     """
     wm = layers[-1]
     contexts = [edit_context(t, keys) for t in targets]
@@ -117,11 +133,11 @@ def low_rank_update(
     with preserved(down_projections(em, layers)):
         for i, layer in enumerate(layers):
             Ks, Kp, cur = [], [], []
-            for input_ids, positions in contexts:
+            for t, (input_ids, positions) in zip(targets, contexts):
                 K, H = read_layer(em, layer, wm, input_ids)
                 others = torch.ones(len(K), dtype=torch.bool, device=K.device)
                 others[positions] = False
-                Ks.append(K[positions])
+                Ks.append(rendered_keys(em, layer, wm, t.seq, K[positions]))
                 Kp.append(K[others] if keys == "sequence" else K[:0])
                 cur.append(H[positions])
             Ks, Kp = torch.cat(Ks).T, torch.cat(Kp).T  # (d_ff, n), (d_ff, m)
@@ -139,17 +155,21 @@ def memit_update(
     stats: Stats,
     layers: list[int],
     keys: str = "sequence",
-    mom2_update_weight: float = 15000.0,
+    mom2_update_weight: float = MOM2_UPDATE_WEIGHT,
     solve_dtype: str = "float32",
+    edited_keys: dict[int, torch.Tensor] | None = None,
     template_weight: float = 0.0,
     template_prompts: int = TEMPLATE_PROMPTS,
     template_span: str = "template",
     system_prompt: str | None = None,
     chat_template: bool = True,
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict[int, torch.Tensor]]:
     """MEMIT: V = A = (w·C + w_t·C_t + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks per layer; C_t (template_weight w_t > 0) over
-    `template_prompts` chat prompts rendered with the run's chat settings (muke.update.template_keys)."""
+    `template_prompts` chat prompts rendered with the run's chat settings (muke.update.template_keys); with
+    `edited_keys` ({layer: (d_ff, m) keys of earlier edits}, a sequence's preserve_earlier) those keys join Kp.
+    Returns (factors, {layer: this batch's edit keys Ks (d_ff, n)})."""
     dtype = SOLVE_DTYPES[solve_dtype]
+    read = {}
     template = None
     if template_weight:
         template = attached_template(em, stats, layers, template_prompts, system_prompt, chat_template, template_span)
@@ -157,6 +177,9 @@ def memit_update(
     def solve(layer, Ks, Kp):
         C_t = template.second_moment(layer, em.device) if template else None
         C = second_moment(stats, layer, em.device)
+        if edited_keys and layer in edited_keys:
+            Kp = torch.cat([Kp, edited_keys[layer].to(Kp.device)], 1)
+        read[layer] = Ks.cpu()
         return memit_solve(C, Ks, Kp, mom2_update_weight, dtype, C_t, template_weight)
 
-    return low_rank_update(em, targets, layers, keys, solve)
+    return low_rank_update(em, targets, layers, keys, solve), read

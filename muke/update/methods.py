@@ -40,16 +40,18 @@ def memory_options(memory: dict) -> dict:
     """Every option of the δ loop (muke.engine.memory.MemoryConfig) that the objective reads, defaults
     filled in, so a stage's spec (its manifest, the report) says what ran, e.g. which λ order; the
     affinity options only for the objective that has affinities (`matryoshka`), fp32_attention only under
-    autocast, so that a value no method reads stays out of its identity; key_position only where it is not
-    the paper's "template", so that the identities of runs made before it existed stay as they were."""
+    autocast, so that a value no method reads stays out of its identity; key_position, renderings and
+    memory_noise only where they are not the paper's ("template", 1, 0), so that the identities of runs made
+    before they existed stay as they were."""
     full = asdict(MemoryConfig(**memory))
     if full["objective"] != "matryoshka":
         for key in AFFINITY_OPTIONS:
             del full[key]
     if full["autocast"] is None:  # read under autocast only
         del full["fp32_attention"]
-    if full["key_position"] == "template":
-        del full["key_position"]
+    for key, paper in (("key_position", "template"), ("renderings", 1), ("memory_noise", 0.0)):
+        if full[key] == paper:
+            del full[key]
     return full
 
 

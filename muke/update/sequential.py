@@ -7,34 +7,77 @@ UnKE fine-tunes the block as edited so far; ft and lora (no target memories) tra
 The result is the chain ΔW_1 .. ΔW_T: adding it in order (`muke.update.weights.apply(em, chain)`)
 reproduces the final model bit for bit, and the original weights come back bit-exactly when the editor
 closes. Each link is what a single update is — low-rank factors for the MEMIT family (rank = the batch's
-keys), the changed parameters for UnKE, ft and lora — never a dense copy of the model.
+keys), the changed parameters for UnKE, ft and lora — never a dense copy of the model, except a re-solving link.
+
+Three options keep the earlier edits (config editing.*; docs/ALGORITHM.md §5), each off by default:
+- preserve_earlier (memit): the edit keys Ks of every earlier batch join the preserved keys Kp of the later
+  solves (A = (w·C + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks, muke.update.memit), so a later update moves their outputs less.
+  AlphaEdit always preserves them (projected out of its null space); the backends without keys cannot.
+- weight_growth g (memit): batch t solves with w·(1 + g·n_t) and w_t·(1 + g·n_t) (mom2_update_weight,
+  template_weight), n_t the edits made before it.
+- resolve_every k (memit, alphaedit): every k-th batch re-solves the sequence: one update over the target
+  memories z of every batch so far, computed on the original weights W_0 (unscaled w; AlphaEdit without the
+  earlier keys); its link is W_0 + ΔW − W_current, a dense fp32 difference per down-projection
+  (WeightUpdate.params, info["resolved"]). The editor then keeps every batch's targets on the CPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import ExitStack
 
 import torch
 
-from muke.engine.memory import MemoryResult
+from muke.engine.memory import MemoryConfig, MemoryResult, encode_request
 from muke.model import EditableModel
 from muke.update.backends import BACKENDS
-from muke.update.edit import edit_resolved
-from muke.update.keys import preserved
+from muke.update.edit import compute_update, edit_resolved
+from muke.update.keys import Target
+from muke.update.memit import MOM2_UPDATE_WEIGHT
 from muke.update.memories import batches_of as batches_of  # re-exported: the batches of a sequence
+from muke.update.memories import optimise_memories
 from muke.update.methods import resolve_method
 from muke.update.stats import Stats
 from muke.update.weights import WeightUpdate, add
 
+SEQUENCE_OPTIONS = {"preserve_earlier": False, "weight_growth": 0.0, "resolve_every": None}  # with their defaults
+
+
+def check_options(
+    backend: str, preserve_earlier: bool = False, weight_growth: float = 0.0, resolve_every: int | None = None
+) -> None:
+    """Refuse a sequence option the backend cannot honour (ValueError "option: why"): preserve_earlier and
+    resolve_every need edit keys and target memories (the MEMIT family: memit, alphaedit), weight_growth
+    MEMIT's preservation weight mom2_update_weight."""
+    b = BACKENDS[backend]
+    keyed = b.factored and b.memories  # ΔW maps edit keys to target memories
+    if preserve_earlier and not keyed:
+        raise ValueError(
+            f"preserve_earlier: backend {backend!r} has no edit keys to preserve (memit only; alphaedit always "
+            "preserves them)"
+        )
+    if weight_growth < 0:
+        raise ValueError(f"weight_growth: must be ≥ 0, got {weight_growth}")
+    if weight_growth and "mom2_update_weight" not in b.options:
+        raise ValueError(
+            f"weight_growth: backend {backend!r} has no preservation weight mom2_update_weight (memit only)"
+        )
+    if resolve_every is not None and resolve_every < 1:
+        raise ValueError(f"resolve_every: must be ≥ 1 or None, got {resolve_every}")
+    if resolve_every is not None and not keyed:
+        raise ValueError(
+            f"resolve_every: backend {backend!r} has no target memories and keys to re-solve (memit, alphaedit only)"
+        )
+
 
 class SequentialEditor:
     """The model edited batch after batch, inside a `with` block; on exit the weights the method can touch
-    are restored bit-exactly. It holds one copy of those weights and, for AlphaEdit, the earlier edits'
-    keys, never the updates themselves (the caller keeps or writes them); `n_batches` counts them.
+    are restored bit-exactly. It holds one copy of those weights, the earlier edits' keys (AlphaEdit,
+    preserve_earlier) and their targets (resolve_every), never the updates themselves (the caller keeps or
+    writes them); `n_batches` and `n_edits` count the batches and requests edited.
 
     resolved: (memory, backend, options) of muke.update.methods.resolve_method, instead of resolving
-    `method` with `preset` (the workflow's specs hold them resolved)."""
+    `method` with `preset` (the workflow's specs hold them resolved). preserve_earlier, weight_growth,
+    resolve_every: see the module's docstring (`check_options` refuses what the backend cannot do)."""
 
     def __init__(
         self,
@@ -43,23 +86,41 @@ class SequentialEditor:
         preset: dict | None = None,
         stats: Stats | None = None,
         resolved: tuple[dict, str, dict] | None = None,
+        preserve_earlier: bool = False,
+        weight_growth: float = 0.0,
+        resolve_every: int | None = None,
     ):
         self.em, self.method, self.stats = em, method, stats
         self.memory, self.backend, self.options = resolved or resolve_method(method, preset)
+        check_options(self.backend, preserve_earlier, weight_growth, resolve_every)
         self.layers = self.options["layers"]
-        self.n_batches = 0
-        self.edited_keys: dict[int, torch.Tensor] | None = {} if BACKENDS[self.backend].edit_keys else None
-        self._stack = ExitStack()
+        self.weight_growth, self.resolve_every = weight_growth, resolve_every
+        self.n_batches = self.n_edits = 0
+        keyed = BACKENDS[self.backend].edit_keys or preserve_earlier
+        self.edited_keys: dict[int, torch.Tensor] | None = {} if keyed else None
+        self.targets: list[Target] | None = [] if resolve_every else None
+        self.original: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> SequentialEditor:
-        self._stack.enter_context(preserved(BACKENDS[self.backend].changes(self.em, self.layers)))
+        self.original = {name: p.detach().clone() for name, p in self.changed().items()}
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
+        self._set(self.original)
 
-    def replay(self, update: WeightUpdate) -> None:
-        """Add an update made earlier in this sequence (a resumed run): weights and AlphaEdit's key cache."""
+    def changed(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters the backend changes on the sequence's layers, by name."""
+        ids = {id(p) for p in BACKENDS[self.backend].changes(self.em, self.layers)}
+        return {name: p for name, p in self.em.model.named_parameters() if id(p) in ids}
+
+    @torch.no_grad()
+    def _set(self, values: dict[str, torch.Tensor]) -> None:
+        for name, p in self.changed().items():
+            p.copy_(values[name])
+
+    def replay(self, update: WeightUpdate, targets: Sequence[Target] | None = None) -> None:
+        """Add an update made earlier in this sequence (a resumed run): weights, the earlier edits' keys
+        (AlphaEdit, preserve_earlier) and, with resolve_every, its batch's target memories `targets`."""
         if update.backend != self.backend or update.layers != self.layers:
             raise ValueError(
                 f"update of {update.request_ids} ({update.backend}, layers {update.layers}) does not belong to a "
@@ -67,28 +128,87 @@ class SequentialEditor:
             )
         if self.edited_keys is not None:
             if set(update.keys) != set(self.layers):
-                raise ValueError(f"AlphaEdit update of {update.request_ids} carries no edit keys to preserve")
+                raise ValueError(f"{self.backend} update of {update.request_ids} carries no edit keys to preserve")
             for layer, K in update.keys.items():
                 old = self.edited_keys.get(layer)
                 self.edited_keys[layer] = K if old is None else torch.cat([old, K], dim=1)
+        if self.targets is not None:
+            if targets is None or [t.id for t in targets] != update.request_ids:
+                raise ValueError(f"resolve_every: the update of {update.request_ids} needs its batch's target memories")
+            self.targets += [Target(t.id, t.seq, t.z.cpu()) for t in targets]
         add(self.em, update)
         self.n_batches += 1
+        self.n_edits += len(update.request_ids)
 
     def edit(self, requests: Sequence) -> tuple[WeightUpdate, list[MemoryResult]]:
-        """Optimise z and compute ΔW of one batch of EditRequests on the model as edited so far, then add ΔW."""
-        update, results = edit_resolved(
-            self.em,
-            requests,
-            self.method,
-            self.memory,
-            self.backend,
-            self.options,
-            self.stats,
-            edited_keys=self.edited_keys,
-        )
+        """Optimise z and compute ΔW of one batch of EditRequests on the model as edited so far, then add ΔW;
+        with resolve_every, every k-th batch's ΔW re-solves the sequence (`resolve`)."""
+        memories = targets = None
+        if self.targets is not None:
+            memories = optimise_memories(self.em, requests, MemoryConfig(**self.memory))
+            targets = [Target(r.id, seq, result.z) for r, (seq, result) in zip(requests, memories)]
+        if targets is not None and (self.n_batches + 1) % self.resolve_every == 0:
+            update, results = self.resolve(targets), [result for _, result in memories]
+            update.info["memory_seconds"] = sum(r.seconds for r in results)
+        else:
+            update, results = edit_resolved(
+                self.em,
+                requests,
+                self.method,
+                self.memory,
+                self.backend,
+                self.batch_options(),
+                self.stats,
+                memories,
+                edited_keys=self.edited_keys,
+            )
         update.info["sequence_index"] = self.n_batches
-        self.replay(update)
+        self.replay(update, targets)
         return update, results
+
+    def batch_options(self) -> dict:
+        """The backend's options for the next batch: with weight_growth g, MEMIT's preservation weights w
+        (mom2_update_weight) and w_t (template_weight) × (1 + g·n), n the edits made so far."""
+        if not self.weight_growth:
+            return self.options
+        growth = 1 + self.weight_growth * self.n_edits
+        grown = {"mom2_update_weight": self.options.get("mom2_update_weight", MOM2_UPDATE_WEIGHT) * growth}
+        if self.options.get("template_weight"):
+            grown["template_weight"] = self.options["template_weight"] * growth
+        return {**self.options, **grown}
+
+    def resolve(self, targets: list[Target]) -> WeightUpdate:
+        """The link of a batch that re-solves the sequence: ΔW of one update over the targets of every batch so
+        far and `targets` (this batch's), computed on the original weights W_0 with the unscaled options (AlphaEdit
+        without the earlier keys), stored as W_0 + ΔW − W_current per changed parameter (dense fp32, params), with
+        this batch's edit keys (the last columns of the update's). The model is left as it was."""
+        changed = self.changed()
+        current = {name: p.detach().clone() for name, p in changed.items()}
+        try:
+            self._set(self.original)
+            whole = compute_update(
+                self.em,
+                self.targets + targets,
+                self.backend,
+                stats=self.stats,
+                method=self.method,
+                edited_keys=None if self.edited_keys is None else {},
+                **self.options,
+            )
+            add(self.em, whole)
+            params = {name: p.detach().float() - current[name].float() for name, p in changed.items()}
+        finally:
+            self._set(current)
+        n = sum(len(t.z) for t in targets)  # one key per window
+        keys = {layer: K[:, K.shape[1] - n :].clone() for layer, K in whole.keys.items()}
+        info = {**whole.info, "resolved": True, "resolved_edits": len(whole.request_ids)}
+        return WeightUpdate(self.method, self.backend, self.layers, [t.id for t in targets], {}, params, info, keys)
+
+    def targets_of(self, requests: Sequence, z: Sequence[torch.Tensor]) -> list[Target]:
+        """A batch's targets from its target memories z (one (n_windows, d_model) per request), each request
+        encoded as the δ loop encodes it (muke.engine.memory.encode_request): what a resumed run replays."""
+        cfg = MemoryConfig(**self.memory)
+        return [Target(r.id, encode_request(self.em, r.question, r.answer, cfg), zi) for r, zi in zip(requests, z)]
 
 
 def edit_sequence(
@@ -98,13 +218,15 @@ def edit_sequence(
     preset: dict | None = None,
     stats: Stats | None = None,
     on_batch: Callable[[int, WeightUpdate, list[MemoryResult]], None] | None = None,
+    **options,
 ) -> list[WeightUpdate]:
-    """The chain of weight updates of editing `batches` (lists of EditRequests) one after another.
+    """The chain of weight updates of editing `batches` (lists of EditRequests) one after another; options:
+    SequentialEditor's preserve_earlier, weight_growth, resolve_every.
 
     on_batch(t, ΔW_t, memory results) runs while the model holds batches 0..t (to evaluate it there);
     the model's original weights are back, bit-exactly, when this returns."""
     chain = []
-    with SequentialEditor(em, method, preset, stats) as editor:
+    with SequentialEditor(em, method, preset, stats, **options) as editor:
         for t, batch in enumerate(batches):
             update, results = editor.edit(batch)
             chain.append(update)

@@ -19,6 +19,7 @@ from muke.engine.windows import chat_settings
 from muke.update.backends import BACKENDS
 from muke.update.memories import budget_params
 from muke.update.methods import layer_keys, parse_method, resolve_method
+from muke.update.sequential import SEQUENCE_OPTIONS, check_options
 from muke.workflow import hparams as hp
 from muke.workflow.config import ROOT, ConfigError, check_config
 from muke.workflow.identity import Spec, file_identity
@@ -145,8 +146,8 @@ class Plan:
 
     def _add_sequence(self, pair: Pair, method: str, hparams: dict, point: dict, memory, backend, options) -> None:
         """editing.mode sequential: one edit_sequence job (its identity without the checkpoints, so that
-        changing them never redoes the edits) and a run per checkpoint, labelled n_edits, whose generate /
-        score / locality read the model edited with the chain's first batches."""
+        changing them never redoes the edits; with its `_sequence_options`) and a run per checkpoint, labelled
+        n_edits, whose generate / score / locality read the model edited with the chain's first batches."""
         editing, n = self.config["editing"], len(pair.dataset.request_ids)
         size, checkpoints = editing["batch_size"], editing["checkpoints"] or [n]
         for k in checkpoints:
@@ -165,6 +166,7 @@ class Plan:
                 "backend": backend,
                 "options": opts,
                 "batch_size": size,
+                **self._sequence_options(backend, method),
                 "dtype": pair.model.dtype,
                 "selection": {**pair.dataset.selection, "shard_size": n},
             },
@@ -195,6 +197,20 @@ class Plan:
                     {"sequence": sequence.identity, **loc_inputs},
                 )
             self._register(run)
+
+    def _sequence_options(self, backend: str, method: str) -> dict:
+        """editing.preserve_earlier / weight_growth / resolve_every where they are not their defaults (a sequence
+        made before them keeps its identity), checked against the backend (muke.update.sequential.check_options);
+        preserve_earlier left out where the backend preserves the earlier keys anyway (AlphaEdit: the same edits)."""
+        editing = self.config["editing"]
+        options = {k: editing[k] for k, default in SEQUENCE_OPTIONS.items() if editing[k] != default}
+        try:
+            check_options(backend, **options)
+        except ValueError as e:
+            raise ConfigError(f"config key editing.{e} (method {method})") from None
+        if BACKENDS[backend].edit_keys:
+            options.pop("preserve_earlier", None)
+        return options
 
     def _backend_inputs(self, run: Run, backend: str, options: dict) -> tuple[dict, dict, str | None]:
         """(input identities, options, preservation path) of a weight update: the statistics of a backend

@@ -2,8 +2,9 @@
 muke.update.sequential), written as the chain of weight updates ΔW_1 .. ΔW_T.
 
 Each batch's ΔW is written, tagged with the job's identity, as soon as it is made: a killed job replays
-the finished batches (their ΔW and, for AlphaEdit, their keys) and goes on after the last, so it ends with
-the chain an uninterrupted job writes.
+the finished batches (their ΔW and, for AlphaEdit and preserve_earlier, their keys; with resolve_every, their
+target memories z, written beside as {t:04d}.z.safetensors) and goes on after the last, so it ends with the
+chain an uninterrupted job writes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from muke.io import record_sha256, sha256, write_json, write_parquet
+from muke.io import record_sha256, sha256, write_json, write_parquet, write_safetensors
 from muke.workflow.stages.command import command
 from muke.workflow.stages.common import log, shard_requests, write_manifest
 from muke.workflow.stages.optimize_memories import fit_for_model
@@ -35,6 +36,30 @@ def _finished(folder: Path, t: int, identity: str, ids: list[str]):
     return None
 
 
+def _write_targets(folder: Path, t: int, ids: list[str], results: list) -> None:
+    """Batch t's target memories z, one tensor per request (resolve_every: later batches re-solve with them)."""
+    write_safetensors(
+        folder / f"{t:04d}.z.safetensors",
+        {str(i): r.z for i, r in enumerate(results)},
+        {"request_ids": json.dumps(ids)},
+    )
+
+
+def _written_targets(editor, folder: Path, t: int, batch: list) -> list | None:
+    """The targets of batch t that this job wrote, for the editor to replay (None: it keeps none)."""
+    from safetensors import safe_open
+
+    if editor.targets is None:
+        return None
+    path, ids = folder / f"{t:04d}.z.safetensors", [r.id for r in batch]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the target memories of batch {t}, which resolve_every re-solves with")
+    with safe_open(str(path), framework="pt") as f:
+        if json.loads(f.metadata()["request_ids"]) != ids:
+            raise ValueError(f"{path}: target memories of other requests than batch {t}'s {ids}")
+        return editor.targets_of(batch, [f.get_tensor(str(i)) for i in range(len(batch))])
+
+
 def _edit_batch(editor, folder: Path, t: int, batch: list, identity: str, resuming: bool) -> tuple:
     """(the WeightUpdate of batch t or why it failed, whether this job wrote it earlier): while the job
     resumes, replayed from its files; else edited into the model and written at once."""
@@ -47,15 +72,17 @@ def _edit_batch(editor, folder: Path, t: int, batch: list, identity: str, resumi
         return done, True
     if done is not None:
         log(f"batch {t}: finished earlier, replayed ({ids})")
-        editor.replay(done)
+        editor.replay(done, _written_targets(editor, folder, t, batch))
         return done, True
     log(f"batch {t}: editing {ids} into the model edited with {editor.n_batches} batches")
     try:
-        done, _ = editor.edit(batch)
+        done, results = editor.edit(batch)
     except NumericalError as e:
         log(f"batch {t}: failed ({e})")
         write_json(folder / f"{t:04d}.failed.json", {"identity": identity, "request_ids": ids, "reason": str(e)})
         return str(e), False
+    if editor.targets is not None:
+        _write_targets(folder, t, ids, results)
     done.info["identity"] = identity
     done.save(folder / f"{t:04d}.safetensors")
     return done, False
@@ -90,7 +117,8 @@ def edit_sequence(
     cache_dir: str | Path | None = None,
 ) -> Path:
     """The chain of weight updates of editing the selected requests in batches of `batch_size`, batch t
-    on the model as batches < t left it (target memories z re-optimised and keys read on the edited weights).
+    on the model as batches < t left it (target memories z re-optimised and keys read on the edited weights);
+    the spec's preserve_earlier, weight_growth, resolve_every (where set) go to the SequentialEditor.
 
     `out` (Parquet, one row per batch): batch, file, request_ids (JSON list), n_edits (requests edited up to
     and including this batch), failed, seconds, reason; the WeightUpdate files lie in the folder named like
@@ -101,7 +129,7 @@ def edit_sequence(
 
     from muke.engine.memory import MemoryConfig
     from muke.update.memories import batches_of
-    from muke.update.sequential import SequentialEditor
+    from muke.update.sequential import SEQUENCE_OPTIONS, SequentialEditor
     from muke.workflow.stages.update_weights import set_up
 
     p, out = spec["params"], Path(out)
@@ -110,7 +138,8 @@ def edit_sequence(
     chosen = shard_requests(requests, p["selection"], 0)
     chosen, _ = fit_for_model(chosen, em, cfg, requests, p["selection"].get("on_bad_record", "error"))
     folder, rows, n_edits, resuming = out.with_suffix(""), [], 0, True
-    with SequentialEditor(em, p["method"], stats=loaded, resolved=(p["memory"], p["backend"], options)) as editor:
+    resolved, sequence = (p["memory"], p["backend"], options), {k: p[k] for k in SEQUENCE_OPTIONS if k in p}
+    with SequentialEditor(em, p["method"], stats=loaded, resolved=resolved, **sequence) as editor:
         for t, batch in enumerate(batches_of(chosen, p["batch_size"])):
             done, resuming = _edit_batch(editor, folder, t, batch, spec["identity"], resuming)
             n_edits += len(batch)

@@ -39,11 +39,16 @@ def _optimise_many(em, requests, cfg) -> list[tuple[dict, dict, list[dict]]]:
             "prompt_ids": torch.tensor(seq.prompt_ids, dtype=torch.int64),
             "target_ids": torch.tensor(seq.target_ids, dtype=torch.int64),
             "windows": torch.tensor(seq.windows, dtype=torch.int64).reshape(-1, 2),
+            **{
+                f"rendering{r}.prompt_ids": torch.tensor(o.prompt_ids, dtype=torch.int64)
+                for r, o in enumerate(seq.renderings)
+            },
         }
         record = {
             "id": request.id,
             "failed": False,
             "prompt": seq.prompt,
+            "renderings": [{"prompt": o.prompt, "first_hook": o.first_hook} for o in seq.renderings],
             "n_windows": seq.n_windows,
             "seconds": res.seconds,
             "affinity_seconds": res.affinity_seconds,
@@ -126,8 +131,9 @@ def optimize_memories(
     """Target memories z = h + δ of every request of a shard (docs/ALGORITHM.md §4).
 
     `out` (safetensors): f"{i}.z", "{i}.h", "{i}.delta" (n_windows, d_model), "{i}.positions",
-    "{i}.prompt_ids", "{i}.target_ids", "{i}.windows" for request i of the shard; metadata "muke"
-    lists the requests (`failed`, `error`) and the records left out (`skipped`: record, line, id,
+    "{i}.prompt_ids", "{i}.target_ids", "{i}.windows" for request i of the shard, and "{i}.rendering{r}.prompt_ids"
+    of its other renderings (hparams.renderings > 1); metadata "muke" lists the requests (`failed`, `error`;
+    `renderings`: each other rendering's prompt and first hook) and the records left out (`skipped`: record, line, id,
     field, reason, message, check "file" or "model"; see common.shard_requests). `trace` (Parquet):
     the loss per window and step of every request. Params "batch" (hparams.delta_batch_size):
     requests optimised together (memory.optimise_batch); "auto": as many as the budget "delta_memory_gib"

@@ -45,21 +45,22 @@ def encoded(spec: dict, em, requests: str | Path, shard: int) -> tuple[list, lis
 
 
 def _sequence(path, rec: dict, t: dict):
-    """The EditSequence a request's memories were optimised on; window 0's hook (key_position) from the
-    stored positions."""
+    """The EditSequence a request's memories were optimised on, with its other renderings; window 0's hook
+    (key_position) from the stored positions."""
     from muke.engine.windows import EditSequence
 
     i = rec["index"]
     prompt_ids = tuple(t[f"{i}.prompt_ids"].tolist())
     positions = t[f"{i}.positions"].tolist()
     first = positions[0] if positions[0] != len(prompt_ids) - 1 else None
-    seq = EditSequence(
-        rec["prompt"],
-        prompt_ids,
-        tuple(t[f"{i}.target_ids"].tolist()),
-        tuple(map(tuple, t[f"{i}.windows"].tolist())),
-        first,
+    target_ids, windows = tuple(t[f"{i}.target_ids"].tolist()), tuple(map(tuple, t[f"{i}.windows"].tolist()))
+    renderings = tuple(
+        EditSequence(
+            o["prompt"], tuple(t[f"{i}.rendering{r}.prompt_ids"].tolist()), target_ids, windows, o["first_hook"]
+        )
+        for r, o in enumerate(rec.get("renderings", []))
     )
+    seq = EditSequence(rec["prompt"], prompt_ids, target_ids, windows, first, renderings)
     if seq.hook_positions != positions:
         raise ValueError(f"{path}: request {rec['id']!r}: stored positions {positions} do not match its windows")
     return seq
