@@ -173,3 +173,21 @@ def test_defaults_stay_out_of_identities():
     assert "renderings" not in memory_options(base) and "memory_noise" not in memory_options(base)
     assert memory_options({**base, "renderings": 3})["renderings"] == 3
     assert memory_options({**base, "memory_noise": 0.1})["memory_noise"] == 0.1
+
+
+def test_unke_fits_each_rendering_s_first_hook_to_the_shared_shift(tiny):
+    """UnKE's rows: the request's own, and per other rendering its first hook with target h_1^r + δ_1."""
+    from muke.update.keys import edit_context
+    from muke.update.unke import edit_rows
+
+    seq = encode(tiny.tokenizer, QUESTION, ANSWER, tiny.end_of_turn, 8, key_position="question", renderings=3)
+    h = read_layer(tiny, 1, 1, seq.input_ids)[1][seq.hook_positions]
+    delta = torch.randn(h.shape, generator=torch.Generator().manual_seed(0))
+    target = Target("r", seq, h + delta)
+    rows = edit_rows(tiny, [target], [edit_context(target, "sequence")], 1)
+    assert len(rows) == 3 and torch.equal(rows[0][2], target.z)
+    for (ids, positions, z), r in zip(rows[1:], seq.renderings):
+        assert ids.tolist() == [list(r.prompt_ids)] and positions == r.hook_positions[:1]
+        assert torch.allclose(z[0], read_layer(tiny, 1, 1, ids)[1][positions[0]] + delta[0], atol=1e-5)
+    copy = replace(target, seq=replace(seq, renderings=(replace(seq, renderings=()),)))
+    assert torch.allclose(edit_rows(tiny, [copy], [edit_context(copy, "sequence")], 1)[1][2][0], target.z[0], atol=1e-5)

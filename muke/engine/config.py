@@ -76,8 +76,8 @@ class MemoryConfig:
     )
     renderings: int = _option(
         1,
-        "renderings of the question window 0's δ is optimised over, one δ for all (the mean of their losses), and "
-        "whose keys the MEMIT family averages: 1, the question alone; k, also the question behind the first k - 1 "
+        "renderings of the question window 0's δ is optimised over, one δ for all (the mean of their losses), "
+        "whose keys the MEMIT family averages and at whose first hooks UnKE fits too: 1, the question alone; k, also the question behind the first k - 1 "
         "in-turn prefixes of muke.engine.windows.RENDERING_PREFIXES (MEMIT's context templates in the user turn)",
     )
     memory_noise: float = _option(

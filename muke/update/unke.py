@@ -17,7 +17,7 @@ from muke.engine import hooks
 from muke.engine.windows import render_chat, uses_chat_template
 from muke.model import DTYPES, EditableModel, pad
 from muke.numerics import check_finite
-from muke.update.keys import Target, blocks, edit_context, preserved
+from muke.update.keys import Target, blocks, edit_context, preserved, read_layer
 
 
 def load_preservation(path: str | Path) -> list[dict]:
@@ -151,6 +151,25 @@ def block_prefix(em: EditableModel, layer: int) -> str:
     return f"{em.adapter.layers}.{layer}."
 
 
+def edit_rows(
+    em: EditableModel, targets: Sequence[Target], contexts: list, wm: int
+) -> list[tuple[torch.Tensor, list[int], torch.Tensor]]:
+    """(input ids, edit positions, target memories z) the blocks are fitted to: each request's, and one row per
+    other rendering of its question (MemoryConfig.renderings) at that rendering's first hook p_1^r, with
+    z_1^r = h_1^r + δ_1, δ_1 = z_1 − h_1 the shared first shift (h: l_WM's output on the weights the update
+    starts from, which the memories were optimised on)."""
+    rows = []
+    for t, (input_ids, positions) in zip(targets, contexts):
+        rows.append((input_ids, positions, t.z))
+        if not t.seq.renderings:
+            continue
+        delta = t.z[0].to(em.device, torch.float32) - read_layer(em, wm, wm, input_ids)[1][positions[0]]
+        for r in t.seq.renderings:
+            ids, p = torch.tensor([r.prompt_ids]), r.hook_positions[0]
+            rows.append((ids, [p], (read_layer(em, wm, wm, ids)[1][p] + delta)[None]))
+    return rows
+
+
 def unke_update(
     em: EditableModel,
     targets: Sequence[Target],
@@ -167,7 +186,7 @@ def unke_update(
     chat_template: bool = True,
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """UnKE: per layer index i of L, block outputs on the edit keys + (z - H(l_WM)) / (L - i) at the edit
-    positions become the block's new targets; returns ({parameter name: new - old in `delta_dtype`}, loss
+    positions (and at the first hook of the question's other renderings, `edit_rows`) become the block's new targets; returns ({parameter name: new - old in `delta_dtype`}, loss
     trace). The change is rounded to delta_dtype before the next layer is fitted on the edited model, so the
     returned differences are exactly the edit the later layers saw (bfloat16: half the bytes of fp32).
 
@@ -184,14 +203,15 @@ def unke_update(
     encoded = [tok(t, add_special_tokens=False, truncation=True, max_length=512)["input_ids"] for t in texts]
     pres_ids, pres_mask = pad(encoded, em.pad_id)
 
+    rows = edit_rows(em, targets, contexts, wm)
     diffs, trace = {}, []
     with preserved(blocks(em, layers)):
         for i, layer in enumerate(layers):
             edits, edit_outputs = [], []
-            for t, (input_ids, positions) in zip(targets, contexts):
+            for input_ids, positions, z in rows:
                 call, H = record_block(em, layer, wm, input_ids)
                 out = call.output.clone()
-                z = t.z.to(out.device, torch.float32)
+                z = z.to(out.device, torch.float32)
                 out[0, positions] += (z - H[0, positions]) / (len(layers) - i)
                 edits.append(call)
                 edit_outputs.append(out)
