@@ -152,6 +152,14 @@ def clamp_(deltas: list[torch.Tensor], h_norms: list[torch.Tensor], cfg: MemoryC
             d.mul_(limit / norm)
 
 
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, deltas: list[torch.Tensor], h_norms, cfg) -> None:
+    """One Adam update of the shifts on `loss`, then `clamp_`."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    clamp_(deltas, h_norms, cfg)
+
+
 def new_shifts(lms: list[ShiftedLM], free: list[int], cfg: MemoryConfig):
     """δ = 0 at each (lms[k], free[k]), the ‖h_k‖ they are measured against, and their Adam optimiser."""
     h_norms = [lm.h([p]).norm() for lm, p in zip(lms, free)]
@@ -200,10 +208,7 @@ def optimise_shared_shift(
         trace.append(row)
         if finished(loss, row, step, cfg):
             break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        clamp_([delta], [h_norm], cfg)
+        descend(opt, loss, [delta], [h_norm], cfg)
     return delta.detach()
 
 
@@ -227,10 +232,7 @@ def optimise_shifts(
         trace.append(row)
         if finished(loss, row, step, cfg):
             break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        clamp_(deltas, h_norms, cfg)
+        descend(opt, loss, deltas, h_norms, cfg)
     return {p: d.detach() for p, d in zip(free, deltas)}
 
 
