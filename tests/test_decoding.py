@@ -110,9 +110,10 @@ def test_the_protocol_and_every_memory_option_reach_the_specs(tmp_path, monkeypa
     assert default.runs[0].generate.identity != paper.runs[0].generate.identity
     by_method = {r.method: r.memories.params["memory"] for r in default.runs if r.memories is not None}
     memory = by_method["muke-memit"]
-    # defaults filled in: the spec says what ran; fp32_attention only where autocast reads it, key_position
-    # only where it is not the paper's
-    assert set(memory) == {f.name for f in fields(MemoryConfig)} - {"fp32_attention", "key_position"}
+    # defaults filled in: the spec says what ran; fp32_attention only where autocast reads it, key_position,
+    # renderings and memory_noise only where they are not the paper's
+    paper_only = {"fp32_attention", "key_position", "renderings", "memory_noise"}
+    assert set(memory) == {f.name for f in fields(MemoryConfig)} - paper_only
     assert memory_options({"layer": 1, "autocast": "bfloat16"})["fp32_attention"] is True
     assert memory_options({"layer": 1, "key_position": "question"})["key_position"] == "question"
     assert (memory["lambda_order"], memory["affinity_steps"]) == ("reference", 2)  # muke's default; the preset's
