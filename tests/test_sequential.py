@@ -9,9 +9,9 @@ from muke.model import load
 from muke.update.alphaedit import without_keys
 from muke.update.backends import BACKENDS
 from muke.update.edit import compute_update, edit
-from muke.update.sequential import SequentialEditor, batches_of, chain_sum, edit_sequence
+from muke.update.sequential import SequentialEditor, batches_of, edit_sequence
 from muke.update.stats import StatsConfig, collect_stats, load_stats
-from muke.update.weights import WeightUpdate, apply, touched
+from muke.update.weights import WeightUpdate, apply, chain_sum, touched
 
 DEMO_CORPUS = "resources/demo_corpus.txt"
 REQUESTS = [

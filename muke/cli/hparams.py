@@ -43,6 +43,7 @@ def hparam_flags(p) -> None:
     p.add_argument("--mom2-update-weight", type=float)
     p.add_argument("--unke-steps", type=int)
     p.add_argument("--n-preserve", type=int)
+    p.add_argument("--edit-passes", type=int, help="passes of the weight update (iterative editing; 1: one update)")
     memory_flags(p.add_argument_group("δ loop (MemoryConfig)", "default: the preset's value, else muke's"))
 
 
@@ -51,6 +52,7 @@ def _flag_values(args) -> dict:
     from muke.engine.config import user_options
 
     keys = ["layers", "unke_layers", "window", "anyedit_window", "mom2_update_weight", "unke_steps", "n_preserve"]
+    keys += ["edit_passes"]
     values = {k: getattr(args, k) for k in keys + [f.name for f in user_options()]}
     nullable = {f.name for f in user_options() if None in f.metadata.get("choices", ())}
     return {k: None if k in nullable and v == NONE else v for k, v in values.items() if v is not None}

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from muke.engine.memory import MemoryConfig, MemoryResult, encode_request
+from muke.engine.memory import MemoryConfig, MemoryResult, encode_request, optimise
 from muke.engine.windows import EditSequence
 from muke.model import EditableModel, ModelError
 from muke.update.backends import BACKENDS
@@ -31,7 +31,7 @@ from muke.update.keys import Target
 from muke.update.memories import optimise_memories
 from muke.update.methods import layer_list, resolve_method
 from muke.update.stats import Stats, StatsError, d_ff
-from muke.update.weights import WeightUpdate
+from muke.update.weights import WeightUpdate, apply, chain_sum
 
 
 def compute_update(
@@ -43,13 +43,37 @@ def compute_update(
     stats: Stats | None = None,
     method: str | None = None,
     edited_keys: dict[int, torch.Tensor] | None = None,
+    memory: dict | None = None,
+    edit_passes: int = 1,
     **options,
 ) -> WeightUpdate:
     """The weight update ΔW of one batch of targets; the model is left unchanged. A factor or parameter
     change that is not finite raises muke.numerics.NumericalError naming the layer.
 
     edited_keys (AlphaEdit in a sequence, muke.update.sequential): {layer: keys of the earlier edits},
-    projected out of the null space; the update then keeps its own keys (update.keys) for the next batches."""
+    projected out of the null space; the update then keeps its own keys (update.keys) for the next batches.
+    edit_passes > 1: `further_passes` (iterative editing), their δ loops run with `memory` (MemoryConfig kwargs)."""
+    update = one_pass(em, targets, backend, layers, keys, stats, method, edited_keys, **options)
+    if edit_passes > 1:
+        if memory is None:
+            raise ValueError("edit_passes > 1 re-optimises the target memories: it needs the δ loop's options (memory)")
+        args = (backend, layers, keys, stats, method, edited_keys)
+        update = further_passes(em, targets, update, edit_passes, MemoryConfig(**memory), args, options)
+    return update
+
+
+def one_pass(
+    em: EditableModel,
+    targets: Sequence[Target],
+    backend: str,
+    layers: list[int],
+    keys: str = "sequence",
+    stats: Stats | None = None,
+    method: str | None = None,
+    edited_keys: dict[int, torch.Tensor] | None = None,
+    **options,
+) -> WeightUpdate:
+    """The weight update of `targets`' memories z on the model as it is (`compute_update` without passes)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {tuple(BACKENDS)}")
     b, layers = BACKENDS[backend], layer_list(layers)
@@ -67,6 +91,42 @@ def compute_update(
     update = WeightUpdate(method or backend, backend, layers, [t.id for t in targets], info=info)
     b.fill(em, update, targets, keys, stats, edited_keys, **options)
     info["seconds"] = time.perf_counter() - start
+    return update
+
+
+def further_passes(
+    em: EditableModel,
+    targets: Sequence[Target],
+    update: WeightUpdate,
+    passes: int,
+    cfg: MemoryConfig,
+    args: tuple,
+    options: dict,
+) -> WeightUpdate:
+    """Iterative editing (docs/ALGORITHM.md §5, after Baghel et al. 2025): passes 2..`passes` each run every
+    request's δ loop again, from δ = 0, on the model with the update so far applied, and add the update of the
+    new z = h' + δ' (h' and the keys read on the edited weights). A window whose tokens the edited model
+    already reproduces stops at step 0 (δ' = 0: its z asks the next pass to keep its output); once every window
+    of every request does, no further pass runs. Requests run one by one (no δ batch: nothing depends on its
+    size). Returns the passes' sum (`chain_sum`); info["passes"]: per further pass, the windows whose δ' moved,
+    its δ steps and seconds."""
+    done = []
+    for _ in range(passes - 1):
+        start = time.perf_counter()
+        with apply(em, update):
+            found = [optimise(em, t.seq, cfg) for t in targets]
+            moved = sum(1 for r in found for w in {row["window"] for row in r.trace if row["step"] > 0})
+            row = {"moved_windows": moved, "steps": sum(len(r.trace) for r in found)}
+            if moved:
+                again = [Target(t.id, t.seq, r.z) for t, r in zip(targets, found)]
+                more = one_pass(em, again, *args, **options)
+        done.append({**row, "seconds": time.perf_counter() - start})
+        if not moved:
+            break
+        info = {**update.info, "seconds": update.info["seconds"] + more.info["seconds"]}
+        keys, update = update.keys, chain_sum([update, more])
+        update.method, update.request_ids, update.info, update.keys = more.method, more.request_ids, info, keys
+    update.info["passes"] = done
     return update
 
 
@@ -116,7 +176,9 @@ def edit_resolved(
         memories = optimise_memories(em, requests, MemoryConfig(**memory))
     targets = [Target(r.id, seq, result.z) for r, (seq, result) in zip(requests, memories)]
     results = [result for _, result in memories]
-    update = compute_update(em, targets, backend, stats=stats, method=method, edited_keys=edited_keys, **options)
+    update = compute_update(
+        em, targets, backend, stats=stats, method=method, edited_keys=edited_keys, memory=memory, **options
+    )
     update.info["memory_seconds"] = sum(r.seconds for r in results)
     return update, results
 

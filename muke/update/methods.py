@@ -106,7 +106,8 @@ def resolve_method(name: str, preset: dict | None = None) -> tuple[dict, str, di
     """(MemoryConfig kwargs, backend, backend kwargs) of a method with per-model `preset` values.
 
     preset keys: layers, unke_layers (or unke_layer), window, anyedit_window, the MemoryConfig options
-    in MEMORY_OPTIONS, and the backend's options (muke.update.backends.Backend.options); other keys are ignored.
+    in MEMORY_OPTIONS, the backend's options (muke.update.backends.Backend.options) and edit_passes (a backend
+    option where it is not 1, muke.update.edit.further_passes); other keys are ignored.
     """
     objective, backend, keys = parse_method(name)
     b = BACKENDS[backend]
@@ -119,6 +120,11 @@ def resolve_method(name: str, preset: dict | None = None) -> tuple[dict, str, di
     memory = memory_options(memory)
     options = {"layers": layers, "keys": keys}
     options.update({kw: preset[k] for k, kw in b.options.items() if k in preset})
+    passes = preset.get("edit_passes", 1)
+    if passes != 1:  # left out at 1, so that the identities of runs made before it stay as they were
+        if not b.memories or passes < 1:
+            raise ValueError(f"edit_passes {passes}: only a method with target memories edits in passes (≥ 1)")
+        options["edit_passes"] = passes
     if not b.memories:
         memory, options["early_stop"] = without_delta_loop(memory), memory["early_stop"]
     return memory, backend, chat_options(backend, options, memory)

@@ -193,6 +193,7 @@ class SequentialEditor:
                 stats=self.stats,
                 method=self.method,
                 edited_keys=None if self.edited_keys is None else {},
+                memory=self.memory,
                 **self.options,
             )
             add(self.em, whole)
@@ -233,23 +234,3 @@ def edit_sequence(
             if on_batch is not None:
                 on_batch(t, update, results)
     return chain
-
-
-def chain_sum(updates: Iterable[WeightUpdate]) -> WeightUpdate:
-    """One update equal to the chain up to fp32 rounding, read one link at a time: the factors side by side
-    per layer (ΔW = Σ U_t V_tᵀ = [U_1 .. U_T][V_1 .. V_T]ᵀ, rank the sum of the links'), the parameter
-    differences summed (UnKE: one block's size however long the chain)."""
-    total = None
-    for u in updates:
-        if total is None:
-            total = WeightUpdate(u.method, u.backend, list(u.layers), [], info={"links": 0})
-        total.request_ids += u.request_ids
-        total.info["links"] += 1
-        for layer, (U, V) in u.factors.items():
-            old = total.factors.get(layer)
-            total.factors[layer] = (U, V) if old is None else (torch.cat([old[0], U], 1), torch.cat([old[1], V], 1))
-        for name, diff in u.params.items():
-            total.params[name] = diff.clone() if name not in total.params else total.params[name] + diff
-    if total is None:
-        raise ValueError("an empty chain has no sum")
-    return total

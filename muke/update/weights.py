@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +84,26 @@ class WeightUpdate:
         return cls(
             meta["method"], meta["backend"], meta["layers"], meta["request_ids"], factors, params, meta["info"], keys
         )
+
+
+def chain_sum(updates: Iterable[WeightUpdate]) -> WeightUpdate:
+    """One update equal to the chain up to fp32 rounding, read one link at a time: the factors side by side
+    per layer (ΔW = Σ U_t V_tᵀ = [U_1 .. U_T][V_1 .. V_T]ᵀ, rank the sum of the links'), the parameter
+    differences summed (UnKE: one block's size however long the chain)."""
+    total = None
+    for u in updates:
+        if total is None:
+            total = WeightUpdate(u.method, u.backend, list(u.layers), [], info={"links": 0})
+        total.request_ids += u.request_ids
+        total.info["links"] += 1
+        for layer, (U, V) in u.factors.items():
+            old = total.factors.get(layer)
+            total.factors[layer] = (U, V) if old is None else (torch.cat([old[0], U], 1), torch.cat([old[1], V], 1))
+        for name, diff in u.params.items():
+            total.params[name] = diff.clone() if name not in total.params else total.params[name] + diff
+    if total is None:
+        raise ValueError("an empty chain has no sum")
+    return total
 
 
 def _parameter(em: EditableModel, name: str) -> nn.Parameter:

@@ -230,7 +230,8 @@ class Plan:
     def _update_spec(self, run: Run, backend: str, options: dict, memory: dict) -> Spec:
         """update_weights of a run; the MEMIT family's needs statistics, UnKE's its preservation samples. It
         reads the run's target memories or, for a backend without them (ft, lora), the model and the
-        dataset's selection, its requests encoded as `memory` says (muke.update.methods.without_delta_loop)."""
+        dataset's selection, its requests encoded as `memory` says (muke.update.methods.without_delta_loop);
+        with edit_passes > 1 the δ loop's options too."""
         inputs, options, preservation = self._backend_inputs(run, backend, options)
         params = {
             "method": run.method,
@@ -244,6 +245,8 @@ class Plan:
             inputs = {"model": run.model.spec.identity, **inputs}
         else:
             inputs = {"memories": run.memories.identity, **inputs}
+            if options.get("edit_passes", 1) > 1:  # its further passes run the δ loop (muke.update.edit.further_passes)
+                params["memory"] = memory
         spec = Spec("update_weights", params, inputs)
         if preservation is not None:
             self._paths[spec.identity] = preservation

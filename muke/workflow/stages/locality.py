@@ -39,7 +39,7 @@ def locality(
     shift (muke.eval.retention) of the unedited model (no edits in the spec) or of the edited model of each
     request in the spec's `edits`, then their mean ± standard error (model_state "edited", request_id
     null), or with `chain` (editing.mode sequential) of the one model edited by the chain's first n_edits
-    edits (their sum, muke.update.sequential.chain_sum: the same up to fp32 rounding; model_state
+    edits (their sum, muke.update.weights.chain_sum: the same up to fp32 rounding; model_state
     "edited", request_id null). Parquet rows: model_state, request_id, task, metric, value, stderr,
     n_samples (the questions, or tokens for a per-token metric, that one model's value averages), n_models
     (the edited models a mean row averages, one per edit; 1 on the others); the per-question answers go to
@@ -85,8 +85,7 @@ def _model_rows(em, p: dict, ref, state: str, request_id: str | None = None, upd
 
 def _chained(em, p: dict, ref, chain: str | Path) -> tuple[list, list]:
     """(rows, samples) of the model edited by the chain's first n_edits edits (their sum)."""
-    from muke.update.sequential import chain_sum
-    from muke.update.weights import WeightUpdate
+    from muke.update.weights import WeightUpdate, chain_sum
 
     files, _ = read_chain(chain, p["n_edits"])
     log(f"locality of the model edited in sequence by {p['n_edits']} edits ({len(files)} updates): {p['tasks']}")

@@ -162,7 +162,17 @@ def update_weights(
         if update is None or update.info.get("identity") != spec["identity"]:
             log(f"batch {b}: {backend} update of {[t.id for t in batch]} on layers {layers}")
             try:
-                update = compute_update(em, batch, backend, layers, keys, stats=loaded, method=p["method"], **options)
+                update = compute_update(
+                    em,
+                    batch,
+                    backend,
+                    layers,
+                    keys,
+                    stats=loaded,
+                    method=p["method"],
+                    memory=p.get("memory"),
+                    **options,
+                )
             except NumericalError as e:
                 log(f"batch {b}: failed ({e})")
                 rows.append(_row(b, [t.id for t in batch], reason=str(e)))
