@@ -53,27 +53,6 @@ def compute_update(
     edited_keys (AlphaEdit in a sequence, muke.update.sequential): {layer: keys of the earlier edits},
     projected out of the null space; the update then keeps its own keys (update.keys) for the next batches.
     edit_passes > 1: `further_passes` (iterative editing), their δ loops run with `memory` (MemoryConfig kwargs)."""
-    update = one_pass(em, targets, backend, layers, keys, stats, method, edited_keys, **options)
-    if edit_passes > 1:
-        if memory is None:
-            raise ValueError("edit_passes > 1 re-optimises the target memories: it needs the δ loop's options (memory)")
-        args = (backend, layers, keys, stats, method, edited_keys)
-        update = further_passes(em, targets, update, edit_passes, MemoryConfig(**memory), args, options)
-    return update
-
-
-def one_pass(
-    em: EditableModel,
-    targets: Sequence[Target],
-    backend: str,
-    layers: list[int],
-    keys: str = "sequence",
-    stats: Stats | None = None,
-    method: str | None = None,
-    edited_keys: dict[int, torch.Tensor] | None = None,
-    **options,
-) -> WeightUpdate:
-    """The weight update of `targets`' memories z on the model as it is (`compute_update` without passes)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {tuple(BACKENDS)}")
     b, layers = BACKENDS[backend], layer_list(layers)
@@ -91,6 +70,11 @@ def one_pass(
     update = WeightUpdate(method or backend, backend, layers, [t.id for t in targets], info=info)
     b.fill(em, update, targets, keys, stats, edited_keys, **options)
     info["seconds"] = time.perf_counter() - start
+    if edit_passes > 1:
+        if memory is None:
+            raise ValueError("edit_passes > 1 re-optimises the target memories: it needs the δ loop's options (memory)")
+        args = (backend, layers, keys, stats, method, edited_keys)
+        update = further_passes(em, targets, update, edit_passes, MemoryConfig(**memory), args, options)
     return update
 
 
@@ -119,7 +103,7 @@ def further_passes(
             row = {"moved_windows": moved, "steps": sum(len(r.trace) for r in found)}
             if moved:
                 again = [Target(t.id, t.seq, r.z) for t, r in zip(targets, found)]
-                more = one_pass(em, again, *args, **options)
+                more = compute_update(em, again, *args, **options)
         done.append({**row, "seconds": time.perf_counter() - start})
         if not moved:
             break
