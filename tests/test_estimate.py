@@ -29,7 +29,7 @@ from muke.workflow.footprint import (
     resident_weights,
     update_cost,
 )
-from muke.workflow.job_costs import Lengths, job_memory, request_lengths
+from muke.workflow.job_costs import Lengths, job_costs, job_memory, request_lengths
 from muke.workflow.widths import KNOWN_WIDTHS, Widths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,6 +217,25 @@ def rehearsal_costs() -> dict:
         "generate memit": generate_cost(w, bf16, 1, prompt, 4, 1, Edit(low_rank_layers=2)),
         "generate unke": generate_cost(w, bf16, 1, prompt, 4, 1, Edit(dense_blocks=1)),
     }
+
+
+def test_edit_passes_add_the_delta_loops_and_updates_of_the_further_passes(monkeypatch):
+    from muke.workflow.config import load_yaml
+    from muke.workflow.plan import Plan
+
+    monkeypatch.chdir(ROOT)
+
+    def costs(**hparams):
+        config = load_yaml("config/tiny.yaml")
+        config["hparams"] = hparams
+        plan = Plan(config, basedir=ROOT)
+        found = {stage: cost for _, stage, spec, cost, _ in job_costs(plan, lambda run: Lengths(40, 60, 40), 700)}
+        return found["optimize_memories"], found["update_weights"]
+
+    delta, one = costs()
+    _, three = costs(edit_passes=3)
+    assert three.flops == pytest.approx(3 * one.flops + 2 * delta.flops)
+    assert three.cpu == max(one.cpu, delta.cpu) and three.traffic > one.traffic
 
 
 def test_cpu_figures_at_qwen_widths_are_within_a_quarter_of_the_rehearsals_peaks():

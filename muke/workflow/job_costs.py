@@ -149,7 +149,8 @@ def _memories(w: Widths, dtype: str, run, n: Lengths, mapped: bool) -> JobCost:
 
 
 def _update(w: Widths, dtype: str, run, n: Lengths, mapped: bool) -> JobCost:
-    """update_weights: the peak of one edit batch, the work of all the run's batches."""
+    """update_weights: the peak of one edit batch, the work of all the run's batches (with edit_passes, of
+    all its passes)."""
     u = run.update.params
     options, batch = u["options"], u["edit_batch_size"]
     n_keys = (n.prompt + n.answer) * batch
@@ -158,7 +159,18 @@ def _update(w: Widths, dtype: str, run, n: Lengths, mapped: bool) -> JobCost:
     template = options.get("template_prompts", TEMPLATE_PROMPTS) if options.get("template_weight") else 0
     cost = update_cost(w, dtype, u["backend"], options["layers"], n_keys, steps, preserve, delta, mapped, template)
     cost.flops *= math.ceil(len(run.dataset.request_ids) / batch)
-    return cost
+    passes = options.get("edit_passes", 1)
+    if passes == 1:
+        return cost
+    # each further pass (muke.update.edit.further_passes): the δ loops again, at most to their cap, and an update
+    again = _memories(w, dtype, run, n, mapped)
+    return JobCost(
+        max(cost.device, again.device),
+        max(cost.host, again.host),
+        max(cost.cpu, again.cpu),
+        passes * cost.flops + (passes - 1) * again.flops,
+        cost.traffic + (passes - 1) * again.traffic,
+    )
 
 
 def _edit(run, gen: dict) -> Edit | None:
