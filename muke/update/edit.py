@@ -108,8 +108,8 @@ def further_passes(
         if not moved:
             break
         info = {**update.info, "seconds": update.info["seconds"] + more.info["seconds"]}
-        keys, update = update.keys, chain_sum([update, more])
-        update.method, update.request_ids, update.info, update.keys = more.method, more.request_ids, info, keys
+        keys, update = update.keys, chain_sum([update, more])  # its method and layers: pass 1's
+        update.request_ids, update.info, update.keys = more.request_ids, info, keys
     update.info["passes"] = done
     return update
 
