@@ -70,7 +70,8 @@ def test_a_second_pass_completes_an_update_that_fell_short(pretrained_tiny, stat
         nll_three = target_nll(em, seq)
     assert nll_three < nll_one - 0.05, (nll_one, nll_three)
     assert reproduced_windows(em, seq, three) > reproduced_windows(em, seq, one)
-    assert three.request_ids == ["velmora"] and three.info["seconds"] > one.info["seconds"]
+    assert three.request_ids == ["velmora"]
+    assert three.info["seconds"] > sum(p["seconds"] for p in three.info["passes"]) > 0  # the δ loops counted too
     assert set(three.keys) == set(one.keys)  # the first pass's edit keys (empty outside a sequence)
 
 

@@ -93,8 +93,8 @@ def further_passes(
     already reproduces stops at step 0 (δ' = 0: its z asks the next pass to keep its output); once every window
     of every request does, no further pass runs. Requests run one by one (no δ batch: nothing depends on its
     size). Returns the passes' sum (`chain_sum`); info["passes"]: per further pass, the windows whose δ' moved,
-    its δ steps and seconds."""
-    done = []
+    its δ steps and seconds; info["seconds"]: pass 1's and every further pass's."""
+    done, first = [], update.info["seconds"]
     for _ in range(passes - 1):
         start = time.perf_counter()
         with apply(em, update):
@@ -107,10 +107,10 @@ def further_passes(
         done.append({**row, "seconds": time.perf_counter() - start})
         if not moved:
             break
-        info = {**update.info, "seconds": update.info["seconds"] + more.info["seconds"]}
-        keys, update = update.keys, chain_sum([update, more])  # its method and layers: pass 1's
+        info, keys, update = update.info, update.keys, chain_sum([update, more])  # its method and layers: pass 1's
         update.request_ids, update.info, update.keys = more.request_ids, info, keys
     update.info["passes"] = done
+    update.info["seconds"] = first + sum(row["seconds"] for row in done)
     return update
 
 
