@@ -264,6 +264,8 @@ class Editor:
             rows = [
                 single_row(self._base(r), r, pre, post, nll, seconds) for r, nll in zip(batch, zip(nll_pre, nll_post))
             ]
+        if "unsettled" in update.info:  # edit passes: the windows the edited model does not yet reproduce
+            rows = [{**row, "short_windows": update.info["unsettled"].get(row["id"], [])} for row in rows]
         self._describe(update, batch, rows)
         return EditResult(self, batch, [update], rows, seconds * len(batch))
 

@@ -67,6 +67,19 @@ def test_edit_scores_the_edit_and_reverts_bit_exactly(editor):
     assert not same(before, weights(editor.model))
 
 
+def test_an_edit_in_passes_names_the_windows_still_short(editor, stats_file):
+    """edit_passes: each row's `short_windows` are the windows the edited model leaves below the stop probability
+    after the last pass (muke.update.edit.further_passes); a 3-step δ budget leaves some."""
+    passes = muke.Editor(editor.em, "muke-memit", stats=stats_file, edit_passes=2, v_stop_prob=0.5, **SMALL)
+    result = passes.edit(REQUEST)
+    (row,) = result.rows
+    assert row["short_windows"] and row["short_windows"] == result.update.info["unsettled"]["request-0"]
+    result.revert()
+    one = editor.edit(REQUEST, evaluate=False)  # one pass: nothing checked after it
+    assert "short_windows" not in one.rows[0]
+    one.revert()
+
+
 def test_results_revert_in_the_reverse_order_of_applying(editor):
     first, second = editor.edit(SEQUENCE[0]), editor.edit(SEQUENCE[1])
     with pytest.raises(ValueError, match="revert it first"):

@@ -14,7 +14,7 @@ import torch
 from muke.data import EditRequest
 from muke.engine.memory import MemoryConfig, optimise
 from muke.engine.windows import encode
-from muke.update.edit import compute_update, target_nll
+from muke.update.edit import compute_update, short_windows, target_nll
 from muke.update.keys import Target
 from muke.update.methods import resolve_method
 from muke.update.sequential import edit_sequence
@@ -75,13 +75,29 @@ def test_a_second_pass_completes_an_update_that_fell_short(pretrained_tiny, stat
     assert set(three.keys) == set(one.keys)  # the first pass's edit keys (empty outside a sequence)
 
 
+def test_an_update_still_short_after_its_last_pass_names_its_windows(pretrained_tiny, stats, target):
+    """info["unsettled"]: the windows the final model does not reproduce; the first of them is the first window a
+    further pass's δ loop would move (before it no δ differs from 0, so the loop sees the model as it is)."""
+    em = pretrained_tiny
+    two = compute_update(em, [target], stats=stats, memory=MEMORY, edit_passes=2, **UPDATE)
+    assert two.info["passes"][0]["moved_windows"] > 0
+    with apply(em, two):
+        trace = optimise(em, target.seq, MemoryConfig(**MEMORY)).trace
+    moving = sorted({r["window"] for r in trace if r["step"] > 0})
+    short = two.info["unsettled"]["velmora"]
+    assert moving and short[0] == moving[0], (moving, short)
+    with apply(em, two):
+        assert short_windows(em, target.seq, MEMORY["v_stop_prob"]) == short
+    assert len(short) < target.seq.n_windows
+
+
 def test_no_further_pass_runs_when_every_window_reproduces(pretrained_tiny, stats, target):
     """A stop probability every token already has: the second pass moves nothing, the update is pass 1's."""
     em = pretrained_tiny
     one = compute_update(em, [target], stats=stats, **UPDATE)
     loose = {**MEMORY, "v_stop_prob": 1e-9}
     same = compute_update(em, [target], stats=stats, memory=loose, edit_passes=4, **UPDATE)
-    assert [p["moved_windows"] for p in same.info["passes"]] == [0]
+    assert [p["moved_windows"] for p in same.info["passes"]] == [0] and same.info["unsettled"] == {}
     for layer in one.factors:
         assert all(torch.equal(a, b) for a, b in zip(same.factors[layer], one.factors[layer]))
     with pytest.raises(ValueError, match="memory"):
@@ -149,3 +165,4 @@ def test_edit_passes_moves_the_update_not_the_memories(tmp_path, monkeypatch):
     (row,) = read_update_index(index)
     update = WeightUpdate.load(index.with_suffix("") / row["file"])
     assert len(update.info["passes"]) >= 1 and update.info["identity"] == run.update.identity
+    assert row["unsettled"] == update.info["unsettled"]  # {} or {request id: windows}, through the index

@@ -3,6 +3,7 @@
 import base64
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -458,3 +459,44 @@ def test_renders_in_headless_chromium(report, tmp_path):
         return
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 5
+
+
+def test_edits_still_short_after_their_last_pass_are_listed_under_failures(tmp_path):
+    """muke.eval.tables.unsettled reads the update index's and a sequential run's chain's `unsettled` (the chain's
+    batches up to the run's checkpoint); the report lists each such request, and says nothing where every pass
+    settled (or no update ran in passes)."""
+    from muke.eval import tables
+    from muke.io import record_sha256, write_parquet
+    from muke.workflow.stages.common import chain_unsettled
+
+    run = dict(zip(tables.LABELS, ["qwen", "unke", "muke-memit", "", None, None]))
+    run["files"] = {"shards": [{"memories": None, "update": str(tmp_path / "muke-memit-abc" / "shard0.parquet")}]}
+    rows = [{"unsettled": {"r3": [4, 5]}}, {"unsettled": {}}, {"unsettled": None}]
+    found = tables.unsettled([run], lambda shard: ({}, rows))
+    assert found[["id", "short_windows", "n_short", "run"]].values.tolist() == [["r3", "[4, 5]", 2, "muke-memit-abc"]]
+    text = build_report(_edit_metrics(), _locality(), tmp_path / "out", unsettled=found).read_text()
+    listed = text[text.index("id='failures'") :]
+    assert "still short of their target after the last edit pass: <b>1</b>" in listed and "[4, 5]" in listed
+    assert pd.read_csv(tmp_path / "out" / "unsettled.csv")["id"].tolist() == ["r3"]
+    chain = tmp_path / "muke-memit-def" / "chain.parquet"
+    chain.parent.mkdir()
+    write_parquet(
+        pd.DataFrame(
+            {
+                "batch": [0, 1, 2],
+                "n_edits": [1, 2, 3],
+                "unsettled": [json.dumps({"r1": [2]}), None, json.dumps({"r1": [0], "r2": [1, 3]})],
+            }
+        ),
+        chain,
+    )
+    record_sha256(chain)
+    seq = {**run, "files": {"shards": [], "chain": str(chain), "n_edits": 2}}
+    assert chain_unsettled(chain, 3)[1] == {"batch": 2, "unsettled": {"r1": [0], "r2": [1, 3]}}
+    after_two = tables.unsettled([seq], None, chain_unsettled)
+    assert after_two[["id", "short_windows", "batch", "run"]].values.tolist() == [["r1", "[2]", 0, "muke-memit-def"]]
+    settled = tables.unsettled([run], lambda shard: ({}, rows[1:]))
+    assert (
+        "after the last edit pass"
+        not in build_report(_edit_metrics(), _locality(), tmp_path / "q", unsettled=settled).read_text()
+    )

@@ -243,6 +243,26 @@ def _failures(failures: pd.DataFrame | None) -> tuple[list[str], dict]:
     return parts + ([table(failures, text=True)] if len(failures) else []), {"failures": failures}
 
 
+UNSETTLED_CAPTION = (
+    "An edit made in passes (hparams.edit_passes) whose last pass still had to move these windows: the edited "
+    "model gives some target token of each below the stop probability (v_stop_prob), teacher-forced, so its "
+    "answer may leave the target there. More passes, or a larger δ budget, are the levers."
+)
+
+
+def _unsettled(unsettled: pd.DataFrame | None) -> tuple[list[str], dict]:
+    """The failures section's part on edits still short after their last edit pass ({"unsettled": …} when any)."""
+    if unsettled is None or not len(unsettled):
+        return [], {}
+    unsettled = unsettled.dropna(axis=1, how="all").reset_index(drop=True)
+    parts = [
+        f"<p>Edits still short of their target after the last edit pass: <b>{len(unsettled)}</b></p>",
+        f"<p class='caption'>{esc(UNSETTLED_CAPTION)}</p>",
+        table(unsettled, text=True),
+    ]
+    return parts, {"unsettled": unsettled}
+
+
 def _edit_caption(edit: pd.DataFrame) -> str:
     text = (
         "×100 against the target answer; Ori = original question, Para = paraphrased question, Sub = "
@@ -333,6 +353,7 @@ def build_report(
     benchmark_identities=None,
     traces=None,
     failures=None,
+    unsettled=None,
     per_sample=None,
     case_rows=None,
     jobs=None,
@@ -343,8 +364,8 @@ def build_report(
 ) -> Path:
     """Write `out_dir/index.html` and the tables as CSV beside it; return the HTML path.
 
-    `edit_metrics`, `locality`, `traces`, `failures`, `per_sample`, `case_rows` (muke.eval.tables.case_rows):
-    DataFrames or Parquet/CSV paths.
+    `edit_metrics`, `locality`, `traces`, `failures`, `unsettled` (muke.eval.tables.unsettled), `per_sample`,
+    `case_rows` (muke.eval.tables.case_rows): DataFrames or Parquet/CSV paths.
     `stage_identities`: {stage: identity}, or a table (one row per run, a column per stage).
     `benchmark_identities`: read only the benchmark files whose path names one of these.
     `jobs`, `run_settings`: muke.eval.tables.job_hosts / run_settings (where the jobs ran; what each run
@@ -353,17 +374,20 @@ def build_report(
     `layer_traces`: trace_layers folders as {model, dataset, path} (muke.eval.layer_trace)."""
     out_dir = Path(out_dir)
     edit, loc = _read(edit_metrics), _read(locality)
-    traces, failures, per_sample, case_rows = map(_read, (traces, failures, per_sample, case_rows))
+    traces, failures, unsettled, per_sample, case_rows = map(
+        _read, (traces, failures, unsettled, per_sample, case_rows)
+    )
     edit_parts, tables = _edit_section(edit)
     integrity_parts, integrity_tables = integrity.section(edit, loc)
     loc_parts, loc_tables = _locality_section(loc)
     seq_parts, seq_tables = sequential.section(per_sample, loc)
     fail_parts, fail_tables = _failures(failures)
+    unsettled_parts, unsettled_tables = _unsettled(unsettled)
     bench = read_benchmarks(benchmarks_dir, benchmark_identities)
     repro_parts, repro_tables = reproducibility(
         config, stage_identities, inputs, bench, jobs, run_settings, memory_estimates
     )
-    tables.update(integrity_tables, **loc_tables, **seq_tables, **repro_tables, **fail_tables)
+    tables.update(integrity_tables, **loc_tables, **seq_tables, **repro_tables, **fail_tables, **unsettled_tables)
     body = [
         f"<h1>{esc(title)}</h1>",
         _nav(sequential_runs=bool(seq_parts), traced_layers=bool(layer_traces)),
@@ -377,6 +401,7 @@ def build_report(
         *(layers_section(layer_traces) if layer_traces else []),
         "<h2 id='failures'>Failures</h2>",
         *fail_parts,
+        *unsettled_parts,
         *repro_parts,
     ]
     _write_tables(tables, out_dir)

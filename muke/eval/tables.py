@@ -27,6 +27,7 @@ UNRELATED_COLUMNS = ["id", "kind", "prompt_id", "prompt_kind", "question", "pre"
 # the locality stage's per-prompt answers beside its output (muke.workflow.stages.locality.RETENTION_ANSWERS)
 RETENTION_ANSWERS = "retention_answers.parquet"
 FAILURE_COLUMNS = ["id", "stage", "reason", *LABELS, "run", "record"]
+UNSETTLED_COLUMNS = ["id", "short_windows", "n_short", "batch", *LABELS, "run"]
 
 
 def _label(run: dict) -> dict:
@@ -216,6 +217,34 @@ def failures(runs: list[dict], read_shard):
     ]
     table = pd.DataFrame(rows, columns=FAILURE_COLUMNS)
     return table.dropna(axis=1, how="all") if len(table) else table
+
+
+def unsettled(runs: list[dict], read_shard, read_chain=None):
+    """Requests whose edit passes ended with windows the edited model does not yet reproduce (the update index's
+    or the edit_sequence chain's `unsettled`, muke.update.edit.further_passes): their window indices
+    (`short_windows`, a JSON list), count, and the chain's batch that left them so (a re-solve lists every
+    request it re-solved). `read_shard`: as for `failures`; `read_chain(path, n_edits)`: the chain's
+    {batch, unsettled} rows (muke.workflow.stages.common.chain_unsettled)."""
+    import pandas as pd
+
+    found = [
+        (run, Path(shard["update"]).parent.name, None, row["unsettled"])
+        for run in runs
+        for shard in run["files"]["shards"]
+        for row in read_shard(shard)[1]
+    ]
+    found += [
+        (run, Path(run["files"]["chain"]).parent.name, row["batch"], row["unsettled"])
+        for run in runs
+        if read_chain is not None and run["files"].get("chain")
+        for row in read_chain(run["files"]["chain"], run["files"]["n_edits"])
+    ]
+    rows = [
+        {"id": rid, "short_windows": json.dumps(w), "n_short": len(w), "batch": batch, **_label(run), "run": folder}
+        for run, folder, batch, short in found
+        for rid, w in (short or {}).items()
+    ]
+    return pd.DataFrame(rows, columns=UNSETTLED_COLUMNS)
 
 
 def stage_identities(runs: list[dict], stages) -> object:

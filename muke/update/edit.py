@@ -16,6 +16,7 @@ Every request of a batch contributes its windows' z_i as columns. `WeightUpdate`
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,7 +94,9 @@ def further_passes(
     already reproduces stops at step 0 (δ' = 0: its z asks the next pass to keep its output); once every window
     of every request does, no further pass runs. Requests run one by one (no δ batch: nothing depends on its
     size). Returns the passes' sum (`chain_sum`); info["passes"]: per further pass, the windows whose δ' moved,
-    its δ steps and seconds; info["seconds"]: pass 1's and every further pass's."""
+    its δ steps and seconds; info["seconds"]: pass 1's and every further pass's; info["unsettled"]: {request id:
+    its windows the final model does not yet reproduce} when the last pass still moved some (`short_windows`;
+    with the stop rule set, else not checked), {} when a pass found nothing to move."""
     done, first = [], update.info["seconds"]
     for _ in range(passes - 1):
         start = time.perf_counter()
@@ -111,7 +114,23 @@ def further_passes(
         update.request_ids, update.info, update.keys = more.request_ids, info, keys
     update.info["passes"] = done
     update.info["seconds"] = first + sum(row["seconds"] for row in done)
+    if not moved:
+        update.info["unsettled"] = {}
+    elif cfg.v_stop_prob is not None:
+        with apply(em, update):
+            short = {t.id: short_windows(em, t.seq, cfg.v_stop_prob) for t in targets}
+        update.info["unsettled"] = {rid: w for rid, w in short.items() if w}
     return update
+
+
+@torch.no_grad()
+def short_windows(em: EditableModel, seq: EditSequence, stop_prob: float) -> list[int]:
+    """Windows of `seq` with a target token below p = `stop_prob`, teacher-forced on the model as it is: the
+    windows whose δ loop would not stop at step 0 (muke.engine.memory.reproduces, without δ)."""
+    logits = em.model(input_ids=seq.input_ids.to(em.device), use_cache=False).logits[0]
+    logp = logits[seq.target_positions.to(em.device)].float().log_softmax(-1)
+    target = logp.gather(-1, torch.tensor(seq.target_ids, device=em.device)[:, None])[:, 0]
+    return [i for i, (start, end) in enumerate(seq.windows) if target[start:end].min() < math.log(stop_prob)]
 
 
 def check_stats(em: EditableModel, stats: Stats | None, backend: str, layers: list[int]) -> None:

@@ -15,7 +15,8 @@ from muke.workflow.runs import PRE_EDIT
 
 
 def _run_files(plan, run) -> dict:
-    """A run's result files; its shards' δ memories and traces are None where its method has none (ft, lora)."""
+    """A run's result files; its shards' δ memories and traces are None where its method has none (ft, lora); a
+    sequential run's chain index and the number of edits it was evaluated after (`chain`, `n_edits`)."""
     memories = run.memories is not None
     shards = [
         {
@@ -25,7 +26,13 @@ def _run_files(plan, run) -> dict:
         }
         for k in (plan.shards(run) if run.update is not None else ())
     ]
-    return {**plan.score_paths(run), "locality": plan.locality_path(run) if run.locality else None, "shards": shards}
+    chain = {"chain": plan.sequence_path(run), "n_edits": run.n_edits} if run.sequence is not None else {}
+    return {
+        **plan.score_paths(run),
+        "locality": plan.locality_path(run) if run.locality else None,
+        "shards": shards,
+        **chain,
+    }
 
 
 def _manifests(plan, run) -> dict[str, str]:
@@ -115,6 +122,7 @@ def report_inputs(plan) -> dict[str, list[str]]:
         "memories": [s["memories"] for s in shards],
         "traces": [s["trace"] for s in shards],
         "updates": [s["update"] for s in shards],
+        "chains": [r["files"].get("chain") for r in runs],
         "layer_traces": [t["path"] for t in layer_traces(plan)],
     }
     return {kind: list(dict.fromkeys(p for p in paths if p)) for kind, paths in files.items()}

@@ -142,9 +142,16 @@ def read_memories_meta(path: str | Path) -> dict:
         return json.loads(f.metadata()["muke"])
 
 
+def unsettled_message(where: str, unsettled: dict, passes: int) -> str:
+    """The log line of an update whose edit passes ended with windows the edited model does not reproduce."""
+    short = ", ".join(f"{rid} (windows {w})" for rid, w in unsettled.items())
+    return f"{where}: after {passes} edit passes still short of the stop probability: {short}; the edit may not take"
+
+
 def read_update_index(path: str | Path) -> list[dict]:
-    """Rows of an update_weights index, with `request_ids` as lists, `path` the ΔW file (or None)
-    and `reason` why a row failed (None for a ΔW); the index's and each ΔW file's sha256 verified."""
+    """Rows of an update_weights index, with `request_ids` as lists, `path` the ΔW file (or None),
+    `reason` why a row failed (None for a ΔW) and `unsettled` ({request id: windows still short after the last
+    edit pass}, None without passes); the index's and each ΔW file's sha256 verified."""
     import pandas as pd
 
     path = Path(path)
@@ -155,9 +162,24 @@ def read_update_index(path: str | Path) -> list[dict]:
         for key in ("file", "reason", "sha256"):  # a missing value reads back as None, NaN or NA
             row[key] = row.get(key) if isinstance(row.get(key), str) else None
         row["path"] = path.with_suffix("") / row["file"] if row["file"] else None
+        row["unsettled"] = json.loads(row["unsettled"]) if isinstance(row.get("unsettled"), str) else None
         if row["sha256"] and row["path"].exists():  # runtime.keep_updates false: gone once answered
             verify_sha256(row["path"], row["sha256"])
     return rows
+
+
+def chain_unsettled(path: str | Path, n_edits: int) -> list[dict]:
+    """{batch, unsettled} of each batch of an edit_sequence chain up to `n_edits` edits whose edit passes ended
+    with windows short ({request id: windows}, muke.update.edit.further_passes); the chain's sha256 verified."""
+    import pandas as pd
+
+    verify_sha256(path)
+    rows = pd.read_parquet(path).to_dict("records")
+    return [
+        {"batch": int(row["batch"]), "unsettled": json.loads(row["unsettled"])}
+        for row in rows
+        if row["n_edits"] <= n_edits and isinstance(row.get("unsettled"), str)
+    ]
 
 
 def read_chain(path: str | Path, n_edits: int) -> tuple[list[Path], set[str]]:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from muke.io import record_sha256, sha256, write_json, write_parquet, write_safetensors
 from muke.workflow.stages.command import command
-from muke.workflow.stages.common import log, shard_requests, write_manifest
+from muke.workflow.stages.common import log, shard_requests, unsettled_message, write_manifest
 from muke.workflow.stages.optimize_memories import fit_for_model
 
-CHAIN_COLUMNS = ["batch", "file", "request_ids", "n_edits", "failed", "seconds", "reason", "sha256"]  # of `file`
+# sha256 of `file`; unsettled: as in the update_weights index (the re-solve's: every request it re-solved)
+CHAIN_COLUMNS = ["batch", "file", "request_ids", "n_edits", "failed", "seconds", "reason", "sha256", "unsettled"]
 
 
 def _finished(folder: Path, t: int, identity: str, ids: list[str]):
@@ -90,7 +91,11 @@ def _edit_batch(editor, folder: Path, t: int, batch: list, identity: str, resumi
 
 def _chain_row(t: int, ids: list[str], n_edits: int, done) -> dict:
     failed = isinstance(done, str)
+    unsettled = None if failed else done.info.get("unsettled")
+    if unsettled:
+        log(unsettled_message(f"batch {t}", unsettled, 1 + len(done.info["passes"])))
     return {
+        "unsettled": None if unsettled is None else json.dumps(unsettled),
         "batch": t,
         "file": None if failed else f"{t:04d}.safetensors",
         "request_ids": json.dumps(ids),
@@ -121,7 +126,8 @@ def edit_sequence(
     the spec's preserve_earlier, weight_growth, resolve_every (where set) go to the SequentialEditor.
 
     `out` (Parquet, one row per batch): batch, file, request_ids (JSON list), n_edits (requests edited up to
-    and including this batch), failed, seconds, reason; the WeightUpdate files lie in the folder named like
+    and including this batch), failed, seconds, reason, sha256, unsettled (edit passes: JSON {request id: windows
+    the model does not yet reproduce after the last pass}); the WeightUpdate files lie in the folder named like
     `out` without its suffix. A batch whose δ or ΔW is not finite (NumericalError) gets a failed row, leaves
     the model as it was and the sequence goes on.
     """
@@ -145,7 +151,8 @@ def edit_sequence(
             n_edits += len(batch)
             row = _chain_row(t, [r.id for r in batch], n_edits, done)
             rows.append({**row, "sha256": None if row["failed"] else sha256(folder / row["file"])})
-    frame = pd.DataFrame(rows, columns=CHAIN_COLUMNS).astype({"file": "string", "reason": "string", "sha256": "string"})
+    strings = {"file": "string", "reason": "string", "sha256": "string", "unsettled": "string"}
+    frame = pd.DataFrame(rows, columns=CHAIN_COLUMNS).astype(strings)
     write_parquet(frame, out)
     record_sha256(out)
     write_manifest(out.parent / "manifest.json", spec)

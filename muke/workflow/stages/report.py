@@ -7,7 +7,7 @@ from pathlib import Path
 from muke.io import atomic_path, write_parquet
 from muke.workflow.identity import STAGES
 from muke.workflow.stages.command import command
-from muke.workflow.stages.common import log, read_memories_meta, read_update_index
+from muke.workflow.stages.common import chain_unsettled, log, read_memories_meta, read_update_index
 
 
 def _read_shard(shard: dict) -> tuple[dict, list[dict]]:
@@ -56,6 +56,7 @@ def report(spec: dict, metrics: str | Path, locality: str | Path, html: str | Pa
         benchmark_identities={i for r in runs for i in r["identities"].values()},
         traces=tables.traces(runs),
         failures=tables.failures(runs, _read_shard),
+        unsettled=tables.unsettled(runs, _read_shard, chain_unsettled),
         per_sample=tables.per_sample(runs, spec["datasets"]),
         case_rows=tables.case_rows(runs, spec["datasets"]),
         jobs=tables.job_hosts(runs),

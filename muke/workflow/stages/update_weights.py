@@ -7,9 +7,18 @@ from pathlib import Path
 
 from muke.io import record_sha256, sha256, write_parquet
 from muke.workflow.stages.command import command
-from muke.workflow.stages.common import check_layers, load_model, log, read_memories, shard_requests, write_manifest
+from muke.workflow.stages.common import (
+    check_layers,
+    load_model,
+    log,
+    read_memories,
+    shard_requests,
+    unsettled_message,
+    write_manifest,
+)
 
-INDEX_COLUMNS = ["batch", "file", "request_ids", "failed", "seconds", "reason", "sha256"]  # sha256 of `file`
+# sha256 of `file`; unsettled: JSON {request id: windows still short} after the last edit pass (None: one pass)
+INDEX_COLUMNS = ["batch", "file", "request_ids", "failed", "seconds", "reason", "sha256", "unsettled"]
 
 
 def targets(path: str | Path) -> tuple[list, list[tuple[str, str]]]:
@@ -181,10 +190,18 @@ def update_weights(
             update.save(path)
         else:
             log(f"batch {b}: finished earlier ({path.name})")
+        unsettled = update.info.get("unsettled")
+        if unsettled:
+            log(unsettled_message(f"batch {b}", unsettled, 1 + len(update.info["passes"])))
         rows.append(
-            {**_row(b, update.request_ids, path.name, float(update.info.get("seconds", 0.0))), "sha256": sha256(path)}
+            {
+                **_row(b, update.request_ids, path.name, float(update.info.get("seconds", 0.0))),
+                "sha256": sha256(path),
+                "unsettled": None if unsettled is None else json.dumps(unsettled),
+            }
         )
-    frame = pd.DataFrame(rows, columns=INDEX_COLUMNS).astype({"file": "string", "reason": "string", "sha256": "string"})
+    strings = {"file": "string", "reason": "string", "sha256": "string", "unsettled": "string"}
+    frame = pd.DataFrame(rows, columns=INDEX_COLUMNS).astype(strings)
     write_parquet(frame, out)
     record_sha256(out)
     write_manifest(out.parent / "manifest.json", spec)
