@@ -265,7 +265,8 @@ class Editor:
                 single_row(self._base(r), r, pre, post, nll, seconds) for r, nll in zip(batch, zip(nll_pre, nll_post))
             ]
         if "unsettled" in update.info:  # edit passes: the windows the edited model does not yet reproduce
-            rows = [{**row, "short_windows": update.info["unsettled"].get(row["id"], [])} for row in rows]
+            settled = {"short": [], "off_target": []}
+            rows = [{**row, "unsettled": update.info["unsettled"].get(row["id"], settled)} for row in rows]
         self._describe(update, batch, rows)
         return EditResult(self, batch, [update], rows, seconds * len(batch))
 
@@ -286,7 +287,7 @@ class Editor:
         muke.update.sequential): each batch's memories and ΔW on the model the earlier batches left. Each
         row holds its answers right after its own batch (`own_*`) and after the last. on_batch(t, ΔW_t,
         seconds per request) runs after batch t. The model holds the whole chain afterwards (`result.revert()`).
-        sequence_options: SequentialEditor's preserve_earlier, weight_growth, resolve_every."""
+        sequence_options: SequentialEditor's preserve_earlier, weight_growth, resolve_every, recheck_earlier."""
         from muke.update.memories import batches_of
         from muke.update.sequential import SequentialEditor
 

@@ -68,15 +68,16 @@ def test_edit_scores_the_edit_and_reverts_bit_exactly(editor):
 
 
 def test_an_edit_in_passes_names_the_windows_still_short(editor, stats_file):
-    """edit_passes: each row's `short_windows` are the windows the edited model leaves below the stop probability
-    after the last pass (muke.update.edit.further_passes); a 3-step δ budget leaves some."""
+    """edit_passes: each row's `unsettled` holds the windows the edited model leaves below the stop probability
+    after the last pass and those where its greedy answer leaves the target (muke.update.edit.further_passes);
+    a 3-step δ budget leaves some."""
     passes = muke.Editor(editor.em, "muke-memit", stats=stats_file, edit_passes=2, v_stop_prob=0.5, **SMALL)
     result = passes.edit(REQUEST)
     (row,) = result.rows
-    assert row["short_windows"] and row["short_windows"] == result.update.info["unsettled"]["request-0"]
+    assert row["unsettled"]["short"] and row["unsettled"] == result.update.info["unsettled"]["request-0"]
     result.revert()
     one = editor.edit(REQUEST, evaluate=False)  # one pass: nothing checked after it
-    assert "short_windows" not in one.rows[0]
+    assert "unsettled" not in one.rows[0]
     one.revert()
 
 

@@ -14,7 +14,7 @@ import torch
 from muke.data import EditRequest
 from muke.engine.memory import MemoryConfig, optimise
 from muke.engine.windows import encode
-from muke.update.edit import compute_update, short_windows, target_nll
+from muke.update.edit import compute_update, target_nll, window_check
 from muke.update.keys import Target
 from muke.update.methods import resolve_method
 from muke.update.sequential import edit_sequence
@@ -76,19 +76,28 @@ def test_a_second_pass_completes_an_update_that_fell_short(pretrained_tiny, stat
 
 
 def test_an_update_still_short_after_its_last_pass_names_its_windows(pretrained_tiny, stats, target):
-    """info["unsettled"]: the windows the final model does not reproduce; the first of them is the first window a
-    further pass's δ loop would move (before it no δ differs from 0, so the loop sees the model as it is)."""
+    """info["unsettled"]: the windows the final model leaves below the stop probability (the first of them is the
+    first window a further pass's δ loop would move: before it every δ is 0, so the loop sees the model as it is)
+    and those where greedy decoding leaves the target (the first off-target token)."""
     em = pretrained_tiny
     two = compute_update(em, [target], stats=stats, memory=MEMORY, edit_passes=2, **UPDATE)
     assert two.info["passes"][0]["moved_windows"] > 0
+    found = two.info["unsettled"]["velmora"]
     with apply(em, two):
         trace = optimise(em, target.seq, MemoryConfig(**MEMORY)).trace
+        assert window_check(em, target.seq, MEMORY["v_stop_prob"]) == (found["short"], found["off_target"])
+        answer = em.model.generate(
+            target.seq.input_ids[:, : len(target.seq.prompt_ids)],
+            max_new_tokens=len(target.seq.target_ids),
+            do_sample=False,
+        )[0, len(target.seq.prompt_ids) :].tolist()
     moving = sorted({r["window"] for r in trace if r["step"] > 0})
-    short = two.info["unsettled"]["velmora"]
-    assert moving and short[0] == moving[0], (moving, short)
-    with apply(em, two):
-        assert short_windows(em, target.seq, MEMORY["v_stop_prob"]) == short
-    assert len(short) < target.seq.n_windows
+    assert moving and found["short"][0] == moving[0], (moving, found)
+    assert set(found["off_target"]) <= set(found["short"]) and len(found["short"]) < target.seq.n_windows
+    first_off = next((i for i, (a, b) in enumerate(zip(answer, target.seq.target_ids)) if a != b), None)
+    starts = [a for a, _ in target.seq.windows]
+    off = [w for w in range(target.seq.n_windows) if first_off is not None and starts[w] <= first_off][-1:]
+    assert found["off_target"][:1] == off, (answer, target.seq.target_ids, found)
 
 
 def test_no_further_pass_runs_when_every_window_reproduces(pretrained_tiny, stats, target):
@@ -117,6 +126,28 @@ def test_a_sequence_makes_each_batch_in_passes(pretrained_tiny, stats):
     assert chain[0].info["passes"][0]["moved_windows"] > 0
     first = encode(em.tokenizer, QUESTION, ANSWER, em.end_of_turn, 1)
     assert chain[0].factors[2][0].shape[1] == 2 * first.n_windows  # pass 1's factors and pass 2's
+
+
+def test_recheck_earlier_completes_the_earlier_requests_its_passes_find_short(pretrained_tiny, stats):
+    """recheck_earlier: batch 1's passes check request 0 teacher-forced and re-optimise it where it is short (its
+    `rechecked` row); the chain ends with request 0 no further from its target than without the re-check, and
+    its link stays batch 1's (request ids, edit keys)."""
+    em = pretrained_tiny
+    delta_loop = {k: v for k, v in MEMORY.items() if k not in ("layer", "objective")}
+    preset = {**delta_loop, "layers": [1, 2], "mom2_update_weight": 300.0, "edit_passes": 2}
+    requests = [EditRequest("velmora", QUESTION, ANSWER), EditRequest("orlan", "Who founded Orlan?", "Mira Tessel.")]
+    first = encode(em.tokenizer, QUESTION, ANSWER, em.end_of_turn, 1)
+    short = {}
+    for recheck in (False, True):
+        chain = edit_sequence(em, [[r] for r in requests], "window+memit", preset, stats, recheck_earlier=recheck)
+        with apply(em, chain):
+            short[recheck] = window_check(em, first, MEMORY["v_stop_prob"])[0]
+        if recheck:
+            assert "rechecked" not in chain[0].info["passes"][0]  # no earlier request
+            assert chain[1].info["passes"][0]["rechecked"] == ["velmora"]  # short after its own two passes
+            assert chain[1].request_ids == ["orlan"]
+            assert "velmora" in chain[1].info["unsettled"] or not short[True]
+    assert short[False] and len(short[True]) < len(short[False]), short
 
 
 def test_edit_passes_needs_target_memories_and_is_left_out_at_one():

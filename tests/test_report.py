@@ -471,13 +471,17 @@ def test_edits_still_short_after_their_last_pass_are_listed_under_failures(tmp_p
 
     run = dict(zip(tables.LABELS, ["qwen", "unke", "muke-memit", "", None, None]))
     run["files"] = {"shards": [{"memories": None, "update": str(tmp_path / "muke-memit-abc" / "shard0.parquet")}]}
-    rows = [{"unsettled": {"r3": [4, 5]}}, {"unsettled": {}}, {"unsettled": None}]
+    short = {"r3": {"short": [4, 5], "off_target": []}, "r4": {"short": [0, 1], "off_target": [1]}}
+    rows = [{"unsettled": short}, {"unsettled": {}}, {"unsettled": None}]
     found = tables.unsettled([run], lambda shard: ({}, rows))
-    assert found[["id", "short_windows", "n_short", "run"]].values.tolist() == [["r3", "[4, 5]", 2, "muke-memit-abc"]]
+    assert found[["id", "off_target_windows", "short_windows", "run"]].values.tolist() == [
+        ["r4", "[1]", "[0, 1]", "muke-memit-abc"],  # the answer that leaves its target first
+        ["r3", "[]", "[4, 5]", "muke-memit-abc"],
+    ]
     text = build_report(_edit_metrics(), _locality(), tmp_path / "out", unsettled=found).read_text()
     listed = text[text.index("id='failures'") :]
-    assert "still short of their target after the last edit pass: <b>1</b>" in listed and "[4, 5]" in listed
-    assert pd.read_csv(tmp_path / "out" / "unsettled.csv")["id"].tolist() == ["r3"]
+    assert "after the last edit pass: <b>2</b>; their answer leaves the target: <b>1</b>" in listed
+    assert "[4, 5]" in listed and pd.read_csv(tmp_path / "out" / "unsettled.csv")["id"].tolist() == ["r4", "r3"]
     chain = tmp_path / "muke-memit-def" / "chain.parquet"
     chain.parent.mkdir()
     write_parquet(
@@ -485,16 +489,22 @@ def test_edits_still_short_after_their_last_pass_are_listed_under_failures(tmp_p
             {
                 "batch": [0, 1, 2],
                 "n_edits": [1, 2, 3],
-                "unsettled": [json.dumps({"r1": [2]}), None, json.dumps({"r1": [0], "r2": [1, 3]})],
+                "unsettled": [
+                    json.dumps({"r1": {"short": [2], "off_target": [2]}}),
+                    None,
+                    json.dumps({"r2": {"short": [1, 3], "off_target": []}}),
+                ],
             }
         ),
         chain,
     )
     record_sha256(chain)
     seq = {**run, "files": {"shards": [], "chain": str(chain), "n_edits": 2}}
-    assert chain_unsettled(chain, 3)[1] == {"batch": 2, "unsettled": {"r1": [0], "r2": [1, 3]}}
+    assert chain_unsettled(chain, 3)[1] == {"batch": 2, "unsettled": {"r2": {"short": [1, 3], "off_target": []}}}
     after_two = tables.unsettled([seq], None, chain_unsettled)
-    assert after_two[["id", "short_windows", "batch", "run"]].values.tolist() == [["r1", "[2]", 0, "muke-memit-def"]]
+    assert after_two[["id", "off_target_windows", "batch", "run"]].values.tolist() == [
+        ["r1", "[2]", 0, "muke-memit-def"]
+    ]
     settled = tables.unsettled([run], lambda shard: ({}, rows[1:]))
     assert (
         "after the last edit pass"

@@ -298,6 +298,8 @@ def test_resolve_every_resumes_from_the_saved_chain_and_targets(em, stats, prese
         ("muke-unke", {"resolve_every": 2}, "resolve_every: backend 'unke'"),
         ("lora", {"resolve_every": 1}, "resolve_every: backend 'lora'"),
         ("muke-memit", {"resolve_every": 0}, "resolve_every: must be ≥ 1"),
+        ("muke-unke", {"recheck_earlier": True}, "recheck_earlier: backend 'unke'"),
+        ("muke-memit", {"recheck_earlier": True}, r"recheck_earlier: .*edit_passes ≥ 2 \(got 1\)"),
     ],
 )
 def test_sequence_options_a_backend_cannot_honour_are_refused(em, method, option, message):

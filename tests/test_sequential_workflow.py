@@ -80,6 +80,15 @@ def test_the_sequence_options_enter_the_edit_sequence_identity_where_set(tmp_pat
         sequence("muke-unke", resolve_every=2)
     with pytest.raises(ConfigError, match="resolve_every"):
         Plan(sequential_config(resolve_every=0))
+    with pytest.raises(ConfigError, match=r"editing\.recheck_earlier: .*edit_passes ≥ 2 \(got 1\).*muke-memit"):
+        sequence(recheck_earlier=True)
+    config = sequential_config(recheck_earlier=True)
+    config["methods"], config["hparams"] = ["muke-memit"], {"edit_passes": 2}
+    with pytest.raises(ConfigError, match=r"editing\.recheck_earlier: .*v_stop_prob \(got None\)"):
+        Plan(config)
+    config["hparams"]["v_stop_prob"] = 0.5
+    (rechecked,) = {r.sequence.identity: r.sequence for r in Plan(config).runs if r.sequence}.values()
+    assert rechecked.params["recheck_earlier"] is True and rechecked.identity != today.identity
 
 
 # ---------------------------------------------------------------------------- the stage: kill -9, resume

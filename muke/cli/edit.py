@@ -80,7 +80,11 @@ def _edit_sequential(editor, requests: list, args, out: Path | None) -> list[dic
             update.save(out / "updates" / f"{t:04d}-{safe_name(update.request_ids[0])}.safetensors")
         print(f"muke: batch {t + 1} ({update.request_ids}) edited in {seconds:.1f} s per request", file=sys.stderr)
 
-    options = {"preserve_earlier": args.preserve_earlier, "weight_growth": args.weight_growth}
+    options = {
+        "preserve_earlier": args.preserve_earlier,
+        "weight_growth": args.weight_growth,
+        "recheck_earlier": args.recheck_earlier,
+    }
     result = editor.edit_sequence(
         requests, args.batch_size, on_batch=on_batch, resolve_every=args.resolve_every, **options
     )
@@ -133,6 +137,12 @@ def add_parsers(sub) -> None:
         default=None,
         help="--sequential, memit / alphaedit: every k-th batch re-solves one update over all targets so far, "
         "on the original weights",
+    )
+    p.add_argument(
+        "--recheck-earlier",
+        action="store_true",
+        help="--sequential, memit / alphaedit with edit_passes ≥ 2: each batch's passes also complete the earlier "
+        "requests a later edit pushed below the stop probability",
     )
     p.add_argument(
         "--delta-batch-size",

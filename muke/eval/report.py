@@ -244,9 +244,10 @@ def _failures(failures: pd.DataFrame | None) -> tuple[list[str], dict]:
 
 
 UNSETTLED_CAPTION = (
-    "An edit made in passes (hparams.edit_passes) whose last pass still had to move these windows: the edited "
-    "model gives some target token of each below the stop probability (v_stop_prob), teacher-forced, so its "
-    "answer may leave the target there. More passes, or a larger δ budget, are the levers."
+    "Edits made in passes (hparams.edit_passes) whose last pass still had to move windows. Teacher-forced on the "
+    "edited model: off-target windows hold a target token that is not the greedy choice (the answer leaves the "
+    "target there); short windows, a target token below the stop probability (v_stop_prob) but possibly still "
+    "the greedy choice. More passes, or a larger δ budget, are the levers."
 )
 
 
@@ -255,8 +256,10 @@ def _unsettled(unsettled: pd.DataFrame | None) -> tuple[list[str], dict]:
     if unsettled is None or not len(unsettled):
         return [], {}
     unsettled = unsettled.dropna(axis=1, how="all").reset_index(drop=True)
+    off = int((unsettled["off_target_windows"] != "[]").sum())
     parts = [
-        f"<p>Edits still short of their target after the last edit pass: <b>{len(unsettled)}</b></p>",
+        f"<p>Edits still short of their target after the last edit pass: <b>{len(unsettled)}</b>; "
+        f"their answer leaves the target: <b>{off}</b></p>",
         f"<p class='caption'>{esc(UNSETTLED_CAPTION)}</p>",
         table(unsettled, text=True),
     ]

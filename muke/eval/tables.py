@@ -27,7 +27,7 @@ UNRELATED_COLUMNS = ["id", "kind", "prompt_id", "prompt_kind", "question", "pre"
 # the locality stage's per-prompt answers beside its output (muke.workflow.stages.locality.RETENTION_ANSWERS)
 RETENTION_ANSWERS = "retention_answers.parquet"
 FAILURE_COLUMNS = ["id", "stage", "reason", *LABELS, "run", "record"]
-UNSETTLED_COLUMNS = ["id", "short_windows", "n_short", "batch", *LABELS, "run"]
+UNSETTLED_COLUMNS = ["id", "off_target_windows", "short_windows", "batch", *LABELS, "run"]
 
 
 def _label(run: dict) -> dict:
@@ -221,9 +221,10 @@ def failures(runs: list[dict], read_shard):
 
 def unsettled(runs: list[dict], read_shard, read_chain=None):
     """Requests whose edit passes ended with windows the edited model does not yet reproduce (the update index's
-    or the edit_sequence chain's `unsettled`, muke.update.edit.further_passes): their window indices
-    (`short_windows`, a JSON list), count, and the chain's batch that left them so (a re-solve lists every
-    request it re-solved). `read_shard`: as for `failures`; `read_chain(path, n_edits)`: the chain's
+    or the edit_sequence chain's `unsettled`, muke.update.edit.further_passes): the windows where its greedy
+    answer leaves the target (`off_target_windows`) and those below the stop probability (`short_windows`),
+    JSON lists, and the chain's batch that left them so (a re-solve lists every request it re-solved); the
+    requests that leave their target first. `read_shard`: as for `failures`; `read_chain(path, n_edits)`: the chain's
     {batch, unsettled} rows (muke.workflow.stages.common.chain_unsettled)."""
     import pandas as pd
 
@@ -240,9 +241,16 @@ def unsettled(runs: list[dict], read_shard, read_chain=None):
         for row in read_chain(run["files"]["chain"], run["files"]["n_edits"])
     ]
     rows = [
-        {"id": rid, "short_windows": json.dumps(w), "n_short": len(w), "batch": batch, **_label(run), "run": folder}
+        {
+            "id": rid,
+            "off_target_windows": json.dumps(w["off_target"]),
+            "short_windows": json.dumps(w["short"]),
+            "batch": batch,
+            **_label(run),
+            "run": folder,
+        }
         for run, folder, batch, short in found
-        for rid, w in (short or {}).items()
+        for rid, w in sorted((short or {}).items(), key=lambda item: not item[1]["off_target"])
     ]
     return pd.DataFrame(rows, columns=UNSETTLED_COLUMNS)
 

@@ -46,6 +46,7 @@ def compute_update(
     edited_keys: dict[int, torch.Tensor] | None = None,
     memory: dict | None = None,
     edit_passes: int = 1,
+    earlier: Sequence[Target] = (),
     **options,
 ) -> WeightUpdate:
     """The weight update ΔW of one batch of targets; the model is left unchanged. A factor or parameter
@@ -53,7 +54,8 @@ def compute_update(
 
     edited_keys (AlphaEdit in a sequence, muke.update.sequential): {layer: keys of the earlier edits},
     projected out of the null space; the update then keeps its own keys (update.keys) for the next batches.
-    edit_passes > 1: `further_passes` (iterative editing), their δ loops run with `memory` (MemoryConfig kwargs)."""
+    edit_passes > 1: `further_passes` (iterative editing), their δ loops run with `memory` (MemoryConfig kwargs);
+    `earlier`: the targets of earlier edits that the passes re-check (a sequence's recheck_earlier)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {tuple(BACKENDS)}")
     b, layers = BACKENDS[backend], layer_list(layers)
@@ -75,7 +77,7 @@ def compute_update(
         if memory is None:
             raise ValueError("edit_passes > 1 re-optimises the target memories: it needs the δ loop's options (memory)")
         args = (backend, layers, keys, stats, method, edited_keys)
-        update = further_passes(em, targets, update, edit_passes, MemoryConfig(**memory), args, options)
+        update = further_passes(em, targets, update, edit_passes, MemoryConfig(**memory), args, options, earlier)
     return update
 
 
@@ -87,50 +89,61 @@ def further_passes(
     cfg: MemoryConfig,
     args: tuple,
     options: dict,
+    earlier: Sequence[Target] = (),
 ) -> WeightUpdate:
     """Iterative editing (docs/ALGORITHM.md §5, after Baghel et al. 2025): passes 2..`passes` each run every
     request's δ loop again, from δ = 0, on the model with the update so far applied, and add the update of the
     new z = h' + δ' (h' and the keys read on the edited weights). A window whose tokens the edited model
     already reproduces stops at step 0 (δ' = 0: its z asks the next pass to keep its output); once every window
     of every request does, no further pass runs. Requests run one by one (no δ batch: nothing depends on its
-    size). Returns the passes' sum (`chain_sum`); info["passes"]: per further pass, the windows whose δ' moved,
-    its δ steps and seconds; info["seconds"]: pass 1's and every further pass's; info["unsettled"]: {request id:
-    its windows the final model does not yet reproduce} when the last pass still moved some (`short_windows`;
-    with the stop rule set, else not checked), {} when a pass found nothing to move."""
+    size). `earlier` (a sequence's recheck_earlier): each pass also checks these requests on the model as it is,
+    teacher-forced (`window_check`, no δ loop), and runs the δ loops of those with windows short of the stop
+    probability, whose new z join the pass's update (an earlier edit that a later one pushed back is completed).
+    Returns the passes' sum (`chain_sum`); info["passes"]: per further pass, the windows whose δ' moved,
+    its δ steps, seconds and the earlier requests it re-optimised (`rechecked`); info["seconds"]: pass 1's and every further pass's; info["unsettled"]: when the
+    last pass still moved windows (and the stop rule is set), {request id: {"short": windows the final model
+    leaves below the stop probability, "off_target": windows where its greedy answer leaves the target}} of each
+    request with short windows (`window_check`), `earlier` ones included; {} when a pass found nothing to move."""
     done, first = [], update.info["seconds"]
     for _ in range(passes - 1):
         start = time.perf_counter()
         with apply(em, update):
-            found = [optimise(em, t.seq, cfg) for t in targets]
+            short = [t for t in earlier if window_check(em, t.seq, cfg.v_stop_prob)[0]]
+            found = [optimise(em, t.seq, cfg) for t in [*targets, *short]]
             moved = sum(1 for r in found for w in {row["window"] for row in r.trace if row["step"] > 0})
             row = {"moved_windows": moved, "steps": sum(len(r.trace) for r in found)}
+            if earlier:
+                row["rechecked"] = [t.id for t in short]
             if moved:
-                again = [Target(t.id, t.seq, r.z) for t, r in zip(targets, found)]
+                again = [Target(t.id, t.seq, r.z) for t, r in zip([*targets, *short], found)]
                 more = compute_update(em, again, *args, **options)
         done.append({**row, "seconds": time.perf_counter() - start})
         if not moved:
             break
         info, keys, update = update.info, update.keys, chain_sum([update, more])  # its method and layers: pass 1's
-        update.request_ids, update.info, update.keys = more.request_ids, info, keys
+        update.request_ids, update.info, update.keys = [t.id for t in targets], info, keys
     update.info["passes"] = done
     update.info["seconds"] = first + sum(row["seconds"] for row in done)
     if not moved:
         update.info["unsettled"] = {}
-    elif cfg.v_stop_prob is not None:
+    elif cfg.v_stop_prob is not None:  # the last pass moved windows: what it left short
         with apply(em, update):
-            short = {t.id: short_windows(em, t.seq, cfg.v_stop_prob) for t in targets}
-        update.info["unsettled"] = {rid: w for rid, w in short.items() if w}
+            found = {t.id: window_check(em, t.seq, cfg.v_stop_prob) for t in [*earlier, *targets]}
+        update.info["unsettled"] = {rid: {"short": s, "off_target": o} for rid, (s, o) in found.items() if s}
     return update
 
 
 @torch.no_grad()
-def short_windows(em: EditableModel, seq: EditSequence, stop_prob: float) -> list[int]:
-    """Windows of `seq` with a target token below p = `stop_prob`, teacher-forced on the model as it is: the
-    windows whose δ loop would not stop at step 0 (muke.engine.memory.reproduces, without δ)."""
+def window_check(em: EditableModel, seq: EditSequence, stop_prob: float) -> tuple[list[int], list[int]]:
+    """(windows of `seq` with a target token below p = `stop_prob`: those a δ loop would not stop at step 0,
+    muke.engine.memory.reproduces without δ; windows with a target token that is not the model's greedy choice:
+    where its answer leaves the target), teacher-forced on the model as it is."""
     logits = em.model(input_ids=seq.input_ids.to(em.device), use_cache=False).logits[0]
     logp = logits[seq.target_positions.to(em.device)].float().log_softmax(-1)
-    target = logp.gather(-1, torch.tensor(seq.target_ids, device=em.device)[:, None])[:, 0]
-    return [i for i, (start, end) in enumerate(seq.windows) if target[start:end].min() < math.log(stop_prob)]
+    target = torch.tensor(seq.target_ids, device=em.device)
+    lp, greedy = logp.gather(-1, target[:, None])[:, 0], logp.argmax(-1) == target
+    short = [i for i, (a, b) in enumerate(seq.windows) if lp[a:b].min() < math.log(stop_prob)]
+    return short, [i for i, (a, b) in enumerate(seq.windows) if not greedy[a:b].all()]
 
 
 def check_stats(em: EditableModel, stats: Stats | None, backend: str, layers: list[int]) -> None:
@@ -167,8 +180,10 @@ def edit_resolved(
     stats: Stats | None = None,
     memories: list[tuple[EditSequence, MemoryResult]] | None = None,
     edited_keys: dict[int, torch.Tensor] | None = None,
+    earlier: Sequence[Target] = (),
 ) -> tuple[WeightUpdate, list[MemoryResult]]:
-    """`edit` with the method resolved (muke.update.methods.resolve_method: δ-loop and backend options).
+    """`edit` with the method resolved (muke.update.methods.resolve_method: δ-loop and backend options);
+    `earlier`: see compute_update.
     A backend without target memories (ft, lora) trains on the encoded requests (`encoded_targets`):
     no δ loop runs, `memories` are not read and no MemoryResult is returned."""
     if not BACKENDS[backend].memories:
@@ -180,7 +195,15 @@ def edit_resolved(
     targets = [Target(r.id, seq, result.z) for r, (seq, result) in zip(requests, memories)]
     results = [result for _, result in memories]
     update = compute_update(
-        em, targets, backend, stats=stats, method=method, edited_keys=edited_keys, memory=memory, **options
+        em,
+        targets,
+        backend,
+        stats=stats,
+        method=method,
+        edited_keys=edited_keys,
+        memory=memory,
+        earlier=earlier,
+        **options,
     )
     update.info["memory_seconds"] = sum(r.seconds for r in results)
     return update, results

@@ -9,7 +9,7 @@ reproduces the final model bit for bit, and the original weights come back bit-e
 closes. Each link is what a single update is — low-rank factors for the MEMIT family (rank = the batch's
 keys), the changed parameters for UnKE, ft and lora — never a dense copy of the model, except a re-solving link.
 
-Three options keep the earlier edits (config editing.*; docs/ALGORITHM.md §5), each off by default:
+Four options keep the earlier edits (config editing.*; docs/ALGORITHM.md §5), each off by default:
 - preserve_earlier (memit): the edit keys Ks of every earlier batch join the preserved keys Kp of the later
   solves (A = (w·C + Kp Kpᵀ + Ks Ksᵀ)⁻¹ Ks, muke.update.memit), so a later update moves their outputs less.
   AlphaEdit always preserves them (projected out of its null space); the backends without keys cannot.
@@ -19,6 +19,10 @@ Three options keep the earlier edits (config editing.*; docs/ALGORITHM.md §5), 
   memories z of every batch so far, computed on the original weights W_0 (unscaled w; AlphaEdit without the
   earlier keys); its link is W_0 + ΔW − W_current, a dense fp32 difference per down-projection
   (WeightUpdate.params, info["resolved"]). The editor then keeps every batch's targets on the CPU.
+- recheck_earlier (memit, alphaedit; edit_passes ≥ 2 and the stop rule): each batch's edit passes also check
+  every earlier request on the model as it is, teacher-forced (muke.update.edit.window_check: one forward pass,
+  no δ loop), and complete those a later edit pushed below the stop probability (their δ loops and z join the
+  pass's update) — a re-solve's repair at the cost of the δ loops of the requests that need it.
 """
 
 from __future__ import annotations
@@ -39,15 +43,23 @@ from muke.update.methods import resolve_method
 from muke.update.stats import Stats
 from muke.update.weights import WeightUpdate, add
 
-SEQUENCE_OPTIONS = {"preserve_earlier": False, "weight_growth": 0.0, "resolve_every": None}  # with their defaults
+# with their defaults
+SEQUENCE_OPTIONS = {"preserve_earlier": False, "weight_growth": 0.0, "resolve_every": None, "recheck_earlier": False}
 
 
 def check_options(
-    backend: str, preserve_earlier: bool = False, weight_growth: float = 0.0, resolve_every: int | None = None
+    backend: str,
+    preserve_earlier: bool = False,
+    weight_growth: float = 0.0,
+    resolve_every: int | None = None,
+    recheck_earlier: bool = False,
+    edit_passes: int = 1,
+    stop_prob: float | None = 0.5,
 ) -> None:
-    """Refuse a sequence option the backend cannot honour (ValueError "option: why"): preserve_earlier and
-    resolve_every need edit keys and target memories (the MEMIT family: memit, alphaedit), weight_growth
-    MEMIT's preservation weight mom2_update_weight."""
+    """Refuse a sequence option the backend cannot honour (ValueError "option: why"): preserve_earlier,
+    resolve_every and recheck_earlier need edit keys and target memories (the MEMIT family: memit, alphaedit),
+    weight_growth MEMIT's preservation weight mom2_update_weight, recheck_earlier edit passes (`edit_passes`
+    ≥ 2) and the δ loop's stop rule (`stop_prob`, v_stop_prob) that says which earlier edit falls short."""
     b = BACKENDS[backend]
     keyed = b.factored and b.memories  # ΔW maps edit keys to target memories
     if preserve_earlier and not keyed:
@@ -67,17 +79,24 @@ def check_options(
         raise ValueError(
             f"resolve_every: backend {backend!r} has no target memories and keys to re-solve (memit, alphaedit only)"
         )
+    if recheck_earlier and not keyed:
+        raise ValueError(f"recheck_earlier: backend {backend!r} has no target memories to complete (memit, alphaedit)")
+    if recheck_earlier and (edit_passes < 2 or stop_prob is None):
+        raise ValueError(
+            "recheck_earlier: the earlier edits are re-checked in the edit passes against the δ loop's stop rule; "
+            f"it needs edit_passes ≥ 2 (got {edit_passes}) and v_stop_prob (got {stop_prob})"
+        )
 
 
 class SequentialEditor:
     """The model edited batch after batch, inside a `with` block; on exit the weights the method can touch
     are restored bit-exactly. It holds one copy of those weights, the earlier edits' keys (AlphaEdit,
-    preserve_earlier) and their targets (resolve_every), never the updates themselves (the caller keeps or
+    preserve_earlier) and their targets (resolve_every, recheck_earlier), never the updates themselves (the caller keeps or
     writes them); `n_batches` and `n_edits` count the batches and requests edited.
 
     resolved: (memory, backend, options) of muke.update.methods.resolve_method, instead of resolving
     `method` with `preset` (the workflow's specs hold them resolved). preserve_earlier, weight_growth,
-    resolve_every: see the module's docstring (`check_options` refuses what the backend cannot do)."""
+    resolve_every, recheck_earlier: see the module's docstring (`check_options` refuses what the backend cannot do)."""
 
     def __init__(
         self,
@@ -89,16 +108,18 @@ class SequentialEditor:
         preserve_earlier: bool = False,
         weight_growth: float = 0.0,
         resolve_every: int | None = None,
+        recheck_earlier: bool = False,
     ):
         self.em, self.method, self.stats = em, method, stats
         self.memory, self.backend, self.options = resolved or resolve_method(method, preset)
-        check_options(self.backend, preserve_earlier, weight_growth, resolve_every)
+        passes, stop = self.options.get("edit_passes", 1), self.memory.get("v_stop_prob")
+        check_options(self.backend, preserve_earlier, weight_growth, resolve_every, recheck_earlier, passes, stop)
         self.layers = self.options["layers"]
-        self.weight_growth, self.resolve_every = weight_growth, resolve_every
+        self.weight_growth, self.resolve_every, self.recheck_earlier = weight_growth, resolve_every, recheck_earlier
         self.n_batches = self.n_edits = 0
         keyed = BACKENDS[self.backend].edit_keys or preserve_earlier
         self.edited_keys: dict[int, torch.Tensor] | None = {} if keyed else None
-        self.targets: list[Target] | None = [] if resolve_every else None
+        self.targets: list[Target] | None = [] if resolve_every or recheck_earlier else None
         self.original: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> SequentialEditor:
@@ -142,12 +163,13 @@ class SequentialEditor:
 
     def edit(self, requests: Sequence) -> tuple[WeightUpdate, list[MemoryResult]]:
         """Optimise z and compute ΔW of one batch of EditRequests on the model as edited so far, then add ΔW;
-        with resolve_every, every k-th batch's ΔW re-solves the sequence (`resolve`)."""
+        with resolve_every, every k-th batch's ΔW re-solves the sequence (`resolve`); with recheck_earlier, the
+        batch's edit passes re-check the earlier requests."""
         memories = targets = None
         if self.targets is not None:
             memories = optimise_memories(self.em, requests, MemoryConfig(**self.memory))
             targets = [Target(r.id, seq, result.z) for r, (seq, result) in zip(requests, memories)]
-        if targets is not None and (self.n_batches + 1) % self.resolve_every == 0:
+        if targets is not None and self.resolve_every and (self.n_batches + 1) % self.resolve_every == 0:
             update, results = self.resolve(targets), [result for _, result in memories]
             update.info["memory_seconds"] = sum(r.seconds for r in results)
         else:
@@ -161,6 +183,7 @@ class SequentialEditor:
                 self.stats,
                 memories,
                 edited_keys=self.edited_keys,
+                earlier=self.targets if self.recheck_earlier else (),
             )
         update.info["sequence_index"] = self.n_batches
         self.replay(update, targets)
@@ -222,7 +245,7 @@ def edit_sequence(
     **options,
 ) -> list[WeightUpdate]:
     """The chain of weight updates of editing `batches` (lists of EditRequests) one after another; options:
-    SequentialEditor's preserve_earlier, weight_growth, resolve_every.
+    SequentialEditor's preserve_earlier, weight_growth, resolve_every, recheck_earlier.
 
     on_batch(t, ΔW_t, memory results) runs while the model holds batches 0..t (to evaluate it there);
     the model's original weights are back, bit-exactly, when this returns."""

@@ -166,7 +166,7 @@ class Plan:
                 "backend": backend,
                 "options": opts,
                 "batch_size": size,
-                **self._sequence_options(backend, method),
+                **self._sequence_options(backend, method, opts, memory),
                 "dtype": pair.model.dtype,
                 "selection": {**pair.dataset.selection, "shard_size": n},
             },
@@ -198,19 +198,22 @@ class Plan:
                 )
             self._register(run)
 
-    def _sequence_options(self, backend: str, method: str) -> dict:
-        """editing.preserve_earlier / weight_growth / resolve_every where they are not their defaults (a sequence
-        made before them keeps its identity), checked against the backend (muke.update.sequential.check_options);
+    def _sequence_options(self, backend: str, method: str, options: dict, memory: dict) -> dict:
+        """editing.preserve_earlier / weight_growth / resolve_every / recheck_earlier where they are not their
+        defaults (a sequence made before them keeps its identity), checked against the backend and the run's
+        edit_passes and stop rule (muke.update.sequential.check_options);
         preserve_earlier left out where the backend preserves the earlier keys anyway (AlphaEdit: the same edits)."""
         editing = self.config["editing"]
-        options = {k: editing[k] for k, default in SEQUENCE_OPTIONS.items() if editing[k] != default}
+        chosen = {k: editing[k] for k, default in SEQUENCE_OPTIONS.items() if editing[k] != default}
         try:
-            check_options(backend, **options)
+            check_options(
+                backend, **chosen, edit_passes=options.get("edit_passes", 1), stop_prob=memory.get("v_stop_prob")
+            )
         except ValueError as e:
             raise ConfigError(f"config key editing.{e} (method {method})") from None
         if BACKENDS[backend].edit_keys:
-            options.pop("preserve_earlier", None)
-        return options
+            chosen.pop("preserve_earlier", None)
+        return chosen
 
     def _backend_inputs(self, run: Run, backend: str, options: dict) -> tuple[dict, dict, str | None]:
         """(input identities, options, preservation path) of a weight update: the statistics of a backend

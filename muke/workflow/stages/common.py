@@ -143,15 +143,20 @@ def read_memories_meta(path: str | Path) -> dict:
 
 
 def unsettled_message(where: str, unsettled: dict, passes: int) -> str:
-    """The log line of an update whose edit passes ended with windows the edited model does not reproduce."""
-    short = ", ".join(f"{rid} (windows {w})" for rid, w in unsettled.items())
-    return f"{where}: after {passes} edit passes still short of the stop probability: {short}; the edit may not take"
+    """The log line of an update whose edit passes ended with windows the edited model does not reproduce
+    (muke.update.edit.further_passes' info["unsettled"])."""
+    short = "; ".join(
+        f"{rid}: windows {w['short']} below it"
+        + (f", the greedy answer leaves the target in {w['off_target']}" if w["off_target"] else "")
+        for rid, w in unsettled.items()
+    )
+    return f"{where}: after {passes} edit passes still short of the stop probability: {short}"
 
 
 def read_update_index(path: str | Path) -> list[dict]:
     """Rows of an update_weights index, with `request_ids` as lists, `path` the ΔW file (or None),
-    `reason` why a row failed (None for a ΔW) and `unsettled` ({request id: windows still short after the last
-    edit pass}, None without passes); the index's and each ΔW file's sha256 verified."""
+    `reason` why a row failed (None for a ΔW) and `unsettled` (muke.update.edit.further_passes' info["unsettled"]:
+    the windows still short after the last edit pass; None without passes); the index's and each ΔW file's sha256 verified."""
     import pandas as pd
 
     path = Path(path)

@@ -2,7 +2,7 @@
 muke.update.sequential), written as the chain of weight updates ΔW_1 .. ΔW_T.
 
 Each batch's ΔW is written, tagged with the job's identity, as soon as it is made: a killed job replays
-the finished batches (their ΔW and, for AlphaEdit and preserve_earlier, their keys; with resolve_every, their
+the finished batches (their ΔW and, for AlphaEdit and preserve_earlier, their keys; with resolve_every or recheck_earlier, their
 target memories z, written beside as {t:04d}.z.safetensors) and goes on after the last, so it ends with the
 chain an uninterrupted job writes.
 """
@@ -38,7 +38,8 @@ def _finished(folder: Path, t: int, identity: str, ids: list[str]):
 
 
 def _write_targets(folder: Path, t: int, ids: list[str], results: list) -> None:
-    """Batch t's target memories z, one tensor per request (resolve_every: later batches re-solve with them)."""
+    """Batch t's target memories z, one tensor per request (resolve_every re-solves with them, recheck_earlier
+    re-checks their requests)."""
     write_safetensors(
         folder / f"{t:04d}.z.safetensors",
         {str(i): r.z for i, r in enumerate(results)},
@@ -54,7 +55,7 @@ def _written_targets(editor, folder: Path, t: int, batch: list) -> list | None:
         return None
     path, ids = folder / f"{t:04d}.z.safetensors", [r.id for r in batch]
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the target memories of batch {t}, which resolve_every re-solves with")
+        raise FileNotFoundError(f"{path}: the target memories of batch {t}, which resolve_every / recheck_earlier keep")
     with safe_open(str(path), framework="pt") as f:
         if json.loads(f.metadata()["request_ids"]) != ids:
             raise ValueError(f"{path}: target memories of other requests than batch {t}'s {ids}")
@@ -126,8 +127,8 @@ def edit_sequence(
     the spec's preserve_earlier, weight_growth, resolve_every (where set) go to the SequentialEditor.
 
     `out` (Parquet, one row per batch): batch, file, request_ids (JSON list), n_edits (requests edited up to
-    and including this batch), failed, seconds, reason, sha256, unsettled (edit passes: JSON {request id: windows
-    the model does not yet reproduce after the last pass}); the WeightUpdate files lie in the folder named like
+    and including this batch), failed, seconds, reason, sha256, unsettled (edit passes: JSON of the windows the
+    model does not yet reproduce after the last pass, muke.update.edit.further_passes); the WeightUpdate files lie in the folder named like
     `out` without its suffix. A batch whose δ or ΔW is not finite (NumericalError) gets a failed row, leaves
     the model as it was and the sequence goes on.
     """

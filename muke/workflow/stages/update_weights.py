@@ -17,7 +17,7 @@ from muke.workflow.stages.common import (
     write_manifest,
 )
 
-# sha256 of `file`; unsettled: JSON {request id: windows still short} after the last edit pass (None: one pass)
+# sha256 of `file`; unsettled: JSON of muke.update.edit.further_passes' info["unsettled"] (None: one pass)
 INDEX_COLUMNS = ["batch", "file", "request_ids", "failed", "seconds", "reason", "sha256", "unsettled"]
 
 
