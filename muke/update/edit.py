@@ -99,11 +99,12 @@ def further_passes(
     size). `earlier` (a sequence's recheck_earlier): each pass also checks these requests on the model as it is,
     teacher-forced (`window_check`, no δ loop), and runs the δ loops of those with windows short of the stop
     probability, whose new z join the pass's update (an earlier edit that a later one pushed back is completed).
-    Returns the passes' sum (`chain_sum`); info["passes"]: per further pass, the windows whose δ' moved,
-    its δ steps, seconds and the earlier requests it re-optimised (`rechecked`); info["seconds"]: pass 1's and every further pass's; info["unsettled"]: when the
-    last pass still moved windows (and the stop rule is set), {request id: {"short": windows the final model
-    leaves below the stop probability, "off_target": windows where its greedy answer leaves the target}} of each
-    request with short windows (`window_check`), `earlier` ones included; {} when a pass found nothing to move."""
+    Returns the passes' sum (`chain_sum`); info["passes"]: per further pass, the windows whose δ' moved, its δ
+    steps, seconds and the earlier requests it re-optimised (`rechecked`); info["seconds"]: pass 1's and every
+    further pass's; info["unsettled"]: when the last pass still moved windows (and the stop rule is set),
+    {request id: {"short": windows the final model leaves below the stop probability, "off_target": windows where
+    its greedy answer leaves the target}} of each request with short windows (`window_check`), `earlier` ones
+    included; {} when a pass found nothing to move."""
     done, first = [], update.info["seconds"]
     for _ in range(passes - 1):
         start = time.perf_counter()
