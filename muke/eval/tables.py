@@ -223,9 +223,9 @@ def unsettled(runs: list[dict], read_shard, read_chain=None):
     """Requests whose edit passes ended with windows the edited model does not yet reproduce (the update index's
     or the edit_sequence chain's `unsettled`, muke.update.edit.further_passes): the windows where its greedy
     answer leaves the target (`off_target_windows`) and those below the stop probability (`short_windows`),
-    JSON lists, and the chain's batch that left them so (a re-solve lists every request it re-solved); the
-    requests that leave their target first. `read_shard`: as for `failures`; `read_chain(path, n_edits)`: the chain's
-    {batch, unsettled} rows (muke.workflow.stages.common.chain_unsettled)."""
+    JSON lists, and the chain's batch that left them so (a re-solve lists every request it re-solved); within
+    one update, the requests that leave their target first. `read_shard`: as for `failures`;
+    `read_chain(path, n_edits)`: the chain's {batch, unsettled} rows (muke.workflow.stages.common.chain_unsettled)."""
     import pandas as pd
 
     found = [
