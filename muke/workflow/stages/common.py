@@ -142,21 +142,25 @@ def read_memories_meta(path: str | Path) -> dict:
         return json.loads(f.metadata()["muke"])
 
 
-def unsettled_message(where: str, unsettled: dict, passes: int) -> str:
-    """The log line of an update whose edit passes ended with windows the edited model does not reproduce
-    (muke.update.edit.further_passes' info["unsettled"])."""
-    short = "; ".join(
-        f"{rid}: windows {w['short']} below it"
-        + (f", the greedy answer leaves the target in {w['off_target']}" if w["off_target"] else "")
-        for rid, w in unsettled.items()
-    )
-    return f"{where}: after {passes} edit passes still short of the stop probability: {short}"
+def unsettled_cell(where: str, info: dict) -> str | None:
+    """An update index's or chain's `unsettled` cell: JSON of muke.update.edit.further_passes' info["unsettled"]
+    (None without edit passes); the requests it left short are logged."""
+    unsettled = info.get("unsettled")
+    if unsettled:
+        short = "; ".join(
+            f"{rid}: windows {w['short']} below it"
+            + (f", the greedy answer leaves the target in {w['off_target']}" if w["off_target"] else "")
+            for rid, w in unsettled.items()
+        )
+        passes = 1 + len(info["passes"])
+        log(f"{where}: after {passes} edit passes still short of the stop probability: {short}")
+    return None if unsettled is None else json.dumps(unsettled)
 
 
 def read_update_index(path: str | Path) -> list[dict]:
-    """Rows of an update_weights index, with `request_ids` as lists, `path` the ΔW file (or None),
-    `reason` why a row failed (None for a ΔW) and `unsettled` (muke.update.edit.further_passes' info["unsettled"]:
-    the windows still short after the last edit pass; None without passes); the index's and each ΔW file's sha256 verified."""
+    """Rows of an update_weights index, with `request_ids` as lists, `path` the ΔW file (or None), `reason` why
+    a row failed (None for a ΔW) and `unsettled` (muke.update.edit.further_passes' info["unsettled"]: the windows
+    still short after the last edit pass; None without passes); the index's and each ΔW file's sha256 verified."""
     import pandas as pd
 
     path = Path(path)
@@ -173,28 +177,29 @@ def read_update_index(path: str | Path) -> list[dict]:
     return rows
 
 
-def chain_unsettled(path: str | Path, n_edits: int) -> list[dict]:
-    """{batch, unsettled} of each batch of an edit_sequence chain up to `n_edits` edits whose edit passes ended
-    with windows short ({request id: windows}, muke.update.edit.further_passes); the chain's sha256 verified."""
+def _chain_rows(path: Path, n_edits: int) -> list[dict]:
+    """The rows of an edit_sequence chain's batches up to `n_edits` edits; the chain's sha256 verified."""
     import pandas as pd
 
     verify_sha256(path)
-    rows = pd.read_parquet(path).to_dict("records")
+    return [row for row in pd.read_parquet(path).to_dict("records") if row["n_edits"] <= n_edits]
+
+
+def chain_unsettled(path: str | Path, n_edits: int) -> list[dict]:
+    """{batch, unsettled} of each batch of an edit_sequence chain up to `n_edits` edits whose edit passes ended
+    with windows short ({request id: windows}, muke.update.edit.further_passes); the chain's sha256 verified."""
     return [
         {"batch": int(row["batch"]), "unsettled": json.loads(row["unsettled"])}
-        for row in rows
-        if row["n_edits"] <= n_edits and isinstance(row.get("unsettled"), str)
+        for row in _chain_rows(Path(path), n_edits)
+        if isinstance(row.get("unsettled"), str)
     ]
 
 
 def read_chain(path: str | Path, n_edits: int) -> tuple[list[Path], set[str]]:
     """(the ΔW files of an edit_sequence chain up to `n_edits` edits, in order; the ids of the requests among
     them whose batch failed); the chain's and each ΔW file's sha256 verified."""
-    import pandas as pd
-
     path = Path(path)
-    verify_sha256(path)
-    rows = [row for row in pd.read_parquet(path).to_dict("records") if row["n_edits"] <= n_edits]
+    rows = _chain_rows(path, n_edits)
     files = [path.with_suffix("") / row["file"] for row in rows if not row["failed"]]
     for file, row in zip(files, (row for row in rows if not row["failed"])):
         if isinstance(row.get("sha256"), str) and file.exists():  # runtime.keep_updates false: gone once answered

@@ -2,9 +2,9 @@
 muke.update.sequential), written as the chain of weight updates ΔW_1 .. ΔW_T.
 
 Each batch's ΔW is written, tagged with the job's identity, as soon as it is made: a killed job replays
-the finished batches (their ΔW and, for AlphaEdit and preserve_earlier, their keys; with resolve_every or recheck_earlier, their
-target memories z, written beside as {t:04d}.z.safetensors) and goes on after the last, so it ends with the
-chain an uninterrupted job writes.
+the finished batches (their ΔW and, for AlphaEdit and preserve_earlier, their keys; with resolve_every or
+recheck_earlier, their target memories z, written beside as {t:04d}.z.safetensors) and goes on after the last,
+so it ends with the chain an uninterrupted job writes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from muke.io import record_sha256, sha256, write_json, write_parquet, write_safetensors
 from muke.workflow.stages.command import command
-from muke.workflow.stages.common import log, shard_requests, unsettled_message, write_manifest
+from muke.workflow.stages.common import log, shard_requests, unsettled_cell, write_manifest
 from muke.workflow.stages.optimize_memories import fit_for_model
 
 # sha256 of `file`; unsettled: as in the update_weights index (the re-solve's: every request it re-solved)
@@ -55,7 +55,7 @@ def _written_targets(editor, folder: Path, t: int, batch: list) -> list | None:
         return None
     path, ids = folder / f"{t:04d}.z.safetensors", [r.id for r in batch]
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the target memories of batch {t}, which resolve_every / recheck_earlier keep")
+        raise FileNotFoundError(f"{path}: the target memories of batch {t}, kept for resolve_every / recheck_earlier")
     with safe_open(str(path), framework="pt") as f:
         if json.loads(f.metadata()["request_ids"]) != ids:
             raise ValueError(f"{path}: target memories of other requests than batch {t}'s {ids}")
@@ -92,11 +92,7 @@ def _edit_batch(editor, folder: Path, t: int, batch: list, identity: str, resumi
 
 def _chain_row(t: int, ids: list[str], n_edits: int, done) -> dict:
     failed = isinstance(done, str)
-    unsettled = None if failed else done.info.get("unsettled")
-    if unsettled:
-        log(unsettled_message(f"batch {t}", unsettled, 1 + len(done.info["passes"])))
     return {
-        "unsettled": None if unsettled is None else json.dumps(unsettled),
         "batch": t,
         "file": None if failed else f"{t:04d}.safetensors",
         "request_ids": json.dumps(ids),
@@ -104,6 +100,7 @@ def _chain_row(t: int, ids: list[str], n_edits: int, done) -> dict:
         "failed": failed,
         "seconds": 0.0 if failed else done.info["seconds"] + done.info.get("memory_seconds", 0.0),
         "reason": done if failed else None,
+        "unsettled": None if failed else unsettled_cell(f"batch {t}", done.info),
     }
 
 
@@ -124,13 +121,13 @@ def edit_sequence(
 ) -> Path:
     """The chain of weight updates of editing the selected requests in batches of `batch_size`, batch t
     on the model as batches < t left it (target memories z re-optimised and keys read on the edited weights);
-    the spec's preserve_earlier, weight_growth, resolve_every (where set) go to the SequentialEditor.
+    the spec's preserve_earlier, weight_growth, resolve_every, recheck_earlier (where set) go to the SequentialEditor.
 
     `out` (Parquet, one row per batch): batch, file, request_ids (JSON list), n_edits (requests edited up to
     and including this batch), failed, seconds, reason, sha256, unsettled (edit passes: JSON of the windows the
-    model does not yet reproduce after the last pass, muke.update.edit.further_passes); the WeightUpdate files lie in the folder named like
-    `out` without its suffix. A batch whose δ or ΔW is not finite (NumericalError) gets a failed row, leaves
-    the model as it was and the sequence goes on.
+    model does not yet reproduce after the last pass, muke.update.edit.further_passes); the WeightUpdate files
+    lie in the folder named like `out` without its suffix. A batch whose δ or ΔW is not finite (NumericalError)
+    gets a failed row, leaves the model as it was and the sequence goes on.
     """
     import pandas as pd
 

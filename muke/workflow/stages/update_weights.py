@@ -13,7 +13,7 @@ from muke.workflow.stages.common import (
     log,
     read_memories,
     shard_requests,
-    unsettled_message,
+    unsettled_cell,
     write_manifest,
 )
 
@@ -190,14 +190,11 @@ def update_weights(
             update.save(path)
         else:
             log(f"batch {b}: finished earlier ({path.name})")
-        unsettled = update.info.get("unsettled")
-        if unsettled:
-            log(unsettled_message(f"batch {b}", unsettled, 1 + len(update.info["passes"])))
         rows.append(
             {
                 **_row(b, update.request_ids, path.name, float(update.info.get("seconds", 0.0))),
                 "sha256": sha256(path),
-                "unsettled": None if unsettled is None else json.dumps(unsettled),
+                "unsettled": unsettled_cell(f"batch {b}", update.info),
             }
         )
     strings = {"file": "string", "reason": "string", "sha256": "string", "unsettled": "string"}
